@@ -1,0 +1,1 @@
+"""icd_jax: iterative layout co-design (co-access graphs, permutations, transforms)."""

@@ -1,0 +1,1 @@
+"""stablehlo_bridge: export permuted models to StableHLO with jax.export."""

@@ -1,0 +1,116 @@
+"""Ragged batches stored bucket by bucket, so storage follows each item's length.
+
+A ``VarTensor`` batch shares one capacity; a ``RaggedBatch`` groups items into several
+VarTensors, one per capacity bucket, each padded in the item axis to a count bucket so
+that a new batch with a similar profile reuses the compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.errors import ShapeError
+from vsla_jax.tensor import VarTensor, _as_array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedBatch:
+    """Items of one rank grouped by capacity bucket.
+
+    Attributes:
+      buckets: one ``VarTensor`` per bucket, batch shape ``(count_capacity,)``.
+      index: per bucket, ``int32[count_capacity]``: the original position of each
+        slot, or -1 for padding slots (length 0, all-zero data).
+      size: static number of items.
+    """
+
+    buckets: tuple[VarTensor, ...]
+    index: tuple[np.ndarray, ...] = dataclasses.field(metadata=dict(static=False))
+    size: int = dataclasses.field(metadata=dict(static=True))
+
+    def map(self, fn: Callable[[VarTensor], VarTensor]) -> RaggedBatch:
+        """Apply ``fn`` bucket by bucket (one compiled program per bucket shape)."""
+        return dataclasses.replace(self, buckets=tuple(fn(b) for b in self.buckets))
+
+    def to_list(self) -> list[np.ndarray]:
+        """Exact-shape items in their original order."""
+        out: list[Any] = [None] * self.size
+        for b, idx in zip(self.buckets, self.index):
+            items = b.to_list()
+            for slot, pos in enumerate(np.asarray(idx)):
+                if pos >= 0:
+                    out[pos] = items[slot]
+        return out
+
+    def lengths(self) -> np.ndarray:
+        """``int32[size, rank]`` lengths in original order."""
+        rank = self.buckets[0].rank if self.buckets else 1
+        out = np.zeros((self.size, rank), np.int32)
+        for b, idx in zip(self.buckets, self.index):
+            idx = np.asarray(idx)
+            keep = idx >= 0
+            out[idx[keep]] = np.asarray(b.lengths)[keep]
+        return out
+
+    def storage_elements(self) -> int:
+        """Elements allocated for data across all buckets (slack and padding slots too)."""
+        return int(np.sum([b.data.size for b in self.buckets]))
+
+    def logical_elements(self) -> int:
+        """Elements inside the items' logical extents."""
+        feat = int(np.prod(self.buckets[0].features)) if self.buckets else 1
+        return int(np.prod(self.lengths(), axis=1).sum()) * feat
+
+
+def bucketize(
+    items: Sequence[Any],
+    policy: CapacityPolicy | None = None,
+    count_policy: CapacityPolicy | None = COUNT_POLICY,
+    model: str = "A",
+    dtype=None,
+) -> RaggedBatch:
+    """Group ragged items (arrays of equal rank, trailing dims = features) by bucket.
+
+    Each item's capacity is ``policy.capacity(item_lengths)``; items with the same
+    capacity share one VarTensor whose item axis is padded to ``count_policy.bucket(n)``
+    (pass ``count_policy=None`` for exact counts).
+    """
+    from vsla_jax.tensor import stack
+
+    policy = policy or DEFAULT_POLICY
+    arrays = [_as_array(it, f"item {i}") for i, it in enumerate(items)]
+    if not arrays:
+        return RaggedBatch((), (), 0)
+    rank = arrays[0].ndim
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        if a.ndim != rank:
+            raise ShapeError(f"ragged ranks: item {i} has rank {a.ndim}, item 0 has {rank}")
+        groups.setdefault(policy.capacity(a.shape), []).append(i)
+    buckets, index = [], []
+    for cap in sorted(groups):
+        members = groups[cap]
+        n_slots = count_policy.bucket(len(members)) if count_policy else len(members)
+        empty = np.zeros((0,) * rank, arrays[members[0]].dtype)
+        slots = [arrays[i] for i in members] + [empty] * (n_slots - len(members))
+        b = stack(slots, policy=_FixedCapacity(cap), model=model, rank=rank, dtype=dtype)
+        buckets.append(b)
+        index.append(np.asarray(members + [-1] * (n_slots - len(members)), np.int32))
+    return RaggedBatch(tuple(buckets), tuple(index), len(arrays))
+
+
+class _FixedCapacity:
+    """Policy stand-in that returns a given capacity (lengths are known to fit)."""
+
+    def __init__(self, cap: tuple[int, ...]):
+        self.cap = cap
+
+    def capacity(self, lengths) -> tuple[int, ...]:
+        return self.cap

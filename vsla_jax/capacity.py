@@ -1,0 +1,101 @@
+"""Capacity ladders: which static capacity a logical length is stored in.
+
+A capacity is a static (compile-time) size; a length is a traced value. All lengths
+that fall in the same bucket share one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+from vsla_jax.errors import LengthError
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityPolicy:
+    """A geometric ladder of capacities.
+
+    The ladder starts at ``minimum``; every rung is a multiple of ``alignment`` and
+    rung ``c'`` after ``c`` is the largest aligned value ``<= growth * (c + 1)``
+    (at least ``c + alignment``). Any length ``n >= minimum`` therefore lands in a
+    capacity ``<= growth * n`` whenever ``minimum >= (alignment - growth) / (growth - 1)``,
+    which the constructor checks. ``powers_of_two=True`` gives the plain ladder
+    ``minimum, 2*minimum, 4*minimum, ...`` instead (ratio up to 2).
+
+    Attributes:
+      minimum: smallest capacity (>= 1). Lengths below it are stored at ``minimum``.
+      alignment: every capacity is a multiple of this.
+      growth: ratio bound between consecutive rungs (> 1).
+      powers_of_two: use the doubling ladder.
+    """
+
+    minimum: int = 16
+    alignment: int = 8
+    growth: float = 1.5
+    powers_of_two: bool = False
+
+    def __post_init__(self):
+        if self.minimum < 1 or self.alignment < 1:
+            raise ValueError(
+                f"CapacityPolicy needs minimum >= 1 and alignment >= 1, got "
+                f"minimum={self.minimum}, alignment={self.alignment}"
+            )
+        if self.minimum % self.alignment:
+            raise ValueError(
+                f"CapacityPolicy minimum={self.minimum} is not a multiple of "
+                f"alignment={self.alignment}"
+            )
+        if not self.powers_of_two:
+            if not self.growth > 1.0:
+                raise ValueError(f"CapacityPolicy growth must be > 1, got {self.growth}")
+            if self.minimum * (self.growth - 1.0) < self.alignment - self.growth:
+                raise ValueError(
+                    f"CapacityPolicy(minimum={self.minimum}, alignment={self.alignment}, "
+                    f"growth={self.growth}) cannot keep capacity/length <= growth: raise "
+                    f"minimum to at least "
+                    f"{math.ceil((self.alignment - self.growth) / (self.growth - 1.0))}"
+                )
+
+    @classmethod
+    def pow2(cls, minimum: int = 16) -> CapacityPolicy:
+        """The doubling ladder ``minimum * 2**k``."""
+        return cls(minimum=minimum, alignment=1, powers_of_two=True)
+
+    def _next(self, c: int) -> int:
+        if self.powers_of_two:
+            return 2 * c
+        a = self.alignment
+        return max(c + a, int(math.floor(self.growth * (c + 1) / a)) * a)
+
+    def bucket(self, n: int) -> int:
+        """The smallest capacity on the ladder that holds length ``n`` (>= 0)."""
+        return _bucket(self, int(n))
+
+    def capacity(self, lengths: Sequence[int]) -> tuple[int, ...]:
+        """Per-axis capacities for one item's lengths (or per-axis maxima)."""
+        return tuple(self.bucket(n) for n in lengths)
+
+    def ladder(self, upto: int) -> list[int]:
+        """All rungs up to and including the bucket of ``upto``."""
+        out = [self.minimum]
+        while out[-1] < upto:
+            out.append(self._next(out[-1]))
+        return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _bucket(policy: CapacityPolicy, n: int) -> int:
+    if n < 0:
+        raise LengthError(f"lengths must be non-negative, got {n}")
+    c = policy.minimum
+    while c < n:
+        c = policy._next(c)
+    return c
+
+
+DEFAULT_POLICY = CapacityPolicy()
+#: Ladder for the number of items per bucket (1, 3, 6, 10, 16, 25, ...: ratio <= 1.5).
+COUNT_POLICY = CapacityPolicy(minimum=1, alignment=1, growth=1.5)

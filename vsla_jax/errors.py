@@ -1,0 +1,23 @@
+"""Typed errors raised by vsla_jax. Every message names the offending input."""
+
+from __future__ import annotations
+
+
+class VSLAError(Exception):
+    """Base class of every error raised by vsla_jax."""
+
+
+class ShapeError(VSLAError, ValueError):
+    """Ranks, batch shapes or feature shapes that do not fit together."""
+
+
+class LengthError(VSLAError, ValueError):
+    """Logical lengths that are negative, over capacity or of the wrong shape."""
+
+
+class ModelMismatchError(VSLAError, ValueError):
+    """Operands from different semirings (Model A and Model B) were combined."""
+
+
+class VSLATypeError(VSLAError, TypeError):
+    """Non-numeric data, or a dtype the operation does not support."""

@@ -1,0 +1,283 @@
+"""Ops on VarTensors: ambient arithmetic, semiring products, reductions, shrink.
+
+Every op is jit-compiled once per (capacity bucket, dtype, model); lengths are traced.
+Inputs are masked to their logical extent first, so gradients have zero slack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
+from vsla_jax.tensor import (
+    VarTensor,
+    expand_mask,
+    resize_capacity,
+    zero_slack,
+)
+
+__all__ = [
+    "add", "sub", "hadamard", "scale", "neg", "conv", "kron", "multiply",
+    "sum", "norm", "mean", "shrink",
+]
+
+
+def _require(x, name: str) -> VarTensor:
+    if not isinstance(x, VarTensor):
+        raise VSLATypeError(f"{name} must be a VarTensor, got {type(x).__name__}")
+    return x
+
+
+def _check_pair(a, b, op: str) -> tuple[VarTensor, VarTensor]:
+    a, b = _require(a, "a"), _require(b, "b")
+    if a.model != b.model:
+        raise ModelMismatchError(f"{op}: operands use models {a.model!r} and {b.model!r}")
+    if a.rank != b.rank:
+        raise ShapeError(f"{op}: ranks differ ({a.rank} vs {b.rank})")
+    try:
+        np.broadcast_shapes(a.batch_shape, b.batch_shape)
+    except ValueError:
+        raise ShapeError(
+            f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not broadcast"
+        ) from None
+    if a.features != b.features:
+        raise ShapeError(f"{op}: feature shapes differ ({a.features} vs {b.features})")
+    return a, b
+
+
+def _align_batch(x: VarTensor, nb: int) -> tuple[jax.Array, jax.Array]:
+    """Data and lengths with ``nb`` batch axes (leading size-1 axes added)."""
+    extra = nb - x.batch_ndim
+    data = x.data.reshape((1,) * extra + x.data.shape)
+    lengths = x.lengths.reshape((1,) * extra + x.lengths.shape)
+    return data, lengths
+
+
+def _ambient(a: VarTensor, b: VarTensor, fn) -> VarTensor:
+    cap = tuple(max(ca, cb) for ca, cb in zip(a.capacity, b.capacity))
+    nb = max(a.batch_ndim, b.batch_ndim)
+    a, b = zero_slack(a), zero_slack(b)
+    da, la = _align_batch(a, nb)
+    db, lb = _align_batch(b, nb)
+    da = resize_capacity(da, nb, a.capacity, cap)
+    db = resize_capacity(db, nb, b.capacity, cap)
+    return VarTensor(fn(da, db), jnp.maximum(la, lb), a.model)
+
+
+@jax.jit
+def add(a: VarTensor, b: VarTensor) -> VarTensor:
+    """Ambient sum: both operands zero-extended to the per-axis maximum length."""
+    a, b = _check_pair(a, b, "add")
+    return _ambient(a, b, jnp.add)
+
+
+@jax.jit
+def sub(a: VarTensor, b: VarTensor) -> VarTensor:
+    """Ambient difference ``a - b``."""
+    a, b = _check_pair(a, b, "sub")
+    return _ambient(a, b, jnp.subtract)
+
+
+@jax.jit
+def hadamard(a: VarTensor, b: VarTensor) -> VarTensor:
+    """Elementwise product at the ambient shape; entries present in one operand are 0."""
+    a, b = _check_pair(a, b, "hadamard")
+    return _ambient(a, b, jnp.multiply)
+
+
+@jax.jit
+def scale(x: VarTensor, s) -> VarTensor:
+    """``s * x`` for a scalar or a per-item array of shape ``x.batch_shape``."""
+    x = zero_slack(_require(x, "x"))
+    s = jnp.asarray(s)
+    if s.ndim:
+        if s.shape != x.batch_shape:
+            raise ShapeError(f"scale: s has shape {s.shape}, expected () or {x.batch_shape}")
+        s = s.reshape(s.shape + (1,) * (x.data.ndim - s.ndim))
+    return dataclasses.replace(x, data=x.data * s.astype(x.dtype))
+
+
+@jax.jit
+def neg(x: VarTensor) -> VarTensor:
+    """``-x``."""
+    x = zero_slack(_require(x, "x"))
+    return dataclasses.replace(x, data=-x.data)
+
+
+# -- semiring products ------------------------------------------------------------------
+def _broadcast_operands(a: VarTensor, b: VarTensor):
+    nb = max(a.batch_ndim, b.batch_ndim)
+    batch = tuple(np.broadcast_shapes(a.batch_shape, b.batch_shape))
+    da, la = _align_batch(zero_slack(a), nb)
+    db, lb = _align_batch(zero_slack(b), nb)
+    da = jnp.broadcast_to(da, batch + da.shape[nb:])
+    db = jnp.broadcast_to(db, batch + db.shape[nb:])
+    la = jnp.broadcast_to(la, batch + (a.rank,))
+    lb = jnp.broadcast_to(lb, batch + (b.rank,))
+    return batch, da, la, db, lb
+
+
+def conv_lengths(la: jax.Array, lb: jax.Array) -> jax.Array:
+    """Model A output lengths: ``la + lb - 1`` per axis, all zero if either is empty."""
+    nonempty = jnp.all(la > 0, axis=-1, keepdims=True) & jnp.all(lb > 0, axis=-1, keepdims=True)
+    return jnp.where(nonempty, la + lb - 1, 0).astype(jnp.int32)
+
+
+def direct_conv_padded(
+    da: jax.Array, db: jax.Array, rank: int, n_batch: int
+) -> jax.Array:
+    """Full N-D convolution of zero-slack padded data, one kernel per (item, feature).
+
+    ``da``: ``[*batch, *cap_a, *feat]``, ``db``: ``[*batch, *cap_b, *feat]`` (same batch
+    and features). Returns ``[*batch, *(cap_a + cap_b - 1), *feat]``. Implemented as a
+    grouped ``lax.conv_general_dilated`` (one group per item and feature channel).
+    """
+    batch = da.shape[:n_batch]
+    cap_a = da.shape[n_batch : n_batch + rank]
+    cap_b = db.shape[n_batch : n_batch + rank]
+    feat = da.shape[n_batch + rank :]
+    cap_o = tuple(p + q - 1 for p, q in zip(cap_a, cap_b))
+    groups = int(np.prod(batch + feat, dtype=np.int64))
+    if groups == 0:
+        return jnp.zeros(batch + cap_o + feat, da.dtype)
+    nf = len(feat)
+    # [*batch, *cap, *feat] -> [*batch, *feat, *cap] -> [G, *cap]
+    perm = (
+        tuple(range(n_batch))
+        + tuple(range(n_batch + rank, n_batch + rank + nf))
+        + tuple(range(n_batch, n_batch + rank))
+    )
+    lhs = jnp.transpose(da, perm).reshape((1, groups) + cap_a)
+    rhs = jnp.transpose(db, perm).reshape((groups, 1) + cap_b)
+    rhs = jnp.flip(rhs, axis=tuple(range(2, 2 + rank)))
+    out = jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides=(1,) * rank,
+        padding=[(c - 1, c - 1) for c in cap_b],
+        feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    out = out.reshape(batch + feat + cap_o)
+    inv = np.argsort(perm)
+    return jnp.transpose(out, tuple(int(i) for i in inv))
+
+
+@jax.jit
+def conv(a: VarTensor, b: VarTensor) -> VarTensor:
+    """Model A product: full linear convolution over the variable axes, per item.
+
+    ``[1, 2] * [3, 4] = [3, 10, 8]``. Batch shapes broadcast (one kernel may serve a
+    whole batch); feature axes are convolved channel by channel (depthwise). Output
+    capacity is ``cap_a + cap_b - 1`` per axis.
+    """
+    a, b = _check_pair(a, b, "conv")
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+        raise VSLATypeError(f"conv needs floating or complex data, got {a.dtype}")
+    batch, da, la, db, lb = _broadcast_operands(a, b)
+    out = direct_conv_padded(da, db.astype(da.dtype), a.rank, len(batch))
+    return VarTensor(out, conv_lengths(la, lb), a.model)
+
+
+def _vmap_batch(fn, n: int):
+    for _ in range(n):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _kron_item(da, la, db, lb, cap_a, cap_b, n_feat):
+    rank = len(cap_a)
+    idx_a, idx_b, valid = [], [], []
+    for k in range(rank):
+        p = jnp.arange(cap_a[k] * cap_b[k], dtype=jnp.int32)
+        lbk = jnp.maximum(lb[k], 1)
+        v = p < la[k] * lb[k]
+        idx_a.append(jnp.where(v, p // lbk, 0))
+        idx_b.append(jnp.where(v, p % lbk, 0))
+        valid.append(v)
+    ga = da[jnp.ix_(*idx_a)]
+    gb = db[jnp.ix_(*idx_b)]
+    mask = valid[0]
+    for k in range(1, rank):
+        mask = mask[..., None] & valid[k].reshape((1,) * k + (-1,))
+    mask = expand_mask(mask, n_feat)
+    return jnp.where(mask, ga * gb, jnp.zeros((), ga.dtype))
+
+
+@jax.jit
+def kron(a: VarTensor, b: VarTensor) -> VarTensor:
+    """Model B product with N-D ``np.kron`` semantics: ``out[i*n + j] = a[i] * b[j]``.
+
+    Not commutative: ``[1, 2] ⊗ [3, 4] = [3, 4, 6, 8]``. Output capacity is
+    ``cap_a * cap_b`` per axis; feature axes multiply elementwise.
+    """
+    a, b = _check_pair(a, b, "kron")
+    batch, da, la, db, lb = _broadcast_operands(a, b)
+    dt = jnp.result_type(da.dtype, db.dtype)
+    fn = lambda x, lx, y, ly: _kron_item(
+        x.astype(dt), lx, y.astype(dt), ly, a.capacity, b.capacity, len(a.features)
+    )
+    out = _vmap_batch(fn, len(batch))(da, la, db, lb)
+    return VarTensor(out, (la * lb).astype(jnp.int32), a.model)
+
+
+def multiply(a: VarTensor, b: VarTensor) -> VarTensor:
+    """Semiring product of the operands' model: ``conv`` for A, ``kron`` for B."""
+    a, b = _check_pair(a, b, "multiply")
+    return conv(a, b) if a.model == "A" else kron(a, b)
+
+
+# -- reductions -------------------------------------------------------------------------
+@jax.jit
+def sum(x: VarTensor) -> jax.Array:  # noqa: A001 - mirrors jnp.sum
+    """Sum over each item's logical entries: ``[*batch, *features]``."""
+    x = zero_slack(_require(x, "x"))
+    return jnp.sum(x.data, axis=x.var_axes)
+
+
+@jax.jit
+def norm(x: VarTensor) -> jax.Array:
+    """Frobenius norm over each item's logical entries: ``[*batch, *features]``.
+
+    The gradient at a zero tensor is defined as zero.
+    """
+    x = zero_slack(_require(x, "x"))
+    sq = jnp.sum(jnp.real(x.data * jnp.conj(x.data)), axis=x.var_axes)
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+@jax.jit
+def mean(x: VarTensor) -> jax.Array:
+    """Mean over each item's logical entries: ``[*batch, *features]`` (0 if empty)."""
+    x = zero_slack(_require(x, "x"))
+    count = jnp.prod(x.lengths, axis=-1).astype(x.dtype)
+    count = count.reshape(count.shape + (1,) * len(x.features))
+    total = jnp.sum(x.data, axis=x.var_axes)
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0)
+
+
+@jax.jit
+def shrink(x: VarTensor) -> VarTensor:
+    """Minimal representative: drop trailing all-zero hyperplanes on every axis.
+
+    Lowers lengths only; capacity and data are unchanged. An all-zero tensor becomes
+    empty (all lengths 0). ``shrink([3, 2, 0]) == [3, 2]``.
+    """
+    x = zero_slack(_require(x, "x"))
+    nz = x.data != 0
+    feat_axes = tuple(range(x.batch_ndim + x.rank, x.data.ndim))
+    if feat_axes:
+        nz = jnp.any(nz, axis=feat_axes)
+    new = []
+    for k, ax in enumerate(x.var_axes):
+        others = tuple(a for a in x.var_axes if a != ax)
+        hit = jnp.any(nz, axis=others) if others else nz  # [*batch, cap_k]
+        pos = jnp.arange(1, x.capacity[k] + 1, dtype=jnp.int32)
+        new.append(jnp.max(jnp.where(hit, pos, 0), axis=-1))
+    lengths = jnp.stack(new, axis=-1).astype(jnp.int32)
+    return dataclasses.replace(x, lengths=jnp.minimum(lengths, x.lengths))
