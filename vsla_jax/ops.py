@@ -122,9 +122,12 @@ def _broadcast_operands(a: VarTensor, b: VarTensor):
 
 
 def conv_lengths(la: jax.Array, lb: jax.Array) -> jax.Array:
-    """Model A output lengths: ``la + lb - 1`` per axis, all zero if either is empty."""
-    nonempty = jnp.all(la > 0, axis=-1, keepdims=True) & jnp.all(lb > 0, axis=-1, keepdims=True)
-    return jnp.where(nonempty, la + lb - 1, 0).astype(jnp.int32)
+    """Model A output lengths: ``la + lb - 1`` per axis (0 on an axis where either is 0).
+
+    Any zero length makes the result empty; keeping the other axes as ``la + lb - 1``
+    makes ``[1]`` an exact identity, also for empty operands of shape ``(0, n)``.
+    """
+    return jnp.where((la > 0) & (lb > 0), la + lb - 1, 0).astype(jnp.int32)
 
 
 def direct_conv_padded(

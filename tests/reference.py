@@ -1,0 +1,62 @@
+"""Independent NumPy references for VSLA semantics (no vsla_jax code used here)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def zero_extend(x: np.ndarray, shape, rank: int) -> np.ndarray:
+    pads = [(0, s - n) for s, n in zip(shape, x.shape[:rank])] + [(0, 0)] * (x.ndim - rank)
+    return np.pad(x, pads)
+
+
+def ambient(a: np.ndarray, b: np.ndarray, rank: int, op) -> np.ndarray:
+    shape = [max(p, q) for p, q in zip(a.shape[:rank], b.shape[:rank])]
+    return op(zero_extend(a, shape, rank), zero_extend(b, shape, rank))
+
+
+def conv_nd(a: np.ndarray, b: np.ndarray, rank: int) -> np.ndarray:
+    """Full N-D convolution by explicit loops over b's taps (depthwise over features)."""
+    feat = a.shape[rank:]
+    out_shape = tuple(
+        p + q - 1 if p and q else 0 for p, q in zip(a.shape[:rank], b.shape[:rank])
+    )
+    if 0 in out_shape:
+        return np.zeros(out_shape + feat, np.result_type(a, b))
+    out = np.zeros(out_shape + feat, np.result_type(a, b, np.float64))
+    for j in itertools.product(*[range(n) for n in b.shape[:rank]]):
+        sl = tuple(slice(jk, jk + nk) for jk, nk in zip(j, a.shape[:rank]))
+        out[sl] += a * b[j]
+    return out
+
+
+def kron_nd(a: np.ndarray, b: np.ndarray, rank: int) -> np.ndarray:
+    """np.kron over the variable axes, elementwise over feature axes."""
+    feat = a.shape[rank:]
+    if not feat:
+        return np.kron(a, b)
+    shape = tuple(p * q for p, q in zip(a.shape[:rank], b.shape[:rank])) + feat
+    out = np.zeros(shape, np.result_type(a, b))
+    for f in itertools.product(*[range(n) for n in feat]):
+        idx = (Ellipsis,) + f
+        out[idx] = np.kron(a[idx], b[idx])
+    return out
+
+
+def shrink(x: np.ndarray, rank: int) -> np.ndarray:
+    """Drop trailing all-zero hyperplanes, last axis first, until none is left."""
+    changed = True
+    while changed:
+        changed = False
+        for ax in reversed(range(rank)):
+            while x.shape[ax] > 0:
+                last = np.take(x, x.shape[ax] - 1, axis=ax)
+                if np.any(last != 0):
+                    break
+                x = np.take(x, range(x.shape[ax] - 1), axis=ax)
+                changed = True
+    if x.size == 0:
+        x = np.zeros((0,) * rank + x.shape[rank:], x.dtype)
+    return x
