@@ -398,7 +398,14 @@ def from_padded(
 
 def from_dlpack(data, lengths, model: str = "A", rank: int | None = None,
                 trust_zero_slack: bool = False) -> VarTensor:
-    """Wrap any DLPack producer (NumPy, torch, CuPy, JAX) without copying when possible."""
-    return from_padded(jax.dlpack.from_dlpack(data), lengths, model=model, rank=rank,
-                       trust_zero_slack=trust_zero_slack)
+    """Wrap any DLPack producer (NumPy, torch, CuPy, JAX) without copying when possible.
+
+    With ``trust_zero_slack=True`` the buffer is aliased, not copied, when the producer
+    allows it; a read-only NumPy buffer cannot be exported by DLPack and is copied.
+    """
+    try:
+        arr = jax.dlpack.from_dlpack(data)
+    except BufferError:
+        arr = jnp.asarray(np.asarray(data))
+    return from_padded(arr, lengths, model=model, rank=rank, trust_zero_slack=trust_zero_slack)
 

@@ -1,0 +1,19 @@
+"""The README example runs and prints what it says."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+
+def test_readme_example_runs():
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(compile(code, "README.md", "exec"), {})
+    out = buf.getvalue().splitlines()
+    assert out[0] == "[5. 7. 3.]"
+    assert out[1] == "[ 3. 10.  8.]"
+    assert out[2] == "[(4,), (18,), (10,)]"
+    assert out[3].endswith("0.0")

@@ -1,0 +1,118 @@
+"""Constructors, conversions, pytree behaviour and bad-input errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vsla_jax as vs
+
+
+def test_tensor_metadata_and_round_trip():
+    x = vs.tensor([[1, 2, 3], [4, 5, 6]])
+    assert x.rank == 2 and x.batch_shape == () and x.capacity == (16, 16)
+    assert x.lengths.dtype == jnp.int32 and x.dtype == jnp.float32
+    np.testing.assert_array_equal(x.to_numpy(), [[1, 2, 3], [4, 5, 6]])
+
+
+def test_features_axes():
+    tokens = np.arange(12, dtype=np.float32).reshape(3, 4)  # 3 tokens of width 4
+    x = vs.tensor(tokens, rank=1)
+    assert x.rank == 1 and x.features == (4,) and x.capacity == (16,)
+    np.testing.assert_array_equal(x.to_numpy(), tokens)
+
+
+def test_stack_to_list_and_padded():
+    x = vs.stack([[1.0, 2.0, 3.0], [], [4.0]])
+    assert x.batch_shape == (3,)
+    got = x.to_list()
+    assert [g.shape for g in got] == [(3,), (0,), (1,)]
+    np.testing.assert_array_equal(x.to_padded(), [[1, 2, 3], [0, 0, 0], [4, 0, 0]])
+    assert x.to_padded(5).shape == (3, 5)
+    with pytest.raises(vs.LengthError, match="crop"):
+        x.to_padded(2)
+
+
+def test_from_padded_zeroes_slack_and_validates():
+    data = np.ones((2, 4), np.float32)
+    x = vs.from_padded(data, [2, 3], rank=1)
+    np.testing.assert_array_equal(np.asarray(x.data), [[1, 1, 0, 0], [1, 1, 1, 0]])
+    with pytest.raises(vs.LengthError, match="negative"):
+        vs.from_padded(data, [-1, 3], rank=1)
+    with pytest.raises(vs.LengthError, match="exceed capacity"):
+        vs.from_padded(data, [2, 5], rank=1)
+    with pytest.raises(vs.ShapeError, match="batch shape"):
+        vs.from_padded(data, [[2], [3], [1]])
+    with pytest.raises(vs.VSLATypeError, match="integers"):
+        vs.from_padded(data, [2.0, 3.0], rank=1)
+    with pytest.raises(vs.ShapeError, match="fewer than"):
+        vs.from_padded(np.ones(4), [[2, 2]])
+
+
+def test_bad_input_errors():
+    with pytest.raises(vs.ShapeError, match="ragged ranks"):
+        vs.stack([[1, 2], [[1, 2]]])
+    with pytest.raises(vs.ShapeError, match="ragged"):
+        vs.tensor([[1, 2], [3]])
+    with pytest.raises(vs.VSLATypeError, match="numeric"):
+        vs.tensor(["a", "b"])
+    with pytest.raises(vs.ShapeError, match="ranks differ"):
+        vs.tensor([1.0]) + vs.tensor([[1.0]])
+    with pytest.raises(vs.ModelMismatchError, match="models"):
+        vs.tensor([1.0]) * vs.tensor([1.0], model="B")
+    with pytest.raises(vs.ModelMismatchError, match="model must be"):
+        vs.tensor([1.0], model="C")
+    with pytest.raises(vs.ShapeError, match="do not broadcast"):
+        vs.stack([[1.0], [2.0]]) + vs.stack([[1.0], [2.0], [3.0]])
+    with pytest.raises(vs.ShapeError, match="feature"):
+        vs.tensor(np.ones((2, 3)), rank=1) + vs.tensor(np.ones((2, 4)), rank=1)
+    with pytest.raises(vs.VSLATypeError, match="VarTensor"):
+        vs.add(vs.tensor([1.0]), np.ones(3))
+    # errors are also the standard Python types
+    assert issubclass(vs.LengthError, ValueError) and issubclass(vs.VSLATypeError, TypeError)
+
+
+def test_pytree_jit_vmap_grad():
+    x = vs.stack([[1.0, 2.0], [3.0]])
+    leaves, tree = jax.tree_util.tree_flatten(x)
+    assert len(leaves) == 2
+    y = jax.tree_util.tree_unflatten(tree, leaves)
+    assert y.model == x.model
+    f = jax.jit(lambda t: vs.sum(t * t))
+    np.testing.assert_allclose(f(x), [9, 9])  # sum(x conv x) = sum(x)**2
+    per_item = jax.vmap(lambda t: vs.sum(t))(x)
+    np.testing.assert_allclose(per_item, [3, 3])
+    # lengths are integer leaves: differentiate with allow_int (their cotangent is float0)
+    g = jax.grad(lambda t: jnp.sum(vs.sum(t * t)), allow_int=True)(x)
+    assert isinstance(g, vs.VarTensor)
+    np.testing.assert_allclose(np.asarray(g.data)[:, :3], [[6, 6, 0], [6, 0, 0]])
+
+
+def test_dlpack_zero_copy_round_trip():
+    x = vs.stack([[1.0, 2.0, 3.0], [4.0]])
+    data, lengths = x.to_dlpack()
+    arr = np.from_dlpack(data)
+    np.testing.assert_array_equal(arr, np.asarray(x.data))
+    y = vs.from_dlpack(arr, np.from_dlpack(lengths), trust_zero_slack=True)
+    assert [a.tolist() for a in y.to_list()] == [[1, 2, 3], [4]]
+    # a writable producer is wrapped without a copy
+    src = np.zeros((2, 16), np.float32)
+    src[0, :3] = [1, 2, 3]
+    w = vs.from_dlpack(src, np.array([3, 1]), rank=1, trust_zero_slack=True)
+    assert w.data.unsafe_buffer_pointer() == src.ctypes.data
+    # a non-trusted wrap zeroes garbage in the slack
+    dirty = np.asarray(x.data).copy()
+    dirty[1, 5] = 99
+    z = vs.from_dlpack(dirty, np.asarray(x.lengths))
+    assert float(np.asarray(z.data)[1, 5]) == 0.0
+
+
+def test_getitem_and_repr():
+    x = vs.stack([[1.0], [2.0, 3.0]])
+    assert x[1].to_numpy().tolist() == [2, 3]
+    assert "capacity=(16,)" in repr(x)
+    with pytest.raises(vs.ShapeError):
+        x[0][0]
+    assert dataclasses.is_dataclass(x)
