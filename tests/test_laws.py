@@ -52,6 +52,8 @@ def test_conv_laws(case):
     same(a * (b + c), a * b + a * c)
     one = _t(np.ones((1,) * a.rank, np.float32))
     exact_same(a * one, a)
+    empty = _t(np.zeros((0,) * a.rank, np.float32))
+    assert (a * empty).to_numpy().size == 0  # the empty tensor annihilates
 
 
 @given(triple(max_len=3))

@@ -1,9 +1,12 @@
 """stack / window / pyramid / merge_batch against a NumPy zero-padded stack reference."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 import vsla_jax as vs
 from tests.strategies import SMALL_POLICY, item_shapes, make_items
@@ -27,6 +30,8 @@ def test_window_matches_reference(rank, k, w, partial, data):
     out = vs.window(vs.stack(items, policy=SMALL_POLICY, rank=rank), w, partial=partial)
     n_windows = -(-k // w) if partial == "flush" else k // w
     assert out.batch_shape == (n_windows,) and out.rank == rank + 1
+    data, mask = np.asarray(out.data), np.asarray(out.mask())
+    assert np.all(data[~mask] == 0), "window output has nonzero slack"
     got = out.to_list()
     for j in range(n_windows):
         np.testing.assert_allclose(got[j], np_stack(items[j * w : (j + 1) * w], rank))
@@ -64,3 +69,15 @@ def test_merge_batch():
     np.testing.assert_array_equal(m.to_numpy(), np_stack(items, 2))
     assert m.to_numpy().shape == (2, 2, 3)
     assert vs.merge_batch(vs.stack([])).to_numpy().shape == (0, 0)
+
+
+def test_window_and_merge_gradients():
+    x = vs.stack([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]])
+
+    def f(d):
+        t = vs.VarTensor(d, x.lengths)
+        return vs.norm(vs.window(t, 2)) + vs.sum(vs.merge_batch(t))
+
+    check_grads(f, (x.data,), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+    g = jax.grad(lambda d: jnp.sum(f(d)))(x.data)
+    assert np.all(np.asarray(g)[~np.asarray(x.mask())] == 0)

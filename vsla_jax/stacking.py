@@ -10,7 +10,7 @@ import numpy as np
 
 from vsla_jax.capacity import CapacityPolicy
 from vsla_jax.errors import ShapeError
-from vsla_jax.tensor import VarTensor, stack
+from vsla_jax.tensor import VarTensor, stack, zero_slack
 
 PARTIAL_MODES = ("flush", "discard")
 
@@ -48,7 +48,7 @@ def window(
         raise ValueError(f"window size must be a positive integer, got {w!r}")
     if partial not in PARTIAL_MODES:
         raise ValueError(f"partial must be one of {PARTIAL_MODES}, got {partial!r}")
-    x = _as_batch(items, policy)
+    x = zero_slack(_as_batch(items, policy))  # also keeps gradient slack at zero
     k = x.batch_shape[0]
     n_windows = -(-k // w) if partial == "flush" else k // w
     used = min(k, n_windows * w)
