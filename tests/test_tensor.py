@@ -97,8 +97,10 @@ def test_dlpack_zero_copy_round_trip():
     np.testing.assert_array_equal(arr, np.asarray(x.data))
     y = vs.from_dlpack(arr, np.from_dlpack(lengths), trust_zero_slack=True)
     assert [a.tolist() for a in y.to_list()] == [[1, 2, 3], [4]]
-    # a writable producer is wrapped without a copy
-    src = np.zeros((2, 16), np.float32)
+    # a writable, 64-byte-aligned producer (XLA's CPU alignment) is wrapped without a copy
+    buf = np.zeros(2 * 16 * 4 + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    src = buf[off : off + 2 * 16 * 4].view(np.float32).reshape(2, 16)
     src[0, :3] = [1, 2, 3]
     w = vs.from_dlpack(src, np.array([3, 1]), rank=1, trust_zero_slack=True)
     assert w.data.unsafe_buffer_pointer() == src.ctypes.data
