@@ -58,13 +58,14 @@ def test_ambient_ops(op, npop, case):
 
 
 @given(ragged_pair(same_k=False))
-def test_conv_matches_loop_reference(case):
+@pytest.mark.parametrize("method", ["direct", "fft"])
+def test_conv_matches_loop_reference(method, case):
     sa, sb, rank, feat, exact, seed = case
     ia, ib, a, b = _pair(sa, sb, rank, feat, exact, seed)
     if b.batch_shape[0] == 1 and a.batch_shape[0] > 1:
         b = b[0]  # one kernel broadcast over the batch
         ib = ib * len(ia)
-    out = vs.conv(a, b)
+    out = vs.conv(a, b, method=method)
     assert_items_close(out, [ref.conv_nd(x, y, rank) for x, y in zip(ia, ib)], 1e-4, 1e-4)
 
 

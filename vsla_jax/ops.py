@@ -7,11 +7,13 @@ Inputs are masked to their logical extent first, so gradients have zero slack.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsla_jax.convolution import conv_padded
 from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
 from vsla_jax.tensor import (
     VarTensor,
@@ -130,60 +132,30 @@ def conv_lengths(la: jax.Array, lb: jax.Array) -> jax.Array:
     return jnp.where((la > 0) & (lb > 0), la + lb - 1, 0).astype(jnp.int32)
 
 
-def direct_conv_padded(
-    da: jax.Array, db: jax.Array, rank: int, n_batch: int
-) -> jax.Array:
-    """Full N-D convolution of zero-slack padded data, one kernel per (item, feature).
-
-    ``da``: ``[*batch, *cap_a, *feat]``, ``db``: ``[*batch, *cap_b, *feat]`` (same batch
-    and features). Returns ``[*batch, *(cap_a + cap_b - 1), *feat]``. Implemented as a
-    grouped ``lax.conv_general_dilated`` (one group per item and feature channel).
-    """
-    batch = da.shape[:n_batch]
-    cap_a = da.shape[n_batch : n_batch + rank]
-    cap_b = db.shape[n_batch : n_batch + rank]
-    feat = da.shape[n_batch + rank :]
-    cap_o = tuple(p + q - 1 for p, q in zip(cap_a, cap_b))
-    groups = int(np.prod(batch + feat, dtype=np.int64))
-    if groups == 0:
-        return jnp.zeros(batch + cap_o + feat, da.dtype)
-    nf = len(feat)
-    # [*batch, *cap, *feat] -> [*batch, *feat, *cap] -> [G, *cap]
-    perm = (
-        tuple(range(n_batch))
-        + tuple(range(n_batch + rank, n_batch + rank + nf))
-        + tuple(range(n_batch, n_batch + rank))
-    )
-    lhs = jnp.transpose(da, perm).reshape((1, groups) + cap_a)
-    rhs = jnp.transpose(db, perm).reshape((groups, 1) + cap_b)
-    rhs = jnp.flip(rhs, axis=tuple(range(2, 2 + rank)))
-    out = jax.lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides=(1,) * rank,
-        padding=[(c - 1, c - 1) for c in cap_b],
-        feature_group_count=groups,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    out = out.reshape(batch + feat + cap_o)
-    inv = np.argsort(perm)
-    return jnp.transpose(out, tuple(int(i) for i in inv))
-
-
-@jax.jit
-def conv(a: VarTensor, b: VarTensor) -> VarTensor:
+@functools.partial(jax.jit, static_argnames=("method",))
+def conv(a: VarTensor, b: VarTensor, method: str = "direct") -> VarTensor:
     """Model A product: full linear convolution over the variable axes, per item.
 
     ``[1, 2] * [3, 4] = [3, 10, 8]``. Batch shapes broadcast (one kernel may serve a
     whole batch); feature axes are convolved channel by channel (depthwise). Output
     capacity is ``cap_a + cap_b - 1`` per axis.
+
+    Args:
+      method: ``"direct"`` (shift-and-add, exact in real arithmetic) or ``"fft"``.
     """
     a, b = _check_pair(a, b, "conv")
-    if not jnp.issubdtype(a.dtype, jnp.inexact):
-        raise VSLATypeError(f"conv needs floating or complex data, got {a.dtype}")
+    if not jnp.issubdtype(a.dtype, jnp.inexact) or not jnp.issubdtype(b.dtype, jnp.inexact):
+        raise VSLATypeError(
+            f"conv needs floating or complex data, got {a.dtype} and {b.dtype}")
+    if method == "fft" and (jnp.issubdtype(a.dtype, jnp.complexfloating)
+                            or jnp.issubdtype(b.dtype, jnp.complexfloating)):
+        raise VSLATypeError("conv(method='fft') supports real data only")
     batch, da, la, db, lb = _broadcast_operands(a, b)
-    out = direct_conv_padded(da, db.astype(da.dtype), a.rank, len(batch))
-    return VarTensor(out, conv_lengths(la, lb), a.model)
+    dt = jnp.result_type(da.dtype, db.dtype)
+    out = conv_padded(da.astype(dt), db.astype(dt), len(batch), a.rank, method)
+    out = VarTensor(out, conv_lengths(la, lb), a.model)
+    # FFT round-off leaves O(eps) values in the slack: restore the invariant exactly.
+    return zero_slack(out) if method == "fft" else out
 
 
 def _vmap_batch(fn, n: int):

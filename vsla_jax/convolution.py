@@ -1,0 +1,136 @@
+"""Convolution kernels over the variable axes of zero-slack padded arrays (XLA paths).
+
+Layout: ``[*batch, *cap, *feat]`` with ``nb`` batch axes and ``rank`` variable axes;
+both operands share batch and feature shapes (depthwise over features).
+
+- ``direct_conv``: shift-and-add over the taps of one operand (``fori_loop``); work
+  ``O(cap_a * cap_b)`` per item. Its tangent rule keeps the loop over the primal
+  operand's taps, so reverse mode stores one tap value per iteration, never a shifted
+  copy of the signal.
+- ``fft_conv``: real FFTs of a fast length ``>= cap_a + cap_b - 1``, per call (never a
+  batch-wide maximum).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _prod(xs) -> int:
+    return int(math.prod(xs))
+
+
+def _unravel(t, shape):
+    """Traced flat index -> tuple of traced indices (row-major)."""
+    idx = []
+    for s in reversed(shape):
+        idx.append(t % s)
+        t = t // s
+    return tuple(reversed(idx))
+
+
+def _slice_var(x, starts, sizes, nb, rank):
+    """``dynamic_slice`` on the variable axes only."""
+    zero = jnp.zeros((), jnp.int32)
+    start = [zero] * nb + [jnp.asarray(s, jnp.int32) for s in starts] + [zero] * (
+        x.ndim - nb - rank)
+    size = list(x.shape[:nb]) + list(sizes) + list(x.shape[nb + rank :])
+    return jax.lax.dynamic_slice(x, start, size)
+
+
+def _pad_var(x, pads, nb, rank):
+    cfg = [(0, 0)] * nb + list(pads) + [(0, 0)] * (x.ndim - nb - rank)
+    return jnp.pad(x, cfg)
+
+
+def _shift_add(x, w, nb: int, rank: int):
+    """Full convolution looping over the taps of ``w``: ``sum_j w[j] * shift(x, j)``."""
+    cap_x = x.shape[nb : nb + rank]
+    cap_w = w.shape[nb : nb + rank]
+    cap_o = tuple(p + q - 1 for p, q in zip(cap_x, cap_w))
+    px = _pad_var(x, [(q - 1, q - 1) for q in cap_w], nb, rank)
+    out_shape = x.shape[:nb] + cap_o + x.shape[nb + rank :]
+    dt = jnp.result_type(x.dtype, w.dtype)
+
+    def body(t, acc):
+        j = _unravel(t, cap_w)
+        tap = _slice_var(w, j, (1,) * rank, nb, rank)
+        starts = [q - 1 - jk for q, jk in zip(cap_w, j)]
+        return acc + tap * _slice_var(px, starts, cap_o, nb, rank)
+
+    return jax.lax.fori_loop(0, _prod(cap_w), body, jnp.zeros(out_shape, dt))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def direct_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
+    """Full N-D convolution, looping over the operand with fewer taps."""
+    cap_a = a.shape[nb : nb + rank]
+    cap_b = b.shape[nb : nb + rank]
+    if _prod(cap_a) < _prod(cap_b):
+        return _shift_add(b, a, nb, rank)
+    return _shift_add(a, b, nb, rank)
+
+
+@direct_conv.defjvp
+def _direct_conv_jvp(nb, rank, primals, tangents):
+    a, b = primals
+    da, db = tangents
+    # Each term loops over the taps of a primal operand (linear in the tangent).
+    return direct_conv(a, b, nb, rank), _shift_add(da, b, nb, rank) + _shift_add(db, a, nb, rank)
+
+
+FAST_RADICES = (2, 3, 5, 7)
+
+
+@functools.lru_cache(maxsize=4096)
+def fast_fft_length(n: int) -> int:
+    """Smallest ``m >= n`` whose prime factors are all in {2, 3, 5, 7}."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in FAST_RADICES:
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
+    """Full N-D convolution through real FFTs of fast lengths ``>= cap_a + cap_b - 1``."""
+    cap_a = a.shape[nb : nb + rank]
+    cap_b = b.shape[nb : nb + rank]
+    cap_o = tuple(p + q - 1 for p, q in zip(cap_a, cap_b))
+    sizes = tuple(fast_fft_length(c) for c in cap_o)
+    axes = tuple(range(nb, nb + rank))
+    dt = jnp.result_type(a.dtype, b.dtype)
+    fa = jnp.fft.rfftn(a.astype(dt), s=sizes, axes=axes)
+    fb = jnp.fft.rfftn(b.astype(dt), s=sizes, axes=axes)
+    out = jnp.fft.irfftn(fa * fb, s=sizes, axes=axes)
+    idx = tuple([slice(None)] * nb + [slice(0, c) for c in cap_o])
+    return out[idx].astype(dt)
+
+
+def conv_padded(a: jax.Array, b: jax.Array, nb: int, rank: int, method: str) -> jax.Array:
+    """Dispatch ``direct`` or ``fft`` on padded operands of equal batch/feature shape."""
+    if method == "direct":
+        return direct_conv(a, b, nb, rank)
+    if method == "fft":
+        return fft_conv(a, b, nb, rank)
+    raise ValueError(f"method must be 'direct' or 'fft' here, got {method!r}")
+
+
+def direct_flops(cap_a, cap_b, items: int) -> float:
+    """``2 * prod(cap_a) * prod(cap_b)`` multiply-adds per item."""
+    return 2.0 * items * _prod(cap_a) * _prod(cap_b)
+
+
+def fft_flops(cap_a, cap_b, items: int) -> float:
+    """Nominal ``3 * 2.5 N log2 N`` for two forward and one inverse real FFT, plus the product."""
+    n = _prod(fast_fft_length(p + q - 1) for p, q in zip(cap_a, cap_b))
+    return items * (7.5 * n * max(np.log2(n), 1.0) + 3.0 * n)
