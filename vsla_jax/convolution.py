@@ -48,22 +48,38 @@ def _pad_var(x, pads, nb, rank):
     return jnp.pad(x, cfg)
 
 
+UNROLL = 8
+
+
 def _shift_add(x, w, nb: int, rank: int):
-    """Full convolution looping over the taps of ``w``: ``sum_j w[j] * shift(x, j)``."""
+    """Full convolution looping over the taps of ``w``: ``sum_j w[j] * shift(x, j)``.
+
+    ``UNROLL`` taps per loop iteration fuse into one pass over the output (about 2x
+    faster on CPU than one tap per pass, which is memory bound).
+    """
     cap_x = x.shape[nb : nb + rank]
     cap_w = w.shape[nb : nb + rank]
     cap_o = tuple(p + q - 1 for p, q in zip(cap_x, cap_w))
     px = _pad_var(x, [(q - 1, q - 1) for q in cap_w], nb, rank)
     out_shape = x.shape[:nb] + cap_o + x.shape[nb + rank :]
     dt = jnp.result_type(x.dtype, w.dtype)
+    n_taps = _prod(cap_w)
+    unroll = min(UNROLL, n_taps)
+    n_iter = -(-n_taps // unroll)
 
     def body(t, acc):
-        j = _unravel(t, cap_w)
-        tap = _slice_var(w, j, (1,) * rank, nb, rank)
-        starts = [q - 1 - jk for q, jk in zip(cap_w, j)]
-        return acc + tap * _slice_var(px, starts, cap_o, nb, rank)
+        for u in range(unroll):
+            flat = t * unroll + u
+            valid = flat < n_taps
+            j = _unravel(jnp.minimum(flat, n_taps - 1), cap_w)
+            tap = _slice_var(w, j, (1,) * rank, nb, rank)
+            if n_taps % unroll:  # only the last iteration can run past the taps
+                tap = jnp.where(valid, tap, jnp.zeros((), tap.dtype))
+            starts = [q - 1 - jk for q, jk in zip(cap_w, j)]
+            acc = acc + tap * _slice_var(px, starts, cap_o, nb, rank)
+        return acc
 
-    return jax.lax.fori_loop(0, _prod(cap_w), body, jnp.zeros(out_shape, dt))
+    return jax.lax.fori_loop(0, n_iter, body, jnp.zeros(out_shape, dt))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
