@@ -133,7 +133,7 @@ def conv_lengths(la: jax.Array, lb: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def conv(a: VarTensor, b: VarTensor, method: str = "direct") -> VarTensor:
+def conv(a: VarTensor, b: VarTensor, method: str = "auto") -> VarTensor:
     """Model A product: full linear convolution over the variable axes, per item.
 
     ``[1, 2] * [3, 4] = [3, 10, 8]``. Batch shapes broadcast (one kernel may serve a
@@ -141,9 +141,16 @@ def conv(a: VarTensor, b: VarTensor, method: str = "direct") -> VarTensor:
     capacity is ``cap_a + cap_b - 1`` per axis.
 
     Args:
-      method: ``"direct"`` (shift-and-add, exact in real arithmetic) or ``"fft"``.
+      method: ``"direct"`` (shift-and-add), ``"fft"`` (real FFTs of a fast length), or
+        ``"auto"``: the engine's cost model picks by capacities at trace time (the
+        machine's cached calibration if one exists, else the static model).
     """
     a, b = _check_pair(a, b, "conv")
+    if method == "auto":
+        from vsla_jax.conv_engine import default_cost_model
+
+        items = int(np.prod(np.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
+        method = default_cost_model().choose(a.capacity, b.capacity, max(items, 1))
     if not jnp.issubdtype(a.dtype, jnp.inexact) or not jnp.issubdtype(b.dtype, jnp.inexact):
         raise VSLATypeError(
             f"conv needs floating or complex data, got {a.dtype} and {b.dtype}")

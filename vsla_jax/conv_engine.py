@@ -1,0 +1,378 @@
+"""Adaptive convolution engine for ragged batches.
+
+1. ``heterogeneity_profile`` summarises a batch's lengths.
+2. Items are grouped by their ``(capacity_a, capacity_b)`` bucket; each group is one
+   VarTensor batch (item count padded on ``COUNT_POLICY``) and runs one compiled program.
+3. Each group picks ``direct`` or ``fft`` from a ``CostModel``: a linear time model
+   ``t = overhead + per_flop * flops`` per method, calibrated once on the running
+   machine and cached on disk, or a static fallback.
+
+FFT lengths are chosen per group (smallest 2·3·5·7-smooth size ``>= cap_a + cap_b - 1``),
+never from the batch-wide maximum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsla_jax.bucketing import RaggedBatch, _FixedCapacity
+from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.convolution import direct_flops, fft_flops
+from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
+from vsla_jax.tensor import VarTensor, _as_array, stack
+
+METHODS = ("auto", "direct", "fft")
+
+
+# -- cost model -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Predicted seconds for one group: ``overhead + per_flop * flops`` per method.
+
+    ``direct`` FLOPs are ``2·items·prod(cap_a)·prod(cap_b)``; ``fft`` FLOPs are the
+    nominal ``items·(7.5 N log2 N + 3N)`` of ``convolution.fft_flops``.
+    """
+
+    direct_overhead_s: float = 2e-5
+    direct_s_per_flop: float = 1.0 / 6e9
+    fft_overhead_s: float = 4e-5
+    fft_s_per_flop: float = 1.0 / 3e9
+    source: str = "static"
+
+    def predict(self, method: str, cap_a, cap_b, items: int) -> float:
+        if method == "direct":
+            return self.direct_overhead_s + self.direct_s_per_flop * direct_flops(
+                cap_a, cap_b, items)
+        if method == "fft":
+            return self.fft_overhead_s + self.fft_s_per_flop * fft_flops(cap_a, cap_b, items)
+        raise ValueError(f"unknown method {method!r}")
+
+    def choose(self, cap_a, cap_b, items: int) -> str:
+        """``"direct"`` or ``"fft"``, whichever is predicted faster."""
+        d = self.predict("direct", cap_a, cap_b, items)
+        f = self.predict("fft", cap_a, cap_b, items)
+        return "fft" if f < d else "direct"
+
+
+STATIC_COST_MODEL = CostModel()
+
+
+def _cache_path(cache_dir: str | None) -> str:
+    dev = jax.devices()[0]
+    key = f"{jax.__version__}|{jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}"
+    key += f"|{dev.platform}|{getattr(dev, 'device_kind', '')}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = cache_dir or os.environ.get("VSLA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vsla_jax")
+    return os.path.join(base, f"conv_cost_{digest}.json")
+
+
+def load_calibration(cache_dir: str | None = None) -> CostModel | None:
+    """The cached calibration for this machine, or None (missing or corrupt)."""
+    path = _cache_path(cache_dir)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return CostModel(**{k: float(d[k]) for k in _COEFFS}, source=f"cache:{path}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def default_cost_model() -> CostModel:
+    """Cached calibration if present, else ``STATIC_COST_MODEL`` (never measures)."""
+    return load_calibration() or STATIC_COST_MODEL
+
+
+_COEFFS = ("direct_overhead_s", "direct_s_per_flop", "fft_overhead_s", "fft_s_per_flop")
+
+
+def _time_call(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares ``t = c0 + c1 * flops`` with both coefficients kept positive."""
+    x = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    w = 1.0 / y  # relative error weighting
+    a = np.stack([np.ones_like(x), x], 1) * w[:, None]
+    c0, c1 = np.linalg.lstsq(a, y * w, rcond=None)[0]
+    return max(float(c0), 1e-7), max(float(c1), 1e-14)
+
+
+CALIBRATION_GRID = ((8, 16, 4), (8, 256, 32), (32, 1024, 64), (64, 256, 256), (16, 2048, 16),
+                    (8, 2048, 256))
+
+
+def calibrate(cache_dir: str | None = None, refresh: bool = False,
+              verbose: bool = False) -> CostModel:
+    """Measure direct and FFT convolution on this machine once and cache the fit.
+
+    The cache key holds the jax version, platform and device kind. Takes a few seconds
+    the first time; afterwards it reads a small JSON file.
+    """
+    from vsla_jax.ops import conv
+
+    path = _cache_path(cache_dir)
+    if not refresh:
+        cached = load_calibration(cache_dir)
+        if cached is not None:
+            return cached  # a missing or corrupt cache is re-measured
+    rng = np.random.default_rng(0)
+    pts: dict[str, list[tuple[float, float]]] = {"direct": [], "fft": []}
+    for items, n, m in CALIBRATION_GRID:
+        x = VarTensor(jnp.asarray(rng.standard_normal((items, n)), jnp.float32),
+                      jnp.full((items, 1), n, jnp.int32))
+        k = VarTensor(jnp.asarray(rng.standard_normal((items, m)), jnp.float32),
+                      jnp.full((items, 1), m, jnp.int32))
+        for method in ("direct", "fft"):
+            t = _time_call(lambda a, b, meth=method: conv(a, b, method=meth), x, k)
+            flops = (direct_flops if method == "direct" else fft_flops)((n,), (m,), items)
+            pts[method].append((flops, t))
+            if verbose:
+                print(f"calibrate {method:6s} items={items} n={n} m={m}: {t * 1e3:.3f} ms")
+    d0, d1 = _fit(pts["direct"])
+    f0, f1 = _fit(pts["fft"])
+    model = CostModel(d0, d1, f0, f1, source=f"calibrated:{path}")
+    payload = dataclasses.asdict(model) | {"points": pts, "jax": jax.__version__,
+                                            "device": str(jax.devices()[0])}
+    _atomic_write_json(path, payload)
+    return model
+
+
+def _atomic_write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -- policy and profile -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ConvPolicy:
+    """Thresholds and knobs of the convolution engine (defaults from the VSLA spec).
+
+    Attributes:
+      direct_max_min_ratio: max/min length ratio above which ``auto`` prefers direct
+        for a batch-wide (unbucketed) decision.
+      fft_min_efficiency: predicted FFT speed-up below which FFT is considered doubtful.
+      bucketing_min_buckets: a batch spanning more buckets than this is reported as
+        needing bucketing (the engine always buckets; the flag is informational).
+      calibrate: calibrate the cost model on this machine (cached); else static.
+      cache_dir: where the calibration is cached (default: user cache dir).
+      capacity: capacity ladder for the items.
+      count: ladder for the number of items per group.
+      accumulate_f64: compute f32 inputs in f64 (needs ``jax_enable_x64``), return f32.
+    """
+
+    direct_max_min_ratio: float = 100.0
+    fft_min_efficiency: float = 1.2
+    bucketing_min_buckets: int = 10
+    calibrate: bool = True
+    cache_dir: str | None = None
+    capacity: CapacityPolicy = DEFAULT_POLICY
+    count: CapacityPolicy = COUNT_POLICY
+    accumulate_f64: bool = False
+
+    def cost_model(self) -> CostModel:
+        return calibrate(self.cache_dir) if self.calibrate else STATIC_COST_MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class HeterogeneityProfile:
+    """Summary of a batch of lengths (``n`` items)."""
+
+    n: int
+    max_min_ratio: float
+    max_median_ratio: float
+    mean_var_ratio: float
+    n_buckets: int
+    fft_efficiency: float  # predicted time(direct) / time(pad-to-max FFT)
+    needs_bucketing: bool
+    prefer_direct: bool
+    fft_doubtful: bool
+
+
+def heterogeneity_profile(
+    lengths, kernel_lengths=None, policy: ConvPolicy | None = None,
+    cost: CostModel | None = None,
+) -> HeterogeneityProfile:
+    """Profile 1-D item lengths (and optionally kernel lengths) of a ragged batch.
+
+    ``fft_efficiency`` compares the predicted time of exact-size direct convolution of
+    every item with one pad-to-max FFT over the whole batch (the archived design);
+    values below ``policy.fft_min_efficiency`` mean FFT is doubtful.
+    """
+    policy = policy or ConvPolicy(calibrate=False)
+    cost = cost or STATIC_COST_MODEL
+    ln = np.asarray(lengths, np.int64).reshape(-1)
+    if ln.size == 0:
+        raise ShapeError("heterogeneity_profile needs at least one length")
+    if (ln < 0).any():
+        raise ShapeError(f"negative lengths in profile: min {ln.min()}")
+    kl = np.ones_like(ln) if kernel_lengths is None else np.broadcast_to(
+        np.asarray(kernel_lengths, np.int64).reshape(-1), ln.shape)
+    pos = ln[ln > 0]
+    mx = float(ln.max())
+    mn = float(pos.min()) if pos.size else 0.0
+    med = float(np.median(ln))
+    var = float(ln.var())
+    buckets = {policy.capacity.bucket(int(v)) for v in ln}
+    t_direct = sum(cost.predict("direct", (int(a),), (int(b),), 1) for a, b in zip(ln, kl))
+    t_fft = cost.predict("fft", (int(ln.max()),), (int(kl.max()),), ln.size)
+    eff = t_direct / t_fft
+    ratio = mx / mn if mn > 0 else float("inf")
+    return HeterogeneityProfile(
+        n=int(ln.size),
+        max_min_ratio=ratio,
+        max_median_ratio=mx / med if med > 0 else float("inf"),
+        mean_var_ratio=float(ln.mean()) / var if var > 0 else float("inf"),
+        n_buckets=len(buckets),
+        fft_efficiency=float(eff),
+        needs_bucketing=len(buckets) > policy.bucketing_min_buckets,
+        prefer_direct=ratio > policy.direct_max_min_ratio,
+        fft_doubtful=eff < policy.fft_min_efficiency,
+    )
+
+
+# -- ragged batched convolution ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    cap_a: tuple[int, ...]
+    cap_b: tuple[int, ...]
+    members: tuple[int, ...]
+    slots: int
+    method: str
+
+
+def plan(shapes_a, shapes_b, method: str, policy: ConvPolicy, cost: CostModel,
+         kernel_cap: tuple[int, ...] | None = None) -> list[GroupPlan]:
+    """Group items by ``(capacity_a, capacity_b)`` and pick a method per group.
+
+    ``shapes_b`` is None when one kernel of capacity ``kernel_cap`` serves every item.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, sa in enumerate(shapes_a):
+        cb = kernel_cap if shapes_b is None else policy.capacity.capacity(shapes_b[i])
+        groups.setdefault((policy.capacity.capacity(sa), cb), []).append(i)
+    out = []
+    for (ca, cb), members in sorted(groups.items()):
+        slots = policy.count.bucket(len(members)) if policy.count else len(members)
+        m = cost.choose(ca, cb, slots) if method == "auto" else method
+        out.append(GroupPlan(ca, cb, tuple(members), slots, m))
+    return out
+
+
+def conv_ragged(
+    xs: Sequence[Any] | RaggedBatch,
+    ks: Sequence[Any] | Any,
+    method: str = "auto",
+    policy: ConvPolicy | None = None,
+    cost: CostModel | None = None,
+) -> RaggedBatch:
+    """Model A convolution of ragged items, bucket by bucket.
+
+    Args:
+      xs: k items (arrays of equal rank; trailing axes beyond ``rank`` are not
+        supported here — use ``vsla_jax.conv`` for feature axes).
+      ks: k kernels (one per item), or a single kernel (array or unbatched VarTensor)
+        broadcast to every item.
+      method: ``"auto"`` (cost model per group), ``"direct"`` or ``"fft"``.
+      policy: a ``ConvPolicy``; ``cost``: override the cost model.
+
+    Returns:
+      A ``RaggedBatch`` of outputs in the original order (``.to_list()``).
+    """
+    from vsla_jax.ops import conv
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    policy = policy or ConvPolicy()
+    items = xs.to_list() if isinstance(xs, RaggedBatch) else [
+        _as_array(x, f"item {i}") for i, x in enumerate(xs)]
+    if not items:
+        return RaggedBatch((), (), 0)
+    rank = items[0].ndim
+    for i, x in enumerate(items):
+        if x.ndim != rank:
+            raise ShapeError(f"ragged ranks: item {i} has rank {x.ndim}, item 0 has {rank}")
+    broadcast = isinstance(ks, VarTensor) or (
+        not isinstance(ks, (list, tuple)) and np.ndim(ks) == rank)
+    if broadcast:
+        kernel = ks.to_numpy() if isinstance(ks, VarTensor) else _as_array(ks, "kernel")
+        if isinstance(ks, VarTensor) and ks.model != "A":
+            raise ModelMismatchError("conv_ragged: kernel uses model 'B'; convolution is model A")
+        kernels = None
+    else:
+        kernels = [_as_array(k, f"kernel {i}") for i, k in enumerate(ks)]
+        if len(kernels) != len(items):
+            raise ShapeError(
+                f"kernel batch of {len(kernels)} does not broadcast to {len(items)} items")
+        for i, k in enumerate(kernels):
+            if k.ndim != rank:
+                raise ShapeError(f"kernel {i} has rank {k.ndim}, items have rank {rank}")
+    dts = [x.dtype for x in items] + ([kernel.dtype] if broadcast else [k.dtype for k in kernels])
+    dtype = np.result_type(*dts)
+    if not np.issubdtype(dtype, np.floating):
+        if method == "fft" or not np.issubdtype(dtype, np.integer):
+            raise VSLATypeError(
+                f"conv_ragged(method={method!r}) needs floating data, got {dtype}")
+        dtype = np.dtype(jnp.result_type(float))
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))  # f64 -> f32 unless x64 is on
+    out_dtype = dtype
+    if policy.accumulate_f64:
+        if not jax.config.jax_enable_x64:
+            raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
+        dtype = np.dtype(np.float64)
+    if broadcast:
+        kvt = VarTensor(*_padded_one(kernel, policy.capacity, dtype))
+    cost = cost or (policy.cost_model() if method == "auto" else STATIC_COST_MODEL)
+    shapes_b = None if broadcast else [k.shape for k in kernels]
+    plans = plan([x.shape for x in items], shapes_b, method, policy, cost,
+                 kernel_cap=kvt.capacity if broadcast else None)
+    buckets, index = [], []
+    for g in plans:
+        pad = [np.zeros((0,) * rank, dtype)] * (g.slots - len(g.members))
+        xa = stack([items[i] for i in g.members] + pad, policy=_FixedCapacity(g.cap_a),
+                   rank=rank, dtype=dtype)
+        if broadcast:
+            kb = kvt
+        else:
+            kb = stack([kernels[i] for i in g.members] + pad, policy=_FixedCapacity(g.cap_b),
+                       rank=rank, dtype=dtype)
+        y = conv(xa, kb, method=g.method)
+        if y.dtype != out_dtype:
+            y = VarTensor(y.data.astype(out_dtype), y.lengths, y.model)
+        buckets.append(y)
+        index.append(np.asarray(list(g.members) + [-1] * (g.slots - len(g.members)), np.int32))
+    return RaggedBatch(tuple(buckets), tuple(index), len(items))
+
+
+def _padded_one(arr: np.ndarray, cap_policy: CapacityPolicy, dtype):
+    cap = cap_policy.capacity(arr.shape)
+    data = np.zeros(cap, dtype)
+    data[tuple(slice(0, n) for n in arr.shape)] = arr
+    return jnp.asarray(data), jnp.asarray(np.asarray(arr.shape, np.int32))
