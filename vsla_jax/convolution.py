@@ -132,9 +132,62 @@ def fft_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
     return out[idx].astype(dt)
 
 
-def conv_padded(a: jax.Array, b: jax.Array, nb: int, rank: int, method: str) -> jax.Array:
+#: Pallas dispatch for rank-1 direct convolution: "auto" (on GPU backends), "off",
+#: or "interpret" (force the kernel through the Pallas interpreter, for CPU tests).
+PALLAS_MODE = "auto"
+
+
+def _pallas_mode(rank: int) -> str | None:
+    if rank != 1 or PALLAS_MODE == "off":
+        return None
+    if PALLAS_MODE == "interpret":
+        return "interpret"
+    return "gpu" if jax.default_backend() == "gpu" else None
+
+
+def _pallas_rows(a, b, la, lb, nb: int, interpret: bool):
+    """Flatten batch and feature axes into rows and run the Pallas kernel."""
+    from vsla_jax.pallas_conv import pallas_direct_conv
+
+    batch, feat = a.shape[:nb], a.shape[nb + 1 :]
+    nf = len(feat)
+    perm = tuple(range(nb)) + tuple(range(nb + 1, nb + 1 + nf)) + (nb,)
+    rows_a = jnp.transpose(a, perm).reshape(-1, a.shape[nb])
+    rows_b = jnp.transpose(b, perm).reshape(-1, b.shape[nb])
+    rep = lambda n: jnp.broadcast_to(n[..., 0].reshape(batch + (1,) * nf), batch + feat)
+    out = pallas_direct_conv(rows_a, rows_b, rep(la).reshape(-1), rep(lb).reshape(-1),
+                             interpret=interpret)
+    out = out.reshape(batch + feat + (out.shape[-1],))
+    inv = tuple(int(i) for i in np.argsort(perm))
+    return jnp.transpose(out, inv)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def direct_conv_varlen(a, b, la, lb, nb: int, rank: int):
+    """``direct_conv`` that may use the Pallas kernel (rank 1, GPU), skipping padded tiles.
+
+    ``la``/``lb`` are the ``int32[*batch, rank]`` lengths. Tangents use the XLA path.
+    """
+    mode = _pallas_mode(rank)
+    if mode is None:
+        return direct_conv(a, b, nb, rank)
+    return _pallas_rows(a, b, la, lb, nb, interpret=mode == "interpret")
+
+
+@direct_conv_varlen.defjvp
+def _direct_conv_varlen_jvp(nb, rank, primals, tangents):
+    a, b, la, lb = primals
+    da, db = tangents[:2]
+    out = direct_conv_varlen(a, b, la, lb, nb, rank)
+    return out, _shift_add(da, b, nb, rank) + _shift_add(db, a, nb, rank)
+
+
+def conv_padded(a: jax.Array, b: jax.Array, nb: int, rank: int, method: str,
+                la: jax.Array | None = None, lb: jax.Array | None = None) -> jax.Array:
     """Dispatch ``direct`` or ``fft`` on padded operands of equal batch/feature shape."""
     if method == "direct":
+        if la is not None and _pallas_mode(rank) is not None:
+            return direct_conv_varlen(a, b, la, lb, nb, rank)
         return direct_conv(a, b, nb, rank)
     if method == "fft":
         return fft_conv(a, b, nb, rank)

@@ -159,7 +159,7 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto") -> VarTensor:
         raise VSLATypeError("conv(method='fft') supports real data only")
     batch, da, la, db, lb = _broadcast_operands(a, b)
     dt = jnp.result_type(da.dtype, db.dtype)
-    out = conv_padded(da.astype(dt), db.astype(dt), len(batch), a.rank, method)
+    out = conv_padded(da.astype(dt), db.astype(dt), len(batch), a.rank, method, la, lb)
     out = VarTensor(out, conv_lengths(la, lb), a.model)
     # FFT round-off leaves O(eps) values in the slack: restore the invariant exactly.
     return zero_slack(out) if method == "fft" else out
