@@ -14,6 +14,7 @@ never from the batch-wide maximum.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -26,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.bucketing import RaggedBatch, _FixedCapacity
+from vsla_jax.bucketing import RaggedBatch
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.convolution import direct_flops, fft_flops
 from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
-from vsla_jax.tensor import VarTensor, _as_array, stack
+from vsla_jax.tensor import VarTensor, _as_array
 
 METHODS = ("auto", "direct", "fft")
 
@@ -292,6 +293,7 @@ def conv_ragged(
     method: str = "auto",
     policy: ConvPolicy | None = None,
     cost: CostModel | None = None,
+    fuse: bool = False,
 ) -> RaggedBatch:
     """Model A convolution of ragged items, bucket by bucket.
 
@@ -302,6 +304,10 @@ def conv_ragged(
         broadcast to every item.
       method: ``"auto"`` (cost model per group), ``"direct"`` or ``"fft"``.
       policy: a ``ConvPolicy``; ``cost``: override the cost model.
+      fuse: run all groups in one compiled program (one dispatch). Compiles once per
+        *set* of group shapes: best when the same batch profile repeats (epochs over a
+        fixed dataset); for a stream of new batches keep the default, which compiles
+        once per group shape and reuses it across batches.
 
     Returns:
       A ``RaggedBatch`` of outputs in the original order (``.to_list()``).
@@ -348,31 +354,47 @@ def conv_ragged(
             raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
         dtype = np.dtype(np.float64)
     if broadcast:
-        kvt = VarTensor(*_padded_one(kernel, policy.capacity, dtype))
+        kcap = policy.capacity.capacity(kernel.shape)
+        kvt = VarTensor(*_pack([kernel], [0], 1, kcap, dtype))
+        kvt = VarTensor(kvt.data[0], kvt.lengths[0])
     cost = cost or (policy.cost_model() if method == "auto" else STATIC_COST_MODEL)
     shapes_b = None if broadcast else [k.shape for k in kernels]
     plans = plan([x.shape for x in items], shapes_b, method, policy, cost,
                  kernel_cap=kvt.capacity if broadcast else None)
-    buckets, index = [], []
+    xs_g, ks_g = [], []
     for g in plans:
-        pad = [np.zeros((0,) * rank, dtype)] * (g.slots - len(g.members))
-        xa = stack([items[i] for i in g.members] + pad, policy=_FixedCapacity(g.cap_a),
-                   rank=rank, dtype=dtype)
-        if broadcast:
-            kb = kvt
-        else:
-            kb = stack([kernels[i] for i in g.members] + pad, policy=_FixedCapacity(g.cap_b),
-                       rank=rank, dtype=dtype)
-        y = conv(xa, kb, method=g.method)
-        if y.dtype != out_dtype:
-            y = VarTensor(y.data.astype(out_dtype), y.lengths, y.model)
-        buckets.append(y)
-        index.append(np.asarray(list(g.members) + [-1] * (g.slots - len(g.members)), np.int32))
-    return RaggedBatch(tuple(buckets), tuple(index), len(items))
+        xs_g.append(VarTensor(*_pack(items, g.members, g.slots, g.cap_a, dtype)))
+        ks_g.append(kvt if broadcast else VarTensor(
+            *_pack(kernels, g.members, g.slots, g.cap_b, dtype)))
+    methods = tuple(g.method for g in plans)
+    if fuse:
+        outs = _run_fused(tuple(xs_g), tuple(ks_g), methods)
+    else:
+        outs = [conv(x, k, method=m) for x, k, m in zip(xs_g, ks_g, methods)]
+    buckets = tuple(
+        y if y.dtype == out_dtype else VarTensor(y.data.astype(out_dtype), y.lengths, y.model)
+        for y in outs)
+    index = tuple(np.asarray(list(g.members) + [-1] * (g.slots - len(g.members)), np.int32)
+                  for g in plans)
+    return RaggedBatch(buckets, index, len(items))
 
 
-def _padded_one(arr: np.ndarray, cap_policy: CapacityPolicy, dtype):
-    cap = cap_policy.capacity(arr.shape)
-    data = np.zeros(cap, dtype)
-    data[tuple(slice(0, n) for n in arr.shape)] = arr
-    return jnp.asarray(data), jnp.asarray(np.asarray(arr.shape, np.int32))
+def _pack(arrays, members, slots: int, cap: tuple[int, ...], dtype):
+    """NumPy ``[slots, *cap]`` data and ``int32[slots, rank]`` lengths for one group.
+
+    NumPy leaves go straight into the jitted call (one host-to-device copy each).
+    """
+    data = np.zeros((slots, *cap), dtype)
+    lengths = np.zeros((slots, len(cap)), np.int32)
+    for s, i in enumerate(members):
+        a = arrays[i]
+        data[(s, *(slice(0, n) for n in a.shape))] = a
+        lengths[s] = a.shape
+    return data, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("methods",))
+def _run_fused(xs, ks, methods):
+    from vsla_jax.ops import conv
+
+    return tuple(conv(x, k, method=m) for x, k, m in zip(xs, ks, methods))
