@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 import vsla_jax as vs
 
 
-@given(st.integers(16, 200_000))
+@given(st.integers(8, 200_000))
 def test_default_ladder_ratio_at_most_1_5(n):
     p = vs.CapacityPolicy()
     c = p.bucket(n)
@@ -14,9 +14,9 @@ def test_default_ladder_ratio_at_most_1_5(n):
     assert c % p.alignment == 0
 
 
-@given(st.integers(0, 15))
+@given(st.integers(0, 7))
 def test_below_minimum_uses_minimum(n):
-    assert vs.CapacityPolicy().bucket(n) == 16
+    assert vs.CapacityPolicy().bucket(n) == 8
 
 
 @given(st.integers(1, 100_000))

@@ -12,7 +12,7 @@ import vsla_jax as vs
 
 def test_tensor_metadata_and_round_trip():
     x = vs.tensor([[1, 2, 3], [4, 5, 6]])
-    assert x.rank == 2 and x.batch_shape == () and x.capacity == (16, 16)
+    assert x.rank == 2 and x.batch_shape == () and x.capacity == (8, 8)
     assert x.lengths.dtype == jnp.int32 and x.dtype == jnp.float32
     np.testing.assert_array_equal(x.to_numpy(), [[1, 2, 3], [4, 5, 6]])
 
@@ -20,7 +20,7 @@ def test_tensor_metadata_and_round_trip():
 def test_features_axes():
     tokens = np.arange(12, dtype=np.float32).reshape(3, 4)  # 3 tokens of width 4
     x = vs.tensor(tokens, rank=1)
-    assert x.rank == 1 and x.features == (4,) and x.capacity == (16,)
+    assert x.rank == 1 and x.features == (4,) and x.capacity == (8,)
     np.testing.assert_array_equal(x.to_numpy(), tokens)
 
 
@@ -114,7 +114,24 @@ def test_dlpack_zero_copy_round_trip():
 def test_getitem_and_repr():
     x = vs.stack([[1.0], [2.0, 3.0]])
     assert x[1].to_numpy().tolist() == [2, 3]
-    assert "capacity=(16,)" in repr(x)
+    assert "capacity=(8,)" in repr(x)
     with pytest.raises(vs.ShapeError):
         x[0][0]
     assert dataclasses.is_dataclass(x)
+
+
+def test_from_dlpack_strided_input_falls_back_to_a_copy():
+    base = np.arange(36, dtype=np.float32).reshape(4, 9)
+    x = vs.from_dlpack(base[:, 1:], np.full(4, 3, np.int32), rank=1)
+    np.testing.assert_array_equal(x.to_list()[2], [19, 20, 21])
+    assert float(np.asarray(x.data)[0, 5]) == 0.0  # slack zeroed
+
+
+def test_bucketize_with_feature_axes():
+    items = [np.ones((n, 3), np.float32) * n for n in [2, 30, 5]]
+    rb = vs.bucketize(items, rank=1)
+    assert all(b.features == (3,) and b.rank == 1 for b in rb.buckets)
+    for a, b in zip(items, rb.to_list()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(vs.ShapeError, match="feature shape"):
+        vs.bucketize([np.ones((2, 3)), np.ones((2, 4))], rank=1)

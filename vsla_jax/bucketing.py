@@ -16,7 +16,7 @@ import numpy as np
 
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import ShapeError
-from vsla_jax.tensor import VarTensor, _as_array
+from vsla_jax.tensor import VarTensor, _as_array, _default_float, check_model
 
 
 @jax.tree_util.register_dataclass
@@ -69,48 +69,60 @@ class RaggedBatch:
         return int(np.prod(self.lengths(), axis=1).sum()) * feat
 
 
+def pack_group(arrays, members, slots: int, cap: tuple[int, ...], dtype):
+    """NumPy ``[slots, *cap, *feat]`` data and ``int32[slots, rank]`` lengths for one group.
+
+    ``arrays[i]`` for ``i in members`` fill the first slots; the rest are empty items.
+    NumPy leaves go straight into jitted calls (one host-to-device copy each).
+    """
+    rank = len(cap)
+    feat = arrays[members[0]].shape[rank:] if len(members) else ()
+    data = np.zeros((slots, *cap, *feat), dtype)
+    lengths = np.zeros((slots, rank), np.int32)
+    for s, i in enumerate(members):
+        a = arrays[i]
+        data[(s, *(slice(0, n) for n in a.shape[:rank]))] = a
+        lengths[s] = a.shape[:rank]
+    return data, lengths
+
+
 def bucketize(
     items: Sequence[Any],
     policy: CapacityPolicy | None = None,
     count_policy: CapacityPolicy | None = COUNT_POLICY,
     model: str = "A",
     dtype=None,
+    rank: int | None = None,
 ) -> RaggedBatch:
     """Group ragged items (arrays of equal rank, trailing dims = features) by bucket.
 
     Each item's capacity is ``policy.capacity(item_lengths)``; items with the same
     capacity share one VarTensor whose item axis is padded to ``count_policy.bucket(n)``
-    (pass ``count_policy=None`` for exact counts).
+    (pass ``count_policy=None`` for exact counts). ``rank`` defaults to ``ndim``.
     """
-    from vsla_jax.tensor import stack
-
     policy = policy or DEFAULT_POLICY
+    check_model(model)
     arrays = [_as_array(it, f"item {i}") for i, it in enumerate(items)]
     if not arrays:
         return RaggedBatch((), (), 0)
-    rank = arrays[0].ndim
+    ndim = arrays[0].ndim
+    rank = ndim if rank is None else rank
+    feat = arrays[0].shape[rank:]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, a in enumerate(arrays):
-        if a.ndim != rank:
-            raise ShapeError(f"ragged ranks: item {i} has rank {a.ndim}, item 0 has {rank}")
-        groups.setdefault(policy.capacity(a.shape), []).append(i)
+        if a.ndim != ndim:
+            raise ShapeError(f"ragged ranks: item {i} has rank {a.ndim}, item 0 has {ndim}")
+        if a.shape[rank:] != feat:
+            raise ShapeError(f"item {i} has feature shape {a.shape[rank:]}, item 0 has {feat}")
+        groups.setdefault(policy.capacity(a.shape[:rank]), []).append(i)
+    if dtype is None:
+        dtype = np.result_type(*[_default_float(a[:0]) for a in arrays])
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
     buckets, index = [], []
     for cap in sorted(groups):
         members = groups[cap]
-        n_slots = count_policy.bucket(len(members)) if count_policy else len(members)
-        empty = np.zeros((0,) * rank, arrays[members[0]].dtype)
-        slots = [arrays[i] for i in members] + [empty] * (n_slots - len(members))
-        b = stack(slots, policy=_FixedCapacity(cap), model=model, rank=rank, dtype=dtype)
-        buckets.append(b)
-        index.append(np.asarray(members + [-1] * (n_slots - len(members)), np.int32))
+        slots = count_policy.bucket(len(members)) if count_policy else len(members)
+        data, lengths = pack_group(arrays, members, slots, cap, dtype)
+        buckets.append(VarTensor(jax.device_put(data), jax.device_put(lengths), model))
+        index.append(np.asarray(members + [-1] * (slots - len(members)), np.int32))
     return RaggedBatch(tuple(buckets), tuple(index), len(arrays))
-
-
-class _FixedCapacity:
-    """Policy stand-in that returns a given capacity (lengths are known to fit)."""
-
-    def __init__(self, cap: tuple[int, ...]):
-        self.cap = cap
-
-    def capacity(self, lengths) -> tuple[int, ...]:
-        return self.cap

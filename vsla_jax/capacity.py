@@ -32,8 +32,8 @@ class CapacityPolicy:
       powers_of_two: use the doubling ladder.
     """
 
-    minimum: int = 16
-    alignment: int = 8
+    minimum: int = 8
+    alignment: int = 4
     growth: float = 1.5
     powers_of_two: bool = False
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.bucketing import RaggedBatch
+from vsla_jax.bucketing import RaggedBatch, pack_group
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.convolution import direct_flops, fft_flops
 from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
@@ -355,7 +355,7 @@ def conv_ragged(
         dtype = np.dtype(np.float64)
     if broadcast:
         kcap = policy.capacity.capacity(kernel.shape)
-        kvt = VarTensor(*_pack([kernel], [0], 1, kcap, dtype))
+        kvt = VarTensor(*pack_group([kernel], [0], 1, kcap, dtype))
         kvt = VarTensor(kvt.data[0], kvt.lengths[0])
     cost = cost or (policy.cost_model() if method == "auto" else STATIC_COST_MODEL)
     shapes_b = None if broadcast else [k.shape for k in kernels]
@@ -363,9 +363,9 @@ def conv_ragged(
                  kernel_cap=kvt.capacity if broadcast else None)
     xs_g, ks_g = [], []
     for g in plans:
-        xs_g.append(VarTensor(*_pack(items, g.members, g.slots, g.cap_a, dtype)))
+        xs_g.append(VarTensor(*pack_group(items, g.members, g.slots, g.cap_a, dtype)))
         ks_g.append(kvt if broadcast else VarTensor(
-            *_pack(kernels, g.members, g.slots, g.cap_b, dtype)))
+            *pack_group(kernels, g.members, g.slots, g.cap_b, dtype)))
     methods = tuple(g.method for g in plans)
     if fuse:
         outs = _run_fused(tuple(xs_g), tuple(ks_g), methods)
@@ -377,20 +377,6 @@ def conv_ragged(
     index = tuple(np.asarray(list(g.members) + [-1] * (g.slots - len(g.members)), np.int32)
                   for g in plans)
     return RaggedBatch(buckets, index, len(items))
-
-
-def _pack(arrays, members, slots: int, cap: tuple[int, ...], dtype):
-    """NumPy ``[slots, *cap]`` data and ``int32[slots, rank]`` lengths for one group.
-
-    NumPy leaves go straight into the jitted call (one host-to-device copy each).
-    """
-    data = np.zeros((slots, *cap), dtype)
-    lengths = np.zeros((slots, len(cap)), np.int32)
-    for s, i in enumerate(members):
-        a = arrays[i]
-        data[(s, *(slice(0, n) for n in a.shape))] = a
-        lengths[s] = a.shape
-    return data, lengths
 
 
 @functools.partial(jax.jit, static_argnames=("methods",))

@@ -82,7 +82,8 @@ class VarTensor:
     def to_list(self) -> Any:
         """NumPy arrays at each item's exact shape, nested like the batch axes.
 
-        An unbatched tensor returns a single array.
+        An unbatched tensor returns a single array. Items are read-only views of one
+        host copy of ``data`` (no per-item copies).
         """
         data = np.asarray(self.data)
         lengths = np.asarray(self.lengths)
@@ -183,6 +184,7 @@ def expand_mask(mask: jax.Array, n_features: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * n_features)
 
 
+@jax.jit
 def zero_slack(x: VarTensor) -> VarTensor:
     """Re-impose the zero-slack invariant; also masks gradients flowing back."""
     m = expand_mask(x.mask(), len(x.features))
@@ -224,7 +226,7 @@ def _check_numeric(arr, what: str):
 
 def _to_nested(data: np.ndarray, lengths: np.ndarray, batch_ndim: int):
     if batch_ndim == 0:
-        return data[tuple(slice(0, int(n)) for n in lengths)].copy()
+        return data[tuple(slice(0, int(n)) for n in lengths)]
     return [_to_nested(data[i], lengths[i], batch_ndim - 1) for i in range(data.shape[0])]
 
 
@@ -337,7 +339,7 @@ def stack(
     out = np.zeros((k, *cap, *feats), dtype=dtype)
     for i, a in enumerate(arrays):
         out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
-    return VarTensor(jnp.asarray(out), jnp.asarray(len_arr), model)
+    return VarTensor(jax.device_put(out), jax.device_put(len_arr), model)
 
 
 def from_padded(
@@ -359,9 +361,11 @@ def from_padded(
         data = _as_array(data, "data")
     else:
         _check_numeric(data, "data")
-    data = jnp.asarray(_default_float(data))
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    data = _default_float(data)
+    data = data if isinstance(data, jax.Array) else jax.device_put(data)
+    traced = not _is_concrete(lengths)
+    lengths = lengths if traced or isinstance(lengths, jax.Array) else np.asarray(lengths)
+    if not np.issubdtype(np.dtype(lengths.dtype), np.integer):
         raise VSLATypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if rank is None:
         if lengths.ndim == 0:
@@ -371,7 +375,6 @@ def from_padded(
         if rank != 1:
             raise LengthError(f"lengths shape {lengths.shape} does not end in rank {rank}")
         lengths = lengths[..., None]
-    lengths = lengths.astype(jnp.int32)
     batch = lengths.shape[:-1]
     nb = len(batch)
     if data.ndim < nb + rank:
@@ -381,7 +384,7 @@ def from_padded(
     if tuple(data.shape[:nb]) != tuple(batch):
         raise ShapeError(f"data batch shape {data.shape[:nb]} != lengths batch shape {batch}")
     cap = data.shape[nb : nb + rank]
-    if _is_concrete(lengths):
+    if not traced:
         ln = np.asarray(lengths)
         if (ln < 0).any():
             raise LengthError(f"negative lengths: min is {ln.min()}")
@@ -392,6 +395,9 @@ def from_padded(
                 f"lengths exceed capacity on variable axis {ax}: max length "
                 f"{ln[..., ax].max()} > capacity {cap[ax]}"
             )
+        lengths = jax.device_put(ln.astype(np.int32, copy=False))
+    else:
+        lengths = lengths.astype(jnp.int32)
     x = VarTensor(data, lengths, model)
     return x if trust_zero_slack else zero_slack(x)
 
@@ -401,11 +407,13 @@ def from_dlpack(data, lengths, model: str = "A", rank: int | None = None,
     """Wrap any DLPack producer (NumPy, torch, CuPy, JAX) without copying when possible.
 
     With ``trust_zero_slack=True`` the buffer is aliased, not copied, when the producer
-    allows it; a read-only NumPy buffer cannot be exported by DLPack and is copied.
+    allows it (on CPU: contiguous, writable, 64-byte aligned); other buffers are copied
+    once.
     """
     try:
         arr = jax.dlpack.from_dlpack(data)
-    except BufferError:
-        arr = jnp.asarray(np.asarray(data))
+    except (BufferError, RuntimeError, TypeError):
+        # read-only, strided or otherwise non-exportable buffers: one host copy
+        arr = jax.device_put(np.ascontiguousarray(np.asarray(data)))
     return from_padded(arr, lengths, model=model, rank=rank, trust_zero_slack=trust_zero_slack)
 
