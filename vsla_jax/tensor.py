@@ -225,6 +225,8 @@ def _check_numeric(arr, what: str):
 
 
 def _to_nested(data: np.ndarray, lengths: np.ndarray, batch_ndim: int):
+    if batch_ndim == 1 and lengths.shape[-1] == 1:  # the common ragged 1-D batch
+        return [data[i, :n] for i, n in enumerate(lengths[:, 0].tolist())]
     if batch_ndim == 0:
         return data[tuple(slice(0, int(n)) for n in lengths)]
     return [_to_nested(data[i], lengths[i], batch_ndim - 1) for i in range(data.shape[0])]
