@@ -187,3 +187,16 @@ def test_cost_model_prefers_fft_for_long_kernels():
     cm = ce.STATIC_COST_MODEL
     assert cm.choose((16,), (4,), 8) == "direct"
     assert cm.choose((2048,), (2048,), 64) == "fft"
+
+
+def test_uniform_group_runs_at_exact_shape():
+    shapes_a, shapes_b = [(512,)] * 9, [(64,)] * 9
+    (g,) = ce.plan(shapes_a, shapes_b, "direct", NO_CAL, ce.STATIC_COST_MODEL)
+    assert g.cap_a == (512,) and g.cap_b == (64,) and g.slots == 9
+    (g,) = ce.plan(shapes_a[:3], shapes_b[:3], "direct", NO_CAL, ce.STATIC_COST_MODEL)
+    assert g.cap_a == (564,) and g.slots == 3  # small groups stay on the ladders
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(512).astype(np.float32) for _ in range(9)]
+    ks = [rng.standard_normal(64).astype(np.float32) for _ in range(9)]
+    out = ce.conv_ragged(xs, ks, policy=NO_CAL).to_list()
+    np.testing.assert_allclose(out[4], np.convolve(xs[4], ks[4]), rtol=1e-4, atol=1e-4)

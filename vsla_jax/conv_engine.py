@@ -187,6 +187,9 @@ class ConvPolicy:
       capacity: capacity ladder for the items.
       count: ladder for the number of items per group.
       accumulate_f64: compute f32 inputs in f64 (needs ``jax_enable_x64``), return f32.
+      uniform_exact_min_items: a group of at least this many items that all share one
+        exact shape pair runs at that exact shape and count (no padding at all): a
+        uniform batch then costs what a plain single-shape ``jit`` costs.
     """
 
     direct_max_min_ratio: float = 100.0
@@ -197,6 +200,7 @@ class ConvPolicy:
     capacity: CapacityPolicy = DEFAULT_POLICY
     count: CapacityPolicy = COUNT_POLICY
     accumulate_f64: bool = False
+    uniform_exact_min_items: int = 8
 
     def cost_model(self) -> CostModel:
         return calibrate(self.cache_dir) if self.calibrate else STATIC_COST_MODEL
@@ -282,6 +286,12 @@ def plan(shapes_a, shapes_b, method: str, policy: ConvPolicy, cost: CostModel,
     out = []
     for (ca, cb), members in sorted(groups.items()):
         slots = policy.count.bucket(len(members)) if policy.count else len(members)
+        if len(members) >= policy.uniform_exact_min_items:
+            sa = {tuple(shapes_a[i]) for i in members}
+            sb = {tuple(shapes_b[i]) for i in members} if shapes_b is not None else {cb}
+            if len(sa) == 1 and len(sb) == 1 and 0 not in next(iter(sa)):
+                ca, slots = next(iter(sa)), len(members)
+                cb = next(iter(sb)) if shapes_b is not None else cb
         m = cost.choose(ca, cb, slots) if method == "auto" else method
         out.append(GroupPlan(ca, cb, tuple(members), slots, m))
     return out
