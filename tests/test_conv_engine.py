@@ -68,12 +68,13 @@ def test_plan_groups_by_bucket_and_sizes_fft_per_group():
     assert sorted(i for g in groups for i in g.members) == list(range(5))
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("method", ["auto", "direct", "fft"])
-def test_conv_ragged_matches_numpy(method):
+def test_conv_ragged_matches_numpy(method, fuse):
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(n).astype(np.float32) for n in [2, 3, 1000, 5, 200, 0, 1]]
     ks = [rng.standard_normal(n).astype(np.float32) for n in [3, 64, 16, 8, 32, 4, 1]]
-    out = ce.conv_ragged(xs, ks, method=method, policy=NO_CAL).to_list()
+    out = ce.conv_ragged(xs, ks, method=method, policy=NO_CAL, fuse=fuse).to_list()
     for o, x, k in zip(out, xs, ks):
         expected = np.convolve(x, k) if len(x) else np.zeros(0)
         assert o.shape == expected.shape
@@ -200,3 +201,25 @@ def test_uniform_group_runs_at_exact_shape():
     ks = [rng.standard_normal(64).astype(np.float32) for _ in range(9)]
     out = ce.conv_ragged(xs, ks, policy=NO_CAL).to_list()
     np.testing.assert_allclose(out[4], np.convolve(xs[4], ks[4]), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_groups_keeps_every_item_and_reduces_groups():
+    rng = np.random.default_rng(7)
+    la = np.exp(rng.uniform(np.log(8), np.log(2048), 128)).astype(int)
+    lb = np.exp(rng.uniform(np.log(4), np.log(256), 128)).astype(int)
+    shapes_a, shapes_b = [(int(n),) for n in la], [(int(n),) for n in lb]
+    plain = ce.plan(shapes_a, shapes_b, "auto", dataclasses_replace(NO_CAL, merge_groups=False),
+                    ce.STATIC_COST_MODEL)
+    merged = ce.plan(shapes_a, shapes_b, "auto", NO_CAL, ce.STATIC_COST_MODEL)
+    assert len(merged) < len(plain)
+    assert sorted(i for g in merged for i in g.members) == list(range(128))
+    pol = vs.CapacityPolicy()
+    for g in merged:  # every member fits its group's capacities
+        for i in g.members:
+            assert pol.bucket(la[i]) <= g.cap_a[0] and lb[i] <= g.cap_b[0]
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

@@ -79,6 +79,13 @@ def pack_group(arrays, members, slots: int, cap: tuple[int, ...], dtype):
     feat = arrays[members[0]].shape[rank:] if len(members) else ()
     data = np.zeros((slots, *cap, *feat), dtype)
     lengths = np.zeros((slots, rank), np.int32)
+    if rank == 1:  # plain slice copies (memcpy) beat a fancy-index scatter here
+        for s, i in enumerate(members):
+            a = arrays[i]
+            n = a.shape[0]
+            data[s, :n] = a
+            lengths[s, 0] = n
+        return data, lengths
     for s, i in enumerate(members):
         a = arrays[i]
         data[(s, *(slice(0, n) for n in a.shape[:rank]))] = a

@@ -11,6 +11,8 @@ import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from vsla_jax.errors import LengthError
 
 
@@ -78,12 +80,17 @@ class CapacityPolicy:
         """Per-axis capacities for one item's lengths (or per-axis maxima)."""
         return tuple(self.bucket(n) for n in lengths)
 
+    def bucket_array(self, lengths) -> np.ndarray:
+        """Vectorised ``bucket`` over an integer array of lengths (any shape)."""
+        n = np.asarray(lengths, np.int64)
+        if n.size and n.min() < 0:
+            raise LengthError(f"lengths must be non-negative, got {n.min()}")
+        ladder = np.asarray(self.ladder(int(n.max()) if n.size else 0), np.int64)
+        return ladder[np.searchsorted(ladder, n, side="left")]
+
     def ladder(self, upto: int) -> list[int]:
         """All rungs up to and including the bucket of ``upto``."""
-        out = [self.minimum]
-        while out[-1] < upto:
-            out.append(self._next(out[-1]))
-        return out
+        return list(_ladder(self, _bucket(self, max(int(upto), 0))))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -94,6 +101,14 @@ def _bucket(policy: CapacityPolicy, n: int) -> int:
     while c < n:
         c = policy._next(c)
     return c
+
+
+@functools.lru_cache(maxsize=1024)
+def _ladder(policy: CapacityPolicy, top: int) -> tuple[int, ...]:
+    out = [policy.minimum]
+    while out[-1] < top:
+        out.append(policy._next(out[-1]))
+    return tuple(out)
 
 
 DEFAULT_POLICY = CapacityPolicy()

@@ -190,6 +190,9 @@ class ConvPolicy:
       uniform_exact_min_items: a group of at least this many items that all share one
         exact shape pair runs at that exact shape and count (no padding at all): a
         uniform batch then costs what a plain single-shape ``jit`` costs.
+      merge_groups: merge groups that share a signal capacity into one with the larger
+        kernel capacity while the cost model predicts that saves time (fewer, fuller
+        programs for very heterogeneous batches).
     """
 
     direct_max_min_ratio: float = 100.0
@@ -201,6 +204,7 @@ class ConvPolicy:
     count: CapacityPolicy = COUNT_POLICY
     accumulate_f64: bool = False
     uniform_exact_min_items: int = 8
+    merge_groups: bool = True
 
     def cost_model(self) -> CostModel:
         return calibrate(self.cache_dir) if self.calibrate else STATIC_COST_MODEL
@@ -279,10 +283,22 @@ def plan(shapes_a, shapes_b, method: str, policy: ConvPolicy, cost: CostModel,
 
     ``shapes_b`` is None when one kernel of capacity ``kernel_cap`` serves every item.
     """
-    groups: dict[tuple, list[int]] = {}
-    for i, sa in enumerate(shapes_a):
-        cb = kernel_cap if shapes_b is None else policy.capacity.capacity(shapes_b[i])
-        groups.setdefault((policy.capacity.capacity(sa), cb), []).append(i)
+    sa_arr = np.asarray(shapes_a, np.int64).reshape(len(shapes_a), -1)
+    caps_a = policy.capacity.bucket_array(sa_arr)
+    if shapes_b is None:
+        caps_b = np.broadcast_to(np.asarray(kernel_cap, np.int64), caps_a.shape)
+    else:
+        caps_b = policy.capacity.bucket_array(np.asarray(shapes_b, np.int64).reshape(
+            len(shapes_b), -1))
+    keys = np.concatenate([caps_a, caps_b], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    order = np.argsort(inverse.reshape(-1), kind="stable")
+    splits = np.cumsum(np.bincount(inverse.reshape(-1), minlength=len(uniq)))[:-1]
+    rank = sa_arr.shape[1]
+    groups = {(tuple(int(v) for v in u[:rank]), tuple(int(v) for v in u[rank:])): m.tolist()
+              for u, m in zip(uniq, np.split(order, splits))}
+    if policy.merge_groups:
+        groups = _merge_groups(groups, policy, cost)
     out = []
     for (ca, cb), members in sorted(groups.items()):
         slots = policy.count.bucket(len(members)) if policy.count else len(members)
@@ -294,6 +310,34 @@ def plan(shapes_a, shapes_b, method: str, policy: ConvPolicy, cost: CostModel,
                 cb = next(iter(sb)) if shapes_b is not None else cb
         m = cost.choose(ca, cb, slots) if method == "auto" else method
         out.append(GroupPlan(ca, cb, tuple(members), slots, m))
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _group_cost(ca, cb, n: int, policy: ConvPolicy, cost: CostModel) -> float:
+    slots = policy.count.bucket(n) if policy.count else n
+    return min(cost.predict(m, ca, cb, slots) for m in ("direct", "fft"))
+
+
+def _merge_groups(groups: dict, policy: ConvPolicy, cost: CostModel) -> dict:
+    """Greedy merge, per signal capacity, of groups with adjacent kernel capacities."""
+    by_a: dict[tuple, list] = {}
+    for (ca, cb), members in sorted(groups.items()):
+        by_a.setdefault(ca, []).append([cb, list(members)])
+    out = {}
+    for ca, runs in by_a.items():
+        merged = [runs[0]]
+        for cb, members in runs[1:]:
+            pcb, pmem = merged[-1]
+            big = tuple(max(p, q) for p, q in zip(pcb, cb))
+            apart = (_group_cost(ca, pcb, len(pmem), policy, cost)
+                     + _group_cost(ca, cb, len(members), policy, cost))
+            if _group_cost(ca, big, len(pmem) + len(members), policy, cost) < apart:
+                merged[-1] = [big, pmem + members]
+            else:
+                merged.append([cb, members])
+        for cb, members in merged:
+            out[(ca, cb)] = sorted(members)
     return out
 
 
@@ -350,7 +394,7 @@ def conv_ragged(
         for i, k in enumerate(kernels):
             if k.ndim != rank:
                 raise ShapeError(f"kernel {i} has rank {k.ndim}, items have rank {rank}")
-    dts = [x.dtype for x in items] + ([kernel.dtype] if broadcast else [k.dtype for k in kernels])
+    dts = {x.dtype for x in items} | ({kernel.dtype} if broadcast else {k.dtype for k in kernels})
     dtype = np.result_type(*dts)
     if not np.issubdtype(dtype, np.floating):
         if method == "fft" or not np.issubdtype(dtype, np.integer):
@@ -369,24 +413,68 @@ def conv_ragged(
         kvt = VarTensor(kvt.data[0], kvt.lengths[0])
     cost = cost or (policy.cost_model() if method == "auto" else STATIC_COST_MODEL)
     shapes_b = None if broadcast else [k.shape for k in kernels]
+    if fuse:  # the fused program is specialised on this batch anyway: no count padding
+        policy = dataclasses.replace(policy, count=None)
     plans = plan([x.shape for x in items], shapes_b, method, policy, cost,
                  kernel_cap=kvt.capacity if broadcast else None)
-    xs_g, ks_g = [], []
-    for g in plans:
-        xs_g.append(VarTensor(*pack_group(items, g.members, g.slots, g.cap_a, dtype)))
-        ks_g.append(kvt if broadcast else VarTensor(
-            *pack_group(kernels, g.members, g.slots, g.cap_b, dtype)))
     methods = tuple(g.method for g in plans)
-    if fuse:
-        outs = _run_fused(tuple(xs_g), tuple(ks_g), methods)
+    if fuse and rank == 1 and not broadcast:
+        outs = _fused_flat(plans, items, kernels, dtype)
     else:
-        outs = [conv(x, k, method=m) for x, k, m in zip(xs_g, ks_g, methods)]
+        xs_g, ks_g = [], []
+        for g in plans:
+            xs_g.append(VarTensor(*pack_group(items, g.members, g.slots, g.cap_a, dtype)))
+            ks_g.append(kvt if broadcast else VarTensor(
+                *pack_group(kernels, g.members, g.slots, g.cap_b, dtype)))
+        if fuse:
+            outs = _run_fused(tuple(xs_g), tuple(ks_g), methods)
+        else:
+            outs = [conv(x, k, method=m) for x, k, m in zip(xs_g, ks_g, methods)]
     buckets = tuple(
         y if y.dtype == out_dtype else VarTensor(y.data.astype(out_dtype), y.lengths, y.model)
         for y in outs)
     index = tuple(np.asarray(list(g.members) + [-1] * (g.slots - len(g.members)), np.int32)
                   for g in plans)
     return RaggedBatch(buckets, index, len(items))
+
+
+def _fused_flat(plans: list[GroupPlan], items, kernels, dtype) -> tuple[VarTensor, ...]:
+    """Rank-1 fused path: every group packed into one flat host buffer per operand.
+
+    Three host-to-device copies in total (signals, kernels, lengths) instead of four per
+    group; the compiled program slices the groups back out (static offsets).
+    """
+    layout, off_a, off_b, slot = [], 0, 0, 0
+    for g in plans:
+        layout.append((g.cap_a[0], g.cap_b[0], g.slots, g.method, off_a, off_b, slot))
+        off_a += g.slots * g.cap_a[0]
+        off_b += g.slots * g.cap_b[0]
+        slot += g.slots
+    buf_a = np.zeros(off_a, dtype)
+    buf_b = np.zeros(off_b, dtype)
+    lens = np.zeros((2, slot), np.int32)
+    for g, (ca, cb, _, _, oa, ob, sl) in zip(plans, layout):
+        for s, i in enumerate(g.members):
+            x, k = items[i], kernels[i]
+            buf_a[oa + s * ca : oa + s * ca + x.shape[0]] = x
+            buf_b[ob + s * cb : ob + s * cb + k.shape[0]] = k
+            lens[0, sl + s] = x.shape[0]
+            lens[1, sl + s] = k.shape[0]
+    return _run_flat(buf_a, buf_b, lens, tuple(layout))
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _run_flat(buf_a, buf_b, lens, layout):
+    from vsla_jax.ops import conv
+
+    outs = []
+    for ca, cb, slots, method, oa, ob, sl in layout:
+        x = VarTensor(buf_a[oa : oa + slots * ca].reshape(slots, ca),
+                      lens[0, sl : sl + slots, None])
+        k = VarTensor(buf_b[ob : ob + slots * cb].reshape(slots, cb),
+                      lens[1, sl : sl + slots, None])
+        outs.append(conv(x, k, method=method))
+    return tuple(outs)
 
 
 @functools.partial(jax.jit, static_argnames=("methods",))

@@ -233,6 +233,8 @@ def _to_nested(data: np.ndarray, lengths: np.ndarray, batch_ndim: int):
 
 
 def _as_array(values, what: str) -> np.ndarray | jax.Array:
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+        return values  # fast path: already a numeric NumPy array
     if isinstance(values, jax.Array):
         arr = values
     else:
