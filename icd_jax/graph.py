@@ -1,0 +1,334 @@
+"""Co-access graphs W: which channels are used together.
+
+``build_w(source, **cfg)`` returns a ``CoAccessGraph(csr, meta)``; ``csr`` is a
+symmetric, non-negative, finite ``scipy.sparse.csr_matrix`` (float32, zero diagonal).
+
+Sources:
+  ``"mock"``         planted-block generator (returns the planted assignment too);
+  ``"trace"``        JSONL events ``{"src", "dst", "w"}`` or CSV ``i,j,w`` lines;
+  ``"activations"``  an activation matrix ``[tokens, D]``.
+Normalisation (``normalisation=``): ``"sym"`` = ``D^-1/2 W D^-1/2``; ``"row"`` = rows
+scaled to sum 1 then symmetrised ``(W + W.T) / 2``; ``"none"``. ``nnz_cap`` keeps the
+heaviest entries (symmetrically) when W has more stored entries than the cap.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from icd_jax.errors import ConfigError, GraphError, TraceError
+
+NORMALISATIONS = ("sym", "row", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoAccessGraph:
+    """A symmetric co-access matrix and its provenance.
+
+    Attributes:
+      csr: ``scipy.sparse.csr_matrix[D, D]`` float32, symmetric, non-negative, zero diagonal.
+      meta: ``D``, ``nnz``, ``source``, ``normalisation``, ``seed``, ``hash`` and source details.
+      planted: for ``source="mock"``, the planted block of every channel (``int32[D]``).
+    """
+
+    csr: sp.csr_matrix
+    meta: dict
+    planted: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.csr.shape[0]
+
+
+def content_hash(csr: sp.csr_matrix) -> str:
+    """SHA-256 over shape, indptr, indices and data (canonical CSR)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(csr.shape, np.int64).tobytes())
+    for arr in (csr.indptr.astype(np.int64), csr.indices.astype(np.int64),
+                csr.data.astype(np.float32)):
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def validate(w: sp.spmatrix, what: str = "W") -> None:
+    """Raise ``GraphError`` unless ``w`` is square, finite, non-negative and symmetric."""
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise GraphError(f"{what} must be square, got shape {w.shape}")
+    data = w.data
+    if not np.all(np.isfinite(data)):
+        raise GraphError(f"{what} has {int((~np.isfinite(data)).sum())} NaN/inf entries")
+    if (data < 0).any():
+        raise GraphError(f"{what} has {int((data < 0).sum())} negative entries")
+    diff = abs(w - w.T)
+    if diff.nnz and diff.max() > 1e-5 * max(float(abs(w).max()), 1e-30):
+        raise GraphError(f"{what} is not symmetric (max |W - W.T| = {diff.max():.3g})")
+
+
+def _canonical(w: sp.spmatrix) -> sp.csr_matrix:
+    w = sp.csr_matrix(w, dtype=np.float32)
+    w.setdiag(0)
+    w.eliminate_zeros()
+    w.sum_duplicates()
+    w.sort_indices()
+    return w
+
+
+def normalise(w: sp.csr_matrix, how: str) -> sp.csr_matrix:
+    if how not in NORMALISATIONS:
+        raise ConfigError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
+    if how == "none":
+        return w
+    deg = np.asarray(w.sum(axis=1)).ravel()
+    if how == "sym":
+        inv = np.where(deg > 0, 1.0 / np.sqrt(np.where(deg > 0, deg, 1)), 0.0)
+        d = sp.diags(inv.astype(np.float32))
+        return sp.csr_matrix(d @ w @ d)
+    inv = np.where(deg > 0, 1.0 / np.where(deg > 0, deg, 1), 0.0)
+    r = sp.diags(inv.astype(np.float32)) @ w
+    return sp.csr_matrix((r + r.T) * 0.5)
+
+
+def cap_nnz(w: sp.csr_matrix, nnz_cap: int | None) -> sp.csr_matrix:
+    """Keep the heaviest undirected edges so that ``nnz <= nnz_cap`` (symmetric)."""
+    if nnz_cap is None or w.nnz <= nnz_cap:
+        return w
+    upper = sp.triu(w, k=1).tocoo()
+    keep = max(int(nnz_cap) // 2, 0)
+    order = np.argsort(-upper.data, kind="stable")[:keep]
+    u = sp.coo_matrix((upper.data[order], (upper.row[order], upper.col[order])), shape=w.shape)
+    return sp.csr_matrix(u + u.T)
+
+
+def topk_per_row(w: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep each row's ``k`` heaviest entries, then symmetrise with the maximum."""
+    w = w.tocsr()
+    rows, cols, vals = [], [], []
+    for i in range(w.shape[0]):
+        s, e = w.indptr[i], w.indptr[i + 1]
+        if e - s > k:
+            sel = np.argpartition(-w.data[s:e], k - 1)[:k] + s
+        else:
+            sel = np.arange(s, e)
+        rows.append(np.full(len(sel), i))
+        cols.append(w.indices[sel])
+        vals.append(w.data[sel])
+    t = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=w.shape)
+    return sp.csr_matrix(t.maximum(t.T))
+
+
+def _finish(w, source: str, normalisation: str, nnz_cap, seed, extra: dict,
+            planted=None) -> CoAccessGraph:
+    w = _canonical(w)
+    validate(w)
+    w = _canonical(cap_nnz(normalise(w, normalisation), nnz_cap))
+    meta = dict(D=int(w.shape[0]), nnz=int(w.nnz), source=source, normalisation=normalisation,
+                nnz_cap=nnz_cap, seed=seed, hash=content_hash(w), **extra)
+    return CoAccessGraph(w, meta, planted)
+
+
+# -- mock -------------------------------------------------------------------------------
+def planted_blocks(
+    D: int = 1024, blocks: int = 16, avg_degree: float = 16.0, p_intra: float = 0.8,
+    intra: float = 1.0, inter: float = 0.1, noise: float = 0.1, seed: int = 0,
+    shuffle: bool = True,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Random graph with ``blocks`` planted communities (``W``, ``labels``).
+
+    Each channel gets about ``avg_degree`` neighbours, a fraction ``p_intra`` inside its
+    own block with weight ``intra``, the rest anywhere with weight ``inter``; weights are
+    multiplied by ``1 + noise * |N(0, 1)|``. With ``shuffle`` the channel order is random,
+    so the identity order carries no information.
+    """
+    if D < 2 or blocks < 1 or blocks > D:
+        raise ConfigError(f"need D >= 2 and 1 <= blocks <= D, got D={D}, blocks={blocks}")
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(D) * blocks // D).astype(np.int32)
+    starts = np.searchsorted(labels, np.arange(blocks))
+    sizes = np.bincount(labels, minlength=blocks)
+    half = max(avg_degree / 2.0, 0.5)
+    n_in = rng.poisson(half * p_intra, D)
+    n_out = rng.poisson(half * (1 - p_intra), D)
+    src_in = np.repeat(np.arange(D), n_in)
+    lab = labels[src_in]
+    dst_in = starts[lab] + (rng.random(src_in.size) * sizes[lab]).astype(np.int64)
+    src_out = np.repeat(np.arange(D), n_out)
+    dst_out = rng.integers(0, D, src_out.size)
+    src = np.concatenate([src_in, src_out])
+    dst = np.concatenate([dst_in, dst_out])
+    wts = np.concatenate([np.full(src_in.size, intra), np.full(src_out.size, inter)])
+    wts = wts * (1 + noise * np.abs(rng.standard_normal(wts.size)))
+    keep = src != dst
+    w = sp.coo_matrix((wts[keep], (src[keep], dst[keep])), shape=(D, D)).tocsr()
+    w = w + w.T
+    if shuffle:
+        perm = rng.permutation(D)  # new index of old channel i is inv[i]
+        w = w[perm][:, perm]
+        labels = labels[perm]
+    return sp.csr_matrix(w, dtype=np.float32), labels.astype(np.int32)
+
+
+# -- traces -----------------------------------------------------------------------------
+def read_trace(path: str, D: int | None = None, strict: bool = True,
+               fmt: str | None = None) -> tuple[sp.csr_matrix, dict]:
+    """Parse a JSONL (``{"src", "dst", "w"}``) or CSV (``i,j,w``) trace into a symmetric W.
+
+    Bad lines (unparseable, missing fields, non-integer or out-of-range indices,
+    NaN/inf/negative weights) raise ``TraceError`` naming every bad line in strict mode;
+    in lenient mode they are skipped and counted in the returned report.
+    """
+    if not os.path.exists(path):
+        raise TraceError(f"trace file not found: {path}")
+    fmt = fmt or ("csv" if path.endswith(".csv") else "jsonl")
+    if fmt not in ("csv", "jsonl"):
+        raise ConfigError(f"trace format must be 'csv' or 'jsonl', got {fmt!r}")
+    src, dst, wts, problems = [], [], [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for ln, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                if fmt == "jsonl":
+                    ev = json.loads(line)
+                    if not isinstance(ev, dict):
+                        raise ValueError("not a JSON object")
+                    i, j, w = ev["src"], ev["dst"], ev.get("w", 1.0)
+                else:
+                    row = next(csv.reader(io.StringIO(line)))
+                    if len(row) < 2:
+                        raise ValueError(f"expected i,j[,w], got {len(row)} fields")
+                    if not row[0].strip().lstrip("-").isdigit():
+                        if ln == 1:
+                            continue  # header
+                        raise ValueError(f"non-integer index {row[0]!r}")
+                    i, j = row[0], row[1]
+                    w = row[2] if len(row) > 2 else 1.0
+                i, j, w = _index(i), _index(j), float(w)
+            except (ValueError, KeyError, TypeError) as e:
+                problems.append((ln, f"unparseable: {e}"))
+                continue
+            if not math.isfinite(w) or w < 0:
+                problems.append((ln, f"weight {w} is not finite and non-negative"))
+                continue
+            if i < 0 or j < 0 or (D is not None and (i >= D or j >= D)):
+                problems.append((ln, f"index out of range: ({i}, {j}) for D={D}"))
+                continue
+            src.append(i)
+            dst.append(j)
+            wts.append(w)
+    if problems and strict:
+        shown = "; ".join(f"line {n}: {m}" for n, m in problems[:5])
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise TraceError(f"{path}: {len(problems)} bad lines: {shown}{more}", problems)
+    n = D if D is not None else (max(max(src), max(dst)) + 1 if src else 0)
+    w = sp.coo_matrix((np.asarray(wts, np.float64), (src, dst)), shape=(n, n)).tocsr()
+    w = w + w.T
+    return w, dict(path=os.path.abspath(path), events=len(src), skipped=len(problems),
+                   problems=problems[:20])
+
+
+def _index(v) -> int:
+    if isinstance(v, bool):
+        raise ValueError("boolean index")
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"non-integer index {v}")
+    return int(v)
+
+
+# -- activations ------------------------------------------------------------------------
+def from_activations(
+    acts, mode: str = "coactivation", tau: float = 0.0, hub: str = "sym",
+    topk: int | None = None,
+) -> sp.csr_matrix:
+    """Co-access from activations ``[tokens, D]``.
+
+    ``mode="coactivation"``: counts of tokens where both ``|a| > tau``, divided by the
+    token count; ``mode="correlation"``: ``|corr(a_i, a_j)|``. Hub correction
+    ``hub="sym"`` divides by ``sqrt(p_i p_j)`` (cosine of the activity indicators),
+    ``hub="pmi"`` uses positive PMI ``max(0, log p_ij / (p_i p_j))``, ``hub="none"``
+    keeps raw values; both corrections stop always-active channels from dominating.
+    ``topk`` keeps each row's k heaviest entries (for large D).
+    """
+    a = np.asarray(acts, np.float32)
+    if a.ndim != 2:
+        raise GraphError(f"activations must be [tokens, D], got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise GraphError("activations contain NaN or inf")
+    if mode not in ("coactivation", "correlation"):
+        raise ConfigError(f"mode must be 'coactivation' or 'correlation', got {mode!r}")
+    if hub not in ("sym", "pmi", "none"):
+        raise ConfigError(f"hub must be 'sym', 'pmi' or 'none', got {hub!r}")
+    t = a.shape[0]
+    if mode == "coactivation":
+        b = (np.abs(a) > tau).astype(np.float32)
+        joint = (b.T @ b) / max(t, 1)
+        p = np.diag(joint).copy()
+        if hub == "sym":
+            s = np.sqrt(np.outer(p, p))
+            w = np.divide(joint, s, out=np.zeros_like(joint), where=s > 0)
+        elif hub == "pmi":
+            denom = np.outer(p, p)
+            ratio = np.divide(joint, denom, out=np.zeros_like(joint), where=denom > 0)
+            w = np.log(np.where(ratio > 0, ratio, 1.0))
+            w = np.maximum(w, 0)
+        else:
+            w = joint
+    else:
+        c = a - a.mean(axis=0)
+        sd = np.sqrt((c * c).sum(axis=0))
+        w = np.abs(c.T @ c) / np.maximum(np.outer(sd, sd), 1e-30)
+        w[np.outer(sd, sd) == 0] = 0
+    np.fill_diagonal(w, 0)
+    w = sp.csr_matrix(w)
+    if topk is not None:
+        w = topk_per_row(w, int(topk))
+    return w
+
+
+# -- entry point ------------------------------------------------------------------------
+_MOCK_KEYS = {"D", "blocks", "avg_degree", "p_intra", "intra", "inter", "noise", "seed", "shuffle"}
+_TRACE_KEYS = {"path", "D", "strict", "fmt"}
+_ACT_KEYS = {"acts", "mode", "tau", "hub", "topk"}
+_COMMON = {"normalisation", "nnz_cap"}
+
+
+def build_w(source: str, **cfg: Any) -> CoAccessGraph:
+    """Build a co-access graph from ``"mock"``, ``"trace"`` or ``"activations"``.
+
+    Common options: ``normalisation`` (``"sym"`` default for activations and traces,
+    ``"none"`` for mock), ``nnz_cap``. Unknown keys raise ``ConfigError``.
+    """
+    allowed = {"mock": _MOCK_KEYS, "trace": _TRACE_KEYS, "activations": _ACT_KEYS}
+    if source not in allowed:
+        raise ConfigError(f"source must be one of {sorted(allowed)}, got {source!r}")
+    unknown = set(cfg) - allowed[source] - _COMMON
+    if unknown:
+        raise ConfigError(f"unknown build_w({source!r}) options: {sorted(unknown)}")
+    norm = cfg.pop("normalisation", "none" if source == "mock" else "sym")
+    nnz_cap = cfg.pop("nnz_cap", None)
+    if source == "mock":
+        w, labels = planted_blocks(**cfg)
+        return _finish(w, "mock", norm, nnz_cap, cfg.get("seed", 0),
+                       dict(mock={k: v for k, v in cfg.items()}), planted=labels)
+    if source == "trace":
+        if "path" not in cfg:
+            raise ConfigError("build_w('trace') needs path=")
+        w, report = read_trace(cfg["path"], cfg.get("D"), cfg.get("strict", True), cfg.get("fmt"))
+        return _finish(w, "trace", norm, nnz_cap, None, dict(trace=report))
+    if "acts" not in cfg:
+        raise ConfigError("build_w('activations') needs acts=")
+    acts = cfg.pop("acts")
+    w = from_activations(acts, **cfg)
+    return _finish(w, "activations", norm, nnz_cap, None,
+                   dict(activations=dict(tokens=int(np.shape(acts)[0]), **cfg)))
