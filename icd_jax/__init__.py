@@ -1,1 +1,16 @@
-"""icd_jax: iterative layout co-design (co-access graphs, permutations, transforms)."""
+"""icd_jax: iterative layout co-design.
+
+Build a co-access graph W of channels, find an order pi that keeps co-accessed channels
+together (cache-distance cost C, modularity Q), and apply layout-sensitive transforms.
+"""
+
+from icd_jax.cost import CostConfig, cache_cost, modularity, objective
+from icd_jax.errors import ConfigError, GraphError, ICDError, PermutationError, TraceError
+from icd_jax.graph import CoAccessGraph, build_w
+from icd_jax.solver import BASELINES, baseline, fit_permutation, nm_permutation
+
+__all__ = [
+    "BASELINES", "CoAccessGraph", "ConfigError", "CostConfig", "GraphError", "ICDError",
+    "PermutationError", "TraceError", "baseline", "build_w", "cache_cost", "fit_permutation",
+    "modularity", "nm_permutation", "objective",
+]

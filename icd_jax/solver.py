@@ -300,3 +300,140 @@ def fit_permutation(
                  elapsed_s=time.perf_counter() - t0, iters=int(iters),
                  start_J={k: float(v) for k, v in scores.items()})
     return pi.astype(np.int32), stats
+
+
+# -- N:M channel permutation --------------------------------------------------------------
+def nm_kept(weight, perm=None, n: int = 2, m: int = 4) -> float:
+    """Magnitude kept by N:M pruning of ``weight[:, perm]`` (groups of ``m`` input columns)."""
+    a = np.abs(np.asarray(weight, np.float64))
+    if perm is not None:
+        a = a[:, check_permutation(perm, a.shape[1])]
+    rows, cols = a.shape
+    if cols % m:
+        raise ConfigError(f"{cols} input channels do not split into groups of m={m}")
+    g = np.sort(a.reshape(rows, cols // m, m), axis=-1)
+    return float(g[..., m - n :].sum())
+
+
+def _splits(m: int):
+    """All ways to split ``2m`` slots into two groups of ``m`` (slot 0 in the first)."""
+    from itertools import combinations
+
+    out_a, out_b = [], []
+    for rest in combinations(range(1, 2 * m), m - 1):
+        a = (0, *rest)
+        out_a.append(a)
+        out_b.append(tuple(i for i in range(2 * m) if i not in a))
+    return np.asarray(out_a), np.asarray(out_b)
+
+
+def nm_permutation(
+    weight, n: int = 2, m: int = 4, time_budget_s: float = 10.0, max_escapes: int = 200,
+    seed: int = 0, coaccess=None,
+) -> tuple[np.ndarray, dict]:
+    """Input-channel permutation that maximises the magnitude kept by N:M pruning.
+
+    Stripe-group search in the spirit of NVIDIA ASP's channel permutation: for every
+    pair of stripes (``m`` columns each) all ``C(2m-1, m-1)`` re-splits of their ``2m``
+    columns are scored at once with NumPy; the best improving pair is applied and only
+    pairs touching it are rescored; when no pair improves, an *escape* swaps a random
+    column between two random stripes and the search goes on, keeping the best order
+    seen. ``time_budget_s`` and ``max_escapes`` bound the search. Because the N:M
+    objective does not depend on the order of the groups, the stripes are finally
+    ordered by co-access (spectral order of the stripe graph) when ``coaccess`` (a
+    ``[cols, cols]`` matrix or ``CoAccessGraph``) is given.
+
+    Returns ``(perm, stats)``: ``weight[:, perm]`` is the permuted matrix; stats hold
+    ``kept``, ``kept_default``, ``kept_unstructured`` (top n/m of every row, no
+    structure), ``efficacy`` = (kept - default) / (unstructured - default), ``escapes``.
+    """
+    t0 = time.perf_counter()
+    a = np.abs(np.asarray(weight, np.float64))
+    if a.ndim != 2:
+        raise ConfigError(f"weight must be [out, in], got shape {a.shape}")
+    rows, cols = a.shape
+    if cols % m or not 0 < n <= m:
+        raise ConfigError(f"need 0 < n <= m and m | in-channels, got n={n}, m={m}, in={cols}")
+    stripes = cols // m
+    rng = np.random.default_rng(seed)
+    perm = np.arange(cols)
+    sa, sb = _splits(m)
+    pi_, pj_ = np.triu_indices(stripes, 1)
+
+    def kept_of(cols_idx):  # [..., m] column indices -> kept magnitude per leading index
+        x = np.sort(a[:, cols_idx], axis=-1)  # [rows, ..., m]
+        return x[..., m - n :].sum(axis=(0, -1))
+
+    def stripe_cols(p):
+        return p.reshape(stripes, m)
+
+    def best_split(p, ii, jj):
+        sc = stripe_cols(p)
+        both = np.concatenate([sc[ii], sc[jj]], axis=1)  # [P, 2m]
+        ka = kept_of(both[:, sa])  # [P, splits]
+        kb = kept_of(both[:, sb])
+        tot = ka + kb
+        best = tot.argmax(axis=1)
+        return tot[np.arange(len(ii)), best], best, both
+
+    def evaluate_all(p):
+        cur = kept_of(stripe_cols(p))  # [stripes]
+        val, best, both = best_split(p, pi_, pj_)
+        return cur, val - cur[pi_] - cur[pj_], best, both
+
+    cur, gain, best, both = evaluate_all(perm)
+    best_perm, best_kept = perm.copy(), cur.sum()
+    escapes = 0
+    while time.perf_counter() - t0 < time_budget_s:
+        k = int(gain.argmax())
+        if gain[k] > 1e-12:
+            s, t = pi_[k], pj_[k]
+            cols8 = both[k]
+            sc = stripe_cols(perm)
+            sc[s] = cols8[sa[best[k]]]
+            sc[t] = cols8[sb[best[k]]]
+            perm = sc.reshape(-1)
+            touched = np.flatnonzero((pi_ == s) | (pj_ == s) | (pi_ == t) | (pj_ == t))
+            cur[s], cur[t] = kept_of(sc[s]), kept_of(sc[t])
+            val, bst, bth = best_split(perm, pi_[touched], pj_[touched])
+            gain[touched] = val - cur[pi_[touched]] - cur[pj_[touched]]
+            best[touched] = bst
+            both[touched] = bth
+            if cur.sum() > best_kept + 1e-12:
+                best_perm, best_kept = perm.copy(), cur.sum()
+            continue
+        if escapes >= max_escapes:
+            break
+        escapes += 1  # escape: swap one random column between two random stripes
+        s, t = rng.choice(stripes, 2, replace=False)
+        sc = stripe_cols(perm)
+        u, v = rng.integers(m, size=2)
+        sc[s, u], sc[t, v] = sc[t, v], sc[s, u]
+        perm = sc.reshape(-1)
+        cur, gain, best, both = evaluate_all(perm)
+    perm = best_perm
+    if coaccess is not None:
+        perm = _order_stripes(perm, coaccess, m, seed)
+    kept = nm_kept(a, perm, n, m)
+    default = nm_kept(a, None, n, m)
+    keep_per_row = cols * n // m
+    unstructured = float(np.sort(a, axis=1)[:, cols - keep_per_row :].sum())
+    denom = unstructured - default
+    stats = dict(kept=kept, kept_default=default, kept_unstructured=unstructured,
+                 efficacy=(kept - default) / denom if denom > 0 else 0.0, escapes=escapes,
+                 elapsed_s=time.perf_counter() - t0)
+    return perm.astype(np.int32), stats
+
+
+def _order_stripes(perm: np.ndarray, coaccess, m: int, seed: int) -> np.ndarray:
+    w = _as_csr(coaccess)
+    stripes = perm.size // m
+    member = np.empty(perm.size, np.int64)
+    member[perm] = np.arange(perm.size) // m  # stripe of each original column
+    z = sp.csr_matrix((np.ones(perm.size), (np.arange(perm.size), member)),
+                      shape=(perm.size, stripes))
+    q = sp.csr_matrix(z.T @ w @ z)
+    q.setdiag(0)
+    q.eliminate_zeros()
+    order = spectral_order(q, seed) if stripes > 2 else np.arange(stripes)
+    return perm.reshape(stripes, m)[order].reshape(-1)
