@@ -92,7 +92,8 @@ def louvain_clusters(W, seed: int = 0, resolution: float = 1.0) -> np.ndarray:
     return np.asarray(parts.membership, np.int32)
 
 
-def cluster_order(W, clusters: np.ndarray, seed: int = 0) -> np.ndarray:
+def cluster_order(W, clusters: np.ndarray, seed: int = 0,
+                  global_order: np.ndarray | None = None) -> np.ndarray:
     """Clusters kept contiguous, ordered spectrally on the cluster graph; nodes inside a
     cluster ordered by the global spectral order."""
     w = _as_csr(W)
@@ -104,7 +105,9 @@ def cluster_order(W, clusters: np.ndarray, seed: int = 0) -> np.ndarray:
     q.setdiag(0)
     q.eliminate_zeros()
     corder = spectral_order(q, seed) if k > 1 else np.arange(k)
-    rank_in_global = inverse(spectral_order(w, seed).astype(np.int64))
+    if global_order is None:
+        global_order = spectral_order(w, seed)
+    rank_in_global = inverse(np.asarray(global_order, np.int64))
     out = []
     for c in corder:
         idx = np.flatnonzero(clusters == c)
@@ -287,7 +290,7 @@ def fit_permutation(
     if n > 2:
         cands["spectral"] = spectral_order(w, seed)
         labels = louvain_clusters(w, seed) if clusters is None else np.asarray(clusters)
-        cands["louvain+spectral"] = cluster_order(w, labels, seed)
+        cands["louvain+spectral"] = cluster_order(w, labels, seed, cands["spectral"])
     scores = {k: score(p) for k, p in cands.items()}
     start = min(scores, key=scores.get)
     remaining = None if time_budget_s is None else max(
