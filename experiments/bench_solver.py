@@ -27,7 +27,7 @@ flags.DEFINE_float("avg_degree", 50.0, "Average stored entries per row.")
 flags.DEFINE_integer("channels_per_block", 250, "Planted block size (blocks = D / this).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("refine_steps", 200_000, "Local-search moves (the budget truncates).")
-flags.DEFINE_float("nm_budget_s", 10.0, "Time budget of the N:M search.")
+flags.DEFINE_float("nm_budget_s", 9.0, "Time budget of the N:M search (target: <= 10 s).")
 flags.DEFINE_string("json_out", None, "Optional JSON results path (written atomically).")
 
 BUDGET_S = {2500: 5.0, 10000: 60.0, 100000: 60.0}
@@ -90,7 +90,7 @@ def main(argv):
           f"{st['kept_unstructured']:.2f}; efficacy {100 * st['efficacy']:.1f}% in "
           f"{st['elapsed_s']:.1f} s ({st['escapes']} escapes). NVIDIA's published figure: "
           f"35.5% (stripe groups of 8), 36.6% (12); target >= 36% in <= 10 s: "
-          f"{'met' if st['efficacy'] >= 0.36 and st['elapsed_s'] <= 10.5 else 'NOT met'}")
+          f"{'met' if st['efficacy'] >= 0.36 and st['elapsed_s'] <= 10.0 else 'NOT met'}")
     out["nm"] = st
     if FLAGS.json_out:
         d = os.path.dirname(os.path.abspath(FLAGS.json_out))

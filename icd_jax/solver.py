@@ -213,9 +213,10 @@ class _LocalSearch:
         n, g = self.n, self.cfg.g
         kind = rng.integers(3)
         window = max(int(2 * (self.cfg.lam + 1) * g), 4)
-        if kind == 0:  # swap two channels up to a few blocks apart
+        if kind == 0:  # swap two channels: adjacent, or up to a few blocks apart
             p = int(rng.integers(n))
-            q = int(np.clip(p + rng.integers(-window, window + 1), 0, n - 1))
+            step = 1 if rng.random() < 0.25 else int(rng.integers(-window, window + 1))
+            q = int(np.clip(p + step, 0, n - 1))
             if p == q:
                 return None
             return np.array([self.perm[p], self.perm[q]]), np.array([q, p])
