@@ -92,6 +92,16 @@ def louvain_clusters(W, seed: int = 0, resolution: float = 1.0) -> np.ndarray:
     return np.asarray(parts.membership, np.int32)
 
 
+def _group_order(w: sp.csr_matrix, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spectral order of ``k`` groups on the quotient graph ``Z^T W Z`` (no self loops)."""
+    z = sp.csr_matrix((np.ones(labels.size), (np.arange(labels.size), labels)),
+                      shape=(labels.size, k))
+    q = sp.csr_matrix(z.T @ w @ z)
+    q.setdiag(0)
+    q.eliminate_zeros()
+    return spectral_order(q, seed) if k > 2 else np.arange(k)
+
+
 def cluster_order(W, clusters: np.ndarray, seed: int = 0,
                   global_order: np.ndarray | None = None) -> np.ndarray:
     """Clusters kept contiguous, ordered spectrally on the cluster graph; nodes inside a
@@ -99,12 +109,7 @@ def cluster_order(W, clusters: np.ndarray, seed: int = 0,
     w = _as_csr(W)
     clusters = np.asarray(clusters, np.int64)
     k = int(clusters.max()) + 1 if clusters.size else 0
-    z = sp.csr_matrix((np.ones(clusters.size), (np.arange(clusters.size), clusters)),
-                      shape=(clusters.size, k))
-    q = sp.csr_matrix(z.T @ w @ z)
-    q.setdiag(0)
-    q.eliminate_zeros()
-    corder = spectral_order(q, seed) if k > 1 else np.arange(k)
+    corder = _group_order(w, clusters, k, seed)
     if global_order is None:
         global_order = spectral_order(w, seed)
     rank_in_global = inverse(np.asarray(global_order, np.int64))
@@ -434,10 +439,5 @@ def _order_stripes(perm: np.ndarray, coaccess, m: int, seed: int) -> np.ndarray:
     stripes = perm.size // m
     member = np.empty(perm.size, np.int64)
     member[perm] = np.arange(perm.size) // m  # stripe of each original column
-    z = sp.csr_matrix((np.ones(perm.size), (np.arange(perm.size), member)),
-                      shape=(perm.size, stripes))
-    q = sp.csr_matrix(z.T @ w @ z)
-    q.setdiag(0)
-    q.eliminate_zeros()
-    order = spectral_order(q, seed) if stripes > 2 else np.arange(stripes)
+    order = _group_order(w, member, stripes, seed)
     return perm.reshape(stripes, m)[order].reshape(-1)
