@@ -16,6 +16,7 @@ $(STAMP): $(PY) pyproject.toml
 
 demo: $(STAMP)
 	$(PY) experiments/demo_vsla.py
+	$(PY) experiments/demo_icd.py
 
 test: $(STAMP)
 	$(PY) -m ruff check .

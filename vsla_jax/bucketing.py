@@ -32,7 +32,7 @@ class RaggedBatch:
     """
 
     buckets: tuple[VarTensor, ...]
-    index: tuple[np.ndarray, ...] = dataclasses.field(metadata=dict(static=False))
+    index: tuple[np.ndarray, ...]
     size: int = dataclasses.field(metadata=dict(static=True))
 
     def map(self, fn: Callable[[VarTensor], VarTensor]) -> RaggedBatch:
