@@ -1,0 +1,419 @@
+"""Variable-length attention over ragged batches, with interchangeable backends.
+
+``attention(q, k, v, causal=False, scale=None, backend="auto", tile=None)`` takes
+VarTensors with ``rank=1`` and ``features=(H, D)`` (K/V may have fewer heads: grouped-
+query attention when ``H % H_kv == 0``) and returns a VarTensor shaped like ``q`` with
+zero slack. Query ``i`` of item ``b`` attends to keys ``j < lk[b]`` (and ``j <= i`` when
+causal, positions aligned at the start); items with no keys return zeros.
+
+Backends (all exact):
+  ``xla``       dense masked attention over the padded batch (the reference);
+  ``bucketed``  items grouped by capacity bucket, dense attention per bucket;
+  ``tiled``     flash-style online softmax; loops run ``ceil(len / tile)`` trips per
+                item, so fully padded query and key tiles are never computed; custom
+                VJP that recomputes scores tile by tile instead of storing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.errors import LengthError, ShapeError, VSLATypeError
+from vsla_jax.tensor import VarTensor
+
+BACKENDS = ("xla", "bucketed", "tiled")
+
+
+def _neg(dtype):
+    return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)
+
+
+# -- validation -------------------------------------------------------------------------
+def _check(q: VarTensor, k: VarTensor, v: VarTensor):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, VarTensor):
+            raise VSLATypeError(f"attention: {name} must be a VarTensor")
+        if x.rank != 1 or len(x.features) != 2 or x.batch_ndim != 1:
+            raise ShapeError(
+                f"attention: {name} must be a batch (B,) of rank-1 items with features (H, D); "
+                f"got batch {x.batch_shape}, rank {x.rank}, features {x.features}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise VSLATypeError(f"attention: {name} must be floating, got {x.dtype}")
+    if not (q.batch_shape == k.batch_shape == v.batch_shape):
+        raise ShapeError(f"attention: batch shapes differ {q.batch_shape}, {k.batch_shape}, "
+                         f"{v.batch_shape}")
+    (h, d), (hk, dk), (hv, _) = q.features, k.features, v.features
+    if dk != d or hk != hv or k.capacity != v.capacity:
+        raise ShapeError(f"attention: k/v features {k.features}/{v.features} or capacities "
+                         f"{k.capacity}/{v.capacity} do not match q head size {d}")
+    if h % hk:
+        raise ShapeError(f"attention: {h} query heads are not a multiple of {hk} K/V heads")
+    if not isinstance(k.lengths, jax.core.Tracer) and not isinstance(v.lengths, jax.core.Tracer):
+        if not np.array_equal(np.asarray(k.lengths), np.asarray(v.lengths)):
+            raise LengthError("attention: k and v lengths differ")
+
+
+# -- xla (reference) --------------------------------------------------------------------
+def _dense(qd, kd, vd, lq, lk, causal: bool, scale: float):
+    """qd [B, Cq, H, D], kd/vd [B, Ck, Hkv, D]; lq/lk [B] -> [B, Cq, H, D]."""
+    h, hk = qd.shape[2], kd.shape[2]
+    kd = jnp.repeat(kd, h // hk, axis=2)
+    vd = jnp.repeat(vd, h // hk, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", qd, kd, precision="highest") * scale
+    qpos = jnp.arange(qd.shape[1])
+    kpos = jnp.arange(kd.shape[1])
+    mask = kpos[None, None, None, :] < lk[:, None, None, None]
+    if causal:
+        mask = mask & (kpos[None, None, None, :] <= qpos[None, None, :, None])
+    s = jnp.where(mask, s, _neg(s.dtype))
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - m) * mask
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, vd, precision="highest")
+    return jnp.where((qpos[None, :] < lq[:, None])[:, :, None, None], out, 0).astype(qd.dtype)
+
+
+# -- tiled (flash-style, skips padded tiles) --------------------------------------------
+def _pad_to(x, multiple):
+    n = x.shape[0]
+    extra = (-n) % multiple
+    return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)) if extra else x
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
+    """One item. q [Cq, H, D], k/v [Ck, Hkv, D] (padded to tile multiples).
+
+    Returns out [Cq, H, D] and lse [H, Cq] (log-sum-exp of the scaled scores).
+    """
+    cq, h, d = q.shape
+    g = h // k.shape[1]
+    ct = jnp.promote_types(q.dtype, jnp.float32)  # compute dtype
+    neg = _neg(ct)
+    out0 = jnp.zeros((cq, h, d), q.dtype)
+    lse0 = jnp.full((h, cq), neg, ct)
+
+    def q_body(i, carry):
+        out, lse = carry
+        qt = jax.lax.dynamic_slice_in_dim(q, i * tq, tq).astype(ct)  # [tq, H, D]
+        qpos = i * tq + jnp.arange(tq)
+        n_k = _cdiv(lk, tk)
+        if causal:
+            n_k = jnp.minimum(n_k, _cdiv((i + 1) * tq, tk))
+
+        def k_body(j, c):
+            m, lsum, acc = c
+            kt = jnp.repeat(jax.lax.dynamic_slice_in_dim(k, j * tk, tk), g, axis=1)
+            vt = jnp.repeat(jax.lax.dynamic_slice_in_dim(v, j * tk, tk), g, axis=1)
+            s = jnp.einsum("qhd,khd->hqk", qt, kt.astype(ct), precision="highest") * scale
+            kpos = j * tk + jnp.arange(tk)
+            mask = (kpos < lk)[None, None, :]
+            if causal:
+                mask = mask & (kpos[None, :] <= qpos[:, None])[None]
+            s = jnp.where(mask, s, neg)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None]) * mask
+            corr = jnp.exp(m - m_new)
+            lsum = lsum * corr + p.sum(axis=-1)
+            acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, vt.astype(ct),
+                                                     precision="highest")
+            return m_new, lsum, acc
+
+        init = (jnp.full((h, tq), neg, ct), jnp.zeros((h, tq), ct), jnp.zeros((h, tq, d), ct))
+        m, lsum, acc = jax.lax.fori_loop(0, n_k, k_body, init)
+        valid = (qpos < lq)[None, :] & (lsum > 0)
+        o = jnp.where(valid[..., None], acc / jnp.where(lsum > 0, lsum, 1)[..., None], 0)
+        out = jax.lax.dynamic_update_slice_in_dim(
+            out, jnp.transpose(o, (1, 0, 2)).astype(out.dtype), i * tq, axis=0)
+        lse_t = jnp.where(valid, m + jnp.log(jnp.where(lsum > 0, lsum, 1)), neg)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_t, i * tq, axis=1)
+        return out, lse
+
+    return jax.lax.fori_loop(0, _cdiv(lq, tq), q_body, (out0, lse0))
+
+
+def _flash_bwd_item(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk):
+    """Gradients for one item, recomputing scores tile by tile (flash backward)."""
+    cq, h, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    ct = jnp.promote_types(q.dtype, jnp.float32)
+    delta = jnp.einsum("qhd,qhd->hq", dout.astype(ct), out.astype(ct))
+    dq0 = jnp.zeros(q.shape, ct)
+    dk0 = jnp.zeros(k.shape, ct)
+    dv0 = jnp.zeros(v.shape, ct)
+
+    def q_body(i, carry):
+        dq, dk, dv = carry
+        qt = jax.lax.dynamic_slice_in_dim(q, i * tq, tq).astype(ct)
+        dot = jax.lax.dynamic_slice_in_dim(dout, i * tq, tq).astype(ct)
+        lse_t = jax.lax.dynamic_slice_in_dim(lse, i * tq, tq, axis=1)
+        dl_t = jax.lax.dynamic_slice_in_dim(delta, i * tq, tq, axis=1)
+        qpos = i * tq + jnp.arange(tq)
+        n_k = _cdiv(lk, tk)
+        if causal:
+            n_k = jnp.minimum(n_k, _cdiv((i + 1) * tq, tk))
+
+        def k_body(j, c):
+            dq_t, dk, dv = c
+            kt = jnp.repeat(jax.lax.dynamic_slice_in_dim(k, j * tk, tk), g, axis=1)
+            vt = jnp.repeat(jax.lax.dynamic_slice_in_dim(v, j * tk, tk), g, axis=1)
+            kt, vt = kt.astype(ct), vt.astype(ct)
+            s = jnp.einsum("qhd,khd->hqk", qt, kt, precision="highest") * scale
+            kpos = j * tk + jnp.arange(tk)
+            mask = (kpos < lk)[None, None, :] & (qpos < lq)[None, :, None]
+            if causal:
+                mask = mask & (kpos[None, :] <= qpos[:, None])[None]
+            p = jnp.where(mask, jnp.exp(s - lse_t[..., None]), 0)
+            dv_t = jnp.einsum("hqk,qhd->khd", p, dot, precision="highest")
+            dp = jnp.einsum("qhd,khd->hqk", dot, vt, precision="highest")
+            ds = p * (dp - dl_t[..., None]) * scale
+            dq_t = dq_t + jnp.einsum("hqk,khd->qhd", ds, kt, precision="highest")
+            dk_t = jnp.einsum("hqk,qhd->khd", ds, qt, precision="highest")
+            fold = lambda x: x.reshape(tk, hk, g, d).sum(axis=2)  # GQA: sum head groups
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, j * tk, tk) + fold(dk_t), j * tk, axis=0)
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, j * tk, tk) + fold(dv_t), j * tk, axis=0)
+            return dq_t, dk, dv
+
+        dq_t, dk, dv = jax.lax.fori_loop(0, n_k, k_body, (jnp.zeros((tq, h, d), ct), dk, dv))
+        dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_t, i * tq, axis=0)
+        return dq, dk, dv
+
+    dq, dk, dv = jax.lax.fori_loop(0, _cdiv(lq, tq), q_body, (dq0, dk0, dv0))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(qd, kd, vd, lq, lk, causal, scale, tq, tk):
+    out, _ = _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk)
+    return out
+
+
+def _items(fn, *xs):
+    """Run ``fn`` item by item (``lax.map``): every item keeps its own trip counts."""
+    return jax.lax.map(lambda args: fn(*args), xs)
+
+
+def _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk):
+    cq = qd.shape[1]
+    qp = jnp.swapaxes(_pad_to(jnp.swapaxes(qd, 0, 1), tq), 0, 1)
+    kp = jnp.swapaxes(_pad_to(jnp.swapaxes(kd, 0, 1), tk), 0, 1)
+    vp = jnp.swapaxes(_pad_to(jnp.swapaxes(vd, 0, 1), tk), 0, 1)
+    out, lse = _items(lambda q, k, v, a, b: _flash_fwd_item(q, k, v, a, b, causal, scale, tq, tk),
+                      qp, kp, vp, lq, lk)
+    return out[:, :cq], (qp, kp, vp, lq, lk, out, lse)
+
+
+def _flash_fwd_rule(qd, kd, vd, lq, lk, causal, scale, tq, tk):
+    out, res = _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk)
+    return out, (res, qd.shape[1], kd.shape[1])
+
+
+def _flash_bwd_rule(causal, scale, tq, tk, saved, dout):
+    (qp, kp, vp, lq, lk, out, lse), cq, ck = saved
+    dop = jnp.swapaxes(_pad_to(jnp.swapaxes(dout, 0, 1), tq), 0, 1)
+    dq, dk, dv = _items(
+        lambda q, k, v, a, b, o, s, do: _flash_bwd_item(q, k, v, a, b, o, s, do, causal, scale,
+                                                        tq, tk),
+        qp, kp, vp, lq, lk, out, lse, dop)
+    zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    return dq[:, :cq], dk[:, :ck], dv[:, :ck], zero_int(lq), zero_int(lk)
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+
+
+# -- tiling strategy --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TilingStrategy:
+    """Tile sizes from the length distribution, head size, dtype and a memory budget.
+
+    ``compute_optimal_tile_size`` picks, among ``candidates`` that fit the budget, the
+    tile minimising padded work ``sum(ceil(L / t) * t)`` plus a per-tile overhead of
+    ``overhead_positions`` (loop and dispatch cost expressed in sequence positions).
+    """
+
+    candidates: tuple[int, ...] = (16, 32, 64, 128, 256)
+    overhead_positions: int = 16
+
+    def working_set_bytes(self, tile: int, heads: int, head_dim: int, itemsize: int) -> int:
+        # q tile, k and v tiles, score tile, accumulator (float32)
+        return (3 * tile * heads * head_dim * itemsize
+                + 4 * heads * tile * tile + 4 * heads * tile * head_dim)
+
+    def compute_optimal_tile_size(self, seq_len, available_memory: int = 1 << 20,
+                                  constraints: dict | None = None) -> int:
+        """``seq_len``: one length or an array of lengths. ``constraints``: ``heads``,
+        ``head_dim``, ``itemsize``, ``multiple_of`` (e.g. 16 for tensor cores)."""
+        c = dict(heads=8, head_dim=64, itemsize=4, multiple_of=1) | (constraints or {})
+        lengths = np.atleast_1d(np.asarray(seq_len, np.int64))
+        best, best_cost = None, math.inf
+        for t in self.candidates:
+            if t % c["multiple_of"]:
+                continue
+            if self.working_set_bytes(t, c["heads"], c["head_dim"], c["itemsize"]) > (
+                    available_memory) and best is not None:
+                continue
+            tiles = -(-lengths // t)
+            cost = float((tiles * t).sum() + self.overhead_positions * tiles.sum())
+            if cost < best_cost:
+                best, best_cost = t, cost
+        return int(best if best is not None else self.candidates[0])
+
+    def split_into_tiles(self, lengths, tile: int) -> list[tuple[int, int, int]]:
+        """``(item, start, size)`` for every tile holding at least one real position."""
+        out = []
+        for b, n in enumerate(np.asarray(lengths, np.int64).reshape(-1)):
+            out.extend((b, s, int(min(tile, n - s))) for s in range(0, int(n), tile))
+        return out
+
+
+# -- backends ---------------------------------------------------------------------------
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, q: VarTensor, k: VarTensor, v: VarTensor) -> dict: ...
+
+    def compute(self, q, k, v, causal: bool, scale: float, plan: dict) -> VarTensor: ...
+
+    def optimize_tiling(self, q: VarTensor, k: VarTensor) -> dict: ...
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale"))
+def _xla_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale):
+    out = _dense(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal, scale)
+    return VarTensor(out, q.lengths, q.model)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk"))
+def _tiled_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale, tq: int,
+                tk: int):
+    out = _flash(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal, scale, tq,
+                 tk)
+    return VarTensor(out, q.lengths, q.model)
+
+
+class XLABackend:
+    name = "xla"
+
+    def prepare(self, q, k, v):
+        return {}
+
+    def optimize_tiling(self, q, k):
+        return {}
+
+    def compute(self, q, k, v, causal, scale, plan):
+        return _xla_call(q, k, v, causal, scale)
+
+
+class TiledBackend:
+    name = "tiled"
+
+    def __init__(self, strategy: TilingStrategy | None = None):
+        self.strategy = strategy or TilingStrategy()
+
+    def optimize_tiling(self, q, k):
+        h, d = q.features
+        c = dict(heads=h, head_dim=d, itemsize=q.data.dtype.itemsize)
+        lens_q = lens_k = None
+        if not isinstance(q.lengths, jax.core.Tracer):
+            lens_q, lens_k = np.asarray(q.lengths[:, 0]), np.asarray(k.lengths[:, 0])
+        tq = self.strategy.compute_optimal_tile_size(
+            lens_q if lens_q is not None else q.capacity[0], constraints=c)
+        tk = self.strategy.compute_optimal_tile_size(
+            lens_k if lens_k is not None else k.capacity[0], constraints=c)
+        return dict(tq=min(tq, _pow2_at_least(q.capacity[0])),
+                    tk=min(tk, _pow2_at_least(k.capacity[0])))
+
+    def prepare(self, q, k, v):
+        return self.optimize_tiling(q, k)
+
+    def compute(self, q, k, v, causal, scale, plan):
+        return _tiled_call(q, k, v, causal, scale, plan["tq"], plan["tk"])
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class BucketedBackend:
+    """Items regrouped by capacity bucket of ``max(lq, lk)``; dense attention per bucket."""
+
+    name = "bucketed"
+
+    def __init__(self, policy: CapacityPolicy | None = None):
+        self.policy = policy or DEFAULT_POLICY
+
+    def optimize_tiling(self, q, k):
+        return {}
+
+    def prepare(self, q, k, v):
+        if isinstance(q.lengths, jax.core.Tracer) or isinstance(k.lengths, jax.core.Tracer):
+            raise LengthError("backend='bucketed' needs concrete lengths (call it outside jit)")
+        lq, lk = np.asarray(q.lengths[:, 0]), np.asarray(k.lengths[:, 0])
+        caps = self.policy.bucket_array(np.maximum(lq, lk))
+        groups = {int(c): np.flatnonzero(caps == c) for c in np.unique(caps)}
+        return dict(groups=groups)
+
+    def compute(self, q, k, v, causal, scale, plan):
+        out = jnp.zeros_like(q.data)
+        for cap, idx in plan["groups"].items():
+            cq, ck = min(cap, q.capacity[0]), min(cap, k.capacity[0])
+            sub = lambda x, c, idx=idx: VarTensor(x.data[idx, :c], x.lengths[idx], x.model)
+            y = _xla_call(sub(q, cq), sub(k, ck), sub(v, ck), causal, scale)
+            out = out.at[idx, :cq].set(y.data)
+        return VarTensor(out, q.lengths, q.model)
+
+
+_REGISTRY = {"xla": XLABackend(), "tiled": TiledBackend(), "bucketed": BucketedBackend()}
+
+
+def choose_backend(q: VarTensor, k: VarTensor) -> str:
+    """``auto``: ``tiled`` when padding would waste more than a third of the dense work
+    (concrete lengths), else ``xla``; inside ``jit`` (traced lengths) ``tiled``."""
+    if isinstance(q.lengths, jax.core.Tracer) or isinstance(k.lengths, jax.core.Tracer):
+        return "tiled"
+    lq, lk = np.asarray(q.lengths[:, 0], np.float64), np.asarray(k.lengths[:, 0], np.float64)
+    useful = float((lq * lk).sum())
+    dense = float(q.capacity[0] * k.capacity[0] * max(len(lq), 1))
+    return "tiled" if useful < (2.0 / 3.0) * dense else "xla"
+
+
+def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
+              scale: float | None = None, backend: str = "auto",
+              tile: int | tuple[int, int] | None = None) -> VarTensor:
+    """Exact variable-length attention. See the module docstring for semantics.
+
+    Args:
+      q: ``[B, Cq, H, D]`` VarTensor; k, v: ``[B, Ck, H_kv, D]`` with equal lengths.
+      causal: query ``i`` sees keys ``j <= i``.
+      scale: score scale, default ``1 / sqrt(D)``.
+      backend: ``"auto"``, ``"xla"``, ``"bucketed"`` or ``"tiled"``.
+      tile: ``tiled`` only: one tile size or ``(tq, tk)``; default from ``TilingStrategy``.
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.features[1]) if scale is None else float(scale)
+    if backend == "auto":
+        backend = choose_backend(q, k)
+    if backend not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    impl = _REGISTRY[backend]
+    plan = impl.prepare(q, k, v)
+    if tile is not None and backend == "tiled":
+        tq, tk = (tile, tile) if isinstance(tile, int) else tile
+        plan = dict(tq=int(tq), tk=int(tk))
+    return impl.compute(q, k, v, causal, scale, plan)
