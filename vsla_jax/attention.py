@@ -11,7 +11,10 @@ Backends (all exact):
   ``bucketed``  items grouped by capacity bucket, dense attention per bucket;
   ``tiled``     flash-style online softmax; loops run ``ceil(len / tile)`` trips per
                 item, so fully padded query and key tiles are never computed; custom
-                VJP that recomputes scores tile by tile instead of storing them.
+                VJP that recomputes scores tile by tile instead of storing them;
+  ``pallas``    a Pallas kernel with per-item dynamic trip counts (GPU; the Pallas
+                interpreter elsewhere, which is slow and meant for tests), with the
+                ``tiled`` recomputing backward.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor
 
-BACKENDS = ("xla", "bucketed", "tiled")
+BACKENDS = ("xla", "bucketed", "tiled", "pallas")
 
 
 def _neg(dtype):
@@ -225,11 +228,30 @@ def _flash_fwd_rule(qd, kd, vd, lq, lk, causal, scale, tq, tk):
 
 def _flash_bwd_rule(causal, scale, tq, tk, saved, dout):
     (qp, kp, vp, lq, lk, out, lse), cq, ck = saved
-    dop = jnp.swapaxes(_pad_to(jnp.swapaxes(dout, 0, 1), tq), 0, 1)
+    return _flash_backward(qp, kp, vp, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, ck)
+
+
+def _pad_seq(x, multiple, axis=1):
+    extra = (-x.shape[axis]) % multiple
+    if not extra:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads)
+
+
+def _flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, ck):
+    """Tile-by-tile recomputing backward for all items; pads to tile multiples first.
+
+    q/out/dout ``[B, *, H, D]``, k/v ``[B, *, Hkv, D]``, lse ``[B, H, *]``.
+    """
+    qp, outp, dop = (_pad_seq(x, tq) for x in (q, out, dout))
+    kp, vp = _pad_seq(k, tk), _pad_seq(v, tk)
+    lsep = _pad_seq(lse, tq, axis=2)
     dq, dk, dv = _items(
         lambda q, k, v, a, b, o, s, do: _flash_bwd_item(q, k, v, a, b, o, s, do, causal, scale,
                                                         tq, tk),
-        qp, kp, vp, lq, lk, out, lse, dop)
+        qp, kp, vp, lq, lk, outp, lsep, dop)
     zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
     return dq[:, :cq], dk[:, :ck], dv[:, :ck], zero_int(lq), zero_int(lk)
 
@@ -395,12 +417,67 @@ class BucketedBackend:
         return VarTensor(out, q.lengths, q.model)
 
 
-_REGISTRY = {"xla": XLABackend(), "tiled": TiledBackend(), "bucketed": BucketedBackend()}
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _pallas_attn(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
+    from vsla_jax.pallas_attention import pallas_flash_forward
+
+    return pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq, tk=tk,
+                                interpret=interpret)[0]
+
+
+def _pallas_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
+    from vsla_jax.pallas_attention import pallas_flash_forward
+
+    out, lse = pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq,
+                                    tk=tk, interpret=interpret)
+    return out, (qd, kd, vd, lq, lk, out, lse)
+
+
+def _pallas_bwd(causal, scale, tq, tk, interpret, saved, dout):
+    q, k, v, lq, lk, out, lse = saved
+    return _flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk,
+                           q.shape[1], k.shape[1])
+
+
+_pallas_attn.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk", "interpret"))
+def _pallas_call(q, k, v, causal, scale, tq, tk, interpret):
+    out = _pallas_attn(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal, scale,
+                       tq, tk, interpret)
+    return VarTensor(out, q.lengths, q.model)
+
+
+class PallasBackend(TiledBackend):
+    """Pallas flash-attention forward (GPU); backward recomputes tiles with XLA.
+
+    ``interpret=True`` runs the kernel in the Pallas interpreter (CPU tests). Tiles are
+    powers of two (at least 16, as Triton requires for ``dot``)."""
+
+    name = "pallas"
+
+    def __init__(self, interpret: bool | None = None):
+        super().__init__()
+        self.interpret = interpret
+
+    def compute(self, q, k, v, causal, scale, plan):
+        interpret = (jax.default_backend() != "gpu") if self.interpret is None else (
+            self.interpret)
+        tq, tk = (max(16, _pow2_at_least(plan[t])) for t in ("tq", "tk"))
+        return _pallas_call(q, k, v, causal, scale, tq, tk, interpret)
+
+
+_REGISTRY = {"xla": XLABackend(), "tiled": TiledBackend(), "bucketed": BucketedBackend(),
+             "pallas": PallasBackend()}
 
 
 def choose_backend(q: VarTensor, k: VarTensor) -> str:
-    """``auto``: ``tiled`` when padding would waste more than a third of the dense work
-    (concrete lengths), else ``xla``; inside ``jit`` (traced lengths) ``tiled``."""
+    """``auto``: ``pallas`` on GPU; elsewhere ``tiled`` when padding would waste more than
+    a third of the dense work (concrete lengths), else ``xla``; inside ``jit`` (traced
+    lengths) ``tiled``. (Measured on CPU: see BENCHMARKS.md.)"""
+    if jax.default_backend() == "gpu":
+        return "pallas"
     lq, lk = _concrete(q), _concrete(k)
     if lq is None or lk is None:
         return "tiled"
@@ -419,8 +496,9 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
       q: ``[B, Cq, H, D]`` VarTensor; k, v: ``[B, Ck, H_kv, D]`` with equal lengths.
       causal: query ``i`` sees keys ``j <= i``.
       scale: score scale, default ``1 / sqrt(D)``.
-      backend: ``"auto"``, ``"xla"``, ``"bucketed"`` or ``"tiled"``.
-      tile: ``tiled`` only: one tile size or ``(tq, tk)``; default from ``TilingStrategy``.
+      backend: ``"auto"``, ``"xla"``, ``"bucketed"``, ``"tiled"`` or ``"pallas"``.
+      tile: ``tiled``/``pallas``: one tile size or ``(tq, tk)``; default from
+        ``TilingStrategy``.
     """
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.features[1]) if scale is None else float(scale)
@@ -430,7 +508,7 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     impl = _REGISTRY[backend]
     plan = impl.prepare(q, k, v)
-    if tile is not None and backend == "tiled":
+    if tile is not None and backend in ("tiled", "pallas"):
         tq, tk = (tile, tile) if isinstance(tile, int) else tile
         plan = dict(tq=int(tq), tk=int(tk))
     return impl.compute(q, k, v, causal, scale, plan)
