@@ -14,6 +14,7 @@ from vsla_jax.attention import (
 )
 from vsla_jax.bucketing import RaggedBatch, bucketize
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.conv_engine import ConvPolicy, conv_ragged, heterogeneity_profile
 from vsla_jax.errors import (
     LengthError,
     ModelMismatchError,
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApproxConfig", "AttentionBackend", "TilingStrategy", "approximate_attention", "attention",
-    "COUNT_POLICY", "DEFAULT_POLICY", "CapacityPolicy", "LengthError",
+    "COUNT_POLICY", "ConvPolicy", "DEFAULT_POLICY", "conv_ragged", "heterogeneity_profile", "CapacityPolicy", "LengthError",
     "ModelMismatchError", "RaggedBatch", "ShapeError", "VSLAError", "VSLATypeError",
     "VarTensor", "add", "batch_mesh", "bucketize", "conv", "from_dlpack", "from_padded",
     "hadamard", "kron", "mean", "merge_batch", "multiply", "neg", "norm", "pad_batch",
