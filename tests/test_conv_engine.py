@@ -223,3 +223,8 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_design_public_names():
+    assert vs.heterogeneity_profile is ce.heterogeneity_profile
+    assert vs.ConvPolicy is ce.ConvPolicy and vs.conv_ragged is ce.conv_ragged

@@ -44,7 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApproxConfig", "AttentionBackend", "TilingStrategy", "approximate_attention", "attention",
-    "COUNT_POLICY", "ConvPolicy", "DEFAULT_POLICY", "conv_ragged", "heterogeneity_profile", "CapacityPolicy", "LengthError",
+    "COUNT_POLICY", "ConvPolicy", "DEFAULT_POLICY", "conv_ragged", "heterogeneity_profile",
+    "CapacityPolicy", "LengthError",
     "ModelMismatchError", "RaggedBatch", "ShapeError", "VSLAError", "VSLATypeError",
     "VarTensor", "add", "batch_mesh", "bucketize", "conv", "from_dlpack", "from_padded",
     "hadamard", "kron", "mean", "merge_batch", "multiply", "neg", "norm", "pad_batch",
