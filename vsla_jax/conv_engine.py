@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -29,7 +30,7 @@ import numpy as np
 
 from vsla_jax.bucketing import RaggedBatch, pack_group
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
-from vsla_jax.convolution import direct_flops, fft_flops
+from vsla_jax.convolution import direct_flops, fast_fft_length, fft_flops
 from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor, _as_array
 
@@ -371,14 +372,13 @@ def conv_ragged(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     policy = policy or ConvPolicy()
-    items = xs.to_list() if isinstance(xs, RaggedBatch) else [
-        _as_array(x, f"item {i}") for i, x in enumerate(xs)]
+    items = xs.to_list() if isinstance(xs, RaggedBatch) else _as_arrays(xs, "item")
     if not items:
         return RaggedBatch((), (), 0)
     rank = items[0].ndim
-    for i, x in enumerate(items):
-        if x.ndim != rank:
-            raise ShapeError(f"ragged ranks: item {i} has rank {x.ndim}, item 0 has {rank}")
+    if any(x.ndim != rank for x in items):
+        i = next(i for i, x in enumerate(items) if x.ndim != rank)
+        raise ShapeError(f"ragged ranks: item {i} has rank {items[i].ndim}, item 0 has {rank}")
     broadcast = isinstance(ks, VarTensor) or (
         not isinstance(ks, (list, tuple)) and np.ndim(ks) == rank)
     if broadcast:
@@ -387,13 +387,13 @@ def conv_ragged(
             raise ModelMismatchError("conv_ragged: kernel uses model 'B'; convolution is model A")
         kernels = None
     else:
-        kernels = [_as_array(k, f"kernel {i}") for i, k in enumerate(ks)]
+        kernels = _as_arrays(ks, "kernel")
         if len(kernels) != len(items):
             raise ShapeError(
                 f"kernel batch of {len(kernels)} does not broadcast to {len(items)} items")
-        for i, k in enumerate(kernels):
-            if k.ndim != rank:
-                raise ShapeError(f"kernel {i} has rank {k.ndim}, items have rank {rank}")
+        if any(k.ndim != rank for k in kernels):
+            i = next(i for i, k in enumerate(kernels) if k.ndim != rank)
+            raise ShapeError(f"kernel {i} has rank {kernels[i].ndim}, items have rank {rank}")
     dts = {x.dtype for x in items} | ({kernel.dtype} if broadcast else {k.dtype for k in kernels})
     dtype = np.result_type(*dts)
     if not np.issubdtype(dtype, np.floating):
@@ -415,12 +415,12 @@ def conv_ragged(
     shapes_b = None if broadcast else [k.shape for k in kernels]
     if fuse:  # the fused program is specialised on this batch anyway: no count padding
         policy = dataclasses.replace(policy, count=None)
-    plans = plan([x.shape for x in items], shapes_b, method, policy, cost,
-                 kernel_cap=kvt.capacity if broadcast else None)
-    methods = tuple(g.method for g in plans)
     if fuse and rank == 1 and not broadcast:
-        outs = _fused_flat(plans, items, kernels, dtype)
+        plans, outs = _fused_flat(items, kernels, method, policy, cost, dtype)
     else:
+        plans = plan([x.shape for x in items], shapes_b, method, policy, cost,
+                     kernel_cap=kvt.capacity if broadcast else None)
+        methods = tuple(g.method for g in plans)
         xs_g, ks_g = [], []
         for g in plans:
             xs_g.append(VarTensor(*pack_group(items, g.members, g.slots, g.cap_a, dtype)))
@@ -438,41 +438,153 @@ def conv_ragged(
     return RaggedBatch(buckets, index, len(items))
 
 
-def _fused_flat(plans: list[GroupPlan], items, kernels, dtype) -> tuple[VarTensor, ...]:
-    """Rank-1 fused path: every group packed into one flat host buffer per operand.
+def _as_arrays(values, what: str) -> list:
+    """``_as_array`` over a sequence, skipping the per-item call for numeric NumPy arrays."""
+    return [v if type(v) is np.ndarray and v.dtype.kind in "biuf" else _as_array(v, f"{what} {i}")
+            for i, v in enumerate(values)]
 
-    Three host-to-device copies in total (signals, kernels, lengths) instead of four per
-    group; the compiled program slices the groups back out (static offsets).
+
+def _plan_flat(la: np.ndarray, lb: np.ndarray, method: str, policy: ConvPolicy,
+               cost: CostModel) -> list[GroupPlan]:
+    """``plan`` for the rank-1 fused path, vectorised over items.
+
+    Groups by ladder capacities and merges like ``plan`` (no count padding: the fused
+    program is specialised on this batch), then shrinks each group's capacities to its
+    longest member (``max(len, 1)``): the compiled program is exact for the batch, so
+    ladder slack would only be padded work.
     """
-    layout, off_a, off_b, slot = [], 0, 0, 0
+    ca_all = policy.capacity.bucket_array(la)
+    cb_all = policy.capacity.bucket_array(lb)
+    key = ca_all * (int(cb_all.max()) + 1) + cb_all
+    uniq, first, inverse, counts = np.unique(key, return_index=True, return_inverse=True,
+                                             return_counts=True)
+    gid = (_merge_keys(ca_all[first].tolist(), cb_all[first].tolist(), counts.tolist(), cost)
+           if policy.merge_groups else np.arange(len(uniq)))
+    item_gid = gid[inverse.reshape(-1)]
+    order = np.argsort(item_gid, kind="stable")
+    n_groups = int(gid.max()) + 1
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(item_gid, minlength=n_groups))])
+    max_a = np.maximum(np.maximum.reduceat(la[order], bounds[:-1]), 1)
+    max_b = np.maximum(np.maximum.reduceat(lb[order], bounds[:-1]), 1)
+    sizes = np.diff(bounds)
+    if method == "auto":
+        d, f = _vector_costs(cost, max_a, max_b, sizes)
+        methods = np.where(f < d, "fft", "direct").tolist()
+    else:
+        methods = [method] * n_groups
+    members_all, bl = order.tolist(), bounds.tolist()
+    out = [GroupPlan((a,), (b,), tuple(members_all[bl[g] : bl[g + 1]]), sz, m)
+           for g, (a, b, sz, m) in enumerate(zip(max_a.tolist(), max_b.tolist(),
+                                                 sizes.tolist(), methods))]
+    out.sort(key=lambda g: (g.cap_a, g.cap_b))
+    return out
+
+
+def _fft_length_table(upto: int, as_list: bool = False):
+    """``fast_fft_length(n)`` for ``n = 0..upto`` (cached, grown by doubling)."""
+    global _FFT_TABLE, _FFT_LIST
+    if len(_FFT_LIST) <= upto:
+        _FFT_LIST = [fast_fft_length(n) for n in range(max(2 * upto, 4096) + 1)]
+        _FFT_TABLE = np.array(_FFT_LIST, np.int64)
+    return _FFT_LIST if as_list else _FFT_TABLE
+
+
+_FFT_TABLE, _FFT_LIST = np.zeros(0, np.int64), []
+
+
+def _vector_costs(cost: CostModel, a, b, n) -> tuple[np.ndarray, np.ndarray]:
+    """``CostModel.predict`` of ``direct`` and ``fft`` for rank-1 groups, vectorised."""
+    a, b, n = (np.asarray(v, np.float64) for v in (a, b, n))
+    fl = _fft_length_table(int(np.max(a + b)))[(a + b - 1).astype(np.int64)].astype(np.float64)
+    d = cost.direct_overhead_s + cost.direct_s_per_flop * 2.0 * n * a * b
+    f = cost.fft_overhead_s + cost.fft_s_per_flop * n * (
+        7.5 * fl * np.maximum(np.log2(fl), 1.0) + 3.0 * fl)
+    return d, f
+
+
+def _merge_keys(ca, cb, counts, cost: CostModel) -> np.ndarray:
+    """``_merge_groups`` on sorted unique rank-1 keys with exact counts: group id per key.
+
+    Same greedy rule (merge into the previous group of the same signal capacity while the
+    merged group is predicted cheaper than the two apart); the merged candidate's cost
+    is computed for each key in one vectorised pass per round of merges.
+    """
+    ca, cb, counts = (np.asarray(v, np.int64) for v in (ca, cb, counts))
+    k = len(ca)
+    alone = np.minimum(*_vector_costs(cost, ca, cb, counts))
+    gid = np.zeros(k, np.int64)
+    ca_l, cb_l, n_l, alone_l = ca.tolist(), cb.tolist(), counts.tolist(), alone.tolist()
+    fl_tab = _fft_length_table(int(ca.max() + cb.max()), as_list=True)
+    d0, d1 = cost.direct_overhead_s, cost.direct_s_per_flop * 2.0
+    f0, f1 = cost.fft_overhead_s, cost.fft_s_per_flop
+    g, pa, pb, pn, pc = 0, ca_l[0], cb_l[0], n_l[0], alone_l[0]
+    for u in range(1, k):
+        a, b, n = ca_l[u], cb_l[u], n_l[u]
+        if a == pa:
+            big, m = max(pb, b), pn + n
+            fl = fl_tab[a + big - 1]
+            merged = min(d0 + d1 * m * a * big,
+                         f0 + f1 * m * (7.5 * fl * max(math.log2(fl), 1.0) + 3.0 * fl))
+            if merged < pc + alone_l[u]:
+                pb, pn, pc = big, m, merged
+                gid[u] = g
+                continue
+        g, pa, pb, pn, pc = g + 1, a, b, n, alone_l[u]
+        gid[u] = g
+    return gid
+
+
+def _fused_flat(items, kernels, method: str, policy: ConvPolicy, cost: CostModel,
+                dtype) -> tuple[list[GroupPlan], tuple[VarTensor, ...]]:
+    """Rank-1 fused path with O(1) NumPy calls on the host.
+
+    The host concatenates all signals and then all kernels into one flat buffer (in the
+    items' order) and builds one ``int32[4, n]`` table of (start, length) per slot; the
+    compiled program gathers each group's padded ``[slots, cap]`` operands from the
+    flat buffer and convolves them. Two host-to-device copies in total.
+    """
+    n = len(items)
+    la = np.array(list(map(len, items)), np.int64)
+    lb = np.array(list(map(len, kernels)), np.int64)
+    plans = _plan_flat(la, lb, method, policy, cost)
+    perm = np.fromiter((i for g in plans for i in g.members), np.int64, n)
+    ends = np.cumsum(np.concatenate([la, lb]))
+    starts = ends - np.concatenate([la, lb])
+    table = np.stack([starts[:n][perm], la[perm], starts[n:][perm], lb[perm]]).astype(np.int32)
+    flat = _concat(items + kernels, dtype, int(ends[-1]))
+    layout, sl = [], 0
     for g in plans:
-        layout.append((g.cap_a[0], g.cap_b[0], g.slots, g.method, off_a, off_b, slot))
-        off_a += g.slots * g.cap_a[0]
-        off_b += g.slots * g.cap_b[0]
-        slot += g.slots
-    buf_a = np.zeros(off_a, dtype)
-    buf_b = np.zeros(off_b, dtype)
-    lens = np.zeros((2, slot), np.int32)
-    for g, (ca, cb, _, _, oa, ob, sl) in zip(plans, layout):
-        for s, i in enumerate(g.members):
-            x, k = items[i], kernels[i]
-            buf_a[oa + s * ca : oa + s * ca + x.shape[0]] = x
-            buf_b[ob + s * cb : ob + s * cb + k.shape[0]] = k
-            lens[0, sl + s] = x.shape[0]
-            lens[1, sl + s] = k.shape[0]
-    return _run_flat(buf_a, buf_b, lens, tuple(layout))
+        layout.append((g.cap_a[0], g.cap_b[0], g.slots, g.method, sl))
+        sl += g.slots
+    return plans, _run_flat(flat, table, tuple(layout))
+
+
+def _concat(arrays, dtype, total: int) -> np.ndarray:
+    """One flat host buffer of ``arrays`` (at least one element, so gathers stay valid)."""
+    if not total:
+        return np.zeros(1, dtype)
+    return np.concatenate(arrays, axis=0, dtype=dtype, casting="unsafe")
+
+
+def _gather_padded(flat, starts, cap: int):
+    """``[slots, cap]`` rows ``flat[start : start + cap]`` (one XLA gather).
+
+    Elements past an item's length belong to other items; ``conv`` zeroes every
+    operand's slack (``zero_slack``) before convolving, so they never contribute.
+    """
+    idx = jnp.minimum(starts[:, None] + jnp.arange(cap, dtype=jnp.int32), flat.shape[0] - 1)
+    return flat[idx]
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def _run_flat(buf_a, buf_b, lens, layout):
+def _run_flat(flat, table, layout):
     from vsla_jax.ops import conv
 
     outs = []
-    for ca, cb, slots, method, oa, ob, sl in layout:
-        x = VarTensor(buf_a[oa : oa + slots * ca].reshape(slots, ca),
-                      lens[0, sl : sl + slots, None])
-        k = VarTensor(buf_b[ob : ob + slots * cb].reshape(slots, cb),
-                      lens[1, sl : sl + slots, None])
+    for ca, cb, slots, method, sl in layout:
+        sa, na, sb, nbk = (table[r, sl : sl + slots] for r in range(4))
+        x = VarTensor(_gather_padded(flat, sa, ca), na[:, None])
+        k = VarTensor(_gather_padded(flat, sb, cb), nbk[:, None])
         outs.append(conv(x, k, method=method))
     return tuple(outs)
 
