@@ -14,16 +14,14 @@ roofline is measured in the same run (a 2048x2048 matmul).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from common import timed, write_json_atomic
 
 import vsla_jax as vs
 
@@ -35,18 +33,6 @@ flags.DEFINE_bool("backward", True, "Also time forward+backward.")
 flags.DEFINE_string("json_out", None, "Optional JSON results path (written atomically).")
 
 H, D = 8, 64
-
-
-def timed(fn, repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return first, float(np.median(ts))
 
 
 def corpus_lengths(n: int, rng) -> np.ndarray | None:
@@ -223,12 +209,7 @@ def main(argv):
         report(name, res, roofline)
         out[name] = res
     if FLAGS.json_out:
-        d = os.path.dirname(os.path.abspath(FLAGS.json_out))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d)
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f, indent=1, default=float)
-        os.replace(tmp, FLAGS.json_out)
+        write_json_atomic(FLAGS.json_out, out)
 
 
 if __name__ == "__main__":

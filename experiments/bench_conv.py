@@ -17,17 +17,15 @@ Usage: python experiments/bench_conv.py [--workloads heterogeneous,extreme,homog
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.signal
 from absl import app, flags, logging
+from common import timed, write_json_atomic
 
 import vsla_jax as vs
 from vsla_jax import conv_engine as ce
@@ -57,19 +55,6 @@ def make_workload(name: str, n: int, rng: np.random.Generator):
     xs = [rng.standard_normal(int(m)).astype(np.float32) for m in la]
     ks = [rng.standard_normal(int(m)).astype(np.float32) for m in lb]
     return xs, ks
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first-call seconds, median steady-state seconds)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return first, float(np.median(ts))
 
 
 def pad(items, width):
@@ -254,11 +239,7 @@ def main(argv):
         results[name] = run_workload(name, rng, policy, cost)
         print_table(name, results[name])
     if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(FLAGS.json_out)))
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1, default=float)
-        os.replace(tmp, FLAGS.json_out)
+        write_json_atomic(FLAGS.json_out, results)
 
 
 if __name__ == "__main__":

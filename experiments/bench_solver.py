@@ -9,14 +9,13 @@ N:M (2:4) search on a random N(0, 1) 64x128 matrix: efficacy = (kept - kept_defa
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
 from absl import app, flags, logging
+from common import write_json_atomic
 
 from icd_jax import BASELINES, CostConfig, baseline, build_w, fit_permutation, objective
 from icd_jax.solver import nm_permutation
@@ -93,12 +92,7 @@ def main(argv):
           f"{'met' if st['efficacy'] >= 0.36 and st['elapsed_s'] <= 10.0 else 'NOT met'}")
     out["nm"] = st
     if FLAGS.json_out:
-        d = os.path.dirname(os.path.abspath(FLAGS.json_out))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d)
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f, indent=1, default=float)
-        os.replace(tmp, FLAGS.json_out)
+        write_json_atomic(FLAGS.json_out, out)
 
 
 if __name__ == "__main__":
