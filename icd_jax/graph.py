@@ -109,24 +109,6 @@ def cap_nnz(w: sp.csr_matrix, nnz_cap: int | None) -> sp.csr_matrix:
     return sp.csr_matrix(u + u.T)
 
 
-def topk_per_row(w: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep each row's ``k`` heaviest entries, then symmetrise with the maximum."""
-    w = w.tocsr()
-    rows, cols, vals = [], [], []
-    for i in range(w.shape[0]):
-        s, e = w.indptr[i], w.indptr[i + 1]
-        if e - s > k:
-            sel = np.argpartition(-w.data[s:e], k - 1)[:k] + s
-        else:
-            sel = np.arange(s, e)
-        rows.append(np.full(len(sel), i))
-        cols.append(w.indices[sel])
-        vals.append(w.data[sel])
-    t = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=w.shape)
-    return sp.csr_matrix(t.maximum(t.T))
-
-
 def _finish(w, source: str, normalisation: str, nnz_cap, seed, extra: dict,
             planted=None) -> CoAccessGraph:
     w = _canonical(w)
@@ -258,7 +240,8 @@ def from_activations(
     ``hub="sym"`` divides by ``sqrt(p_i p_j)`` (cosine of the activity indicators),
     ``hub="pmi"`` uses positive PMI ``max(0, log p_ij / (p_i p_j))``, ``hub="none"``
     keeps raw values; both corrections stop always-active channels from dominating.
-    ``topk`` keeps each row's k heaviest entries (for large D).
+    ``topk`` keeps each row's k heaviest entries, symmetrised with the maximum. Rows are
+    processed in blocks, so memory is ``O(D * block + nnz)``, never ``O(D^2)`` at once.
     """
     a = np.asarray(acts, np.float32)
     if a.ndim != 2:
@@ -270,30 +253,51 @@ def from_activations(
     if hub not in ("sym", "pmi", "none"):
         raise ConfigError(f"hub must be 'sym', 'pmi' or 'none', got {hub!r}")
     t = a.shape[0]
+    d = a.shape[1]
     if mode == "coactivation":
-        b = (np.abs(a) > tau).astype(np.float32)
-        joint = (b.T @ b) / max(t, 1)
-        p = np.diag(joint).copy()
-        if hub == "sym":
-            s = np.sqrt(np.outer(p, p))
-            w = np.divide(joint, s, out=np.zeros_like(joint), where=s > 0)
-        elif hub == "pmi":
-            denom = np.outer(p, p)
-            ratio = np.divide(joint, denom, out=np.zeros_like(joint), where=denom > 0)
-            w = np.log(np.where(ratio > 0, ratio, 1.0))
-            w = np.maximum(w, 0)
-        else:
-            w = joint
+        x = (np.abs(a) > tau).astype(np.float32)
+        p = x.sum(axis=0) / max(t, 1)  # activity rate of each channel
     else:
-        c = a - a.mean(axis=0)
-        sd = np.sqrt((c * c).sum(axis=0))
-        w = np.abs(c.T @ c) / np.maximum(np.outer(sd, sd), 1e-30)
-        w[np.outer(sd, sd) == 0] = 0
-    np.fill_diagonal(w, 0)
-    w = sp.csr_matrix(w)
-    if topk is not None:
-        w = topk_per_row(w, int(topk))
-    return w
+        x = a - a.mean(axis=0)
+        sd = np.sqrt((x * x).sum(axis=0))
+    rows, cols, vals = [], [], []
+    block = max(1, min(d, (1 << 24) // max(d, 1)))  # ~64 MiB of float32 per block
+    for r0 in range(0, d, block):
+        r1 = min(d, r0 + block)
+        raw = x[:, r0:r1].T @ x  # [block, D]
+        if mode == "coactivation":
+            w = _hub_correct(raw / max(t, 1), p[r0:r1], p, hub)
+        else:
+            denom = np.outer(sd[r0:r1], sd)
+            w = np.divide(np.abs(raw), denom, out=np.zeros_like(raw), where=denom > 0)
+        w[np.arange(r1 - r0), np.arange(r0, r1)] = 0  # no self loops
+        if topk is not None and topk < d:
+            keep = np.argpartition(-w, int(topk) - 1, axis=1)[:, : int(topk)]
+            r = np.repeat(np.arange(r0, r1), keep.shape[1])
+            c = keep.reshape(-1)
+            v = w[r - r0, c]
+        else:
+            r, c = np.nonzero(w)
+            v = w[r, c]
+            r = r + r0
+        nz = v > 0
+        rows.append(r[nz])
+        cols.append(c[nz])
+        vals.append(v[nz])
+    w = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(d, d))
+    return sp.csr_matrix(w.maximum(w.T)) if topk is not None else w
+
+
+def _hub_correct(joint: np.ndarray, p_rows: np.ndarray, p: np.ndarray, hub: str):
+    if hub == "none":
+        return joint
+    denom = np.outer(p_rows, p)
+    if hub == "sym":
+        s = np.sqrt(denom)
+        return np.divide(joint, s, out=np.zeros_like(joint), where=s > 0)
+    ratio = np.divide(joint, denom, out=np.zeros_like(joint), where=denom > 0)
+    return np.maximum(np.log(np.where(ratio > 0, ratio, 1.0)), 0)
 
 
 # -- entry point ------------------------------------------------------------------------
