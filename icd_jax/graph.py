@@ -29,6 +29,8 @@ import scipy.sparse as sp
 from icd_jax.errors import ConfigError, GraphError, TraceError
 
 NORMALISATIONS = ("sym", "row", "none")
+#: float32 elements of one row block in ``from_activations`` (64 MiB).
+BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +263,7 @@ def from_activations(
         x = a - a.mean(axis=0)
         sd = np.sqrt((x * x).sum(axis=0))
     rows, cols, vals = [], [], []
-    block = max(1, min(d, (1 << 24) // max(d, 1)))  # ~64 MiB of float32 per block
+    block = max(1, min(d, BLOCK_ELEMENTS // max(d, 1)))
     for r0 in range(0, d, block):
         r1 = min(d, r0 + block)
         raw = x[:, r0:r1].T @ x  # [block, D]

@@ -130,3 +130,16 @@ def test_bad_config_and_bad_w():
     with pytest.raises(GraphError, match="NaN"):
         build_w("activations", acts=np.array([[np.nan, 1.0]]))
     assert icd_jax.build_w is build_w
+
+
+@pytest.mark.parametrize("hub", ["sym", "pmi", "none"])
+@pytest.mark.parametrize("topk", [None, 3])
+def test_activations_row_blocks_match_one_block(monkeypatch, hub, topk):
+    from icd_jax import graph
+
+    acts = (np.random.default_rng(1).random((300, 40)) < 0.2).astype(np.float32)
+    one = graph.from_activations(acts, hub=hub, topk=topk).toarray()
+    monkeypatch.setattr(graph, "BLOCK_ELEMENTS", 40 * 7)  # blocks of 7 rows
+    blocked = graph.from_activations(acts, hub=hub, topk=topk).toarray()
+    np.testing.assert_allclose(blocked, one, rtol=1e-6)
+    assert np.allclose(one, one.T)
