@@ -96,6 +96,19 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+def _key_tiles(lk, i, tq: int, tk: int, causal: bool):
+    """Key tiles that query tile ``i`` needs: up to the item's length (and the diagonal)."""
+    n_k = _cdiv(lk, tk)
+    return jnp.minimum(n_k, _cdiv((i + 1) * tq, tk)) if causal else n_k
+
+
+def _kv_tile(k, v, j, tk: int, g: int, dtype):
+    """Key/value tile ``j`` with K/V heads repeated ``g`` times (GQA), in ``dtype``."""
+    kt = jax.lax.dynamic_slice_in_dim(k, j * tk, tk)
+    vt = jax.lax.dynamic_slice_in_dim(v, j * tk, tk)
+    return jnp.repeat(kt, g, axis=1).astype(dtype), jnp.repeat(vt, g, axis=1).astype(dtype)
+
+
 def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
     """One item. q [Cq, H, D], k/v [Ck, Hkv, D] (padded to tile multiples).
 
@@ -112,15 +125,12 @@ def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
         out, lse = carry
         qt = jax.lax.dynamic_slice_in_dim(q, i * tq, tq).astype(ct)  # [tq, H, D]
         qpos = i * tq + jnp.arange(tq)
-        n_k = _cdiv(lk, tk)
-        if causal:
-            n_k = jnp.minimum(n_k, _cdiv((i + 1) * tq, tk))
+        n_k = _key_tiles(lk, i, tq, tk, causal)
 
         def k_body(j, c):
             m, lsum, acc = c
-            kt = jnp.repeat(jax.lax.dynamic_slice_in_dim(k, j * tk, tk), g, axis=1)
-            vt = jnp.repeat(jax.lax.dynamic_slice_in_dim(v, j * tk, tk), g, axis=1)
-            s = jnp.einsum("qhd,khd->hqk", qt, kt.astype(ct), precision="highest") * scale
+            kt, vt = _kv_tile(k, v, j, tk, g, ct)
+            s = jnp.einsum("qhd,khd->hqk", qt, kt, precision="highest") * scale
             kpos = j * tk + jnp.arange(tk)
             mask = (kpos < lk)[None, None, :]
             if causal:
@@ -130,7 +140,7 @@ def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
             p = jnp.exp(s - m_new[..., None]) * mask
             corr = jnp.exp(m - m_new)
             lsum = lsum * corr + p.sum(axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, vt.astype(ct),
+            acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, vt,
                                                      precision="highest")
             return m_new, lsum, acc
 
@@ -165,15 +175,11 @@ def _flash_bwd_item(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk):
         lse_t = jax.lax.dynamic_slice_in_dim(lse, i * tq, tq, axis=1)
         dl_t = jax.lax.dynamic_slice_in_dim(delta, i * tq, tq, axis=1)
         qpos = i * tq + jnp.arange(tq)
-        n_k = _cdiv(lk, tk)
-        if causal:
-            n_k = jnp.minimum(n_k, _cdiv((i + 1) * tq, tk))
+        n_k = _key_tiles(lk, i, tq, tk, causal)
 
         def k_body(j, c):
             dq_t, dk, dv = c
-            kt = jnp.repeat(jax.lax.dynamic_slice_in_dim(k, j * tk, tk), g, axis=1)
-            vt = jnp.repeat(jax.lax.dynamic_slice_in_dim(v, j * tk, tk), g, axis=1)
-            kt, vt = kt.astype(ct), vt.astype(ct)
+            kt, vt = _kv_tile(k, v, j, tk, g, ct)
             s = jnp.einsum("qhd,khd->hqk", qt, kt, precision="highest") * scale
             kpos = j * tk + jnp.arange(tk)
             mask = (kpos < lk)[None, None, :] & (qpos < lq)[None, :, None]
