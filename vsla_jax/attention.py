@@ -109,6 +109,17 @@ def _kv_tile(k, v, j, tk: int, g: int, dtype):
     return jnp.repeat(kt, g, axis=1).astype(dtype), jnp.repeat(vt, g, axis=1).astype(dtype)
 
 
+def _tile_scores(qt, kt, j, tk: int, lk, qpos, causal: bool, scale: float):
+    """Scaled scores ``[H, tq, tk]`` of a query tile against key tile ``j`` and the mask
+    of keys inside the item (and at or before each query when causal)."""
+    s = jnp.einsum("qhd,khd->hqk", qt, kt, precision="highest") * scale
+    kpos = j * tk + jnp.arange(tk)
+    mask = (kpos < lk)[None, None, :]
+    if causal:
+        mask = mask & (kpos[None, :] <= qpos[:, None])[None]
+    return s, mask
+
+
 def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
     """One item. q [Cq, H, D], k/v [Ck, Hkv, D] (padded to tile multiples).
 
@@ -130,11 +141,7 @@ def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
         def k_body(j, c):
             m, lsum, acc = c
             kt, vt = _kv_tile(k, v, j, tk, g, ct)
-            s = jnp.einsum("qhd,khd->hqk", qt, kt, precision="highest") * scale
-            kpos = j * tk + jnp.arange(tk)
-            mask = (kpos < lk)[None, None, :]
-            if causal:
-                mask = mask & (kpos[None, :] <= qpos[:, None])[None]
+            s, mask = _tile_scores(qt, kt, j, tk, lk, qpos, causal, scale)
             s = jnp.where(mask, s, neg)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None]) * mask
@@ -180,11 +187,8 @@ def _flash_bwd_item(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk):
         def k_body(j, c):
             dq_t, dk, dv = c
             kt, vt = _kv_tile(k, v, j, tk, g, ct)
-            s = jnp.einsum("qhd,khd->hqk", qt, kt, precision="highest") * scale
-            kpos = j * tk + jnp.arange(tk)
-            mask = (kpos < lk)[None, None, :] & (qpos < lq)[None, :, None]
-            if causal:
-                mask = mask & (kpos[None, :] <= qpos[:, None])[None]
+            s, mask = _tile_scores(qt, kt, j, tk, lk, qpos, causal, scale)
+            mask = mask & (qpos < lq)[None, :, None]
             p = jnp.where(mask, jnp.exp(s - lse_t[..., None]), 0)
             dv_t = jnp.einsum("hqk,qhd->khd", p, dot, precision="highest")
             dp = jnp.einsum("qhd,khd->hqk", dot, vt, precision="highest")
