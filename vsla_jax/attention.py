@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.bucketed_attention import BucketPlan, bucketed_attention, plan_groups
 from vsla_jax.errors import LengthError, ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor
 
@@ -399,31 +399,31 @@ def _pow2_at_least(n: int) -> int:
 
 
 class BucketedBackend:
-    """Items regrouped by capacity bucket of ``max(lq, lk)``; dense attention per bucket."""
+    """Items grouped by octave-ladder bucket of ``max(lq, lk)`` (neighbouring buckets merged
+    by a cost model); one program per group runs dense attention a few items at a time,
+    with query chunks sized to keep the score block in cache. See
+    ``vsla_jax.bucketed_attention``. Needs concrete lengths (they may be closed over by a
+    ``jit``-ed function, but not traced)."""
 
     name = "bucketed"
 
-    def __init__(self, policy: CapacityPolicy | None = None):
-        self.policy = policy or DEFAULT_POLICY
+    def __init__(self, plan: BucketPlan | None = None):
+        self.plan = plan or BucketPlan()
 
     def optimize_tiling(self, q, k):
-        return {}
-
-    def prepare(self, q, k, v):
         lq, lk = _concrete(q), _concrete(k)
         if lq is None or lk is None:
-            raise LengthError("backend='bucketed' needs concrete lengths (call it outside jit)")
-        caps = self.policy.bucket_array(np.maximum(lq, lk))
-        groups = {int(c): np.flatnonzero(caps == c) for c in np.unique(caps)}
-        return dict(groups=groups)
+            raise LengthError("backend='bucketed' needs concrete lengths (they are traced "
+                              "here; use backend='tiled' under jit, or close over lengths)")
+        h, d = q.features
+        return dict(groups=plan_groups(lq, lk, q.capacity[0], k.capacity[0], h, d, self.plan))
+
+    def prepare(self, q, k, v):
+        return self.optimize_tiling(q, k)
 
     def compute(self, q, k, v, causal, scale, plan):
-        out = jnp.zeros_like(q.data)
-        for cap, idx in plan["groups"].items():
-            cq, ck = min(cap, q.capacity[0]), min(cap, k.capacity[0])
-            sub = lambda x, c, idx=idx: VarTensor(x.data[idx, :c], x.lengths[idx], x.model)
-            y = _xla_call(sub(q, cq), sub(k, ck), sub(v, ck), causal, scale)
-            out = out.at[idx, :cq].set(y.data)
+        out = bucketed_attention(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0],
+                                 plan["groups"], causal, scale)
         return VarTensor(out, q.lengths, q.model)
 
 
@@ -483,18 +483,15 @@ _REGISTRY = {"xla": XLABackend(), "tiled": TiledBackend(), "bucketed": BucketedB
 
 
 def choose_backend(q: VarTensor, k: VarTensor) -> str:
-    """``auto``: ``pallas`` on GPU; elsewhere ``tiled`` when padding would waste more than
-    a third of the dense work (concrete lengths), else ``xla``; inside ``jit`` (traced
-    lengths) ``tiled``. (Measured on CPU: see BENCHMARKS.md.)"""
+    """``auto``: ``pallas`` on GPU; elsewhere ``bucketed`` when the lengths are concrete
+    (host-side grouping; fastest on CPU for every length profile measured, see
+    BENCHMARKS.md) and ``tiled`` when they are traced (inside ``jit``), where no host
+    planning is possible."""
     if jax.default_backend() == "gpu":
         return "pallas"
-    lq, lk = _concrete(q), _concrete(k)
-    if lq is None or lk is None:
+    if _concrete(q) is None or _concrete(k) is None:
         return "tiled"
-    lq, lk = lq.astype(np.float64), lk.astype(np.float64)
-    useful = float((lq * lk).sum())
-    dense = float(q.capacity[0] * k.capacity[0] * max(len(lq), 1))
-    return "tiled" if useful < (2.0 / 3.0) * dense else "xla"
+    return "bucketed"
 
 
 def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,

@@ -26,18 +26,23 @@ class CapacityPolicy:
     capacity ``<= growth * n`` whenever ``minimum >= (alignment - growth) / (growth - 1)``,
     which the constructor checks. ``powers_of_two=True`` gives the plain ladder
     ``minimum, 2*minimum, 4*minimum, ...`` instead (ratio up to 2).
+    ``steps_per_octave=s`` gives ``s`` evenly spaced rungs per doubling instead
+    (``16, 20, 24, 28, 32, 40, ...`` for ``s=4``): every power of two at or above
+    ``minimum`` is a rung, and the ratio is at most ``1 + 1/s`` from ``minimum`` up.
 
     Attributes:
       minimum: smallest capacity (>= 1). Lengths below it are stored at ``minimum``.
       alignment: every capacity is a multiple of this.
       growth: ratio bound between consecutive rungs (> 1).
       powers_of_two: use the doubling ladder.
+      steps_per_octave: use the octave ladder with this many rungs per doubling (0: off).
     """
 
     minimum: int = 8
     alignment: int = 4
     growth: float = 1.5
     powers_of_two: bool = False
+    steps_per_octave: int = 0
 
     def __post_init__(self):
         if self.minimum < 1 or self.alignment < 1:
@@ -50,7 +55,15 @@ class CapacityPolicy:
                 f"CapacityPolicy minimum={self.minimum} is not a multiple of "
                 f"alignment={self.alignment}"
             )
-        if not self.powers_of_two:
+        if self.steps_per_octave:
+            m = self.minimum
+            if self.powers_of_two or self.steps_per_octave < 1 or m & (m - 1) or (
+                    m < self.steps_per_octave):
+                raise ValueError(
+                    f"CapacityPolicy steps_per_octave={self.steps_per_octave} needs a "
+                    f"power-of-two minimum >= steps_per_octave and powers_of_two=False, got "
+                    f"minimum={m}, powers_of_two={self.powers_of_two}")
+        elif not self.powers_of_two:
             if not self.growth > 1.0:
                 raise ValueError(f"CapacityPolicy growth must be > 1, got {self.growth}")
             if self.minimum * (self.growth - 1.0) < self.alignment - self.growth:
@@ -66,9 +79,16 @@ class CapacityPolicy:
         """The doubling ladder ``minimum * 2**k``."""
         return cls(minimum=minimum, alignment=1, powers_of_two=True)
 
+    @classmethod
+    def octave(cls, steps: int = 4, minimum: int = 16) -> CapacityPolicy:
+        """``steps`` rungs per doubling from ``minimum`` (a power of two): ratio <= 1 + 1/steps."""
+        return cls(minimum=minimum, alignment=1, steps_per_octave=steps)
+
     def _next(self, c: int) -> int:
         if self.powers_of_two:
             return 2 * c
+        if self.steps_per_octave:
+            return c + (1 << (c.bit_length() - 1)) // self.steps_per_octave
         a = self.alignment
         return max(c + a, int(math.floor(self.growth * (c + 1) / a)) * a)
 
