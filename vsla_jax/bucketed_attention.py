@@ -75,11 +75,12 @@ def _pow2_floor(n: int) -> int:
 
 def step_shape(cq: int, ck: int, heads: int, block_bytes: int) -> tuple[int, int]:
     """``(ips, qc)``: items per step and query rows per chunk for a score block of
-    about ``block_bytes`` (float32 ``[ips, heads, qc, ck]``)."""
+    about ``block_bytes`` (float32 ``[ips, heads, qc, ck]``); chunks keep at least 16
+    rows (or all ``cq``), so a tiny budget cannot shatter a step into row-sized dots."""
     row = 4 * heads * max(ck, 1)
     if row * cq <= block_bytes:
         return max(1, block_bytes // (row * max(cq, 1))), cq
-    return 1, max(16, min(cq, _pow2_floor(block_bytes // row)))
+    return 1, min(cq, max(16, _pow2_floor(block_bytes // row)))
 
 
 def merge_buckets(caps: np.ndarray, counts: np.ndarray, cost_per_item, overhead: float):
