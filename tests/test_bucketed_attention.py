@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 import vsla_jax as vs
 from vsla_jax.attention import BucketedBackend, choose_backend
@@ -19,6 +20,7 @@ from vsla_jax.bucketed_attention import (
     merge_buckets,
     plan_groups,
     step_shape,
+    switch_caps,
 )
 
 
@@ -148,22 +150,61 @@ def test_chunked_and_multi_step_paths_match_xla(plan, causal):
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=2e-5)
 
 
-def test_bucketed_under_jit_needs_concrete_lengths():
-    q, k, v = _make([3, 9], [9, 4], seed=3)
-    ref = np.asarray(vs.attention(q, k, v, backend="xla").data)
+@pytest.mark.parametrize("causal", [False, True])
+def test_bucketed_under_jit_with_closed_over_and_traced_lengths(causal):
+    lq, lk = [3, 9, 0, 40, 17, 1], [9, 4, 5, 40, 33, 0]
+    q, k, v = _make(lq, lk, h=6, hk=2, seed=3)
+    ref = vs.attention(q, k, v, causal=causal, backend="xla")
     closed = jax.jit(lambda qd, kd, vd: vs.attention(
         vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths), vs.VarTensor(vd, v.lengths),
-        backend="bucketed").data)
-    np.testing.assert_allclose(np.asarray(closed(q.data, k.data, v.data)), ref, atol=2e-5)
-    traced = jax.jit(lambda q, k, v: vs.attention(q, k, v, backend="bucketed").data)
-    with pytest.raises(vs.LengthError, match="concrete"):
-        traced(q, k, v)
-    # auto falls back to the tiled backend when lengths are traced
-    auto = jax.jit(lambda q, k, v: vs.attention(q, k, v).data)
-    np.testing.assert_allclose(np.asarray(auto(q, k, v)), ref, atol=2e-5)
+        causal=causal, backend="bucketed").data)
+    np.testing.assert_allclose(np.asarray(closed(q.data, k.data, v.data)),
+                               np.asarray(ref.data), atol=2e-5)
+    # traced lengths: the per-item switch over static bucket capacities
+    traced = jax.jit(lambda q, k, v: vs.attention(q, k, v, causal=causal,
+                                                  backend="bucketed").data)
+    got = np.asarray(traced(q, k, v))
+    np.testing.assert_allclose(got, np.asarray(ref.data), atol=2e-5)
+    assert np.all(got[~np.asarray(q.mask())] == 0)
+
+    def loss(backend):
+        def f(q, k, v):
+            return jnp.sum(jnp.sin(vs.attention(q, k, v, causal=causal, backend=backend).data))
+        return jax.jit(jax.grad(lambda qd, kd, vd: f(vs.VarTensor(qd, q.lengths),
+                                                     vs.VarTensor(kd, k.lengths),
+                                                     vs.VarTensor(vd, v.lengths)),
+                                argnums=(0, 1, 2)))
+
+    def traced_loss(qd, kd, vd, lengths_q, lengths_k):
+        o = vs.attention(vs.VarTensor(qd, lengths_q), vs.VarTensor(kd, lengths_k),
+                         vs.VarTensor(vd, lengths_k), causal=causal, backend="bucketed")
+        return jnp.sum(jnp.sin(o.data))
+
+    g_traced = jax.jit(jax.grad(traced_loss, argnums=(0, 1, 2)))(
+        q.data, k.data, v.data, q.lengths, k.lengths)
+    for a, b in zip(g_traced, loss("xla")(q.data, k.data, v.data)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
-def test_auto_picks_bucketed_on_cpu_with_concrete_lengths():
+def test_switch_caps():
+    assert switch_caps(40, 40) == (16, 24, 32, 40)
+    assert switch_caps(64, 20) == (16, 24, 32, 48, 64)
+    assert switch_caps(0, 0) == (1,)
+
+
+def test_traced_float64_matches_finite_differences():
+    with jax.enable_x64(True):
+        q, k, v = _make([5, 0, 12], [7, 3, 12], h=2, hk=1, d=4, seed=2)
+        args = tuple(x.data.astype(jnp.float64) for x in (q, k, v))
+        # lengths are jit arguments, so they are traced: the per-item switch path
+        g = jax.jit(lambda qd, kd, vd, lq, lk: jnp.sum(jnp.sin(vs.attention(
+            vs.VarTensor(qd, lq), vs.VarTensor(kd, lk), vs.VarTensor(vd, lk), causal=True,
+            backend="bucketed").data)))
+        h = lambda qd, kd, vd: g(qd, kd, vd, q.lengths, k.lengths)
+        check_grads(h, args, order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_bucketed_on_cpu():
     q, k, _ = _make([3, 9], [9, 4])
     assert choose_backend(q, k) == ("pallas" if jax.default_backend() == "gpu" else "bucketed")
 

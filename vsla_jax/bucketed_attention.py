@@ -339,3 +339,98 @@ def bucketed_attention(qd, kd, vd, lq, lk, groups: list[Group], causal: bool,
     in qd, kd, vd (custom VJP: scores are recomputed per step from the saved
     log-sum-exp; gradients accumulate group by group into one buffer per operand)."""
     return _bucketed(qd, kd, vd, lq, lk, tuple(groups), causal, scale)
+
+
+# -- traced lengths: per-item switch over static bucket capacities ----------------------
+#: Bucket capacities for traced lengths: 2 rungs per doubling (16, 24, 32, 48, 64, ...),
+#: each one branch of the per-item switch (fewer branches, a little more padding).
+SWITCH_POLICY = CapacityPolicy.octave(steps=2, minimum=16)
+
+
+def switch_caps(cap_q: int, cap_k: int, policy: CapacityPolicy = SWITCH_POLICY):
+    """Static branch capacities for traced lengths: ladder rungs below ``max(cap_q,
+    cap_k)`` plus that capacity itself (the last branch holds every item)."""
+    top = max(cap_q, cap_k, 1)
+    return tuple(c for c in policy.ladder(top) if c < top) + (top,)
+
+
+def _pad_axis(x, size, axis, value=0):
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def _bucket_index(caps, lq, lk):
+    return jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.maximum(lq, lk), side="left")
+
+
+def _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
+    """``lax.map`` over items; each item runs dense attention at its bucket's capacity.
+
+    Returns out ``[B, Cq, H, D]`` and lse ``[B, Hkv, g, Cq]``."""
+    cq_all, ck_all, h = qd.shape[1], kd.shape[1], qd.shape[2]
+    ct = jnp.promote_types(qd.dtype, jnp.float32)
+
+    def branch(c):
+        cq, ck = min(c, cq_all), min(c, ck_all)
+        qc = step_shape(cq, ck, h, block_bytes)[1]
+
+        def run(q, k, v, a, b):
+            o, lse = _step_fwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
+                               causal, scale, qc, True)
+            return (_pad_axis(o[0].astype(qd.dtype), cq_all, 0),
+                    _pad_axis(lse[0], cq_all, 2, _neg(ct)))
+        return run
+
+    branches = [branch(c) for c in caps]
+
+    def item(args):
+        q, k, v, a, b = args
+        return jax.lax.switch(_bucket_index(caps, a, b), branches, q, k, v, a, b)
+
+    return jax.lax.map(item, (qd, kd, vd, lq, lk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def switched_attention(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
+    """Bucketed attention for traced lengths (inside ``jit``): one compiled program whose
+    per-item loop switches to the dense kernel of the item's bucket capacity ``caps``
+    (static, ascending, the last one the batch capacity), so an item of length ``n``
+    costs about ``bucket(n)^2``, not ``capacity^2``. Custom VJP recomputing scores."""
+    return _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes)[0]
+
+
+def _switched_fwd_rule(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
+    out, lse = _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes)
+    return out, (qd, kd, vd, lq, lk, out, lse)
+
+
+def _switched_bwd_rule(causal, scale, caps, block_bytes, saved, dout):
+    qd, kd, vd, lq, lk, out, lse = saved
+    cq_all, ck_all, h = qd.shape[1], kd.shape[1], qd.shape[2]
+
+    def branch(c):
+        cq, ck = min(c, cq_all), min(c, ck_all)
+        qc = step_shape(cq, ck, h, block_bytes)[1]
+
+        def run(q, k, v, a, b, o, lse_i, do):
+            g = _step_bwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
+                          o[None, :cq], lse_i[None, :, :, :cq], do[None, :cq], causal, scale,
+                          qc)
+            return (_pad_axis(g[0][0].astype(qd.dtype), cq_all, 0),
+                    _pad_axis(g[1][0].astype(kd.dtype), ck_all, 0),
+                    _pad_axis(g[2][0].astype(vd.dtype), ck_all, 0))
+        return run
+
+    branches = [branch(c) for c in caps]
+
+    def item(args):
+        q, k, v, a, b, o, lse_i, do = args
+        return jax.lax.switch(_bucket_index(caps, a, b), branches, q, k, v, a, b, o, lse_i, do)
+
+    dq, dk, dv = jax.lax.map(item, (qd, kd, vd, lq, lk, out, lse, dout))
+    f0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
+    return dq, dk, dv, f0(lq), f0(lk)
+
+
+switched_attention.defvjp(_switched_fwd_rule, _switched_bwd_rule)
