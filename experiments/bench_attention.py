@@ -95,6 +95,18 @@ def run(name, lengths, rng) -> dict:
             bwd = timed(lambda g=g: g(q.data, k.data, v.data), FLAGS.repeats)
         record(f"vsla {backend}", fwd, bwd)
     rows["vsla auto"]["note"] = f"picks {choose_backend(q, k)}"
+    # inside jit with the lengths as arguments (traced), as in a jitted training step
+    jfwd = jax.jit(lambda q, k, v: vs.attention(q, k, v).data)
+    fwd = timed(lambda: jfwd(q, k, v), FLAGS.repeats)
+    bwd = None
+    if FLAGS.backward:
+        def traced_loss(qd, kd, vd, lq, lk):
+            o = vs.attention(vs.VarTensor(qd, lq), vs.VarTensor(kd, lk), vs.VarTensor(vd, lk))
+            return jnp.sum(o.data * o.data)
+        jg = jax.jit(jax.grad(traced_loss, argnums=(0, 1, 2)))
+        bwd = timed(lambda: jg(q.data, k.data, v.data, q.lengths, k.lengths), FLAGS.repeats)
+    record("vsla auto under jit (traced lengths)", fwd, bwd,
+           note="per-item switch over bucket capacities")
     tiles = vs.TilingStrategy().compute_optimal_tile_size(lengths, constraints=dict(heads=H,
                                                                                    head_dim=D))
     rows["vsla tiled"]["note"] = f"tile {tiles}"

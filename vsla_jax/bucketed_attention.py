@@ -13,6 +13,11 @@ the bucket capacities and the item-count rung, never on exact lengths:
   slots are never computed);
 * the group's rows written into the output (in place when the output is donated).
 
+With traced lengths (inside ``jit``) no host planning is possible; ``switched_attention``
+maps over the items instead and ``lax.switch``es each one to the dense kernel of its
+bucket on a coarser static ladder (``switch_caps``), so an item still costs about
+``bucket(n)^2`` rather than ``capacity^2``.
+
 Gradients: a custom VJP recomputes the scores of each step from the saved log-sum-exp
 (no ``[L, L]`` matrix is stored between forward and backward).
 """
