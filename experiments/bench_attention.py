@@ -8,8 +8,9 @@ Workloads (float32, H=8, D=64): ``spec``: B=32, lengths uniform over {32, 64, 12
 Peers: ``jax.nn.dot_product_attention`` on the padded batch with query/key sequence
 lengths; PyTorch ``scaled_dot_product_attention`` per sequence, padded with a mask, and
 on nested (jagged) tensors, when torch is installed. Useful GFLOP/s = 4·H·D·Σ L_i² for
-every row; forward and forward+backward are timed (median of --repeats). The f32 matmul
-roofline is measured in the same run (a 2048x2048 matmul).
+every row; forward and forward+backward are timed (median of --repeats), all rows of a
+workload in interleaved rounds so that the drift of a shared machine hits them alike.
+The f32 matmul roofline (a 2048x2048 matmul) is timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import timed, write_json_atomic
+from common import timed_interleaved, write_json_atomic
 
 import vsla_jax as vs
 from vsla_jax.attention import BucketedBackend, choose_backend
@@ -64,139 +65,137 @@ def make_batch(lengths, rng):
     return [vs.VarTensor(jnp.asarray(mk()), lens) for _ in range(3)]
 
 
-def matmul_roofline(repeats):
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    _, t = timed(lambda: f(a), repeats)
-    return 2 * 2048**3 / t / 1e9
+ROOFLINE_N = 2048
 
 
 def run(name, lengths, rng) -> dict:
+    """Time every row in interleaved rounds (``timed_interleaved``), forward then
+    forward+backward, plus the 2048^2 f32 matmul that serves as this run's roofline."""
     q, k, v = make_batch(lengths, rng)
     useful = 4.0 * H * D * float((lengths.astype(np.float64) ** 2).sum())
-    rows = {}
+    fwd, bwd, notes = {}, {}, {}
 
-    def record(label, fwd, bwd=None, note=""):
-        rows[label] = dict(fwd_s=fwd[1], fwd_first_s=fwd[0], bwd_s=bwd[1] if bwd else None,
-                           gflops=useful / fwd[1] / 1e9, note=note)
-
-    def vs_loss(backend, tile=None):
+    def vs_grad(backend):
         def f(qd, kd, vd):
             o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
-                             vs.VarTensor(vd, v.lengths), backend=backend, tile=tile)
+                             vs.VarTensor(vd, v.lengths), backend=backend)
             return jnp.sum(o.data * o.data)
-        return jax.grad(f, argnums=(0, 1, 2))
+        g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+        return lambda: g(q.data, k.data, v.data)
 
     for backend in ("auto", "bucketed", "tiled", "xla"):
-        fwd = timed(lambda b=backend: vs.attention(q, k, v, backend=b).data, FLAGS.repeats)
-        bwd = None
-        if FLAGS.backward:
-            g = jax.jit(vs_loss(backend))
-            bwd = timed(lambda g=g: g(q.data, k.data, v.data), FLAGS.repeats)
-        record(f"vsla {backend}", fwd, bwd)
-    rows["vsla auto"]["note"] = f"picks {choose_backend(q, k)}"
-    # inside jit with the lengths as arguments (traced), as in a jitted training step
-    jfwd = jax.jit(lambda q, k, v: vs.attention(q, k, v).data)
-    fwd = timed(lambda: jfwd(q, k, v), FLAGS.repeats)
-    bwd = None
-    if FLAGS.backward:
-        def traced_loss(qd, kd, vd, lq, lk):
-            o = vs.attention(vs.VarTensor(qd, lq), vs.VarTensor(kd, lk), vs.VarTensor(vd, lk))
-            return jnp.sum(o.data * o.data)
-        jg = jax.jit(jax.grad(traced_loss, argnums=(0, 1, 2)))
-        bwd = timed(lambda: jg(q.data, k.data, v.data, q.lengths, k.lengths), FLAGS.repeats)
-    record("vsla auto under jit (traced lengths)", fwd, bwd,
-           note="per-item switch over bucket capacities")
+        fwd[f"vsla {backend}"] = lambda b=backend: vs.attention(q, k, v, backend=b).data
+        bwd[f"vsla {backend}"] = vs_grad(backend)
+    notes["vsla auto"] = f"picks {choose_backend(q, k)}"
     tiles = vs.TilingStrategy().compute_optimal_tile_size(lengths, constraints=dict(heads=H,
                                                                                    head_dim=D))
-    rows["vsla tiled"]["note"] = f"tile {tiles}"
+    notes["vsla tiled"] = f"tile {tiles}"
     groups = BucketedBackend().prepare(q, k, v)["groups"]
-    rows["vsla bucketed"]["note"] = f"{len(groups)} groups, caps {[g.cq for g in groups]}"
+    notes["vsla bucketed"] = f"{len(groups)} groups, caps {[g.cq for g in groups]}"
+
+    # inside jit with the lengths as arguments (traced), as in a jitted training step
+    label = "vsla auto under jit (traced lengths)"
+    jfwd = jax.jit(lambda q, k, v: vs.attention(q, k, v).data)
+    fwd[label] = lambda: jfwd(q, k, v)
+
+    def traced_loss(qd, kd, vd, lq, lk):
+        o = vs.attention(vs.VarTensor(qd, lq), vs.VarTensor(kd, lk), vs.VarTensor(vd, lk))
+        return jnp.sum(o.data * o.data)
+
+    jg = jax.jit(jax.grad(traced_loss, argnums=(0, 1, 2)))
+    bwd[label] = lambda: jg(q.data, k.data, v.data, q.lengths, k.lengths)
+    notes[label] = "per-item switch over bucket capacities"
+
     lens = q.lengths[:, 0]
     dpa = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(
         a, b, c, query_seq_lengths=lens, key_value_seq_lengths=lens))
-    fwd = timed(lambda: dpa(q.data, k.data, v.data), FLAGS.repeats)
-    bwd = None
-    if FLAGS.backward:
-        gd = jax.jit(jax.grad(lambda a, b, c: jnp.sum(dpa(a, b, c) ** 2), argnums=(0, 1, 2)))
-        bwd = timed(lambda: gd(q.data, k.data, v.data), FLAGS.repeats)
-    record("jax.nn.dot_product_attention (padded)", fwd, bwd)
+    label = "jax.nn.dot_product_attention (padded)"
+    fwd[label] = lambda: dpa(q.data, k.data, v.data)
+    gd = jax.jit(jax.grad(lambda a, b, c: jnp.sum(dpa(a, b, c) ** 2), argnums=(0, 1, 2)))
+    bwd[label] = lambda: gd(q.data, k.data, v.data)
     ref = np.asarray(dpa(q.data, k.data, v.data))
     ours = np.asarray(vs.attention(q, k, v).data)
     mask = np.asarray(q.mask())
     err = float(np.abs(np.where(mask[..., None, None], ours - ref, 0)).max())
+    unavailable = {}
     try:
-        import torch
-        import torch.nn.functional as F
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        tq = [torch.from_numpy(np.asarray(q.data[i, :n])).transpose(0, 1)
-              for i, n in enumerate(lengths)]
-        tk = [torch.from_numpy(np.asarray(k.data[i, :n])).transpose(0, 1)
-              for i, n in enumerate(lengths)]
-        tv = [torch.from_numpy(np.asarray(v.data[i, :n])).transpose(0, 1)
-              for i, n in enumerate(lengths)]
-
-        def per_seq():
-            with torch.no_grad():
-                return [F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(tq, tk, tv)]
-
-        def with_grad(xs):
-            return [x.detach().clone().requires_grad_(True) for x in xs]
-
-        gq, gk, gv = with_grad(tq), with_grad(tk), with_grad(tv)
-
-        def per_seq_bwd():
-            loss = sum((F.scaled_dot_product_attention(a, b, c) ** 2).sum()
-                       for a, b, c in zip(gq, gk, gv))
-            loss.backward()
-            return loss.detach()
-
-        bwd = timed(per_seq_bwd, FLAGS.repeats) if FLAGS.backward else None
-        record("torch SDPA per sequence", timed(per_seq, FLAGS.repeats), bwd)
-        cap = int(lengths.max())
-        pad = lambda xs: torch.stack([F.pad(x, (0, 0, 0, cap - x.shape[1])) for x in xs])
-        pq, pk, pv = pad(tq), pad(tk), pad(tv)
-        am = (torch.arange(cap)[None, :] < torch.as_tensor(lengths)[:, None])[:, None, None, :]
-
-        def padded():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(pq, pk, pv, attn_mask=am)
-
-        (hq, hk, hv) = (x.detach().clone().requires_grad_(True) for x in (pq, pk, pv))
-
-        def padded_bwd():
-            o = F.scaled_dot_product_attention(hq, hk, hv, attn_mask=am)
-            loss = (o ** 2).sum()
-            loss.backward()
-            return loss.detach()
-
-        bwd = timed(padded_bwd, FLAGS.repeats) if FLAGS.backward else None
-        record("torch SDPA padded + mask", timed(padded, FLAGS.repeats), bwd)
-        try:
-            nq = torch.nested.nested_tensor([x.transpose(0, 1) for x in tq],
-                                            layout=torch.jagged).transpose(1, 2)
-            nk = torch.nested.nested_tensor([x.transpose(0, 1) for x in tk],
-                                            layout=torch.jagged).transpose(1, 2)
-            nv = torch.nested.nested_tensor([x.transpose(0, 1) for x in tv],
-                                            layout=torch.jagged).transpose(1, 2)
-
-            def nested():
-                with torch.no_grad():
-                    return F.scaled_dot_product_attention(nq, nk, nv)
-
-            record("torch SDPA nested (jagged)", timed(nested, FLAGS.repeats))
-        except (RuntimeError, NotImplementedError) as e:
-            rows["torch SDPA nested (jagged)"] = dict(unavailable=f"{type(e).__name__}: {e}"[:120])
+        _torch_rows(q, k, v, lengths, fwd, bwd)
     except ImportError:
-        rows["torch"] = dict(unavailable="torch not installed")
-    alloc = timed(lambda: jnp.zeros(q.data.shape, q.data.dtype), FLAGS.repeats)[1]
+        unavailable["torch"] = "torch not installed"
+    except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - torch version
+        unavailable["torch SDPA nested (jagged)"] = f"{type(e).__name__}: {e}"[:120]
+    a = jnp.ones((ROOFLINE_N, ROOFLINE_N), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    fwd["f32 matmul 2048^2 (roofline)"] = lambda: mm(a)
+    fwd["allocate one padded output"] = lambda: jnp.zeros(q.data.shape, q.data.dtype)
+    t_fwd = timed_interleaved(fwd, FLAGS.repeats)
+    t_bwd = timed_interleaved(bwd, FLAGS.repeats) if FLAGS.backward else {}
+    roofline = 2 * ROOFLINE_N**3 / t_fwd.pop("f32 matmul 2048^2 (roofline)")[1] / 1e9
+    alloc = t_fwd.pop("allocate one padded output")[1]
+    rows = {label: dict(fwd_s=t[1], fwd_first_s=t[0],
+                        bwd_s=t_bwd[label][1] if label in t_bwd else None,
+                        gflops=useful / t[1] / 1e9, note=notes.get(label, ""))
+            for label, t in t_fwd.items()}
+    rows.update({label: dict(unavailable=why) for label, why in unavailable.items()})
     return dict(useful_flops=useful, lengths=lengths.tolist(), rows=rows, max_abs_err=err,
-                output_alloc_s=alloc, output_bytes=int(q.data.nbytes))
+                output_alloc_s=alloc, output_bytes=int(q.data.nbytes), roofline=roofline)
 
 
-def report(name, res, roofline):
-    rows = res["rows"]
+def _torch_rows(q, k, v, lengths, fwd, bwd):
+    """PyTorch SDPA rows: per sequence, padded with a mask, nested (jagged)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    per_item = lambda x: [torch.from_numpy(np.asarray(x.data[i, :n])).transpose(0, 1)
+                          for i, n in enumerate(lengths)]
+    tq, tk, tv = per_item(q), per_item(k), per_item(v)
+
+    def per_seq():
+        with torch.no_grad():
+            return [F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(tq, tk, tv)]
+
+    grad_copies = lambda xs: [x.detach().clone().requires_grad_(True) for x in xs]
+    gq, gk, gv = grad_copies(tq), grad_copies(tk), grad_copies(tv)
+
+    def per_seq_bwd():
+        loss = sum((F.scaled_dot_product_attention(a, b, c) ** 2).sum()
+                   for a, b, c in zip(gq, gk, gv))
+        loss.backward()
+        return loss.detach()
+
+    fwd["torch SDPA per sequence"], bwd["torch SDPA per sequence"] = per_seq, per_seq_bwd
+    cap = int(lengths.max())
+    pad = lambda xs: torch.stack([F.pad(x, (0, 0, 0, cap - x.shape[1])) for x in xs])
+    pq, pk, pv = pad(tq), pad(tk), pad(tv)
+    am = (torch.arange(cap)[None, :] < torch.as_tensor(lengths)[:, None])[:, None, None, :]
+
+    def padded():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(pq, pk, pv, attn_mask=am)
+
+    hq, hk, hv = grad_copies([pq, pk, pv])
+
+    def padded_bwd():
+        loss = (F.scaled_dot_product_attention(hq, hk, hv, attn_mask=am) ** 2).sum()
+        loss.backward()
+        return loss.detach()
+
+    fwd["torch SDPA padded + mask"], bwd["torch SDPA padded + mask"] = padded, padded_bwd
+    jagged = lambda xs: torch.nested.nested_tensor([x.transpose(0, 1) for x in xs],
+                                                   layout=torch.jagged).transpose(1, 2)
+    nq, nk, nv = jagged(tq), jagged(tk), jagged(tv)
+
+    def nested():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(nq, nk, nv)
+
+    nested()  # raises here, outside the timed rounds, if this torch build lacks it
+    fwd["torch SDPA nested (jagged)"] = nested
+
+
+def report(name, res):
+    rows, roofline = res["rows"], res["roofline"]
     print(f"\n## {name}: B={len(res['lengths'])}, H={H}, D={D}, useful "
           f"{res['useful_flops'] / 1e9:.2f} GFLOP; vsla auto vs jax.nn max |diff| "
           f"{res['max_abs_err']:.1e}")
@@ -239,10 +238,9 @@ def report(name, res, roofline):
 def main(argv):
     del argv
     rng = np.random.default_rng(FLAGS.seed)
-    roofline = matmul_roofline(FLAGS.repeats)
     print(f"bench_attention: {platform.machine()} {os.cpu_count()} cores, backend "
           f"{jax.default_backend()}, jax {jax.__version__}")
-    out = {"roofline_gflops": roofline}
+    out = {}
     for name in FLAGS.workloads:
         if name == "spec":
             lengths = rng.choice([32, 64, 128, 256, 512], 32)
@@ -254,7 +252,7 @@ def main(argv):
         else:
             raise ValueError(f"unknown workload {name!r}")
         res = run(name, np.asarray(lengths), rng)
-        report(name, res, roofline)
+        report(name, res)
         out[name] = res
     if FLAGS.json_out:
         write_json_atomic(FLAGS.json_out, out)

@@ -38,3 +38,28 @@ def write_json_atomic(path: str, payload: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]],
+                      repeats: int) -> dict[str, tuple[float, float]]:
+    """``timed`` for several functions, measured in interleaved rounds.
+
+    Every function is called once (first call, compile included), then ``repeats``
+    rounds each call every function twice and time the second call, so slow drifts of
+    a shared machine hit all of them alike while each timed call still finds its own
+    library warm (thread pools awake, caches filled: switching between PyTorch and XLA
+    costs the first call after a switch several times its steady time). Returns
+    ``{label: (first-call seconds, median seconds)}``.
+    """
+    first, samples = {}, {label: [] for label in fns}
+    for label, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        first[label] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            jax.block_until_ready(fn())
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[label].append(time.perf_counter() - t0)
+    return {label: (first[label], float(np.median(samples[label]))) for label in fns}
