@@ -217,3 +217,23 @@ def test_float64_inputs_compute_in_float64():
         ref = vs.attention(q, k, v, backend="xla")
         assert got.data.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(got.data), np.asarray(ref.data), atol=1e-12)
+
+
+@pytest.mark.parametrize("fuse_after", [0, 1, 2])
+def test_fused_program_matches_per_group_programs(fuse_after):
+    from vsla_jax import bucketed_attention as ba
+
+    top = 41 + fuse_after  # a batch capacity of its own: no signature seen by other tests
+    q, k, v = _make([0, 1, 15, 16, 17, 33, 40, 7, top, 2], [3, 1, 15, 0, 17, 40, 33, 7, top, 9],
+                    seed=7)
+    backend = BucketedBackend(BucketPlan(block_bytes=1 << 16, group_overhead_flops=1e4,
+                                         fuse_after=fuse_after))
+    ref = np.asarray(vs.attention(q, k, v, causal=True, backend="xla").data)
+    before = ba._fused._cache_size()
+    outs = [np.asarray(backend.compute(q, k, v, True, 1 / np.sqrt(8),
+                                       backend.prepare(q, k, v)).data) for _ in range(3)]
+    for o in outs:
+        np.testing.assert_allclose(o, ref, atol=2e-5)
+    np.testing.assert_array_equal(outs[0], outs[-1])
+    assert len(backend.prepare(q, k, v)["groups"]) > 1
+    assert (ba._fused._cache_size() > before) == (fuse_after > 0)

@@ -434,7 +434,8 @@ class BucketedBackend:
         if "caps" in plan:
             out = switched_attention(*args, causal, scale, plan["caps"], self.plan.block_bytes)
         else:
-            out = bucketed_attention(*args, plan["groups"], causal, scale)
+            out = bucketed_attention(*args, plan["groups"], causal, scale,
+                                     self.plan.fuse_after)
         return VarTensor(out, q.lengths, q.model)
 
 
