@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -100,11 +102,11 @@ def merge_buckets(caps: np.ndarray, counts: np.ndarray, cost_per_item, overhead:
     ``sum(overhead + count * cost_per_item(run's largest cap))`` (exact DP, O(m^2)).
 
     Returns the list of ``(first, last)`` bucket indices of each run."""
+    caps, counts = [int(c) for c in caps], [int(c) for c in counts]  # Python scalars: fast
     m = len(caps)
-    best = np.full(m + 1, np.inf)
-    best[0] = 0.0
-    cut = np.zeros(m + 1, np.int64)
-    csum = np.concatenate([[0], np.cumsum(counts)])
+    best = [0.0] + [math.inf] * m
+    cut = [0] * (m + 1)
+    csum = [0] + list(itertools.accumulate(counts))
     for j in range(1, m + 1):
         unit = cost_per_item(caps[j - 1])
         for i in range(j):
@@ -113,8 +115,8 @@ def merge_buckets(caps: np.ndarray, counts: np.ndarray, cost_per_item, overhead:
                 best[j], cut[j] = c, i
     runs, j = [], m
     while j > 0:
-        runs.append((int(cut[j]), j - 1))
-        j = int(cut[j])
+        runs.append((cut[j], j - 1))
+        j = cut[j]
     return runs[::-1]
 
 
@@ -266,7 +268,10 @@ def _group_fwd(out, qd, kd, vd, idx, lq, lk, steps, *, causal, scale, cq, ck, ip
             lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_s, s * ips, axis=0)
         return o_all, lse
 
-    o_all, lse = jax.lax.fori_loop(0, steps, body, (o0, lse0))
+    if n_pad == ips:  # one padded step (count rung 1) is the real step: no loop at all
+        o_all, lse = body(0, (o0, lse0))
+    else:
+        o_all, lse = jax.lax.fori_loop(0, steps, body, (o0, lse0))
     return out.at[idx, :cq].set(o_all, mode="drop"), lse
 
 
@@ -285,7 +290,7 @@ def _group_bwd(dq, dk, dv, qd, kd, vd, idx, lq, lk, steps, out, lse, dout, *, ca
                      for acc, x in zip(carry, g))
 
     init = (compact(dq, cq), compact(dk, ck), compact(dv, ck))
-    gq, gk, gv = jax.lax.fori_loop(0, steps, body, init)
+    gq, gk, gv = body(0, init) if n_pad == ips else jax.lax.fori_loop(0, steps, body, init)
     put = lambda acc, x, c: acc.at[idx, :c].add(x, mode="drop")
     return put(dq, gq, cq), put(dk, gk, ck), put(dv, gv, ck)
 
@@ -337,8 +342,8 @@ def _seen(signature) -> int:
 
 def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse_after):
     eager = _eager(qd, kd, vd, lq, lk)
-    idxs = tuple(jnp.asarray(g.idx) for g in groups)
-    steps = tuple(jnp.int32(g.steps) for g in groups)
+    idxs = tuple(g.idx for g in groups)
+    steps = tuple(np.int32(g.steps) for g in groups)
     shapes = tuple((g.cq, g.ck, g.ips, g.qc) for g in groups)
     if eager and fuse_after > 0:
         signature = (shapes, tuple(len(g.idx) for g in groups), qd.shape, kd.shape,
@@ -366,8 +371,8 @@ def _bucketed_bwd(groups, causal, scale, fuse_after, saved, dout):
     ct = jnp.promote_types(qd.dtype, jnp.float32)
     dq, dk, dv = (jnp.zeros(x.shape, ct) for x in (qd, kd, vd))
     for g, lse in zip(groups, lses):
-        dq, dk, dv = call(dq, dk, dv, qd, kd, vd, jnp.asarray(g.idx), lq, lk,
-                          jnp.int32(g.steps), out, lse, dout, causal=causal, scale=scale,
+        dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.idx, lq, lk,
+                          np.int32(g.steps), out, lse, dout, causal=causal, scale=scale,
                           **_shapes(g))
     f0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
     return dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), f0(lq), f0(lk)
