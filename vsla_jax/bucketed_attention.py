@@ -172,6 +172,20 @@ def _chunk_scores(qj, kt, bias, q0, causal, scale):
     return s
 
 
+def _key_end(q0: int, rows: int, ck: int, causal: bool) -> int:
+    """Keys a query chunk can see: all ``ck``, or (causal) those up to its last row."""
+    return min(ck, q0 + rows) if causal else ck
+
+
+def causal_chunk(qc: int, cq: int) -> int:
+    """Query rows per chunk for causal attention: buckets of 128 and more run in (at
+    least) two chunks, and the first one skips the keys above the diagonal (a quarter of
+    the dense work). Measured on the 2-core CPU (spec workload, causal): 1 chunk 117 ms,
+    2 chunks 108, 4 chunks 112, 8 chunks 119 — more chunks skip more work but cost more,
+    smaller operations."""
+    return min(qc, -(-cq // 2)) if cq >= 128 else qc
+
+
 def _row_valid(lq, lk, q0, qc):
     """Rows with a real query and at least one key: ``[n, 1, 1, qc]``."""
     qpos = q0 + jnp.arange(qc)
@@ -189,11 +203,12 @@ def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
     outs, lses = [], []
     for j in range(0, q.shape[1], qc):
         qj = qt[:, :, :, j:j + qc]
-        s = _chunk_scores(qj, kt, bias, j, causal, scale)
+        e = _key_end(j, qj.shape[3], kt.shape[2], causal)
+        s = _chunk_scores(qj, kt[:, :, :e], bias[..., :e], j, causal, scale)
         m = s.max(axis=-1, keepdims=True)
         p = jnp.exp(s - m)
         den = p.sum(axis=-1, keepdims=True)
-        o = jnp.einsum("nhgqk,nhkd->nhgqd", p, vt, precision="highest") / den
+        o = jnp.einsum("nhgqk,nhkd->nhgqd", p, vt[:, :, :e], precision="highest") / den
         valid = _row_valid(lq, lk, j, qj.shape[3])
         outs.append(jnp.where(valid[..., None], o, 0))
         if with_lse:
@@ -218,14 +233,16 @@ def _step_bwd(q, k, v, lq, lk, o, lse, do, causal, scale, qc):
     dqs = []
     for j in range(0, q.shape[1], qc):
         qj, doj = qt[:, :, :, j:j + qc], dot[:, :, :, j:j + qc]
-        s = _chunk_scores(qj, kt, bias, j, causal, scale)
+        e = _key_end(j, qj.shape[3], kt.shape[2], causal)
+        kj, vj = kt[:, :, :e], vt[:, :, :e]
+        s = _chunk_scores(qj, kj, bias[..., :e], j, causal, scale)
         valid = _row_valid(lq, lk, j, qj.shape[3])
         p = jnp.where(valid[..., None], jnp.exp(s - lse[:, :, :, j:j + qc, None]), 0)
-        dv = dv + jnp.einsum("nhgqk,nhgqd->nhkd", p, doj, precision="highest")
-        dp = jnp.einsum("nhgqd,nhkd->nhgqk", doj, vt, precision="highest")
+        dv = dv.at[:, :, :e].add(jnp.einsum("nhgqk,nhgqd->nhkd", p, doj, precision="highest"))
+        dp = jnp.einsum("nhgqd,nhkd->nhgqk", doj, vj, precision="highest")
         ds = p * (dp - delta[:, :, :, j:j + qc, None]) * scale
-        dqs.append(jnp.einsum("nhgqk,nhkd->nhgqd", ds, kt, precision="highest"))
-        dk = dk + jnp.einsum("nhgqk,nhgqd->nhkd", ds, qj, precision="highest")
+        dqs.append(jnp.einsum("nhgqk,nhkd->nhgqd", ds, kj, precision="highest"))
+        dk = dk.at[:, :, :e].add(jnp.einsum("nhgqk,nhgqd->nhkd", ds, qj, precision="highest"))
     dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
     n, cq, h, d = q.shape
     return (dq.transpose(0, 3, 1, 2, 4).reshape(n, cq, h, d), dk.transpose(0, 2, 1, 3),
@@ -308,8 +325,9 @@ def _eager(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
 
 
-def _shapes(g: Group) -> dict:
-    return dict(cq=g.cq, ck=g.ck, ips=g.ips, qc=g.qc)
+def _shapes(g: Group, causal: bool) -> tuple[int, int, int, int]:
+    """Static ``(cq, ck, ips, qc)`` of a group; causal groups get narrower query chunks."""
+    return g.cq, g.ck, g.ips, causal_chunk(g.qc, g.cq) if causal else g.qc
 
 
 def _run_groups(qd, kd, vd, lq, lk, idxs, steps, shapes, causal, scale, with_lse, call):
@@ -344,7 +362,7 @@ def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse_after):
     eager = _eager(qd, kd, vd, lq, lk)
     idxs = tuple(g.idx for g in groups)
     steps = tuple(np.int32(g.steps) for g in groups)
-    shapes = tuple((g.cq, g.ck, g.ips, g.qc) for g in groups)
+    shapes = tuple(_shapes(g, causal) for g in groups)
     if eager and fuse_after > 0:
         signature = (shapes, tuple(len(g.idx) for g in groups), qd.shape, kd.shape,
                      str(qd.dtype), causal, scale, with_lse)
@@ -373,7 +391,7 @@ def _bucketed_bwd(groups, causal, scale, fuse_after, saved, dout):
     for g, lse in zip(groups, lses):
         dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.idx, lq, lk,
                           np.int32(g.steps), out, lse, dout, causal=causal, scale=scale,
-                          **_shapes(g))
+                          **dict(zip(("cq", "ck", "ips", "qc"), _shapes(g, causal))))
     f0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
     return dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), f0(lq), f0(lk)
 
@@ -424,6 +442,7 @@ def _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
     def branch(c):
         cq, ck = min(c, cq_all), min(c, ck_all)
         qc = step_shape(cq, ck, h, block_bytes)[1]
+        qc = causal_chunk(qc, cq) if causal else qc
 
         def run(q, k, v, a, b):
             o, lse = _step_fwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
@@ -462,6 +481,7 @@ def _switched_bwd_rule(causal, scale, caps, block_bytes, saved, dout):
     def branch(c):
         cq, ck = min(c, cq_all), min(c, ck_all)
         qc = step_shape(cq, ck, h, block_bytes)[1]
+        qc = causal_chunk(qc, cq) if causal else qc
 
         def run(q, k, v, a, b, o, lse_i, do):
             g = _step_bwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
