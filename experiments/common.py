@@ -12,17 +12,17 @@ import jax
 import numpy as np
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """``(first-call seconds, median steady-state seconds)``; results are blocked on."""
+def _once(fn: Callable[[], object]) -> float:
+    """Seconds for one call of ``fn``, its result blocked on."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return first, float(np.median(ts))
+    return time.perf_counter() - t0
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """``(first-call seconds, median steady-state seconds)``; results are blocked on."""
+    first = _once(fn)
+    return first, float(np.median([_once(fn) for _ in range(repeats)]))
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -51,15 +51,10 @@ def timed_interleaved(fns: dict[str, Callable[[], object]],
     costs the first call after a switch several times its steady time). Returns
     ``{label: (first-call seconds, median seconds)}``.
     """
-    first, samples = {}, {label: [] for label in fns}
-    for label, fn in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        first[label] = time.perf_counter() - t0
+    first = {label: _once(fn) for label, fn in fns.items()}
+    samples = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
-            jax.block_until_ready(fn())
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            samples[label].append(time.perf_counter() - t0)
+            _once(fn)  # warm: this library's threads and caches, after the previous row
+            samples[label].append(_once(fn))
     return {label: (first[label], float(np.median(samples[label]))) for label in fns}

@@ -30,6 +30,7 @@ import numpy as np
 
 from vsla_jax.bucketed_attention import (
     BucketPlan,
+    _neg,
     bucketed_attention,
     plan_groups,
     switch_caps,
@@ -39,10 +40,6 @@ from vsla_jax.errors import LengthError, ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor
 
 BACKENDS = ("xla", "bucketed", "tiled", "pallas")
-
-
-def _neg(dtype):
-    return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)
 
 
 # -- validation -------------------------------------------------------------------------

@@ -40,6 +40,7 @@ ATTENTION_POLICY = CapacityPolicy.octave(steps=4, minimum=16)
 
 
 def _neg(dtype):
+    """A large negative score (masked keys) that stays finite after adding a real one."""
     return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)
 
 
@@ -330,11 +331,16 @@ def _shapes(g: Group, causal: bool) -> tuple[int, int, int, int]:
     return g.cq, g.ck, g.ips, causal_chunk(g.qc, g.cq) if causal else g.qc
 
 
+def _static(shape: tuple[int, int, int, int]) -> dict:
+    """``_shapes`` as the keyword arguments of ``_group_fwd``/``_group_bwd``."""
+    return dict(zip(("cq", "ck", "ips", "qc"), shape))
+
+
 def _run_groups(qd, kd, vd, lq, lk, idxs, steps, shapes, causal, scale, with_lse, call):
     out, lses = jnp.zeros(qd.shape, qd.dtype), []
     for idx, st, shp in zip(idxs, steps, shapes):
         out, lse = call(out, qd, kd, vd, idx, lq, lk, st, causal=causal, scale=scale,
-                        with_lse=with_lse, **dict(zip(("cq", "ck", "ips", "qc"), shp)))
+                        with_lse=with_lse, **_static(shp))
         lses.append(lse)
     return out, lses
 
@@ -391,7 +397,7 @@ def _bucketed_bwd(groups, causal, scale, fuse_after, saved, dout):
     for g, lse in zip(groups, lses):
         dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.idx, lq, lk,
                           np.int32(g.steps), out, lse, dout, causal=causal, scale=scale,
-                          **dict(zip(("cq", "ck", "ips", "qc"), _shapes(g, causal))))
+                          **_static(_shapes(g, causal)))
     f0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
     return dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), f0(lq), f0(lk)
 
@@ -432,6 +438,13 @@ def _bucket_index(caps, lq, lk):
     return jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.maximum(lq, lk), side="left")
 
 
+def _branch_shape(c, cq_all, ck_all, heads, block_bytes, causal):
+    """``(cq, ck, qc)`` of the switch branch for bucket capacity ``c``."""
+    cq, ck = min(c, cq_all), min(c, ck_all)
+    qc = step_shape(cq, ck, heads, block_bytes)[1]
+    return cq, ck, causal_chunk(qc, cq) if causal else qc
+
+
 def _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
     """``lax.map`` over items; each item runs dense attention at its bucket's capacity.
 
@@ -440,9 +453,7 @@ def _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
     ct = jnp.promote_types(qd.dtype, jnp.float32)
 
     def branch(c):
-        cq, ck = min(c, cq_all), min(c, ck_all)
-        qc = step_shape(cq, ck, h, block_bytes)[1]
-        qc = causal_chunk(qc, cq) if causal else qc
+        cq, ck, qc = _branch_shape(c, cq_all, ck_all, h, block_bytes, causal)
 
         def run(q, k, v, a, b):
             o, lse = _step_fwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
@@ -479,9 +490,7 @@ def _switched_bwd_rule(causal, scale, caps, block_bytes, saved, dout):
     cq_all, ck_all, h = qd.shape[1], kd.shape[1], qd.shape[2]
 
     def branch(c):
-        cq, ck = min(c, cq_all), min(c, ck_all)
-        qc = step_shape(cq, ck, h, block_bytes)[1]
-        qc = causal_chunk(qc, cq) if causal else qc
+        cq, ck, qc = _branch_shape(c, cq_all, ck_all, h, block_bytes, causal)
 
         def run(q, k, v, a, b, o, lse_i, do):
             g = _step_bwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
