@@ -1,0 +1,148 @@
+"""Small helpers shared by vsla_jax modules (not part of the public API).
+
+Every module that needs one of these imports it from here; no module imports another
+module's private names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsla_jax.errors import ShapeError, VSLATypeError
+
+#: Host buffers handed to XLA:CPU are aligned to this many bytes, so that XLA reads
+#: them in place instead of copying them.
+HOST_ALIGN = 64
+
+
+# -- tracing ----------------------------------------------------------------------------
+def is_traced(x) -> bool:
+    """True for a JAX tracer (inside ``jit``, ``grad`` or ``vmap``)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+# -- array conversion -------------------------------------------------------------------
+def check_numeric(arr, what: str) -> None:
+    """Raise ``VSLATypeError`` unless ``arr`` has a numeric or bool dtype."""
+    dt = np.dtype(arr.dtype)
+    if not (np.issubdtype(dt, np.number) or np.issubdtype(dt, np.bool_)):
+        raise VSLATypeError(f"{what} must be numeric, got dtype {dt}")
+
+
+def as_array(values, what: str) -> np.ndarray | jax.Array:
+    """``values`` as a numeric NumPy or JAX array (JAX arrays and tracers pass through).
+
+    Raises ``ShapeError`` for ragged nested lists and ``VSLATypeError`` for
+    non-numeric data, naming ``what``.
+    """
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+        return values  # fast path: already a numeric NumPy array
+    if isinstance(values, (jax.Array, jax.core.Tracer)):
+        arr = values
+    else:
+        try:
+            arr = np.asarray(values)
+        except ValueError as e:  # ragged nested lists
+            raise ShapeError(f"{what} is ragged: {e}") from None
+        if arr.dtype == object:
+            raise ShapeError(f"{what} is ragged or holds non-numeric objects")
+    check_numeric(arr, what)
+    return arr
+
+
+def as_arrays(values: Sequence, what: str) -> list:
+    """``as_array`` over a sequence, skipping the call for numeric NumPy arrays."""
+    return [v if type(v) is np.ndarray and v.dtype.kind in "biuf" else as_array(v, f"{what} {i}")
+            for i, v in enumerate(values)]
+
+
+def default_float(arr):
+    """Integer and bool arrays cast to the default float dtype; others unchanged."""
+    dt = np.dtype(arr.dtype)
+    if np.issubdtype(dt, np.integer) or dt == np.bool_:
+        return arr.astype(jnp.result_type(float))
+    return arr
+
+
+def aligned_empty(n: int, dtype) -> np.ndarray:
+    """An uninitialised 1-D NumPy array of ``n`` elements, ``HOST_ALIGN``-byte aligned.
+
+    Hand it to a jitted function and do not write to it afterwards: XLA:CPU may read it
+    in place.
+    """
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + HOST_ALIGN, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGN
+    return raw[start : start + n * dtype.itemsize].view(dtype)
+
+
+# -- shapes -----------------------------------------------------------------------------
+def cdiv(a, b):
+    """Ceiling division (ints or integer arrays)."""
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def pad_axis(x: jax.Array, multiple: int, axis: int = 0, value=0) -> jax.Array:
+    """Zero-pad (or ``value``-pad) ``axis`` of ``x`` up to a multiple of ``multiple``."""
+    extra = (-x.shape[axis]) % multiple
+    if not extra:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def pad_axis_to(x: jax.Array, size: int, axis: int = 0, value=0) -> jax.Array:
+    """Pad ``axis`` of ``x`` with ``value`` up to ``size`` (no-op when already there)."""
+    extra = size - x.shape[axis]
+    if extra <= 0:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def neg_inf(dtype) -> jax.Array:
+    """A large negative score for masked keys that stays finite after adding a real one."""
+    return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)
+
+
+# -- host utilities ---------------------------------------------------------------------
+def best_time(fn: Callable, *args, repeats: int = 5) -> float:
+    """Best wall time in seconds of ``fn(*args)`` over ``repeats`` calls after one warm call."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
