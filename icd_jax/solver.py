@@ -154,7 +154,7 @@ class _LocalSearch:
         self.two_m = float(self.data.sum())
         n_blocks = -(-n // cfg.g)
         self.phi_max = float(phi(max(n_blocks - 1, 0), cfg.lam, cfg.tau))
-        self.c_norm = self.two_m * self.phi_max if self.phi_max > 0 else 1.0
+        self.c_norm = self.two_m * self.phi_max if self.two_m * self.phi_max > 0 else 1.0
         self.flag = np.zeros(n, bool)
         r = np.repeat(np.arange(n), np.diff(self.indptr))
         pr, pc = self.pos[r], self.pos[self.indices]
@@ -232,8 +232,9 @@ class _LocalSearch:
                 return None
             nodes = self.perm[p : p + length].copy()
             return nodes, np.arange(p + length - 1, p - 1, -1)
-        # block move: move segment [p, p + L) to start at q, shifting what lies between
-        length = int(rng.integers(1, max(2, g // 2)))
+        # block move: move segment [p, p + L) to start at q, shifting what lies between;
+        # L < n so that the segment and its target both fit (n may be far below g)
+        length = int(rng.integers(1, max(2, min(g // 2, n))))
         p = int(rng.integers(0, max(n - length, 1)))
         q = int(np.clip(p + rng.integers(-2 * g, 2 * g + 1), 0, n - length))
         if q == p:
