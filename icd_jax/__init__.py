@@ -5,12 +5,23 @@ together (cache-distance cost C, modularity Q), and apply layout-sensitive trans
 """
 
 from icd_jax.cost import CostConfig, cache_cost, modularity, objective
-from icd_jax.errors import ConfigError, GraphError, ICDError, PermutationError, TraceError
+from icd_jax.errors import (
+    ConfigError,
+    DegenerateGraphWarning,
+    GraphError,
+    ICDError,
+    ICDWarning,
+    PermutationError,
+    TraceError,
+    TraceWarning,
+    WeightError,
+)
 from icd_jax.graph import CoAccessGraph, build_w
 from icd_jax.solver import BASELINES, baseline, fit_permutation, nm_permutation
 
 __all__ = [
-    "BASELINES", "CoAccessGraph", "ConfigError", "CostConfig", "GraphError", "ICDError",
-    "PermutationError", "TraceError", "baseline", "build_w", "cache_cost", "fit_permutation",
-    "modularity", "nm_permutation", "objective",
+    "BASELINES", "CoAccessGraph", "ConfigError", "CostConfig", "DegenerateGraphWarning",
+    "GraphError", "ICDError", "ICDWarning", "PermutationError", "TraceError", "TraceWarning",
+    "WeightError", "baseline", "build_w", "cache_cost", "fit_permutation", "modularity",
+    "nm_permutation", "objective",
 ]

@@ -1,4 +1,4 @@
-"""Typed errors raised by icd_jax; each message names the offending input."""
+"""Typed errors and warnings raised by icd_jax; each message names the offending input."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ class GraphError(ICDError, ValueError):
     """A co-access matrix that is not symmetric, non-negative and finite."""
 
 
+class WeightError(ICDError, ValueError):
+    """A weight matrix (for example the input of an N:M search) with NaN or inf entries."""
+
+
 class TraceError(ICDError, ValueError):
     """A corrupt trace file; ``problems`` lists ``(line_number, message)`` pairs."""
 
@@ -25,3 +29,15 @@ class TraceError(ICDError, ValueError):
 
 class PermutationError(ICDError, ValueError):
     """An array that is not a permutation of ``range(D)``."""
+
+
+class ICDWarning(UserWarning):
+    """Base class of every icd_jax warning."""
+
+
+class TraceWarning(ICDWarning):
+    """Bad trace lines skipped in lenient mode (the message names their line numbers)."""
+
+
+class DegenerateGraphWarning(ICDWarning):
+    """A co-access graph that carries no layout information (empty or near-uniform)."""

@@ -6,6 +6,7 @@ position ``p`` (int32), ``stats`` has ``C, Q, J, method, improved, elapsed_s, it
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 
@@ -15,7 +16,7 @@ import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
 from icd_jax.cost import CostConfig, check_permutation, inverse, objective, phi
-from icd_jax.errors import ConfigError
+from icd_jax.errors import ConfigError, WeightError
 from icd_jax.graph import CoAccessGraph, validate
 
 
@@ -313,14 +314,46 @@ def fit_permutation(
 
 
 # -- N:M channel permutation --------------------------------------------------------------
+def check_nm(n, m, cols: int) -> tuple[int, int]:
+    """``(n, m)`` as ints if ``0 < n <= m`` and ``m`` divides ``cols``; else ``ConfigError``."""
+    vals = []
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool | np.bool_):
+            raise ConfigError(f"N:M {name} must be an integer, got {name}={v!r}")
+        try:
+            vals.append(operator.index(v))
+        except TypeError:
+            raise ConfigError(f"N:M {name} must be an integer, got {name}={v!r}") from None
+    n, m = vals
+    if m < 1:
+        raise ConfigError(f"N:M group size must be >= 1, got m={m}")
+    if not 0 < n <= m:
+        raise ConfigError(f"N:M needs 0 < n <= m, got n={n} with m={m}")
+    if cols % m:
+        raise ConfigError(f"{cols} input channels do not split into groups of m={m}")
+    return n, m
+
+
+def abs_weight(weight) -> np.ndarray:
+    """``|weight|`` as float64 ``[out, in]``; ``WeightError`` on NaN/inf entries."""
+    a = np.abs(np.asarray(weight, np.float64))
+    if a.ndim != 2:
+        raise ConfigError(f"weight must be [out, in], got shape {a.shape}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise WeightError(f"weight has {int(bad.sum())} non-finite (NaN/inf) entries, "
+                          f"first at {first}")
+    return a
+
+
 def nm_kept(weight, perm=None, n: int = 2, m: int = 4) -> float:
     """Magnitude kept by N:M pruning of ``weight[:, perm]`` (groups of ``m`` input columns)."""
-    a = np.abs(np.asarray(weight, np.float64))
+    a = abs_weight(weight)
+    n, m = check_nm(n, m, a.shape[1])
     if perm is not None:
         a = a[:, check_permutation(perm, a.shape[1])]
     rows, cols = a.shape
-    if cols % m:
-        raise ConfigError(f"{cols} input channels do not split into groups of m={m}")
     g = np.sort(a.reshape(rows, cols // m, m), axis=-1)
     return float(g[..., m - n :].sum())
 
@@ -356,14 +389,12 @@ def nm_permutation(
     Returns ``(perm, stats)``: ``weight[:, perm]`` is the permuted matrix; stats hold
     ``kept``, ``kept_default``, ``kept_unstructured`` (top n/m of every row, no
     structure), ``efficacy`` = (kept - default) / (unstructured - default), ``escapes``.
+    NaN/inf weights raise ``WeightError``; bad ``n``/``m`` raise ``ConfigError``.
     """
     t0 = time.perf_counter()
-    a = np.abs(np.asarray(weight, np.float64))
-    if a.ndim != 2:
-        raise ConfigError(f"weight must be [out, in], got shape {a.shape}")
+    a = abs_weight(weight)
     rows, cols = a.shape
-    if cols % m or not 0 < n <= m:
-        raise ConfigError(f"need 0 < n <= m and m | in-channels, got n={n}, m={m}, in={cols}")
+    n, m = check_nm(n, m, cols)
     stripes = cols // m
     rng = np.random.default_rng(seed)
     perm = np.arange(cols)
@@ -391,10 +422,12 @@ def nm_permutation(
         val, best, both = best_split(p, pi_, pj_)
         return cur, val - cur[pi_] - cur[pj_], best, both
 
-    cur, gain, best, both = evaluate_all(perm)
-    best_perm, best_kept = perm.copy(), cur.sum()
+    best_perm = perm.copy()
     escapes = 0
-    while time.perf_counter() - t0 < time_budget_s:
+    if stripes >= 2:  # one stripe (or none): no column can move between stripes
+        cur, gain, best, both = evaluate_all(perm)
+        best_kept = cur.sum()
+    while stripes >= 2 and time.perf_counter() - t0 < time_budget_s:
         k = int(gain.argmax())
         if gain[k] > 1e-12:
             s, t = pi_[k], pj_[k]

@@ -1,6 +1,7 @@
 """Cost C/Q against brute force, solver quality on planted graphs, N:M search."""
 
 import itertools
+import re
 
 import networkx as nx
 import numpy as np
@@ -11,8 +12,10 @@ from hypothesis import strategies as st
 
 from icd_jax import (
     BASELINES,
+    ConfigError,
     CostConfig,
     PermutationError,
+    WeightError,
     baseline,
     build_w,
     cache_cost,
@@ -249,3 +252,33 @@ def test_local_search_moves_stay_in_range_and_exact(d, seed, g):
         assert sorted(ls.perm.tolist()) == list(range(d))
         assert ls.J() - before == pytest.approx(dj, abs=1e-9)
         assert ls.J() == pytest.approx(reference_j(w, ls.perm, cfg), abs=1e-9)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nm_rejects_non_finite_weights(bad):
+    w = np.random.default_rng(0).standard_normal((4, 8))
+    w[2, 5] = bad
+    with pytest.raises(WeightError, match=r"non-finite.*\(2, 5\)"):
+        nm_permutation(w, time_budget_s=0.1)
+    with pytest.raises(WeightError, match="non-finite"):
+        nm_kept(w)
+
+
+@pytest.mark.parametrize("n, m, match", [
+    (2, 0, "m=0"), (2, -4, "m=-4"), (5, 4, "n=5"), (-1, 4, "n=-1"), (0, 4, "n=0"),
+    (2, 3, "m=3"), (2.5, 4, "n=2.5"), (2, True, "m=True"),
+])
+def test_nm_bad_n_m_raise_config_error(n, m, match):
+    w = np.ones((4, 8))
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        nm_permutation(w, n=n, m=m, time_budget_s=0.1)
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        nm_kept(w, n=n, m=m)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 0), (0, 8)])
+def test_nm_trivial_shapes(shape):
+    w = np.random.default_rng(0).standard_normal(shape)
+    perm, stats = nm_permutation(w, time_budget_s=0.1)
+    assert perm.tolist() == list(range(shape[1]))
+    assert stats["kept"] == pytest.approx(stats["kept_default"])
