@@ -21,16 +21,19 @@ import io
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from icd_jax.errors import ConfigError, GraphError, TraceError
+from icd_jax.errors import ConfigError, GraphError, TraceError, TraceWarning
 
 NORMALISATIONS = ("sym", "row", "none")
 #: float32 elements of one row block in ``from_activations`` (64 MiB).
 BLOCK_ELEMENTS = 1 << 24
+#: Largest weight W (float32) can hold.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,7 @@ def normalise(w: sp.csr_matrix, how: str) -> sp.csr_matrix:
         raise ConfigError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
     if how == "none":
         return w
-    deg = np.asarray(w.sum(axis=1)).ravel()
+    deg = np.asarray(w.sum(axis=1, dtype=np.float64)).ravel()  # float32 sums can overflow
     if how == "sym":
         inv = np.where(deg > 0, 1.0 / np.sqrt(np.where(deg > 0, deg, 1)), 0.0)
         d = sp.diags(inv.astype(np.float32))
@@ -163,20 +166,26 @@ def planted_blocks(
 
 
 # -- traces -----------------------------------------------------------------------------
-def read_trace(path: str, D: int | None = None, strict: bool = True,
+def read_trace(path: str | os.PathLike, D: int | None = None, strict: bool = True,
                fmt: str | None = None) -> tuple[sp.csr_matrix, dict]:
     """Parse a JSONL (``{"src", "dst", "w"}``) or CSV (``i,j,w``) trace into a symmetric W.
 
     Bad lines (unparseable, missing fields, non-integer or out-of-range indices,
-    NaN/inf/negative weights) raise ``TraceError`` naming every bad line in strict mode;
-    in lenient mode they are skipped and counted in the returned report.
+    NaN/inf/negative weights, weights beyond float32, edges whose summed weight
+    overflows float32) raise ``TraceError`` naming every bad line in strict mode; in
+    lenient mode they are skipped with a ``TraceWarning`` and counted in the report.
     """
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        raise ConfigError(f"trace path must be a str or os.PathLike, got "
+                          f"{type(path).__name__} {path!r}") from None
     if not os.path.exists(path):
         raise TraceError(f"trace file not found: {path}")
     fmt = fmt or ("csv" if path.endswith(".csv") else "jsonl")
     if fmt not in ("csv", "jsonl"):
         raise ConfigError(f"trace format must be 'csv' or 'jsonl', got {fmt!r}")
-    src, dst, wts, problems = [], [], [], []
+    src, dst, wts, lines, problems = [], [], [], [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for ln, line in enumerate(f, start=1):
             line = line.strip()
@@ -198,12 +207,15 @@ def read_trace(path: str, D: int | None = None, strict: bool = True,
                         raise ValueError(f"non-integer index {row[0]!r}")
                     i, j = row[0], row[1]
                     w = row[2] if len(row) > 2 else 1.0
-                i, j, w = _index(i), _index(j), float(w)
+                i, j, w = _index(i), _index(j), _weight(w)
             except (ValueError, KeyError, TypeError) as e:
                 problems.append((ln, f"unparseable: {e}"))
                 continue
             if not math.isfinite(w) or w < 0:
                 problems.append((ln, f"weight {w} is not finite and non-negative"))
+                continue
+            if w > FLOAT32_MAX:
+                problems.append((ln, f"weight {w:.6g} overflows float32 (max {FLOAT32_MAX:.6g})"))
                 continue
             if i < 0 or j < 0 or (D is not None and (i >= D or j >= D)):
                 problems.append((ln, f"index out of range: ({i}, {j}) for D={D}"))
@@ -211,15 +223,51 @@ def read_trace(path: str, D: int | None = None, strict: bool = True,
             src.append(i)
             dst.append(j)
             wts.append(w)
-    if problems and strict:
+            lines.append(ln)
+    src, dst, wts, lines = (np.asarray(src, np.int64), np.asarray(dst, np.int64),
+                            np.asarray(wts, np.float64), np.asarray(lines, np.int64))
+    bad = _overflowing_edges(src, dst, wts, lines)
+    if bad:
+        problems = sorted(problems + bad)
+        drop = np.isin(lines, [n for n, _ in bad])
+        src, dst, wts = src[~drop], dst[~drop], wts[~drop]
+    if problems:
         shown = "; ".join(f"line {n}: {m}" for n, m in problems[:5])
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise TraceError(f"{path}: {len(problems)} bad lines: {shown}{more}", problems)
-    n = D if D is not None else (max(max(src), max(dst)) + 1 if src else 0)
-    w = sp.coo_matrix((np.asarray(wts, np.float64), (src, dst)), shape=(n, n)).tocsr()
+        if strict:
+            raise TraceError(f"{path}: {len(problems)} bad lines: {shown}{more}", problems)
+        warnings.warn(TraceWarning(f"{path}: skipped {len(problems)} bad lines: {shown}{more}"),
+                      stacklevel=2)
+    n = D if D is not None else (int(max(src.max(), dst.max())) + 1 if src.size else 0)
+    w = sp.coo_matrix((wts, (src, dst)), shape=(n, n)).tocsr()
     w = w + w.T
-    return w, dict(path=os.path.abspath(path), events=len(src), skipped=len(problems),
+    return w, dict(path=os.path.abspath(path), events=int(src.size), skipped=len(problems),
                    problems=problems[:20])
+
+
+def _overflowing_edges(src, dst, wts, lines) -> list[tuple[int, str]]:
+    """``(line, message)`` for every line of an edge whose summed weight overflows float32."""
+    off = src != dst  # self loops are dropped from W
+    if not off.any():
+        return []
+    lo, hi = np.minimum(src, dst)[off], np.maximum(src, dst)[off]
+    keys, inv = np.unique(np.stack([lo, hi], 1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    total = np.bincount(inv, weights=wts[off], minlength=len(keys))
+    out = []
+    for e in np.flatnonzero(total > FLOAT32_MAX):
+        at = lines[off][inv == e]
+        listed = ", ".join(str(x) for x in at[:10]) + (", ..." if at.size > 10 else "")
+        msg = (f"edge ({keys[e, 0]}, {keys[e, 1]}): summed weight {total[e]:.6g} over lines "
+               f"{listed} overflows float32")
+        out.extend((int(x), msg) for x in at)
+    return out
+
+
+def _weight(v) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"boolean weight {v}")
+    return float(v)
 
 
 def _index(v) -> int:

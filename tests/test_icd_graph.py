@@ -1,13 +1,14 @@
 """Co-access graph construction: mock, traces (corrupt lines), activations, options."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 import icd_jax
-from icd_jax.errors import ConfigError, GraphError, TraceError
+from icd_jax.errors import ConfigError, GraphError, TraceError, TraceWarning
 from icd_jax.graph import build_w, validate
 
 
@@ -67,7 +68,8 @@ def test_corrupt_trace_strict_and_lenient(tmp_path):
     lines = [n for n, _ in e.value.problems]
     assert lines == [2, 3, 4, 5, 6]
     assert "line 2" in str(e.value)
-    g = build_w("trace", path=str(p), D=3, strict=False, normalisation="none")
+    with pytest.warns(TraceWarning, match="skipped 5 bad lines: line 2"):
+        g = build_w("trace", path=str(p), D=3, strict=False, normalisation="none")
     assert g.meta["trace"]["skipped"] == 5 and g.meta["trace"]["events"] == 2
     assert g.csr.toarray()[1, 2] == 0.5
     with pytest.raises(TraceError, match="not found"):
@@ -143,3 +145,63 @@ def test_activations_row_blocks_match_one_block(monkeypatch, hub, topk):
     blocked = graph.from_activations(acts, hub=hub, topk=topk).toarray()
     np.testing.assert_allclose(blocked, one, rtol=1e-6)
     assert np.allclose(one, one.T)
+
+
+@pytest.mark.parametrize("kind", ["pathlib", "str", "pathlike"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_trace_path_accepts_any_pathlike(tmp_path, kind, suffix):
+    p = tmp_path / f"t{suffix}"
+    p.write_text("0,1,2\n1,2,1\n" if suffix == ".csv" else
+                 '{"src": 0, "dst": 1, "w": 2}\n{"src": 1, "dst": 2, "w": 1}\n')
+
+    class Custom:
+        def __fspath__(self):
+            return str(p)
+
+    arg = {"pathlib": p, "str": str(p), "pathlike": Custom()}[kind]
+    g = build_w("trace", path=arg, normalisation="none")
+    assert g.csr.toarray()[0, 1] == 2.0 and g.csr.toarray()[1, 2] == 1.0
+    assert g.meta["trace"]["path"] == os.path.abspath(p)
+    with pytest.raises(ConfigError, match="path"):
+        build_w("trace", path=123)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("bad", ["1e40", "-1e40", "inf", "nan", "3.5e38"])
+def test_trace_overflowing_weight_names_its_line(tmp_path, fmt, bad):
+    """Weights that are finite in float64 but not in W's float32 are bad lines too."""
+    lines = [(0, 1, "1.0"), (1, 2, bad), (2, 3, "0.5")]
+    p = tmp_path / f"t.{fmt}"
+    if fmt == "csv":
+        p.write_text("".join(f"{i},{j},{w}\n" for i, j, w in lines))
+    else:  # JSON numbers (json reads NaN/Infinity too)
+        lit = {"inf": "Infinity", "nan": "NaN"}.get(bad, bad)
+        p.write_text("".join(f'{{"src": {i}, "dst": {j}, "w": {lit if w == bad else w}}}\n'
+                             for i, j, w in lines))
+    with pytest.raises(TraceError, match="line 2") as e:
+        build_w("trace", path=p)
+    assert [n for n, _ in e.value.problems] == [2]
+    with pytest.warns(TraceWarning, match="line 2"):
+        g = build_w("trace", path=p, strict=False, normalisation="none")
+    dense = g.csr.toarray()
+    assert dense[0, 1] == 1.0 and dense[1, 2] == 0.0 and dense[2, 3] == 0.5
+    assert g.meta["trace"]["skipped"] == 1
+
+
+def test_trace_accumulated_overflow_names_lines(tmp_path):
+    """Two weights that each fit float32 but whose sum (one edge) does not."""
+    p = tmp_path / "t.csv"
+    p.write_text("0,1,3e38\n1,2,1\n1,0,3e38\n")
+    with pytest.raises(TraceError, match=r"lines 1, 3"):
+        build_w("trace", path=p)
+    with pytest.warns(TraceWarning, match=r"lines 1, 3"):
+        g = build_w("trace", path=p, strict=False, normalisation="none")
+    assert g.csr.toarray()[0, 1] == 0 and g.csr.toarray()[1, 2] == 1.0
+
+
+def test_lenient_trace_warns_for_every_kind_of_bad_line(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("0,1,1\nx,y\n0,1,-2\n")
+    with pytest.warns(TraceWarning, match=r"2 bad lines.*line 2.*line 3"):
+        g = build_w("trace", path=p, strict=False)
+    assert g.meta["trace"]["skipped"] == 2
