@@ -3,8 +3,14 @@
 A ``VarTensor`` is a capacity-padded array plus per-item logical lengths. Shapes
 combine by ambient promotion; Model A multiplies by convolution, Model B by Kronecker
 product. ``jit`` specialises on capacity buckets, never on exact lengths.
+
+Subpackages: ``vsla_jax.conv`` (the ragged convolution engine) and
+``vsla_jax.attention`` (variable-length attention). Import their modules with
+``from vsla_jax.conv import engine``: the names ``vs.conv`` and ``vs.attention`` are the
+front-door functions.
 """
 
+# The subpackages are imported before the functions of the same name are bound below.
 from vsla_jax.attention import (
     ApproxConfig,
     AttentionBackend,
@@ -12,17 +18,18 @@ from vsla_jax.attention import (
     approximate_attention,
     attention,
 )
-from vsla_jax.blocked_conv import FlatRagged, conv_blocked
 from vsla_jax.bucketing import RaggedBatch, bucketize
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
-from vsla_jax.conv_engine import ConvPolicy, conv_ragged, heterogeneity_profile
-from vsla_jax.errors import (
-    LengthError,
-    ModelMismatchError,
-    ShapeError,
-    VSLAError,
-    VSLATypeError,
+from vsla_jax.conv import (
+    ConvPolicy,
+    CostModel,
+    FlatRagged,
+    HeterogeneityProfile,
+    calibrate,
+    conv_packed,
+    heterogeneity_profile,
 )
+from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLAError, VSLATypeError
 from vsla_jax.ops import (
     add,
     conv,
@@ -44,12 +51,22 @@ from vsla_jax.tensor import VarTensor, from_dlpack, from_padded, stack, tensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApproxConfig", "AttentionBackend", "TilingStrategy", "approximate_attention", "attention",
-    "COUNT_POLICY", "ConvPolicy", "DEFAULT_POLICY", "FlatRagged", "conv_blocked", "conv_ragged",
-    "heterogeneity_profile",
-    "CapacityPolicy", "LengthError",
-    "ModelMismatchError", "RaggedBatch", "ShapeError", "VSLAError", "VSLATypeError",
-    "VarTensor", "add", "batch_mesh", "bucketize", "conv", "from_dlpack", "from_padded",
-    "hadamard", "kron", "mean", "merge_batch", "multiply", "neg", "norm", "pad_batch",
-    "pyramid", "scale", "shard_batch", "shrink", "stack", "sub", "sum", "tensor", "window",
+    # the type, its capacity ladders and its errors
+    "VarTensor", "CapacityPolicy", "DEFAULT_POLICY", "COUNT_POLICY",
+    "VSLAError", "ShapeError", "LengthError", "ModelMismatchError", "VSLATypeError",
+    # constructors and conversions
+    "tensor", "stack", "from_padded", "from_dlpack",
+    # ops
+    "add", "sub", "neg", "hadamard", "scale", "conv", "kron", "multiply",
+    "sum", "norm", "mean", "shrink",
+    # stacking
+    "window", "pyramid", "merge_batch",
+    # ragged storage and sharding
+    "RaggedBatch", "bucketize", "batch_mesh", "pad_batch", "shard_batch",
+    # the convolution engine
+    "ConvPolicy", "CostModel", "calibrate", "heterogeneity_profile", "HeterogeneityProfile",
+    "conv_packed", "FlatRagged",
+    # attention
+    "attention", "approximate_attention", "ApproxConfig", "AttentionBackend",
+    "TilingStrategy",
 ]

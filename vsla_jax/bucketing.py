@@ -16,7 +16,8 @@ import numpy as np
 
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import ShapeError
-from vsla_jax.tensor import VarTensor, _as_array, _default_float, check_model
+from vsla_jax.tensor import VarTensor, check_model
+from vsla_jax.util import as_array, default_float
 
 
 @jax.tree_util.register_dataclass
@@ -69,24 +70,6 @@ class RaggedBatch:
         return int(np.prod(self.lengths(), axis=1).sum()) * feat
 
 
-#: Host buffers handed to XLA:CPU are aligned to this many bytes: XLA then uses them
-#: in place instead of copying them (a jitted call on a 0.9 MB NumPy argument measured
-#: 25 us aligned against 123 us unaligned here).
-HOST_ALIGN = 64
-
-
-def aligned_empty(n: int, dtype) -> np.ndarray:
-    """An uninitialised 1-D NumPy array of ``n`` elements, ``HOST_ALIGN``-byte aligned.
-
-    Hand it to a jitted function and do not write to it afterwards: XLA:CPU may read it
-    in place.
-    """
-    dtype = np.dtype(dtype)
-    raw = np.empty(n * dtype.itemsize + HOST_ALIGN, np.uint8)
-    start = -raw.ctypes.data % HOST_ALIGN
-    return raw[start : start + n * dtype.itemsize].view(dtype)
-
-
 def pack_group(arrays, members, slots: int, cap: tuple[int, ...], dtype):
     """NumPy ``[slots, *cap, *feat]`` data and ``int32[slots, rank]`` lengths for one group.
 
@@ -127,7 +110,7 @@ def bucketize(
     """
     policy = policy or DEFAULT_POLICY
     check_model(model)
-    arrays = [_as_array(it, f"item {i}") for i, it in enumerate(items)]
+    arrays = [as_array(it, f"item {i}") for i, it in enumerate(items)]
     if not arrays:
         return RaggedBatch((), (), 0)
     ndim = arrays[0].ndim
@@ -141,7 +124,7 @@ def bucketize(
             raise ShapeError(f"item {i} has feature shape {a.shape[rank:]}, item 0 has {feat}")
         groups.setdefault(policy.capacity(a.shape[:rank]), []).append(i)
     if dtype is None:
-        dtype = np.result_type(*[_default_float(a[:0]) for a in arrays])
+        dtype = np.result_type(*[default_float(a[:0]) for a in arrays])
     dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
     buckets, index = [], []
     for cap in sorted(groups):

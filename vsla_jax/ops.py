@@ -7,17 +7,20 @@ Inputs are masked to their logical extent first, so gradients have zero slack.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vsla_jax.convolution import conv_padded
-from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
+from vsla_jax.conv.engine import conv
+from vsla_jax.conv.kernels import conv_output_lengths
+from vsla_jax.errors import ShapeError
 from vsla_jax.tensor import (
     VarTensor,
+    align_batch,
+    broadcast_operands,
+    check_pair,
     expand_mask,
+    require,
     resize_capacity,
     zero_slack,
 )
@@ -28,73 +31,42 @@ __all__ = [
 ]
 
 
-def _require(x, name: str) -> VarTensor:
-    if not isinstance(x, VarTensor):
-        raise VSLATypeError(f"{name} must be a VarTensor, got {type(x).__name__}")
-    return x
-
-
-def _check_pair(a, b, op: str) -> tuple[VarTensor, VarTensor]:
-    a, b = _require(a, "a"), _require(b, "b")
-    if a.model != b.model:
-        raise ModelMismatchError(f"{op}: operands use models {a.model!r} and {b.model!r}")
-    if a.rank != b.rank:
-        raise ShapeError(f"{op}: ranks differ ({a.rank} vs {b.rank})")
-    try:
-        np.broadcast_shapes(a.batch_shape, b.batch_shape)
-    except ValueError:
-        raise ShapeError(
-            f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not broadcast"
-        ) from None
-    if a.features != b.features:
-        raise ShapeError(f"{op}: feature shapes differ ({a.features} vs {b.features})")
-    return a, b
-
-
-def _align_batch(x: VarTensor, nb: int) -> tuple[jax.Array, jax.Array]:
-    """Data and lengths with ``nb`` batch axes (leading size-1 axes added)."""
-    extra = nb - x.batch_ndim
-    data = x.data.reshape((1,) * extra + x.data.shape)
-    lengths = x.lengths.reshape((1,) * extra + x.lengths.shape)
-    return data, lengths
-
-
 def _ambient(a: VarTensor, b: VarTensor, fn) -> VarTensor:
     cap = tuple(max(ca, cb) for ca, cb in zip(a.capacity, b.capacity))
     nb = max(a.batch_ndim, b.batch_ndim)
     a, b = zero_slack(a), zero_slack(b)
-    da, la = _align_batch(a, nb)
-    db, lb = _align_batch(b, nb)
+    da, la = align_batch(a, nb)
+    db, lb = align_batch(b, nb)
     da = resize_capacity(da, nb, a.capacity, cap)
     db = resize_capacity(db, nb, b.capacity, cap)
-    return VarTensor(fn(da, db), jnp.maximum(la, lb), a.model)
+    return VarTensor.trusted(fn(da, db), jnp.maximum(la, lb), a.model)
 
 
 @jax.jit
 def add(a: VarTensor, b: VarTensor) -> VarTensor:
     """Ambient sum: both operands zero-extended to the per-axis maximum length."""
-    a, b = _check_pair(a, b, "add")
+    a, b = check_pair(a, b, "add")
     return _ambient(a, b, jnp.add)
 
 
 @jax.jit
 def sub(a: VarTensor, b: VarTensor) -> VarTensor:
     """Ambient difference ``a - b``."""
-    a, b = _check_pair(a, b, "sub")
+    a, b = check_pair(a, b, "sub")
     return _ambient(a, b, jnp.subtract)
 
 
 @jax.jit
 def hadamard(a: VarTensor, b: VarTensor) -> VarTensor:
     """Elementwise product at the ambient shape; entries present in one operand are 0."""
-    a, b = _check_pair(a, b, "hadamard")
+    a, b = check_pair(a, b, "hadamard")
     return _ambient(a, b, jnp.multiply)
 
 
 @jax.jit
 def scale(x: VarTensor, s) -> VarTensor:
     """``s * x`` for a scalar or a per-item array of shape ``x.batch_shape``."""
-    x = zero_slack(_require(x, "x"))
+    x = zero_slack(require(x, "x"))
     s = jnp.asarray(s)
     if s.ndim:
         if s.shape != x.batch_shape:
@@ -106,63 +78,14 @@ def scale(x: VarTensor, s) -> VarTensor:
 @jax.jit
 def neg(x: VarTensor) -> VarTensor:
     """``-x``."""
-    x = zero_slack(_require(x, "x"))
+    x = zero_slack(require(x, "x"))
     return dataclasses.replace(x, data=-x.data)
 
 
 # -- semiring products ------------------------------------------------------------------
-def _broadcast_operands(a: VarTensor, b: VarTensor):
-    nb = max(a.batch_ndim, b.batch_ndim)
-    batch = tuple(np.broadcast_shapes(a.batch_shape, b.batch_shape))
-    da, la = _align_batch(zero_slack(a), nb)
-    db, lb = _align_batch(zero_slack(b), nb)
-    da = jnp.broadcast_to(da, batch + da.shape[nb:])
-    db = jnp.broadcast_to(db, batch + db.shape[nb:])
-    la = jnp.broadcast_to(la, batch + (a.rank,))
-    lb = jnp.broadcast_to(lb, batch + (b.rank,))
-    return batch, da, la, db, lb
-
-
 def conv_lengths(la: jax.Array, lb: jax.Array) -> jax.Array:
-    """Model A output lengths: ``la + lb - 1`` per axis (0 on an axis where either is 0).
-
-    Any zero length makes the result empty; keeping the other axes as ``la + lb - 1``
-    makes ``[1]`` an exact identity, also for empty operands of shape ``(0, n)``.
-    """
-    return jnp.where((la > 0) & (lb > 0), la + lb - 1, 0).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("method",))
-def conv(a: VarTensor, b: VarTensor, method: str = "auto") -> VarTensor:
-    """Model A product: full linear convolution over the variable axes, per item.
-
-    ``[1, 2] * [3, 4] = [3, 10, 8]``. Batch shapes broadcast (one kernel may serve a
-    whole batch); feature axes are convolved channel by channel (depthwise). Output
-    capacity is ``cap_a + cap_b - 1`` per axis.
-
-    Args:
-      method: ``"direct"`` (shift-and-add), ``"fft"`` (real FFTs of a fast length), or
-        ``"auto"``: the engine's cost model picks by capacities at trace time (the
-        machine's cached calibration if one exists, else the static model).
-    """
-    a, b = _check_pair(a, b, "conv")
-    if method == "auto":
-        from vsla_jax.conv_engine import default_cost_model
-
-        items = int(np.prod(np.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
-        method = default_cost_model().choose(a.capacity, b.capacity, max(items, 1))
-    if not jnp.issubdtype(a.dtype, jnp.inexact) or not jnp.issubdtype(b.dtype, jnp.inexact):
-        raise VSLATypeError(
-            f"conv needs floating or complex data, got {a.dtype} and {b.dtype}")
-    if method == "fft" and (jnp.issubdtype(a.dtype, jnp.complexfloating)
-                            or jnp.issubdtype(b.dtype, jnp.complexfloating)):
-        raise VSLATypeError("conv(method='fft') supports real data only")
-    batch, da, la, db, lb = _broadcast_operands(a, b)
-    dt = jnp.result_type(da.dtype, db.dtype)
-    out = conv_padded(da.astype(dt), db.astype(dt), len(batch), a.rank, method, la, lb)
-    out = VarTensor(out, conv_lengths(la, lb), a.model)
-    # FFT round-off leaves O(eps) values in the slack: restore the invariant exactly.
-    return zero_slack(out) if method == "fft" else out
+    """Model A output lengths (see ``vsla_jax.conv.kernels.conv_output_lengths``)."""
+    return conv_output_lengths(la, lb)
 
 
 def _vmap_batch(fn, n: int):
@@ -197,8 +120,8 @@ def kron(a: VarTensor, b: VarTensor) -> VarTensor:
     Not commutative: ``[1, 2] ⊗ [3, 4] = [3, 4, 6, 8]``. Output capacity is
     ``cap_a * cap_b`` per axis; feature axes multiply elementwise.
     """
-    a, b = _check_pair(a, b, "kron")
-    batch, da, la, db, lb = _broadcast_operands(a, b)
+    a, b = check_pair(a, b, "kron")
+    batch, da, la, db, lb = broadcast_operands(a, b)
     dt = jnp.result_type(da.dtype, db.dtype)
     fn = lambda x, lx, y, ly: _kron_item(
         x.astype(dt), lx, y.astype(dt), ly, a.capacity, b.capacity, len(a.features)
@@ -209,15 +132,32 @@ def kron(a: VarTensor, b: VarTensor) -> VarTensor:
 
 def multiply(a: VarTensor, b: VarTensor) -> VarTensor:
     """Semiring product of the operands' model: ``conv`` for A, ``kron`` for B."""
-    a, b = _check_pair(a, b, "multiply")
+    a, b = check_pair(a, b, "multiply")
     return conv(a, b) if a.model == "A" else kron(a, b)
+
+
+# -- operators on VarTensor (attached here: ops depends on tensor, not the reverse) -------
+def _mul(self, other):
+    """``x * y``: the semiring product for a VarTensor, else a (per-item) scale."""
+    return multiply(self, other) if isinstance(other, VarTensor) else scale(self, other)
+
+
+def _rmul(self, other):
+    return _mul(self, other)
+
+
+VarTensor.__add__ = lambda self, other: add(self, other)
+VarTensor.__sub__ = lambda self, other: sub(self, other)
+VarTensor.__neg__ = lambda self: neg(self)
+VarTensor.__mul__ = _mul
+VarTensor.__rmul__ = _rmul
 
 
 # -- reductions -------------------------------------------------------------------------
 @jax.jit
 def sum(x: VarTensor) -> jax.Array:  # noqa: A001 - mirrors jnp.sum
     """Sum over each item's logical entries: ``[*batch, *features]``."""
-    x = zero_slack(_require(x, "x"))
+    x = zero_slack(require(x, "x"))
     return jnp.sum(x.data, axis=x.var_axes)
 
 
@@ -227,7 +167,7 @@ def norm(x: VarTensor) -> jax.Array:
 
     The gradient at a zero tensor is defined as zero.
     """
-    x = zero_slack(_require(x, "x"))
+    x = zero_slack(require(x, "x"))
     sq = jnp.sum(jnp.real(x.data * jnp.conj(x.data)), axis=x.var_axes)
     safe = jnp.where(sq > 0, sq, 1.0)
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
@@ -236,7 +176,7 @@ def norm(x: VarTensor) -> jax.Array:
 @jax.jit
 def mean(x: VarTensor) -> jax.Array:
     """Mean over each item's logical entries: ``[*batch, *features]`` (0 if empty)."""
-    x = zero_slack(_require(x, "x"))
+    x = zero_slack(require(x, "x"))
     count = jnp.prod(x.lengths, axis=-1).astype(x.dtype)
     count = count.reshape(count.shape + (1,) * len(x.features))
     total = jnp.sum(x.data, axis=x.var_axes)
@@ -250,7 +190,7 @@ def shrink(x: VarTensor) -> VarTensor:
     Lowers lengths only; capacity and data are unchanged. An all-zero tensor becomes
     empty (all lengths 0). ``shrink([3, 2, 0]) == [3, 2]``.
     """
-    x = zero_slack(_require(x, "x"))
+    x = zero_slack(require(x, "x"))
     nz = x.data != 0
     feat_axes = tuple(range(x.batch_ndim + x.rank, x.data.ndim))
     if feat_axes:

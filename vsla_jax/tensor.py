@@ -12,11 +12,11 @@ import numpy as np
 
 from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLATypeError
+from vsla_jax.util import as_array, check_numeric, default_float, is_traced
 
 MODELS = ("A", "B")
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VarTensor:
     """A batch of variable-shape tensors sharing one static capacity.
@@ -34,6 +34,39 @@ class VarTensor:
     data: jax.Array
     lengths: jax.Array
     model: str = dataclasses.field(default="A", metadata=dict(static=True))
+
+    def __post_init__(self):
+        """Validate a directly built tensor whenever its lengths are concrete.
+
+        Lists and NumPy arrays become JAX arrays (lengths int32). Traced lengths are
+        trusted. JAX's own pytree unflattening bypasses this check.
+        """
+        data, lengths = self.data, self.lengths
+        if isinstance(lengths, (list, tuple, np.ndarray, int, np.integer)):
+            lengths = np.asarray(lengths)
+            if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
+                raise VSLATypeError(f"VarTensor lengths must be integers, got dtype "
+                                    f"{lengths.dtype}")
+            lengths = lengths.astype(np.int32)
+        if isinstance(data, (list, tuple, np.ndarray)):
+            data = default_float(as_array(data, "VarTensor data"))
+        if isinstance(data, np.ndarray):
+            data = jax.device_put(data)
+        if isinstance(lengths, np.ndarray):
+            object.__setattr__(self, "lengths", jax.device_put(lengths))
+        object.__setattr__(self, "data", data)
+        check_model(self.model)
+        if hasattr(data, "shape") and hasattr(lengths, "shape"):
+            validate_lengths(data.shape, lengths, "VarTensor")
+
+    @classmethod
+    def trusted(cls, data, lengths, model: str = "A") -> VarTensor:
+        """Build without validation (library code whose lengths are valid by construction)."""
+        out = object.__new__(cls)
+        object.__setattr__(out, "data", data)
+        object.__setattr__(out, "lengths", lengths)
+        object.__setattr__(out, "model", model)
+        return out
 
     # -- static metadata -------------------------------------------------------------
     @property
@@ -110,7 +143,13 @@ class VarTensor:
             width = tuple(int(m) for m in maxlen)
         elif isinstance(width, (int, np.integer)):
             width = (int(width),) * self.rank
+        elif not isinstance(width, (list, tuple)) or not all(
+                isinstance(w, (int, np.integer)) for w in width):
+            raise VSLATypeError(f"to_padded width must be an int or a sequence of ints "
+                                f"(one per variable axis), got {width!r}")
         width = tuple(int(w) for w in width)
+        if any(w < 0 for w in width):
+            raise LengthError(f"to_padded width must be non-negative, got {width}")
         if len(width) != self.rank:
             raise ShapeError(f"width {width} has {len(width)} axes, tensor rank is {self.rank}")
         for ax, (w, m) in enumerate(zip(width, maxlen)):
@@ -122,8 +161,23 @@ class VarTensor:
         """``(data, lengths)``, both DLPack producers (zero-copy on CPU and GPU)."""
         return self.data, self.lengths
 
+    def __len__(self) -> int:
+        """Number of items along the leading batch axis."""
+        if self.batch_ndim == 0:
+            raise TypeError("len() of an unbatched VarTensor (it is one item)")
+        return self.lengths.shape[0]
+
+    def __iter__(self):
+        """Items (or sub-batches) along the leading batch axis."""
+        for i in range(len(self)):
+            yield self[i]
+
     def __getitem__(self, index) -> VarTensor:
-        """Index the batch axes only: ``x[i]`` is item ``i`` (or a sub-batch)."""
+        """Index the batch axes only: ``x[i]`` is item ``i`` (or a sub-batch).
+
+        Integer indices out of range raise ``IndexError`` (Python semantics, not JAX's
+        clamping), so iteration and ``list(batch)`` stop at the end of the batch.
+        """
         if self.batch_ndim == 0:
             raise ShapeError("cannot index an unbatched VarTensor; use to_numpy()")
         index = index if isinstance(index, tuple) else (index,)
@@ -131,35 +185,67 @@ class VarTensor:
             raise ShapeError(
                 f"index {index} must address at most the {self.batch_ndim} batch axes"
             )
-        return VarTensor(self.data[index], self.lengths[index], self.model)
+        for ax, i in enumerate(index):
+            n = self.batch_shape[ax]
+            if isinstance(i, (int, np.integer)) and not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for batch axis {ax} of size {n}")
+            if isinstance(i, np.ndarray) and i.dtype.kind in "iu" and i.size and (
+                    i.min() < -n or i.max() >= n):
+                raise IndexError(f"indices {i.min()}..{i.max()} are out of range for batch "
+                                 f"axis {ax} of size {n}")
+        return VarTensor.trusted(self.data[index], self.lengths[index], self.model)
 
-    # -- operators -------------------------------------------------------------------
-    def __add__(self, other):
-        from vsla_jax.ops import add
+    # ``+``, ``-``, unary ``-`` and ``*`` are attached by ``vsla_jax.ops`` (which
+    # depends on this module, not the other way round).
 
-        return add(self, other)
 
-    def __sub__(self, other):
-        from vsla_jax.ops import sub
+def _flatten_with_keys(x: VarTensor):
+    return ((jax.tree_util.GetAttrKey("data"), x.data),
+            (jax.tree_util.GetAttrKey("lengths"), x.lengths)), x.model
 
-        return sub(self, other)
 
-    def __neg__(self):
-        from vsla_jax.ops import neg
+def _unflatten(model, children) -> VarTensor:
+    return VarTensor.trusted(children[0], children[1], model)
 
-        return neg(self)
 
-    def __mul__(self, other):
-        from vsla_jax.ops import multiply, scale
+jax.tree_util.register_pytree_with_keys(
+    VarTensor, _flatten_with_keys, _unflatten,
+    flatten_func=lambda x: ((x.data, x.lengths), x.model))
 
-        if isinstance(other, VarTensor):
-            return multiply(self, other)
-        return scale(self, other)
 
-    def __rmul__(self, other):
-        from vsla_jax.ops import scale
+def validate_lengths(data_shape, lengths, who: str) -> None:
+    """Check concrete ``lengths`` against ``data_shape``; traced lengths are trusted.
 
-        return scale(self, other)
+    Raises ``LengthError`` for a wrong rank axis, negative or over-capacity lengths and
+    ``ShapeError`` for batch shapes that disagree, naming the first offending item.
+    """
+    if lengths.ndim < 1:
+        raise LengthError(f"{who}: lengths must be [*batch, rank], got a scalar")
+    nb, rank = lengths.ndim - 1, lengths.shape[-1]
+    if len(data_shape) < nb + rank:
+        raise ShapeError(f"{who}: data has {len(data_shape)} axes, fewer than batch ({nb}) + "
+                         f"rank ({rank})")
+    if tuple(data_shape[:nb]) != tuple(lengths.shape[:-1]):
+        raise ShapeError(f"{who}: data batch shape {tuple(data_shape[:nb])} != lengths batch "
+                         f"shape {tuple(lengths.shape[:-1])}")
+    if is_traced(lengths):
+        return
+    ln = np.asarray(lengths)
+    if not np.issubdtype(ln.dtype, np.integer):
+        raise VSLATypeError(f"{who}: lengths must be integers, got dtype {ln.dtype}")
+    if not ln.size:
+        return
+    cap = np.asarray(data_shape[nb : nb + rank], np.int64)
+    if (ln < 0).any():
+        item = tuple(int(i) for i in np.argwhere(ln < 0)[0])
+        raise LengthError(f"{who}: negative lengths: min is {ln.min()} (at {item})")
+    over = ln > cap
+    if over.any():
+        item = tuple(int(i) for i in np.argwhere(over)[0])
+        ax = item[-1]
+        raise LengthError(
+            f"{who}: lengths exceed capacity on variable axis {ax}: max length "
+            f"{ln[..., ax].max()} > capacity {cap[ax]} (first at {item})")
 
 
 # -- helpers shared by ops --------------------------------------------------------------
@@ -214,16 +300,6 @@ def check_model(model: str) -> str:
     return model
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_numeric(arr, what: str):
-    dt = np.dtype(arr.dtype)
-    if not (np.issubdtype(dt, np.number) or np.issubdtype(dt, np.bool_)):
-        raise VSLATypeError(f"{what} must be numeric, got dtype {dt}")
-
-
 def _to_nested(data: np.ndarray, lengths: np.ndarray, batch_ndim: int):
     if batch_ndim == 1 and lengths.shape[-1] == 1:  # the common ragged 1-D batch
         return [data[i, :n] for i, n in enumerate(lengths[:, 0].tolist())]
@@ -232,29 +308,56 @@ def _to_nested(data: np.ndarray, lengths: np.ndarray, batch_ndim: int):
     return [_to_nested(data[i], lengths[i], batch_ndim - 1) for i in range(data.shape[0])]
 
 
-def _as_array(values, what: str) -> np.ndarray | jax.Array:
-    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
-        return values  # fast path: already a numeric NumPy array
-    if isinstance(values, jax.Array):
-        arr = values
-    else:
-        try:
-            arr = np.asarray(values)
-        except ValueError as e:  # ragged nested lists
-            raise ShapeError(f"{what} is ragged: {e}") from None
-        if arr.dtype == object:
-            raise ShapeError(f"{what} is ragged or holds non-numeric objects")
-    _check_numeric(arr, what)
-    return arr
+# -- operand checks shared by the ops ---------------------------------------------------
+def require(x, name: str, op: str = "") -> VarTensor:
+    """``x`` if it is a VarTensor, else a ``VSLATypeError`` that says how to make one."""
+    if isinstance(x, VarTensor):
+        return x
+    where = f"{op}: " if op else ""
+    kind = "a traced JAX array" if is_traced(x) else type(x).__name__
+    raise VSLATypeError(
+        f"{where}{name} must be a VarTensor, got {kind}; wrap a dense array with "
+        "vs.tensor(x) (one item) or vs.stack([...]) (a batch). Scalars are not VSLA "
+        "operands (use vs.scale for a scalar multiple).")
 
 
-def _default_float(arr):
-    dt = np.dtype(arr.dtype)
-    if np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.complexfloating):
-        return arr
-    if np.issubdtype(dt, np.integer) or dt == np.bool_:
-        return arr.astype(jnp.result_type(float))
-    return arr
+def check_pair(a, b, op: str) -> tuple[VarTensor, VarTensor]:
+    """Both operands VarTensors of one model, equal rank, features and broadcastable batch."""
+    a, b = require(a, "a", op), require(b, "b", op)
+    if a.model != b.model:
+        raise ModelMismatchError(f"{op}: operands use models {a.model!r} and {b.model!r}")
+    if a.rank != b.rank:
+        raise ShapeError(f"{op}: ranks differ ({a.rank} vs {b.rank})")
+    try:
+        np.broadcast_shapes(a.batch_shape, b.batch_shape)
+    except ValueError:
+        raise ShapeError(
+            f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not broadcast"
+        ) from None
+    if a.features != b.features:
+        raise ShapeError(f"{op}: feature shapes differ ({a.features} vs {b.features})")
+    return a, b
+
+
+def align_batch(x: VarTensor, nb: int) -> tuple[jax.Array, jax.Array]:
+    """Data and lengths with ``nb`` batch axes (leading size-1 axes added)."""
+    extra = nb - x.batch_ndim
+    data = x.data.reshape((1,) * extra + x.data.shape)
+    lengths = x.lengths.reshape((1,) * extra + x.lengths.shape)
+    return data, lengths
+
+
+def broadcast_operands(a: VarTensor, b: VarTensor):
+    """``(batch, da, la, db, lb)``: zero-slack data and lengths broadcast to one batch."""
+    nb = max(a.batch_ndim, b.batch_ndim)
+    batch = tuple(np.broadcast_shapes(a.batch_shape, b.batch_shape))
+    da, la = align_batch(zero_slack(a), nb)
+    db, lb = align_batch(zero_slack(b), nb)
+    da = jnp.broadcast_to(da, batch + da.shape[nb:])
+    db = jnp.broadcast_to(db, batch + db.shape[nb:])
+    la = jnp.broadcast_to(la, batch + (a.rank,))
+    lb = jnp.broadcast_to(lb, batch + (b.rank,))
+    return batch, da, la, db, lb
 
 
 # -- constructors -------------------------------------------------------------------
@@ -268,17 +371,37 @@ def tensor(
     """One variable-shape tensor from a (nested) list or array.
 
     Args:
-      values: array-like; its shape is the logical shape.
+      values: array-like, JAX arrays and tracers included (inside ``jit``, ``grad`` or
+        ``vmap`` the logical shape is the static shape); its shape is the logical shape.
       model: ``"A"`` or ``"B"``.
       policy: capacity ladder (default ``CapacityPolicy()``).
-      rank: number of leading variable axes; trailing axes are dense features.
-        Defaults to ``values.ndim``.
+      rank: number of leading variable axes (``1 <= rank <= ndim``); trailing axes are
+        dense features. Defaults to ``values.ndim``.
       dtype: storage dtype; integer input defaults to the default float dtype.
 
     Returns:
       An unbatched ``VarTensor`` (``lengths.shape == (rank,)``).
     """
+    if isinstance(values, VarTensor):
+        arr_ndim = values.rank
+    else:
+        arr = as_array(values, "values")
+        arr_ndim = arr.ndim
+        values = arr
+    if arr_ndim == 0:
+        raise ShapeError(f"vs.tensor needs at least one axis, got a scalar {values!r}; "
+                         "write vs.tensor([x]) for a length-1 vector")
     return stack([values], model=model, policy=policy, rank=rank, dtype=dtype)[0]
+
+
+def _check_rank(rank, ndim: int | None, what: str) -> None:
+    if rank is None:
+        return
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+        raise ShapeError(f"rank must be a positive integer (the number of variable axes), "
+                         f"got {rank!r}")
+    if ndim is not None and rank > ndim:
+        raise ShapeError(f"rank={rank} exceeds the {ndim} axes of {what}")
 
 
 def stack(
@@ -292,11 +415,17 @@ def stack(
 
     The result has batch shape ``(k,)``; per-item lengths are kept and the shared
     capacity is the policy bucket of the per-axis maximum length. ``stack([])`` is a
-    batch of zero items (``rank`` defaults to 1).
+    batch of zero items (``rank`` defaults to 1). Items may be JAX arrays or tracers:
+    under ``jit``/``grad``/``vmap`` the batch is built with ``jnp`` ops, and lengths are
+    the items' static shapes.
     """
     policy = policy or DEFAULT_POLICY
+    if isinstance(items, VarTensor):
+        raise VSLATypeError("stack takes a sequence of items; this is already a VarTensor "
+                            "batch (index it, or use vs.merge_batch to stack its items)")
+    _check_rank(rank, None, "")
     arrays, lengths, feats, models = [], [], None, set()
-    item_rank = rank
+    item_rank, traced = rank, False
     for i, it in enumerate(items):
         if isinstance(it, VarTensor):
             if it.batch_ndim:
@@ -306,12 +435,15 @@ def stack(
                 item_rank = it.rank
             if it.rank != item_rank:
                 raise ShapeError(f"item {i} has rank {it.rank}, expected {item_rank}")
-            arr = it.to_numpy()
-            f = it.features
+            traced = traced or is_traced(it.data) or is_traced(it.lengths)
+            arr, f, ln = it, it.features, it.lengths
         else:
-            arr = _as_array(it, f"item {i}")
+            arr = as_array(it, f"item {i}")
             if item_rank is None:
                 item_rank = arr.ndim
+                if item_rank == 0:
+                    raise ShapeError(f"item {i} is a scalar; VSLA items have at least one "
+                                     "axis (write [x] for a length-1 vector)")
             if arr.ndim < item_rank:
                 raise ShapeError(
                     f"ragged ranks: item {i} has {arr.ndim} axes, expected rank {item_rank}"
@@ -320,30 +452,54 @@ def stack(
                 raise ShapeError(
                     f"ragged ranks: item {i} has rank {arr.ndim}, item 0 has rank {item_rank}"
                 )
-            f = tuple(arr.shape[item_rank:])
+            traced = traced or is_traced(arr)
+            f, ln = tuple(arr.shape[item_rank:]), arr.shape[:item_rank]
         if feats is None:
             feats = f
         elif f != feats:
             raise ShapeError(f"item {i} has feature shape {f}, item 0 has {feats}")
         arrays.append(arr)
-        lengths.append(arr.shape[:item_rank])
+        lengths.append(ln)
     if len(models) > 1:
         raise ModelMismatchError(f"cannot stack items of different models {sorted(models)}")
     model = check_model(model or (models.pop() if models else "A"))
     item_rank = 1 if item_rank is None else item_rank
     feats = feats or ()
     k = len(arrays)
-    len_arr = np.asarray(lengths, np.int32).reshape(k, item_rank)
+    if dtype is None:
+        dtype = jnp.result_type(*[default_float(a.data if isinstance(a, VarTensor) else a)
+                                  .dtype for a in arrays]) if k else jnp.result_type(float)
+    if traced:
+        return _stack_traced(arrays, lengths, item_rank, feats, policy, model, dtype)
+    len_arr = np.asarray([np.asarray(n) for n in lengths], np.int32).reshape(k, item_rank)
     maxlen = len_arr.max(axis=0) if k else np.zeros(item_rank, np.int32)
     cap = policy.capacity(maxlen)
-    if dtype is None:
-        dtype = jnp.result_type(*[_default_float(np.asarray(a[:0])) for a in arrays]) if k else (
-            jnp.result_type(float)
-        )
     out = np.zeros((k, *cap, *feats), dtype=dtype)
     for i, a in enumerate(arrays):
+        if isinstance(a, VarTensor):
+            a = a.to_numpy()
         out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
-    return VarTensor(jax.device_put(out), jax.device_put(len_arr), model)
+    return VarTensor.trusted(jax.device_put(out), jax.device_put(len_arr), model)
+
+
+def _stack_traced(arrays, lengths, rank: int, feats, policy, model, dtype) -> VarTensor:
+    """``stack`` with ``jnp`` ops, for items that are tracers (differentiable)."""
+    static = [np.asarray(n) if not is_traced(n) else None for n in lengths]
+    if any(s is None for s in static):  # traced VarTensor lengths: bound by capacities
+        bound = np.max([a.capacity if isinstance(a, VarTensor) else a.shape[:rank]
+                        for a in arrays], axis=0)
+    else:
+        bound = np.max(np.asarray(static, np.int64).reshape(len(arrays), rank), axis=0)
+    cap = policy.capacity(bound)
+    rows, lens = [], []
+    for a, n in zip(arrays, lengths):
+        if isinstance(a, VarTensor):
+            rows.append(resize_capacity(zero_slack(a).data.astype(dtype), 0, a.capacity, cap))
+            lens.append(jnp.asarray(n, jnp.int32))
+        else:
+            rows.append(resize_capacity(jnp.asarray(a, dtype), 0, a.shape[:rank], cap))
+            lens.append(jnp.asarray(np.asarray(n, np.int32)))
+    return VarTensor.trusted(jnp.stack(rows), jnp.stack(lens).astype(jnp.int32), model)
 
 
 def from_padded(
@@ -356,53 +512,44 @@ def from_padded(
     """Wrap a padded array ``[*batch, *capacity, *features]`` and its lengths.
 
     ``lengths`` is ``[*batch, rank]``; with ``rank=1`` a plain ``[*batch]`` vector is
-    accepted too. The slack is zeroed unless ``trust_zero_slack`` (a zero-copy wrap for
-    data that already satisfies the invariant). Concrete lengths are validated;
-    traced lengths are trusted.
+    accepted too. A 1-D ``lengths`` whose size equals ``data.shape[0]`` of a data array
+    with two or more axes is ambiguous (a batch of rank-1 items, or one item of rank
+    ``len(lengths)``) and needs ``rank``. The slack is zeroed unless
+    ``trust_zero_slack`` (a zero-copy wrap for data that already satisfies the
+    invariant). Concrete lengths are validated; traced lengths (and data) are allowed.
     """
     model = check_model(model)
-    if not isinstance(data, jax.Array):
-        data = _as_array(data, "data")
-    else:
-        _check_numeric(data, "data")
-    data = _default_float(data)
-    data = data if isinstance(data, jax.Array) else jax.device_put(data)
-    traced = not _is_concrete(lengths)
+    _check_rank(rank, None, "")
+    data = as_array(data, "data")
+    check_numeric(data, "data")
+    data = default_float(data)
+    data = data if isinstance(data, (jax.Array, jax.core.Tracer)) else jax.device_put(data)
+    traced = is_traced(lengths)
     lengths = lengths if traced or isinstance(lengths, jax.Array) else np.asarray(lengths)
     if not np.issubdtype(np.dtype(lengths.dtype), np.integer):
         raise VSLATypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if rank is None:
         if lengths.ndim == 0:
             raise LengthError("lengths must be [*batch, rank]; got a scalar (pass rank=1)")
+        if lengths.ndim == 1 and data.ndim >= 2 and lengths.shape[0] == data.shape[0]:
+            raise ShapeError(
+                f"ambiguous lengths of shape {lengths.shape} for data of shape {data.shape}: "
+                f"pass rank=1 for a batch of {lengths.shape[0]} rank-1 items, or "
+                f"lengths of shape (1, {lengths.shape[0]})... with rank={lengths.shape[0]} "
+                "for one item")
         rank = lengths.shape[-1]
-    elif lengths.ndim == 0 or lengths.shape[-1] != rank:
+    elif lengths.ndim == 0 or lengths.shape[-1] != rank or (
+            rank == 1 and data.ndim > lengths.ndim
+            and tuple(lengths.shape) == tuple(data.shape[: lengths.ndim])):
         if rank != 1:
             raise LengthError(f"lengths shape {lengths.shape} does not end in rank {rank}")
         lengths = lengths[..., None]
-    batch = lengths.shape[:-1]
-    nb = len(batch)
-    if data.ndim < nb + rank:
-        raise ShapeError(
-            f"data has {data.ndim} axes, fewer than batch ({nb}) + rank ({rank})"
-        )
-    if tuple(data.shape[:nb]) != tuple(batch):
-        raise ShapeError(f"data batch shape {data.shape[:nb]} != lengths batch shape {batch}")
-    cap = data.shape[nb : nb + rank]
+    validate_lengths(data.shape, lengths, "from_padded")
     if not traced:
-        ln = np.asarray(lengths)
-        if (ln < 0).any():
-            raise LengthError(f"negative lengths: min is {ln.min()}")
-        over = ln > np.asarray(cap, np.int64)
-        if over.any():
-            ax = int(np.argwhere(over)[0][-1])
-            raise LengthError(
-                f"lengths exceed capacity on variable axis {ax}: max length "
-                f"{ln[..., ax].max()} > capacity {cap[ax]}"
-            )
-        lengths = jax.device_put(ln.astype(np.int32, copy=False))
+        lengths = jax.device_put(np.asarray(lengths).astype(np.int32, copy=False))
     else:
         lengths = lengths.astype(jnp.int32)
-    x = VarTensor(data, lengths, model)
+    x = VarTensor.trusted(data, lengths, model)
     return x if trust_zero_slack else zero_slack(x)
 
 
@@ -420,4 +567,3 @@ def from_dlpack(data, lengths, model: str = "A", rank: int | None = None,
         # read-only, strided or otherwise non-exportable buffers: one host copy
         arr = jax.device_put(np.ascontiguousarray(np.asarray(data)))
     return from_padded(arr, lengths, model=model, rank=rank, trust_zero_slack=trust_zero_slack)
-

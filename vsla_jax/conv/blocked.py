@@ -15,7 +15,7 @@ many small groups, and each group costs a fixed overhead.
 
 Per class the engine runs ``direct`` (shift-and-add over the class's taps, 8 taps per
 pass) or ``fft`` (overlap-save with one FFT length for the class), whichever the
-``BlockCost`` predicts faster. Block and FFT lengths are chosen for the class, never
+engine's ``CostModel`` predicts faster. Block and FFT lengths are chosen for the class, never
 from the batch-wide maximum.
 
 Layout of the result (``FlatRagged``): one flat array per class; every item's output
@@ -24,9 +24,10 @@ lies contiguously in array ``part[i]`` at ``offsets[i]``, with
 
 The host plan depends only on the items' lengths. The 64 most recent plans are
 cached, so a batch whose lengths repeat (epochs over a fixed dataset) skips planning.
-On a hit the host only packs the values (``pack_blocks``: one ``np.concatenate`` and
-one ``np.take``). The device program is differentiable with respect to the packed
-input (``conv_blocked_values``).
+``vs.conv`` runs this plan on a padded batch (``engine``); ``conv_packed`` runs it on
+lists of arrays and returns the packed ``FlatRagged`` (no padded batch on either
+side). The device program is differentiable with respect to the packed input
+(``conv_blocked_values``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import dataclasses
 import functools
 import math
 import operator
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,108 +43,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.bucketing import aligned_empty
-from vsla_jax.conv_engine import (
-    METHODS,
-    ConvPolicy,
-    _as_arrays,
-    _atomic_write_json,
-    _cache_path,
-    _time_call,
-    compute_dtype,
-    fit_methods,
-    read_cached_model,
-)
-from vsla_jax.convolution import UNROLL, fast_fft_length, fft_flops_at
-from vsla_jax.errors import ShapeError
+from vsla_jax.conv import kernels
+from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel
+from vsla_jax.errors import ShapeError, VSLATypeError
+from vsla_jax.util import aligned_empty, as_arrays
+
+METHODS = ("auto", "direct", "fft")
 
 #: Output samples per block for ``direct`` classes.
 DIRECT_BLOCK = 256
 #: Largest FFT length tried for ``fft`` classes.
 MAX_FFT = 16384
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockCost:
-    """Predicted seconds of one class: ``overhead + rate * work`` per method.
-
-    ``direct`` work is ``blocks * block * taps`` multiply-adds; ``fft`` work is the
-    nominal ``blocks * (3 * 2.5 N log2 N + 3 N)`` FLOPs of two forward and one inverse
-    real FFT of length ``N`` plus the product.
-    """
-
-    direct_overhead_s: float = 5e-5
-    direct_s_per_mac: float = 1.0 / 12e9
-    fft_overhead_s: float = 1e-4
-    fft_s_per_flop: float = 1.0 / 8e9
-    source: str = "static"
-
-    def direct(self, blocks: int, block: int, taps: int) -> float:
-        return self.direct_overhead_s + self.direct_s_per_mac * blocks * block * taps
-
-    def fft(self, blocks: int, n_fft: int) -> float:
-        return self.fft_overhead_s + self.fft_s_per_flop * fft_flops_at(n_fft, blocks)
-
-
-STATIC_BLOCK_COST = BlockCost()
-_BLOCK_COEFFS = ("direct_overhead_s", "direct_s_per_mac", "fft_overhead_s", "fft_s_per_flop")
-#: ``(blocks, block, taps)`` timed for ``direct`` and ``(blocks, N)`` for ``fft``.
-BLOCK_CALIBRATION = {"direct": ((128, 256, 8), (128, 256, 32), (128, 256, 128), (64, 256, 256)),
-                     "fft": ((128, 64), (128, 256), (128, 512), (64, 1024))}
-CALIBRATION_ROUNDS = 15
-_MEMO: dict[str, BlockCost] = {}  # calibrations read or measured in this process, by path
-
-
-def _blocks_cache_path(cache_dir: str | None) -> str:
-    head, name = os.path.split(_cache_path(cache_dir))
-    return os.path.join(head, name.replace("conv_cost_", "blocks_cost_"))
-
-
-def calibrate_blocks(cache_dir: str | None = None, refresh: bool = False) -> BlockCost:
-    """Time the two class kernels on this machine once and cache the fit (JSON).
-
-    Uses the same cache folder and key (jax version, platform, device kind) as
-    ``conv_engine.calibrate``; takes about 1.5 s the first time, then reads the file
-    once per process. ``refresh=True`` measures again.
-    """
-    path = _blocks_cache_path(cache_dir)
-    if not refresh and path in _MEMO:
-        return _MEMO[path]
-    if not refresh:
-        model = read_cached_model(path, BlockCost, _BLOCK_COEFFS)
-        if model is not None:  # else missing or corrupt: measure again
-            _MEMO[path] = model
-            return model
-    rng = np.random.default_rng(0)
-    shapes = [("direct", b, p, s, 0) for b, p, s in BLOCK_CALIBRATION["direct"]] + [
-        ("fft", b, n - n // 4 + 1, n // 4, n) for b, n in BLOCK_CALIBRATION["fft"]]
-    calls = []
-    for meth, blocks, block, taps, n_fft in shapes:
-        c = ClassLayout(meth, taps, block, n_fft, blocks, 1, 0)
-        packed = jnp.asarray(rng.standard_normal(blocks * (block + taps)), jnp.float32)
-        first = jnp.asarray(np.arange(blocks) % 4 == 0)
-        fn = jax.jit(functools.partial(_class_conv, c=c))
-        work = blocks * block * taps if meth == "direct" else fft_flops_at(n_fft, blocks)
-        calls.append((meth, float(work), fn, packed, first))
-    # interleaved rounds, best per shape: the drift of a shared machine hits every
-    # shape alike instead of biasing one method against the other
-    best = [math.inf] * len(calls)
-    for _ in range(CALIBRATION_ROUNDS):
-        best = [min(b, _time_call(fn, packed, first, repeats=1))
-                for b, (_, _, fn, packed, first) in zip(best, calls)]
-    pts: dict[str, list] = {"direct": [], "fft": []}
-    for (meth, work, *_), t in zip(calls, best):
-        pts[meth].append((work, t))
-    model = BlockCost(*fit_methods(pts), source=f"calibrated:{path}")
-    _atomic_write_json(path, dataclasses.asdict(model) | {"points": pts,
-                                                          "jax": jax.__version__})
-    _MEMO[path] = model
-    return model
-
-
-def block_cost_model(policy: ConvPolicy) -> BlockCost:
-    """The calibrated ``BlockCost`` if ``policy.calibrate``, else the static one."""
-    return calibrate_blocks(policy.cache_dir) if policy.calibrate else STATIC_BLOCK_COST
 
 
 @jax.tree_util.register_dataclass
@@ -214,6 +123,7 @@ class BlockPlan:
         input (all signals, then all kernels, then one zero), or the zero's index.
       part, offsets, lengths: where every output lies in ``FlatRagged.values``.
       total_in: size of the packed input.
+      seconds: the cost model's prediction for the device program.
     """
 
     layout: tuple[ClassLayout, ...]
@@ -225,62 +135,70 @@ class BlockPlan:
     offsets: np.ndarray
     lengths: np.ndarray
     total_in: int
+    seconds: float = 0.0
 
 
-def _fft_choice(out_len: np.ndarray, taps: int, cost: BlockCost) -> tuple[float, int, int]:
+def _fft_choice(out_len: np.ndarray, taps: int, cost: CostModel) -> tuple[float, int, int]:
     """Cheapest ``(seconds, N, blocks)`` over fast FFT lengths ``N >= 2 * taps``."""
     best = (math.inf, 0, 0)
-    n = fast_fft_length(max(2 * taps, 64))
-    while n <= max(MAX_FFT, fast_fft_length(2 * taps)):
+    n = kernels.fast_fft_length(max(2 * taps, 64))
+    while n <= max(MAX_FFT, kernels.fast_fft_length(2 * taps)):
         blocks = int((-(-out_len // (n - taps + 1))).sum())
-        t = cost.fft(blocks, n)
+        t = cost.fft(n, blocks)
         if t < best[0]:
             best = (t, n, blocks)
-        n = fast_fft_length(int(n * 1.25) + 1)
+        n = kernels.fast_fft_length(int(n * 1.25) + 1)
     return best
 
 
-def _class_method(out_len, taps: int, method: str, cost: BlockCost) -> tuple[str, int, int, int]:
-    """``(method, block, fft_length, blocks)`` for one class."""
+def class_method(out_len, taps: int, method: str, cost: CostModel
+                 ) -> tuple[str, int, int, int, float]:
+    """``(method, block, fft_length, blocks, seconds)`` for one class."""
     block = max(DIRECT_BLOCK, taps)  # the halo of a block must fit in the previous block
     d_blocks = int((-(-out_len // block)).sum())
+    t_direct = cost.direct(d_blocks * block * (-(-taps // kernels.UNROLL) * kernels.UNROLL))
     if method == "direct":
-        return "direct", block, 0, d_blocks
+        return "direct", block, 0, d_blocks, t_direct
     t_fft, n_fft, f_blocks = _fft_choice(out_len, taps, cost)
-    t_direct = cost.direct(d_blocks, block, -(-taps // UNROLL) * UNROLL)
     if method == "fft" or t_fft < t_direct:
-        return "fft", n_fft - taps + 1, n_fft, f_blocks
-    return "direct", block, 0, d_blocks
+        return "fft", n_fft - taps + 1, n_fft, f_blocks, t_fft
+    return "direct", block, 0, d_blocks, t_direct
 
 
-def plan_blocks(len_a, len_b, method: str = "auto", cost: BlockCost | None = None) -> BlockPlan:
+def plan_blocks(len_a, len_b, method: str = "auto", cost: CostModel | None = None,
+                start_a=None, start_b=None, zero: int | None = None) -> BlockPlan:
     """Host plan for signals of lengths ``len_a`` and kernels of lengths ``len_b``.
 
-    Vectorised NumPy: O(classes) Python steps, not O(items).
+    ``source`` indexes a flat input where signal ``i`` starts at ``start_a[i]``, kernel
+    ``i`` at ``start_b[i]`` and ``zero`` holds a zero. The default is the items back to
+    back (all signals, then all kernels, then the zero). Vectorised NumPy: O(classes)
+    Python steps, not O(items).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    cost = cost or STATIC_BLOCK_COST
+    cost = cost or STATIC_COST_MODEL
     la = np.asarray(len_a, np.int64).reshape(-1)
     lb = np.asarray(len_b, np.int64).reshape(-1)
+    if start_a is None:
+        starts = np.concatenate([[0], np.cumsum(np.concatenate([la, lb]))]).astype(np.int64)
+        start_a, start_b, zero = starts[: la.size], starts[la.size : -1], int(starts[-1])
     swap = lb > la
     long_len, short_len = np.maximum(la, lb), np.minimum(la, lb)
     out_len = np.where(short_len > 0, long_len + short_len - 1, 0)
     # octave classes of the short length: 1-8 -> 0, 9-16 -> 1, 17-32 -> 2, ...
     cls = np.where(out_len > 0, np.maximum(
         np.ceil(np.log2(np.maximum(short_len, 1))).astype(np.int64) - 3, 0), -1)
-    starts = np.concatenate([[0], np.cumsum(np.concatenate([la, lb]))]).astype(np.int64)
-    zero = int(starts[-1])  # index of the trailing zero of the flat input
-    long_at = np.where(swap, starts[la.size : -1], starts[: la.size])
-    short_at = np.where(swap, starts[: la.size], starts[la.size : -1])
+    long_at = np.where(swap, start_b, start_a)
+    short_at = np.where(swap, start_a, start_b)
     layout, members, first, source = [], [], [], []
     offsets = np.zeros(la.size, np.int64)
     part = np.full(la.size, -1, np.int64)
-    data_at = 0
+    data_at, seconds = 0, 0.0
     for c in np.unique(cls[cls >= 0]).tolist():
         mem = np.flatnonzero(cls == c)
         taps = int(short_len[mem].max())
-        meth, block, n_fft, blocks = _class_method(out_len[mem], taps, method, cost)
+        meth, block, n_fft, blocks, t = class_method(out_len[mem], taps, method, cost)
+        seconds += t
         nb = -(-out_len[mem] // block)
         first_block = np.concatenate([[0], np.cumsum(nb)[:-1]])
         is_first = np.zeros(blocks, bool)
@@ -301,11 +219,12 @@ def plan_blocks(len_a, len_b, method: str = "auto", cost: BlockCost | None = Non
         data_at += blocks * (block + taps)
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)
     return BlockPlan(tuple(layout), tuple(members), swap, cat(first, bool),
-                     cat(source, np.int64), part, offsets, out_len, data_at)
+                     cat(source, np.int64), part, offsets, out_len, data_at, seconds)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(key_a: bytes, key_b: bytes, method: str, cost: BlockCost):
+def cached_plan(key_a: bytes, key_b: bytes, method: str, cost: CostModel):
+    """``plan_blocks`` of back-to-back items, memoised by the lengths' bytes (int64)."""
     plan = plan_blocks(np.frombuffer(key_a, np.int64), np.frombuffer(key_b, np.int64),
                        method, cost)
     return plan, jax.device_put(plan.first)
@@ -339,40 +258,16 @@ def _class_conv(packed, first, c: ClassLayout):
         y = jnp.fft.irfft(jnp.fft.rfft(x, c.fft_length) * jnp.fft.rfft(w, c.fft_length),
                           c.fft_length)
         return y[:, s - 1 :]
-    return _shift_add_valid(x, w, p)
-
-
-def _shift_add_valid(x, w, block: int):
-    """``y[:, p] = sum_j w[:, j] * x[:, p + S - 1 - j]`` for ``p < block`` (8 taps per pass)."""
-    s = w.shape[1]
-    unroll = min(UNROLL, s)
-    n_iter = -(-s // unroll)
-    extra = n_iter * unroll - s  # zero taps that pad the last pass
-    if extra:
-        w = jnp.pad(w, ((0, 0), (0, extra)))
-        x = jnp.pad(x, ((0, 0), (extra, 0)))
-
-    def body(i, acc):
-        for u in range(unroll):
-            j = i * unroll + u
-            tap = jax.lax.dynamic_slice_in_dim(w, j, 1, axis=1)
-            acc = acc + tap * jax.lax.dynamic_slice_in_dim(x, extra + s - 1 - j, block, axis=1)
-        return acc
-
-    acc = jnp.zeros((x.shape[0], block), jnp.result_type(x.dtype, w.dtype))
-    if n_iter == 1:
-        return body(0, acc)
-    return jax.lax.fori_loop(0, n_iter, body, acc)
+    return kernels.shift_add(x, w, (p,), 1, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
 def conv_blocked_values(packed: jax.Array, first: jax.Array,
                         layout: tuple[ClassLayout, ...]) -> tuple[jax.Array, ...]:
-    """Device part of ``conv_blocked``: packed inputs -> per-class flat outputs.
+    """Device part of the blocked plan: packed inputs -> per-class flat outputs.
 
     Differentiable with respect to ``packed``. The classes stay separate arrays:
-    joining them would cost one more copy of every output (measured about 0.2 ms of
-    1.3 ms on the heterogeneous benchmark batch).
+    joining them would cost one more copy of every output.
 
     Args:
       packed: ``[plan.total_in]`` from ``pack_blocks``.
@@ -383,6 +278,11 @@ def conv_blocked_values(packed: jax.Array, first: jax.Array,
       One ``[blocks * block]`` array per class; item ``i`` at ``plan.offsets[i]`` of
       array ``plan.part[i]``.
     """
+    return class_outputs(packed, first, layout)
+
+
+def class_outputs(packed, first, layout) -> tuple[jax.Array, ...]:
+    """Traceable body of ``conv_blocked_values``."""
     outs, at = [], 0
     for c in layout:
         outs.append(_class_conv(packed, first[at : at + c.blocks], c).reshape(-1))
@@ -390,44 +290,84 @@ def conv_blocked_values(packed: jax.Array, first: jax.Array,
     return tuple(outs)
 
 
-def conv_blocked(
+def gather_padded(outs, part, offsets, lengths, layout, out_cap: int):
+    """``[n, out_cap]`` zero-padded rows from the per-class flat outputs (one gather).
+
+    ``part``/``offsets``/``lengths`` are the plan's ``int32[n]`` arrays (device).
+    """
+    if not outs:
+        return jnp.zeros((part.shape[0], out_cap), jnp.float32)
+    cat = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+    sizes = np.array([c.blocks * c.block for c in layout], np.int64)
+    base = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32))
+    start = jnp.where(part >= 0, base[jnp.maximum(part, 0)] + offsets, 0)
+    pos = jnp.arange(out_cap, dtype=jnp.int32)
+    valid = pos[None, :] < lengths[:, None]
+    idx = jnp.minimum(start[:, None] + pos[None, :], cat.shape[0] - 1)
+    return jnp.where(valid, cat[idx], jnp.zeros((), cat.dtype))
+
+
+def conv_packed(
     xs: Sequence[Any],
     ks: Sequence[Any],
     method: str = "auto",
-    policy: ConvPolicy | None = None,
-    cost: BlockCost | None = None,
+    cost: CostModel | None = None,
+    accumulate_f64: bool = False,
 ) -> FlatRagged:
-    """Model A (full) convolution of ragged rank-1 items, ``xs[i] * ks[i]``.
+    """Model A (full) convolution of ragged rank-1 items into the packed ``FlatRagged``.
+
+    The zero-copy form of ``vs.conv`` for users who want flat outputs: no padded batch
+    is built on the way in or out. Assumes finite input (``vs.conv`` handles ``inf`` and
+    ``nan`` exactly like NumPy).
 
     Args:
       xs: ``n`` 1-D arrays (NumPy, JAX or nested lists), any lengths including 0.
       ks: ``n`` 1-D kernels, one per item.
       method: ``"auto"`` (cost model per class), ``"direct"`` or ``"fft"``.
-      policy: a ``ConvPolicy`` (``calibrate``: time the class kernels once on this
-        machine and cache the fit; ``accumulate_f64``).
-      cost: override the class cost model (``BlockCost``).
+      cost: the cost model (default: the static one; pass ``vs.calibrate()`` for this
+        machine's fit).
+      accumulate_f64: compute f32 inputs in f64 (needs ``jax_enable_x64``).
 
     Returns:
       A ``FlatRagged`` of the ``n`` outputs, in input order, in the inputs' dtype.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    policy = policy or ConvPolicy()
     items, dts_a = _rank1_arrays(xs, "item")
-    kernels, dts_b = _rank1_arrays(ks, "kernel")
-    if len(kernels) != len(items):
-        raise ShapeError(f"conv_blocked: {len(kernels)} kernels for {len(items)} items "
+    kernels_, dts_b = _rank1_arrays(ks, "kernel")
+    if len(kernels_) != len(items):
+        raise ShapeError(f"conv_packed: {len(kernels_)} kernels for {len(items)} items "
                          "(one kernel per item)")
-    dtype, out_dtype = compute_dtype(dts_a | dts_b or {np.float32}, method, policy,
-                                     "conv_blocked")
-    cost = cost or (block_cost_model(policy) if method == "auto" else STATIC_BLOCK_COST)
+    dtype, out_dtype = compute_dtype(dts_a | dts_b or {np.float32}, method, accumulate_f64,
+                                     "conv_packed")
     la = np.fromiter(map(len, items), np.int64, len(items))
-    lb = np.fromiter(map(len, kernels), np.int64, len(kernels))
-    plan, first = _cached_plan(la.tobytes(), lb.tobytes(), method, cost)
-    values = conv_blocked_values(pack_blocks(plan, items, kernels, dtype), first, plan.layout)
+    lb = np.fromiter(map(len, kernels_), np.int64, len(kernels_))
+    plan, first = cached_plan(la.tobytes(), lb.tobytes(), method, cost or STATIC_COST_MODEL)
+    values = conv_blocked_values(pack_blocks(plan, items, kernels_, dtype), first, plan.layout)
     if dtype != out_dtype:
         values = tuple(v.astype(out_dtype) for v in values)
     return FlatRagged(values, plan.part, plan.offsets, plan.lengths)
+
+
+def compute_dtype(dtypes, method: str, accumulate_f64: bool, who: str
+                  ) -> tuple[np.dtype, np.dtype]:
+    """``(compute dtype, output dtype)`` for operands of ``dtypes``.
+
+    Integers are promoted to the default float (except for ``method="fft"``, which
+    raises); ``accumulate_f64`` computes in f64 and returns the input dtype.
+    """
+    dtype = np.result_type(*dtypes)
+    if not np.issubdtype(dtype, np.floating):
+        if method == "fft" or not np.issubdtype(dtype, np.integer):
+            raise VSLATypeError(f"{who}(method={method!r}) needs floating data, got {dtype}")
+        dtype = np.dtype(jnp.result_type(float))
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))  # f64 -> f32 unless x64 is on
+    out_dtype = dtype
+    if accumulate_f64:
+        if not jax.config.jax_enable_x64:
+            raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
+        dtype = np.dtype(np.float64)
+    return dtype, out_dtype
 
 
 _DTYPE, _NDIM = operator.attrgetter("dtype"), operator.attrgetter("ndim")
@@ -437,17 +377,17 @@ def _rank1_arrays(values, what: str) -> tuple[list, set]:
     """``values`` as a list of 1-D numeric arrays, and the set of their dtypes.
 
     A list of NumPy arrays is checked with a few C-level ``map`` passes; anything else
-    goes through ``_as_arrays`` (conversion, and its error messages).
+    goes through ``as_arrays`` (conversion, and its error messages).
     """
     arrays = list(values)
     if set(map(type, arrays)) - {np.ndarray}:
-        arrays = _as_arrays(arrays, what)
+        arrays = as_arrays(arrays, what)
     dtypes = set(map(_DTYPE, arrays))
     if any(d.kind not in "biuf" for d in dtypes):
-        arrays = _as_arrays(arrays, what)  # raises with the item's index
+        arrays = as_arrays(arrays, what)  # raises with the item's index
         dtypes = set(map(_DTYPE, arrays))
     if set(map(_NDIM, arrays)) - {1}:
         bad = next(i for i, a in enumerate(arrays) if a.ndim != 1)
-        raise ShapeError(f"conv_blocked takes rank-1 items: {what} {bad} has rank "
-                         f"{arrays[bad].ndim} (use conv_ragged for higher ranks)")
+        raise ShapeError(f"conv_packed takes rank-1 items: {what} {bad} has rank "
+                         f"{arrays[bad].ndim} (use vs.conv on a stacked batch for higher ranks)")
     return arrays, dtypes

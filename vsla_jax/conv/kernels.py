@@ -3,12 +3,15 @@
 Layout: ``[*batch, *cap, *feat]`` with ``nb`` batch axes and ``rank`` variable axes;
 both operands share batch and feature shapes (depthwise over features).
 
-- ``direct_conv``: shift-and-add over the taps of one operand (``fori_loop``); work
-  ``O(cap_a * cap_b)`` per item. Its tangent rule keeps the loop over the primal
-  operand's taps, so reverse mode stores one tap value per iteration, never a shifted
-  copy of the signal.
+- ``shift_add``: THE shift-and-add kernel, ``out[p] = sum_j w[j] * x[p + S - 1 - j]``
+  over ``UNROLL`` taps per pass. Every direct path (padded, bucketed, blocked) uses it.
+- ``direct_conv``: full convolution through ``shift_add``, looping over the operand with
+  fewer taps. Its tangent rule keeps the loop over a primal operand's taps, so reverse
+  mode stores one tap value per iteration, never a shifted copy of the signal. With
+  validity masks it skips every product outside the operands' logical extents, so
+  ``inf``/``nan`` reach exactly the outputs NumPy's ``convolve`` gives them.
 - ``fft_conv``: real FFTs of a fast length ``>= cap_a + cap_b - 1``, per call (never a
-  batch-wide maximum).
+  batch-wide maximum). A non-finite input value spreads through its whole item.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+#: Taps fused into one pass over the output by ``shift_add``.
+UNROLL = 8
+FAST_RADICES = (2, 3, 5, 7)
 
-def _prod(xs) -> int:
+
+def prod(xs) -> int:
     return int(math.prod(xs))
 
 
 def _unravel(t, shape):
-    """Traced flat index -> tuple of traced indices (row-major)."""
+    """Flat index (traced or int) -> tuple of indices (row-major)."""
     idx = []
     for s in reversed(shape):
         idx.append(t % s)
@@ -34,7 +41,7 @@ def _unravel(t, shape):
     return tuple(reversed(idx))
 
 
-def _slice_var(x, starts, sizes, nb, rank):
+def _slice_var(x, starts, sizes, nb: int, rank: int):
     """``dynamic_slice`` on the variable axes only."""
     zero = jnp.zeros((), jnp.int32)
     start = [zero] * nb + [jnp.asarray(s, jnp.int32) for s in starts] + [zero] * (
@@ -43,53 +50,73 @@ def _slice_var(x, starts, sizes, nb, rank):
     return jax.lax.dynamic_slice(x, start, size)
 
 
-def _pad_var(x, pads, nb, rank):
-    cfg = [(0, 0)] * nb + list(pads) + [(0, 0)] * (x.ndim - nb - rank)
-    return jnp.pad(x, cfg)
+def shift_add(x, w, out_cap, nb: int, rank: int, xmask=None, wmask=None):
+    """``out[p] = sum_j w[j] * x[p + cap_w - 1 - j]`` for ``p < out_cap`` (per axis).
 
-
-UNROLL = 8
-
-
-def _shift_add(x, w, nb: int, rank: int):
-    """Full convolution looping over the taps of ``w``: ``sum_j w[j] * shift(x, j)``.
-
-    ``UNROLL`` taps per loop iteration fuse into one pass over the output (about 2x
-    faster on CPU than one tap per pass, which is memory bound).
+    ``x`` must extend at least ``out_cap + cap_w - 1`` on every variable axis. ``UNROLL``
+    taps per loop iteration fuse into one pass over the output. ``xmask``/``wmask``
+    (boolean, shaped like ``x``/``w`` without feature axes) drop every product whose
+    factors are not both valid, instead of multiplying by a zero.
     """
-    cap_x = x.shape[nb : nb + rank]
-    cap_w = w.shape[nb : nb + rank]
-    cap_o = tuple(p + q - 1 for p, q in zip(cap_x, cap_w))
-    px = _pad_var(x, [(q - 1, q - 1) for q in cap_w], nb, rank)
-    out_shape = x.shape[:nb] + cap_o + x.shape[nb + rank :]
+    cap_w = tuple(w.shape[nb : nb + rank])
+    out_cap = tuple(out_cap)
+    out_shape = x.shape[:nb] + out_cap + x.shape[nb + rank :]
     dt = jnp.result_type(x.dtype, w.dtype)
-    n_taps = _prod(cap_w)
+    n_taps = prod(cap_w)
+    acc = jnp.zeros(out_shape, dt)
+    if n_taps == 0:
+        return acc
     unroll = min(UNROLL, n_taps)
     n_iter = -(-n_taps // unroll)
+    n_feat = x.ndim - nb - rank
+    feat = lambda m: m.reshape(m.shape + (1,) * n_feat)
 
     def body(t, acc):
         for u in range(unroll):
             flat = t * unroll + u
-            valid = flat < n_taps
-            j = _unravel(jnp.minimum(flat, n_taps - 1), cap_w)
+            last = jnp.minimum(flat, n_taps - 1) if isinstance(flat, jax.Array) else min(
+                flat, n_taps - 1)
+            j = _unravel(last, cap_w)
             tap = _slice_var(w, j, (1,) * rank, nb, rank)
-            if n_taps % unroll:  # only the last iteration can run past the taps
-                tap = jnp.where(valid, tap, jnp.zeros((), tap.dtype))
             starts = [q - 1 - jk for q, jk in zip(cap_w, j)]
-            acc = acc + tap * _slice_var(px, starts, cap_o, nb, rank)
+            seg = _slice_var(x, starts, out_cap, nb, rank)
+            term = tap * seg
+            if xmask is not None:
+                ok = _slice_var(xmask, starts, out_cap, nb, rank) & _slice_var(
+                    wmask, j, (1,) * rank, nb, rank)
+                term = jnp.where(feat(ok), term, jnp.zeros((), dt))
+            if n_taps % unroll:  # only the last iteration can run past the taps
+                term = jnp.where(flat < n_taps, term, jnp.zeros((), dt))
+            acc = acc + term
         return acc
 
-    return jax.lax.fori_loop(0, n_iter, body, jnp.zeros(out_shape, dt))
+    if n_iter == 1:
+        return body(0, acc)
+    return jax.lax.fori_loop(0, n_iter, body, acc)
+
+
+def full_shift_add(x, w, nb: int, rank: int, xmask=None, wmask=None):
+    """Full convolution ``x * w`` looping over the taps of ``w``."""
+    cap_x = x.shape[nb : nb + rank]
+    cap_w = w.shape[nb : nb + rank]
+    cap_o = tuple(p + q - 1 for p, q in zip(cap_x, cap_w))
+    pads = [(0, 0)] * nb + [(q - 1, q - 1) for q in cap_w]
+    px = jnp.pad(x, pads + [(0, 0)] * (x.ndim - nb - rank))
+    if xmask is not None:
+        xmask = jnp.pad(xmask, pads)
+    return shift_add(px, w, cap_o, nb, rank, xmask, wmask)
+
+
+def _longer_first(a, b, nb: int, rank: int) -> bool:
+    return prod(a.shape[nb : nb + rank]) >= prod(b.shape[nb : nb + rank])
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def direct_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
-    """Full N-D convolution, looping over the operand with fewer taps."""
-    cap_a = a.shape[nb : nb + rank]
-    cap_b = b.shape[nb : nb + rank]
-    if _prod(cap_a) < _prod(cap_b):
-        return _shift_add(b, a, nb, rank)
-    return _shift_add(a, b, nb, rank)
+    """Full N-D convolution of zero-slack operands, looping over the one with fewer taps."""
+    if _longer_first(a, b, nb, rank):
+        return full_shift_add(a, b, nb, rank)
+    return full_shift_add(b, a, nb, rank)
 
 
 @direct_conv.defjvp
@@ -97,10 +124,25 @@ def _direct_conv_jvp(nb, rank, primals, tangents):
     a, b = primals
     da, db = tangents
     # Each term loops over the taps of a primal operand (linear in the tangent).
-    return direct_conv(a, b, nb, rank), _shift_add(da, b, nb, rank) + _shift_add(db, a, nb, rank)
+    return direct_conv(a, b, nb, rank), (full_shift_add(da, b, nb, rank)
+                                         + full_shift_add(db, a, nb, rank))
 
 
-FAST_RADICES = (2, 3, 5, 7)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def direct_conv_masked(a, b, ma, mb, nb: int, rank: int) -> jax.Array:
+    """``direct_conv`` that skips products with an operand's slack (``ma``/``mb``: the
+    boolean extents ``[*batch, *cap]``): exact on non-finite input, like NumPy."""
+    if _longer_first(a, b, nb, rank):
+        return full_shift_add(a, b, nb, rank, ma, mb)
+    return full_shift_add(b, a, nb, rank, mb, ma)
+
+
+@direct_conv_masked.defjvp
+def _direct_conv_masked_jvp(nb, rank, primals, tangents):
+    a, b, ma, mb = primals
+    da, db = tangents[:2]
+    return (direct_conv_masked(a, b, ma, mb, nb, rank),
+            full_shift_add(da, b, nb, rank) + full_shift_add(db, a, nb, rank))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,79 +174,30 @@ def fft_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
     return out[idx].astype(dt)
 
 
-#: Pallas dispatch for rank-1 direct convolution: "auto" (on GPU backends), "off",
-#: or "interpret" (force the kernel through the Pallas interpreter, for CPU tests).
-PALLAS_MODE = "auto"
+def conv_output_lengths(la, lb):
+    """Model A output lengths: ``la + lb - 1`` per axis (0 on an axis where either is 0).
 
-
-def _pallas_mode(rank: int) -> str | None:
-    if rank != 1 or PALLAS_MODE == "off":
-        return None
-    if PALLAS_MODE == "interpret":
-        return "interpret"
-    return "gpu" if jax.default_backend() == "gpu" else None
-
-
-def _pallas_rows(a, b, la, lb, nb: int, interpret: bool):
-    """Flatten batch and feature axes into rows and run the Pallas kernel."""
-    from vsla_jax.pallas_conv import pallas_direct_conv
-
-    batch, feat = a.shape[:nb], a.shape[nb + 1 :]
-    nf = len(feat)
-    perm = tuple(range(nb)) + tuple(range(nb + 1, nb + 1 + nf)) + (nb,)
-    rows_a = jnp.transpose(a, perm).reshape(-1, a.shape[nb])
-    rows_b = jnp.transpose(b, perm).reshape(-1, b.shape[nb])
-    rep = lambda n: jnp.broadcast_to(n[..., 0].reshape(batch + (1,) * nf), batch + feat)
-    out = pallas_direct_conv(rows_a, rows_b, rep(la).reshape(-1), rep(lb).reshape(-1),
-                             interpret=interpret)
-    out = out.reshape(batch + feat + (out.shape[-1],))
-    inv = tuple(int(i) for i in np.argsort(perm))
-    return jnp.transpose(out, inv)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def direct_conv_varlen(a, b, la, lb, nb: int, rank: int):
-    """``direct_conv`` that may use the Pallas kernel (rank 1, GPU), skipping padded tiles.
-
-    ``la``/``lb`` are the ``int32[*batch, rank]`` lengths. Tangents use the XLA path.
+    Any zero length makes the result empty; keeping the other axes as ``la + lb - 1``
+    makes ``[1]`` an exact identity, also for empty operands of shape ``(0, n)``.
+    Works on NumPy and JAX integer arrays.
     """
-    mode = _pallas_mode(rank)
-    if mode is None:
-        return direct_conv(a, b, nb, rank)
-    return _pallas_rows(a, b, la, lb, nb, interpret=mode == "interpret")
+    xp = jnp if isinstance(la, (jax.Array, jax.core.Tracer)) or isinstance(
+        lb, (jax.Array, jax.core.Tracer)) else np
+    return xp.where((la > 0) & (lb > 0), la + lb - 1, 0).astype(xp.int32)
 
 
-@direct_conv_varlen.defjvp
-def _direct_conv_varlen_jvp(nb, rank, primals, tangents):
-    a, b, la, lb = primals
-    da, db = tangents[:2]
-    out = direct_conv_varlen(a, b, la, lb, nb, rank)
-    return out, _shift_add(da, b, nb, rank) + _shift_add(db, a, nb, rank)
-
-
-def conv_padded(a: jax.Array, b: jax.Array, nb: int, rank: int, method: str,
-                la: jax.Array | None = None, lb: jax.Array | None = None) -> jax.Array:
-    """Dispatch ``direct`` or ``fft`` on padded operands of equal batch/feature shape."""
-    if method == "direct":
-        if la is not None and _pallas_mode(rank) is not None:
-            return direct_conv_varlen(a, b, la, lb, nb, rank)
-        return direct_conv(a, b, nb, rank)
-    if method == "fft":
-        return fft_conv(a, b, nb, rank)
-    raise ValueError(f"method must be 'direct' or 'fft' here, got {method!r}")
-
-
-def direct_flops(cap_a, cap_b, items: int) -> float:
-    """``2 * prod(cap_a) * prod(cap_b)`` multiply-adds per item."""
-    return 2.0 * items * _prod(cap_a) * _prod(cap_b)
-
-
-def fft_flops(cap_a, cap_b, items: int) -> float:
-    """``fft_flops_at`` the fast FFT size of ``cap_a + cap_b - 1``."""
-    return fft_flops_at(_prod(fast_fft_length(p + q - 1) for p, q in zip(cap_a, cap_b)), items)
+# -- work counts used by the cost model ---------------------------------------------------
+def direct_macs(cap_a, cap_b, items: int) -> float:
+    """Multiply-adds of ``items`` padded direct convolutions: ``items·prod(cap_a)·prod(cap_b)``."""
+    return float(items) * prod(cap_a) * prod(cap_b)
 
 
 def fft_flops_at(n: int, items: int) -> float:
     """Nominal ``3 * 2.5 N log2 N`` for two forward and one inverse real FFT of ``N``
     points, plus the product, per item."""
-    return items * (7.5 * n * max(np.log2(n), 1.0) + 3.0 * n)
+    return items * (7.5 * n * max(np.log2(max(n, 1)), 1.0) + 3.0 * n)
+
+
+def fft_size(cap_a, cap_b) -> int:
+    """Points of the N-D FFT that ``fft_conv`` runs for these capacities."""
+    return prod(fast_fft_length(p + q - 1) for p, q in zip(cap_a, cap_b))

@@ -12,13 +12,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
+from vsla_jax.conv import kernels
+from vsla_jax.util import next_pow2
+
 DEFAULT_TILE = 128
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _kernel(len_ref, a_ref, b_ref, o_ref, *, tile: int, cap_b: int):
@@ -59,9 +59,9 @@ def pallas_direct_conv(
     cap_o = cap_a + cap_b - 1
     n_tiles = pl.cdiv(cap_o, tile)
     # left pad by cap_b - 1 so every slice start is >= 0; right pad to a power of two
-    width = _next_pow2(n_tiles * tile + cap_b - 1)
+    width = next_pow2(n_tiles * tile + cap_b - 1)
     a_pad = jnp.pad(a, ((0, 0), (cap_b - 1, width - cap_a - cap_b + 1)))
-    b_pad = jnp.pad(b, ((0, 0), (0, _next_pow2(cap_b) - cap_b)))
+    b_pad = jnp.pad(b, ((0, 0), (0, next_pow2(cap_b) - cap_b)))
     lens = jnp.stack([la, lb], axis=1).astype(jnp.int32)
     lens = jnp.pad(lens, ((0, 0), (0, 6)))  # [B, 8]: a power-of-two block
     out = pl.pallas_call(
@@ -77,3 +77,35 @@ def pallas_direct_conv(
         interpret=interpret,
     )(lens, a_pad, b_pad)
     return out[:, :cap_o]
+
+
+def _rows(a, b, la, lb, nb: int, interpret: bool):
+    """Flatten batch and feature axes into rows and run the kernel (rank 1)."""
+    batch, feat = a.shape[:nb], a.shape[nb + 1 :]
+    nf = len(feat)
+    perm = tuple(range(nb)) + tuple(range(nb + 1, nb + 1 + nf)) + (nb,)
+    rows_a = jnp.transpose(a, perm).reshape(-1, a.shape[nb])
+    rows_b = jnp.transpose(b, perm).reshape(-1, b.shape[nb])
+    rep = lambda n: jnp.broadcast_to(n[..., 0].reshape(batch + (1,) * nf), batch + feat)
+    out = pallas_direct_conv(rows_a, rows_b, rep(la).reshape(-1), rep(lb).reshape(-1),
+                             interpret=interpret)
+    out = out.reshape(batch + feat + (out.shape[-1],))
+    inv = tuple(int(i) for i in np.argsort(perm))
+    return jnp.transpose(out, inv)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def direct_conv_pallas(a, b, la, lb, nb: int, interpret: bool):
+    """Rank-1 ``kernels.direct_conv`` through the Pallas kernel (skips padded tiles).
+
+    ``la``/``lb`` are the ``int32[*batch, 1]`` lengths. Tangents use the XLA kernel.
+    """
+    return _rows(a, b, la, lb, nb, interpret)
+
+
+@direct_conv_pallas.defjvp
+def _direct_conv_pallas_jvp(nb, interpret, primals, tangents):
+    a, b, la, lb = primals
+    da, db = tangents[:2]
+    out = direct_conv_pallas(a, b, la, lb, nb, interpret)
+    return out, kernels.full_shift_add(da, b, nb, 1) + kernels.full_shift_add(db, a, nb, 1)

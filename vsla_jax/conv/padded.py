@@ -1,0 +1,90 @@
+"""Model A convolution of two padded VarTensor batches: one program per capacity bucket.
+
+This is the plan that needs no host work: it runs at the operands' own capacities, so
+it is what ``vs.conv`` runs under ``jit`` with traced lengths, and what the engine picks
+when the batch is uniform enough that padding costs less than re-packing.
+
+Non-finite input: ``direct`` first checks that every value is finite (one pass over the
+operands); if one is not, it runs the masked kernel that skips products with slack, so
+``inf``/``nan`` reach exactly the outputs NumPy gives them. ``fft`` spreads a non-finite
+value through its whole item; ``auto`` therefore falls back to the exact direct kernel
+when an operand holds one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vsla_jax.conv import kernels, pallas
+from vsla_jax.conv.kernels import conv_output_lengths
+from vsla_jax.errors import VSLATypeError
+from vsla_jax.tensor import VarTensor, broadcast_operands, extent_mask, zero_slack
+
+#: ``pallas`` modes: ``"gpu"`` compiles the kernel, ``"interpret"`` runs it in the
+#: Pallas interpreter (CPU tests), ``None`` uses the XLA kernel.
+PALLAS_MODES = (None, "gpu", "interpret")
+
+
+def all_finite(*xs) -> jax.Array:
+    """Scalar bool: every value of every array is finite."""
+    out = jnp.asarray(True)
+    for x in xs:
+        out = out & jnp.all(jnp.isfinite(x))
+    return out
+
+
+def check_dtypes(a: VarTensor, b: VarTensor, method: str) -> None:
+    if not jnp.issubdtype(a.dtype, jnp.inexact) or not jnp.issubdtype(b.dtype, jnp.inexact):
+        raise VSLATypeError(f"conv needs floating or complex data, got {a.dtype} and {b.dtype}")
+    if method == "fft" and (jnp.issubdtype(a.dtype, jnp.complexfloating)
+                            or jnp.issubdtype(b.dtype, jnp.complexfloating)):
+        raise VSLATypeError("conv(method='fft') supports real data only")
+
+
+def conv_arrays(da, db, la, lb, nb: int, rank: int, method: str, fallback: bool = False,
+                pallas_mode: str | None = None) -> jax.Array:
+    """Full convolution of zero-slack padded arrays with equal batch and feature shapes.
+
+    ``method`` is ``"direct"`` or ``"fft"``; ``fallback=True`` (the engine's ``auto``)
+    makes ``fft`` fall back to the exact direct kernel on non-finite input.
+    """
+    dt = jnp.result_type(da.dtype, db.dtype)
+    da, db = da.astype(dt), db.astype(dt)
+    cap_a = da.shape[nb : nb + rank]
+    cap_b = db.shape[nb : nb + rank]
+
+    def exact(da, db):
+        ma, mb = extent_mask(la, cap_a), extent_mask(lb, cap_b)
+        return kernels.direct_conv_masked(da, db, ma, mb, nb, rank)
+
+    if method == "direct":
+        if pallas_mode is not None and rank == 1:
+            fast = lambda x, y: pallas.direct_conv_pallas(x, y, la, lb, nb,
+                                                          pallas_mode == "interpret")
+        else:
+            fast = lambda x, y: kernels.direct_conv(x, y, nb, rank)
+    elif method == "fft":
+        fast = lambda x, y: kernels.fft_conv(x, y, nb, rank)
+        if not fallback:
+            return fast(da, db)
+    else:
+        raise ValueError(f"method must be 'direct' or 'fft' here, got {method!r}")
+    return jax.lax.cond(all_finite(da, db), fast, exact, da, db)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "fallback", "pallas_mode"))
+def conv_padded(a: VarTensor, b: VarTensor, method: str, fallback: bool = False,
+                pallas_mode: str | None = None) -> VarTensor:
+    """Model A product of two batches at their own capacities (batch shapes broadcast).
+
+    Output capacity is ``cap_a + cap_b - 1`` per axis; feature axes are convolved
+    channel by channel (depthwise).
+    """
+    batch, da, la, db, lb = broadcast_operands(a, b)
+    out = conv_arrays(da, db, la, lb, len(batch), a.rank, method, fallback, pallas_mode)
+    out = VarTensor.trusted(out, conv_output_lengths(la, lb), a.model)
+    # FFT round-off leaves O(eps) values in the slack: restore the invariant exactly.
+    return zero_slack(out) if method == "fft" else out
