@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 import vsla_jax as vs
 from vsla_jax.attention import BucketedBackend, choose_backend
-from vsla_jax.bucketed_attention import (
+from vsla_jax.attention.bucketed import (
     ATTENTION_POLICY,
     BucketPlan,
     merge_buckets,
@@ -221,7 +221,7 @@ def test_float64_inputs_compute_in_float64():
 
 @pytest.mark.parametrize("fuse_after", [0, 1, 2])
 def test_fused_program_matches_per_group_programs(fuse_after):
-    from vsla_jax import bucketed_attention as ba
+    from vsla_jax.attention import bucketed as ba
 
     top = 41 + fuse_after  # a batch capacity of its own: no signature seen by other tests
     q, k, v = _make([0, 1, 15, 16, 17, 33, 40, 7, top, 2], [3, 1, 15, 0, 17, 40, 33, 7, top, 9],
@@ -240,7 +240,7 @@ def test_fused_program_matches_per_group_programs(fuse_after):
 
 
 def test_causal_chunks_skip_keys_above_the_diagonal():
-    from vsla_jax.bucketed_attention import causal_chunk
+    from vsla_jax.attention.bucketed import causal_chunk
 
     assert causal_chunk(512, 512) == 256 and causal_chunk(64, 64) == 64
     assert causal_chunk(256, 131) == 66  # ceil(131 / 2) rows: two chunks, the last short

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.bucketed_attention import (
+from vsla_jax.attention.bucketed import (
     BucketPlan,
     _neg,
     bucketed_attention,
@@ -438,14 +438,14 @@ class BucketedBackend:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _pallas_attn(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
-    from vsla_jax.pallas_attention import pallas_flash_forward
+    from vsla_jax.attention.pallas import pallas_flash_forward
 
     return pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq, tk=tk,
                                 interpret=interpret)[0]
 
 
 def _pallas_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
-    from vsla_jax.pallas_attention import pallas_flash_forward
+    from vsla_jax.attention.pallas import pallas_flash_forward
 
     out, lse = pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq,
                                     tk=tk, interpret=interpret)
