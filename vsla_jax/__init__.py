@@ -14,6 +14,8 @@ front-door functions.
 from vsla_jax.attention import (
     ApproxConfig,
     AttentionBackend,
+    AttentionConfig,
+    BucketPlan,
     TilingStrategy,
     approximate_attention,
     attention,

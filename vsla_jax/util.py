@@ -146,3 +146,19 @@ def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# -- appended for vsla_jax.attention ----------------------------------------------------
+def prev_pow2(n: int) -> int:
+    """Largest power of two ``<= n`` (1 for ``n <= 1``)."""
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def float0_zeros(x) -> np.ndarray:
+    """The cotangent of an integer argument of a ``custom_vjp`` (``float0`` zeros)."""
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def host_or_none(x) -> np.ndarray | None:
+    """A host (NumPy) copy of a concrete array, or None when ``x`` is traced."""
+    return None if is_traced(x) else np.asarray(x)

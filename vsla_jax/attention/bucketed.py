@@ -1,10 +1,11 @@
-"""Bucketed dense attention: items grouped by capacity bucket, one program per bucket.
+"""Bucketed dense attention: items grouped by capacity bucket, one program per group.
 
 The host reads the (concrete) lengths, puts every item in a bucket of the octave ladder
 ``16, 20, 24, 28, 32, 40, ...`` (at most 25% padding per axis), and merges neighbouring
-buckets when the padded work a merge adds costs less than running one more program
-(``plan_groups``). Each group then runs one compiled program whose shapes depend only on
-the bucket capacities and the item-count rung, never on exact lengths:
+buckets when the padded work a merge adds costs less than running one more group
+(``plan_groups``, an exact DP over the buckets). Each group then runs one compiled
+program whose shapes depend only on the bucket capacities and the item-count rung, never
+on exact lengths:
 
 * gather ``ips`` items at a time straight from the padded batch (no copy of the batch);
 * dense masked attention per step, the queries cut into static chunks of ``qc`` rows
@@ -12,6 +13,10 @@ the bucket capacities and the item-count rung, never on exact lengths:
 * a loop whose trip count is the group's real number of steps (count-ladder padding
   slots are never computed);
 * the group's rows written into the output (in place when the output is donated).
+
+An eager call whose plan signature repeats can run all groups in one compiled program
+(``BucketPlan.fuse_after``); the backend object counts the signatures it has run
+(``SignatureCounter``), so the decision is explicit state, not a module global.
 
 With traced lengths (inside ``jit``) no host planning is possible; ``switched_attention``
 maps over the items instead and ``lax.switch``es each one to the dense kernel of its
@@ -24,6 +29,7 @@ Gradients: a custom VJP recomputes the scores of each step from the saved log-su
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -33,15 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsla_jax.attention.reference import masked_softmax
 from vsla_jax.capacity import COUNT_POLICY, CapacityPolicy
+from vsla_jax.tensor import VarTensor
+from vsla_jax.util import float0_zeros, host_or_none, is_traced, neg_inf, pad_axis_to, prev_pow2
 
 #: Attention buckets: 4 rungs per doubling from 16 (16, 20, 24, 28, 32, 40, ...).
 ATTENTION_POLICY = CapacityPolicy.octave(steps=4, minimum=16)
-
-
-def _neg(dtype):
-    """A large negative score (masked keys) that stays finite after adding a real one."""
-    return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)
 
 
 # -- planning (host) --------------------------------------------------------------------
@@ -66,14 +70,13 @@ class BucketPlan:
     Attributes:
       policy: capacity ladder of the buckets.
       block_bytes: target bytes of one step's float32 score block ``[ips, H, qc, ck]``
-        (measured best at 8 MiB on the 2-core benchmark machine, against 1-32 MiB).
-      group_overhead_flops: cost of running one more group program, in FLOPs of dense
-        attention; neighbouring buckets merge when the padded work the merge adds is
-        smaller (CPU: about 0.3 ms of fixed cost at ~80 GFLOP/s).
+        (8 MiB: the best of 1-32 MiB on the 2-core benchmark machine).
+      group_overhead_flops: cost of running one more group, in FLOPs of dense attention;
+        neighbouring buckets merge when the padded work the merge adds is smaller.
       fuse_after: an eager call whose plan *signature* (the groups' static shapes, not
-        the lengths) has been seen this many times runs all groups in one compiled
-        program (one dispatch, groups scheduled together: 13-31% faster on CPU) instead
-        of one program per group. Fused programs compile once per signature (about 1 s),
+        the lengths) has been run this many times by the same backend object runs all
+        groups in one compiled program (one dispatch, groups scheduled together) instead
+        of one program per group. A fused program compiles once per signature,
         per-group programs once per group shape, so fusing pays off when batch profiles
         repeat (epochs over a dataset, a serving loop). 1: always fuse; 0: never.
     """
@@ -83,9 +86,10 @@ class BucketPlan:
     group_overhead_flops: float = 2.5e7
     fuse_after: int = 2
 
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(int(n), 1).bit_length() - 1)
+    def __post_init__(self):
+        if self.block_bytes < 1 or self.group_overhead_flops < 0 or self.fuse_after < 0:
+            raise ValueError(f"BucketPlan needs block_bytes >= 1, group_overhead_flops >= 0 "
+                             f"and fuse_after >= 0, got {self}")
 
 
 def step_shape(cq: int, ck: int, heads: int, block_bytes: int) -> tuple[int, int]:
@@ -95,7 +99,7 @@ def step_shape(cq: int, ck: int, heads: int, block_bytes: int) -> tuple[int, int
     row = 4 * heads * max(ck, 1)
     if row * cq <= block_bytes:
         return max(1, block_bytes // (row * max(cq, 1))), cq
-    return 1, min(cq, max(16, _pow2_floor(block_bytes // row)))
+    return 1, min(cq, max(16, prev_pow2(block_bytes // row)))
 
 
 def merge_buckets(caps: np.ndarray, counts: np.ndarray, cost_per_item, overhead: float):
@@ -124,9 +128,13 @@ def merge_buckets(caps: np.ndarray, counts: np.ndarray, cost_per_item, overhead:
 def plan_groups(lq: np.ndarray, lk: np.ndarray, cap_q: int, cap_k: int, heads: int,
                 head_dim: int, plan: BucketPlan = BucketPlan()) -> list[Group]:
     """Host planning from concrete lengths ``lq``/``lk`` ``[B]``: which items run together,
-    at which capacities and step shapes. Groups are ordered by capacity."""
+    at which capacities and step shapes. Groups are ordered by capacity.
+
+    Buckets above the batch capacity are clipped to it before merging (a bucket of 480
+    in a batch of capacity 454 costs 454^2 per item, not 480^2)."""
     b = len(lq)
     key = plan.policy.bucket_array(np.maximum(lq, lk)) if b else np.zeros(0, np.int64)
+    key = np.minimum(key, max(cap_q, cap_k))
     caps, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     flops = lambda c: 4.0 * heads * head_dim * float(c) * float(c)
     groups = []
@@ -155,7 +163,7 @@ def _heads_first(q, hk):
 def _key_bias(lk, ck, dtype):
     """Additive key mask ``[n, 1, 1, 1, ck]``: 0 inside the item, a large negative outside."""
     kpos = jnp.arange(ck)
-    return jnp.where(kpos[None, :] < lk[:, None], 0, _neg(dtype)).astype(dtype)[
+    return jnp.where(kpos[None, :] < lk[:, None], 0, neg_inf(dtype)).astype(dtype)[
         :, None, None, None, :]
 
 
@@ -169,7 +177,8 @@ def _chunk_scores(qj, kt, bias, q0, causal, scale):
     if causal:
         kpos = jnp.arange(kt.shape[2])
         qpos = q0 + jnp.arange(qj.shape[3])
-        s = jnp.where((kpos[None, :] <= qpos[:, None])[None, None, None], s, _neg(s.dtype))
+        s = jnp.where((kpos[None, :] <= qpos[:, None])[None, None, None], s,
+                      neg_inf(s.dtype))
     return s
 
 
@@ -181,9 +190,8 @@ def _key_end(q0: int, rows: int, ck: int, causal: bool) -> int:
 def causal_chunk(qc: int, cq: int) -> int:
     """Query rows per chunk for causal attention: buckets of 128 and more run in (at
     least) two chunks, and the first one skips the keys above the diagonal (a quarter of
-    the dense work). Measured on the 2-core CPU (spec workload, causal): 1 chunk 117 ms,
-    2 chunks 108, 4 chunks 112, 8 chunks 119 — more chunks skip more work but cost more,
-    smaller operations."""
+    the dense work). Two chunks measured best of 1, 2, 4 and 8 on the 2-core CPU: more
+    chunks skip more work but run more, smaller operations."""
     return min(qc, -(-cq // 2)) if cq >= 128 else qc
 
 
@@ -205,15 +213,13 @@ def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
     for j in range(0, q.shape[1], qc):
         qj = qt[:, :, :, j:j + qc]
         e = _key_end(j, qj.shape[3], kt.shape[2], causal)
-        s = _chunk_scores(qj, kt[:, :, :e], bias[..., :e], j, causal, scale)
-        m = s.max(axis=-1, keepdims=True)
-        p = jnp.exp(s - m)
-        den = p.sum(axis=-1, keepdims=True)
+        p, m, den = masked_softmax(_chunk_scores(qj, kt[:, :, :e], bias[..., :e], j, causal,
+                                                 scale))
         o = jnp.einsum("nhgqk,nhkd->nhgqd", p, vt[:, :, :e], precision="highest") / den
         valid = _row_valid(lq, lk, j, qj.shape[3])
         outs.append(jnp.where(valid[..., None], o, 0))
         if with_lse:
-            lses.append(jnp.where(valid, (m + jnp.log(den))[..., 0], _neg(ct)))
+            lses.append(jnp.where(valid, (m + jnp.log(den))[..., 0], neg_inf(ct)))
     cat = lambda xs: jnp.concatenate(xs, axis=3) if len(xs) > 1 else xs[0]
     n, cq, h, d = q.shape
     o = cat(outs).transpose(0, 3, 1, 2, 4).reshape(n, cq, h, d)
@@ -268,13 +274,13 @@ def _group_fwd(out, qd, kd, vd, idx, lq, lk, steps, *, causal, scale, cq, ck, ip
     ``[n_pad, Hkv, g, cq]`` when ``with_lse`` (for the backward pass).
 
     The loop fills a compact ``[n_pad, cq, H, D]`` buffer; one scatter after the loop
-    writes it into ``out`` (a scatter inside the loop measured 2x slower on CPU)."""
+    writes it into ``out`` (a scatter inside the loop measured slower on CPU)."""
     h, d = qd.shape[2:]
     hk = kd.shape[2]
     ct = jnp.promote_types(qd.dtype, jnp.float32)
     n_pad = idx.shape[0]
     o0 = jnp.zeros((n_pad, cq, h, d), out.dtype)
-    lse0 = jnp.full((n_pad, hk, h // hk, cq) if with_lse else (), _neg(ct), ct)
+    lse0 = jnp.full((n_pad, hk, h // hk, cq) if with_lse else (), neg_inf(ct), ct)
 
     def body(s, carry):
         o_all, lse = carry
@@ -323,7 +329,7 @@ _BWD = {False: jax.jit(_group_bwd, static_argnames=_STATIC),
 
 
 def _eager(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+    return not any(is_traced(x) for x in jax.tree_util.tree_leaves(xs))
 
 
 def _shapes(g: Group, causal: bool) -> tuple[int, int, int, int]:
@@ -352,44 +358,29 @@ def _fused(qd, kd, vd, lq, lk, idxs, steps, *, shapes, causal, scale, with_lse):
                        _group_fwd)
 
 
-#: How often each plan signature was seen by eager calls (bounded; see ``fuse_after``).
-_SEEN: dict = {}
-_SEEN_MAX = 4096
-
-
-def _seen(signature) -> int:
-    if signature not in _SEEN and len(_SEEN) >= _SEEN_MAX:
-        _SEEN.clear()
-    _SEEN[signature] = _SEEN.get(signature, 0) + 1
-    return _SEEN[signature]
-
-
-def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse_after):
+def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse):
     eager = _eager(qd, kd, vd, lq, lk)
     idxs = tuple(g.idx for g in groups)
     steps = tuple(np.int32(g.steps) for g in groups)
     shapes = tuple(_shapes(g, causal) for g in groups)
-    if eager and fuse_after > 0:
-        signature = (shapes, tuple(len(g.idx) for g in groups), qd.shape, kd.shape,
-                     str(qd.dtype), causal, scale, with_lse)
-        if _seen(signature) >= fuse_after:
-            return _fused(qd, kd, vd, lq, lk, idxs, steps, shapes=shapes, causal=causal,
-                          scale=scale, with_lse=with_lse)
+    if eager and fuse:
+        return _fused(qd, kd, vd, lq, lk, idxs, steps, shapes=shapes, causal=causal,
+                      scale=scale, with_lse=with_lse)
     return _run_groups(qd, kd, vd, lq, lk, idxs, steps, shapes, causal, scale, with_lse,
                        _FWD[eager])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse_after):
-    return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse_after)[0]
+def _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse):
+    return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse)[0]
 
 
-def _bucketed_fwd(qd, kd, vd, lq, lk, groups, causal, scale, fuse_after):
-    out, lses = _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, True, fuse_after)
+def _bucketed_fwd(qd, kd, vd, lq, lk, groups, causal, scale, fuse):
+    out, lses = _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, True, fuse)
     return out, (qd, kd, vd, lq, lk, out, lses)
 
 
-def _bucketed_bwd(groups, causal, scale, fuse_after, saved, dout):
+def _bucketed_bwd(groups, causal, scale, fuse, saved, dout):
     qd, kd, vd, lq, lk, out, lses = saved
     call = _BWD[_eager(saved, dout)]
     ct = jnp.promote_types(qd.dtype, jnp.float32)
@@ -398,21 +389,55 @@ def _bucketed_bwd(groups, causal, scale, fuse_after, saved, dout):
         dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.idx, lq, lk,
                           np.int32(g.steps), out, lse, dout, causal=causal, scale=scale,
                           **_static(_shapes(g, causal)))
-    f0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
-    return dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), f0(lq), f0(lk)
+    return (dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), float0_zeros(lq),
+            float0_zeros(lk))
 
 
 _bucketed.defvjp(_bucketed_fwd, _bucketed_bwd)
 
 
 def bucketed_attention(qd, kd, vd, lq, lk, groups: list[Group], causal: bool,
-                       scale: float, fuse_after: int = 2) -> jax.Array:
+                       scale: float, fuse: bool = False) -> jax.Array:
     """Run every group of ``plan_groups`` into one ``[B, Cq, H, D]`` output (zero slack).
 
-    qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv, D]``, lq/lk ``[B]`` int32. Differentiable
-    in qd, kd, vd (custom VJP: scores are recomputed per step from the saved
-    log-sum-exp; gradients accumulate group by group into one buffer per operand)."""
-    return _bucketed(qd, kd, vd, lq, lk, tuple(groups), causal, scale, fuse_after)
+    qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv, D]``, lq/lk ``[B]`` int32. ``fuse``: run
+    the eager forward as one compiled program over all groups (keyed by the groups'
+    static shapes) instead of one program per group. Differentiable in qd, kd, vd
+    (custom VJP: scores are recomputed per step from the saved log-sum-exp; gradients
+    accumulate group by group into one buffer per operand)."""
+    return _bucketed(qd, kd, vd, lq, lk, tuple(groups), causal, scale, bool(fuse))
+
+
+def plan_signature(groups, causal: bool, q_shape, k_shape, dtype, scale) -> tuple:
+    """What a fused program is compiled for: the groups' static shapes and item-count
+    rungs, the batch shapes, dtype, causality and scale (never the exact lengths)."""
+    return (tuple(_shapes(g, causal) for g in groups), tuple(len(g.idx) for g in groups),
+            tuple(q_shape), tuple(k_shape), str(dtype), causal, scale)
+
+
+class SignatureCounter:
+    """How many times each plan signature has been run (a bounded LRU of counts).
+
+    Held by a ``BucketedBackend``: its ``fuse_after`` decision is state of that object,
+    visible and resettable (``clear``), not a module-level table."""
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self._counts: collections.OrderedDict = collections.OrderedDict()
+
+    def bump(self, signature) -> int:
+        """Count one more run of ``signature``; return its count so far."""
+        n = self._counts.pop(signature, 0) + 1
+        self._counts[signature] = n
+        if len(self._counts) > self.maxsize:
+            self._counts.popitem(last=False)
+        return n
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def clear(self) -> None:
+        self._counts.clear()
 
 
 # -- traced lengths: per-item switch over static bucket capacities ----------------------
@@ -426,12 +451,6 @@ def switch_caps(cap_q: int, cap_k: int, policy: CapacityPolicy = SWITCH_POLICY):
     cap_k)`` plus that capacity itself (the last branch holds every item)."""
     top = max(cap_q, cap_k, 1)
     return tuple(c for c in policy.ladder(top) if c < top) + (top,)
-
-
-def _pad_axis(x, size, axis, value=0):
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pads, constant_values=value)
 
 
 def _bucket_index(caps, lq, lk):
@@ -458,8 +477,8 @@ def _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
         def run(q, k, v, a, b):
             o, lse = _step_fwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
                                causal, scale, qc, True)
-            return (_pad_axis(o[0].astype(qd.dtype), cq_all, 0),
-                    _pad_axis(lse[0], cq_all, 2, _neg(ct)))
+            return (pad_axis_to(o[0].astype(qd.dtype), cq_all, 0),
+                    pad_axis_to(lse[0], cq_all, 2, neg_inf(ct)))
         return run
 
     branches = [branch(c) for c in caps]
@@ -496,9 +515,9 @@ def _switched_bwd_rule(causal, scale, caps, block_bytes, saved, dout):
             g = _step_bwd(q[None, :cq], k[None, :ck], v[None, :ck], a[None], b[None],
                           o[None, :cq], lse_i[None, :, :, :cq], do[None, :cq], causal, scale,
                           qc)
-            return (_pad_axis(g[0][0].astype(qd.dtype), cq_all, 0),
-                    _pad_axis(g[1][0].astype(kd.dtype), ck_all, 0),
-                    _pad_axis(g[2][0].astype(vd.dtype), ck_all, 0))
+            return (pad_axis_to(g[0][0].astype(qd.dtype), cq_all, 0),
+                    pad_axis_to(g[1][0].astype(kd.dtype), ck_all, 0),
+                    pad_axis_to(g[2][0].astype(vd.dtype), ck_all, 0))
         return run
 
     branches = [branch(c) for c in caps]
@@ -508,8 +527,49 @@ def _switched_bwd_rule(causal, scale, caps, block_bytes, saved, dout):
         return jax.lax.switch(_bucket_index(caps, a, b), branches, q, k, v, a, b, o, lse_i, do)
 
     dq, dk, dv = jax.lax.map(item, (qd, kd, vd, lq, lk, out, lse, dout))
-    f0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)
-    return dq, dk, dv, f0(lq), f0(lk)
+    return dq, dk, dv, float0_zeros(lq), float0_zeros(lk)
 
 
 switched_attention.defvjp(_switched_fwd_rule, _switched_bwd_rule)
+
+
+# -- backend ----------------------------------------------------------------------------
+class BucketedBackend:
+    """Items grouped by capacity bucket; dense attention per bucket.
+
+    With concrete lengths (eager calls, or lengths closed over by a ``jit``-ed function):
+    the host buckets items on the octave ladder of ``max(lq, lk)``, merges neighbouring
+    buckets by a cost model, and runs one program per group, a few items per step (all
+    groups in one program once a plan signature has been run ``plan.fuse_after`` times
+    by this object, see ``seen``). With traced lengths (inside ``jit``): one program maps
+    over the items and switches each to the dense kernel of its bucket capacity
+    (``switch_caps``)."""
+
+    name = "bucketed"
+
+    def __init__(self, plan: BucketPlan | None = None):
+        self.plan = plan or BucketPlan()
+        self.seen = SignatureCounter()
+
+    def optimize_tiling(self, q, k) -> dict:
+        lq, lk = host_or_none(q.lengths), host_or_none(k.lengths)
+        if lq is None or lk is None:
+            return dict(caps=switch_caps(q.capacity[0], k.capacity[0]))
+        h, d = q.features
+        return dict(groups=plan_groups(lq[:, 0], lk[:, 0], q.capacity[0], k.capacity[0], h, d,
+                                       self.plan))
+
+    def prepare(self, q, k, v) -> dict:
+        return self.optimize_tiling(q, k)
+
+    def compute(self, q, k, v, causal, scale, plan) -> VarTensor:
+        args = (q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0])
+        if "caps" in plan:
+            out = switched_attention(*args, causal, scale, plan["caps"], self.plan.block_bytes)
+        else:
+            groups = plan["groups"]
+            fuse = self.plan.fuse_after > 0 and _eager(*args) and self.seen.bump(
+                plan_signature(groups, causal, q.data.shape, k.data.shape, q.dtype, scale)
+            ) >= self.plan.fuse_after
+            out = bucketed_attention(*args, groups, causal, scale, fuse)
+        return VarTensor.trusted(out, q.lengths, q.model)

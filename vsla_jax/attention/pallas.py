@@ -1,10 +1,15 @@
-"""Pallas flash-attention forward with per-item lengths (GPU; interpret mode on CPU).
+"""Pallas flash-attention forward with per-item lengths: the ``pallas`` backend.
 
 Grid ``(items, heads, query tiles)``. Each program loads one query tile and loops over
 key tiles with a trip count read from the item's key length (and the causal diagonal),
 so padded key tiles are never loaded; a query tile past the item's query length runs
 zero iterations. Lengths need not be multiples of the tile sizes: partial tiles are
-masked. Returns the output and the log-sum-exp rows used by the backward pass.
+masked. Returns the output and the log-sum-exp rows used by the backward pass, which is
+the ``tiled`` backend's recomputing backward (``flash_backward``).
+
+On a GPU the kernel compiles through Triton; elsewhere it runs in the Pallas
+interpreter (slow, meant for tests). Which one is an argument (``interpret``), never a
+global switch. **The kernel has only run in the interpreter so far.**
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from vsla_jax.attention.tiled import TiledBackend, TilingStrategy, flash_backward
+from vsla_jax.tensor import VarTensor
+from vsla_jax.util import next_pow2, pad_axis, pad_axis_to
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, causal):
@@ -52,11 +61,6 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, caus
     lse_ref[...] = jnp.where(valid, m + jnp.log(safe), neg)
 
 
-def _pad_axis1(x, multiple):
-    extra = (-x.shape[1]) % multiple
-    return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)) if extra else x
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk", "interpret"))
 def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int = 64,
                          tk: int = 64, interpret: bool = False):
@@ -67,11 +71,9 @@ def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int
     b, cq, h, d = q.shape
     hk = k.shape[2]
     g = h // hk
-    qp = _pad_axis1(q, tq)
-    ck_pad = 1 << max(int(k.shape[1]) - 1, 0).bit_length()
-    ck_pad = max(ck_pad, tk)
-    kp = jnp.pad(k, [(0, 0), (0, ck_pad - k.shape[1]), (0, 0), (0, 0)])
-    vp = jnp.pad(v, [(0, 0), (0, ck_pad - v.shape[1]), (0, 0), (0, 0)])
+    qp = pad_axis(q, tq, axis=1)
+    ck_pad = max(next_pow2(k.shape[1]), tk)
+    kp, vp = pad_axis_to(k, ck_pad, axis=1), pad_axis_to(v, ck_pad, axis=1)
     lens = jnp.pad(jnp.stack([lq, lk], axis=1).astype(jnp.int32), ((0, 0), (0, 6)))
     n_q = qp.shape[1] // tq
     out, lse = pl.pallas_call(
@@ -92,3 +94,53 @@ def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int
         interpret=interpret,
     )(lens, qp, kp, vp)
     return out[:, :cq], lse[:, :, :cq]
+
+
+# -- backend ----------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def pallas_attention(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
+    """Differentiable ``pallas_flash_forward`` (backward: ``tiled.flash_backward``)."""
+    return pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq, tk=tk,
+                                interpret=interpret)[0]
+
+
+def _pallas_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
+    out, lse = pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq,
+                                    tk=tk, interpret=interpret)
+    return out, (qd, kd, vd, lq, lk, out, lse)
+
+
+def _pallas_bwd(causal, scale, tq, tk, interpret, saved, dout):
+    q, k, v, lq, lk, out, lse = saved
+    return flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk,
+                          q.shape[1], k.shape[1])
+
+
+pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk", "interpret"))
+def _pallas_call(q, k, v, causal, scale, tq, tk, interpret):
+    out = pallas_attention(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal,
+                           scale, tq, tk, interpret)
+    return VarTensor.trusted(out, q.lengths, q.model)
+
+
+class PallasBackend(TiledBackend):
+    """Pallas flash-attention forward; backward recomputes tiles with XLA.
+
+    ``interpret``: run the kernel in the Pallas interpreter (True), compile it (False), or
+    interpret exactly when the default JAX backend is not a GPU (None). Tiles are powers
+    of two (at least 16, as Triton requires for ``dot``)."""
+
+    name = "pallas"
+
+    def __init__(self, interpret: bool | None = None, strategy: TilingStrategy | None = None):
+        super().__init__(strategy)
+        self.interpret = interpret
+
+    def compute(self, q, k, v, causal, scale, plan) -> VarTensor:
+        interpret = (jax.default_backend() != "gpu") if self.interpret is None else bool(
+            self.interpret)
+        tq, tk = (max(16, next_pow2(plan[t])) for t in ("tq", "tk"))
+        return _pallas_call(q, k, v, causal, scale, tq, tk, interpret)
