@@ -1,0 +1,177 @@
+"""The attention front door: AttentionConfig reaching every backend knob, typed errors for
+bad tiles, configs and backends, and batches stacked with every axis variable."""
+
+import jax
+import numpy as np
+import pytest
+
+import vsla_jax as vs
+from vsla_jax.attention import (
+    BACKENDS,
+    AttentionConfig,
+    BucketPlan,
+    TilingStrategy,
+    UnknownBackendError,
+    backends_for,
+)
+from vsla_jax.attention import bucketed as ba
+
+
+def _make(lengths, h=4, hk=2, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    items = lambda heads: [rng.standard_normal((n, heads, d)).astype(np.float32)
+                           for n in lengths]
+    return (vs.stack(items(h), rank=1), vs.stack(items(hk), rank=1),
+            vs.stack(items(hk), rank=1))
+
+
+def _close(a, b, atol=2e-5):
+    np.testing.assert_allclose(np.asarray(a.data), np.asarray(b.data), atol=atol)
+
+
+# -- AttentionConfig -------------------------------------------------------------------
+def test_config_reaches_the_bucketed_plan():
+    q, k, v = _make([0, 1, 15, 17, 33, 40, 7, 2], seed=1)
+    ref = vs.attention(q, k, v, causal=True, backend="xla")
+    # a tiny score budget forces query chunks; no merging keeps several groups
+    cfg = AttentionConfig(bucket=BucketPlan(block_bytes=1, group_overhead_flops=0.0,
+                                            fuse_after=0))
+    _close(vs.attention(q, k, v, causal=True, backend="bucketed", config=cfg), ref)
+    backend = backends_for(cfg)["bucketed"]
+    assert backend.plan is cfg.bucket
+    groups = backend.prepare(q, k, v)["groups"]
+    assert len(groups) > 1 and any(g.qc < g.cq for g in groups)
+    assert len(backend.seen) == 0  # fuse_after=0 never counts signatures
+    assert backends_for(cfg) is backends_for(AttentionConfig(bucket=cfg.bucket))
+
+
+def test_config_fuse_after_is_state_of_the_backend_object():
+    top = 45  # a batch capacity of its own: signatures unseen by other tests
+    q, k, v = _make([3, 20, top, 9, 30], seed=2)
+    ref = vs.attention(q, k, v, backend="xla")
+    cfg = AttentionConfig(bucket=BucketPlan(group_overhead_flops=0.0, fuse_after=2))
+    backend = backends_for(cfg)["bucketed"]
+    backend.seen.clear()
+    before = ba._fused._cache_size()
+    _close(vs.attention(q, k, v, config=cfg, backend="bucketed"), ref)
+    assert ba._fused._cache_size() == before  # first run: one program per group
+    _close(vs.attention(q, k, v, config=cfg, backend="bucketed"), ref)
+    assert ba._fused._cache_size() == before + 1  # second run of the signature: fused
+    assert len(backend.seen) == 1
+    # a fresh backend object starts counting from zero
+    fresh = vs.attention(q, k, v, backend=ba.BucketedBackend(cfg.bucket))
+    _close(fresh, ref)
+
+
+def test_config_reaches_the_tiling_strategy_and_the_pallas_interpreter():
+    q, k, v = _make([5, 0, 12, 30], seed=3)
+    ref = vs.attention(q, k, v, backend="xla")
+    cfg = AttentionConfig(tiling=TilingStrategy(candidates=(8,)), pallas_interpret=True)
+    assert backends_for(cfg)["tiled"].prepare(q, k, v) == dict(tq=8, tk=8)
+    assert backends_for(cfg)["pallas"].interpret is True
+    _close(vs.attention(q, k, v, backend="tiled", config=cfg), ref)
+    _close(vs.attention(q, k, v, backend="pallas", config=cfg), ref)
+    # an explicit tile wins over the strategy
+    _close(vs.attention(q, k, v, backend="tiled", tile=(4, 16), config=cfg), ref)
+
+
+def test_bad_configs_raise_typed_errors():
+    q, k, v = _make([3, 4])
+    with pytest.raises(vs.VSLATypeError, match="config"):
+        vs.attention(q, k, v, config=BucketPlan())
+    with pytest.raises(vs.VSLATypeError, match="bucket"):
+        AttentionConfig(bucket=TilingStrategy())
+    with pytest.raises(vs.VSLATypeError, match="pallas_interpret"):
+        AttentionConfig(pallas_interpret="yes")
+    with pytest.raises(ValueError, match="fuse_after"):
+        BucketPlan(fuse_after=-1)
+
+
+# -- tiles and backends ----------------------------------------------------------------
+@pytest.mark.parametrize("tile,error", [
+    (0, vs.ShapeError), (-4, vs.ShapeError), ((8, 0), vs.ShapeError), ((8,), vs.ShapeError),
+    (2.5, vs.VSLATypeError), ("8", vs.VSLATypeError), (True, vs.VSLATypeError),
+    ((8, None), vs.VSLATypeError)])
+@pytest.mark.parametrize("backend", ["tiled", "auto"])
+def test_bad_tiles_name_the_tile(tile, error, backend):
+    q, k, v = _make([3, 4])
+    with pytest.raises(error, match="tile") as info:
+        vs.attention(q, k, v, backend=backend, tile=tile)
+    assert repr(tile) in str(info.value)
+    assert isinstance(info.value, vs.VSLAError)
+
+
+def test_good_tiles_are_accepted_as_ints_pairs_and_numpy_ints():
+    q, k, v = _make([9, 4, 17])
+    ref = vs.attention(q, k, v, backend="xla")
+    for tile in (1, 4, np.int64(8), (4, 8), [16, 4]):
+        _close(vs.attention(q, k, v, backend="tiled", tile=tile), ref)
+
+
+def test_unknown_backend_lists_every_valid_name():
+    q, k, v = _make([3])
+    with pytest.raises(UnknownBackendError) as info:
+        vs.attention(q, k, v, backend="flash9")
+    for name in ("auto",) + BACKENDS:
+        assert repr(name) in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, vs.VSLAError)
+    with pytest.raises(vs.VSLATypeError, match="backend"):
+        vs.attention(q, k, v, backend=3)
+
+
+# -- batches stacked with every axis variable ------------------------------------------
+@pytest.mark.parametrize("h,d", [(3, 5), (8, 64), (2, 16)])
+def test_items_stacked_with_every_axis_variable(h, d):
+    rng = np.random.default_rng(h + d)
+    lens = [5, 0, 19, 12]
+    mk = lambda: [rng.standard_normal((n, h, d)).astype(np.float32) for n in lens]
+    qi, ki, vi = mk(), mk(), mk()
+    q3, k3, v3 = vs.stack(qi), vs.stack(ki), vs.stack(vi)
+    assert q3.rank == 3 and q3.capacity[1:] >= (h, d)
+    q1, k1, v1 = (vs.stack(x, rank=1) for x in (qi, ki, vi))
+    for backend in ("xla", "bucketed", "tiled"):
+        got = vs.attention(q3, k3, v3, causal=True, backend=backend)
+        ref = vs.attention(q1, k1, v1, causal=True, backend=backend)
+        assert got.rank == 1 and got.features == (h, d)
+        np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(q1.lengths))
+        _close(got, ref, atol=1e-6)
+    # mixed: rank-3 queries with rank-1 keys and values
+    _close(vs.attention(q3, k1, v1), vs.attention(q1, k1, v1), atol=1e-6)
+
+
+def test_ragged_trailing_axes_say_how_to_stack():
+    rng = np.random.default_rng(0)
+    items = [rng.standard_normal((4, 2, 8)), rng.standard_normal((6, 3, 8))]
+    q = vs.stack(items)
+    k = vs.stack([rng.standard_normal((4, 2, 8)), rng.standard_normal((6, 2, 8))])
+    with pytest.raises(vs.ShapeError, match=r"ragged.*vs\.stack\(items, rank=1\)"):
+        vs.attention(q, k, k)
+
+
+def test_traced_lengths_with_every_axis_variable_say_how_to_stack():
+    rng = np.random.default_rng(0)
+    q = vs.stack([rng.standard_normal((n, 2, 8)).astype(np.float32) for n in (3, 5)])
+    f = jax.jit(lambda q: vs.attention(q, q, q).data)
+    with pytest.raises(vs.ShapeError, match=r"traced.*vs\.stack\(items, rank=1\)"):
+        f(q)
+
+
+def test_other_shapes_still_point_at_rank_one_stacking():
+    q, k, v = _make([3])
+    with pytest.raises(vs.ShapeError, match=r"vs\.stack\(items, rank=1\)"):
+        vs.attention(vs.stack([np.ones(3)]), k, v)
+    with pytest.raises(vs.ShapeError, match="features"):
+        vs.attention(vs.stack([np.ones((3, 4))], rank=1), k, v)
+
+
+# -- planner ---------------------------------------------------------------------------
+def test_buckets_above_the_batch_capacity_are_clipped_before_merging():
+    lq = np.array([388, 454])
+    # 388 -> bucket 448, 454 -> bucket 480, clipped to the capacity 454: merging them
+    # costs 454^2 - 448^2 more per item, under one group's overhead
+    plan = BucketPlan(group_overhead_flops=2.5e7)
+    groups = ba.plan_groups(lq, lq, 454, 454, heads=8, head_dim=64, plan=plan)
+    assert len(groups) == 1 and groups[0].cq == 454
+    # with an unclipped capacity the 480 bucket stays its own group
+    groups = ba.plan_groups(lq, lq, 480, 480, heads=8, head_dim=64, plan=plan)
+    assert [g.cq for g in groups] == [448, 480]
