@@ -1,4 +1,8 @@
-"""The adaptive convolution engine: profile, plan, ragged conv, precision, calibration."""
+"""The convolution engine behind ``vs.conv``: plans, methods, routing, calibration.
+
+Every plan (padded, bucketed, blocked) and method is checked against NumPy/SciPy on
+the natural call ``vs.conv(vs.stack(xs), vs.stack(ks))``.
+"""
 
 import json
 import os
@@ -8,34 +12,64 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.signal
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax import monitoring
 
 import vsla_jax as vs
-from vsla_jax import conv_engine as ce
-from vsla_jax.convolution import fast_fft_length
+from vsla_jax.conv import bucketed, cost, engine
+from vsla_jax.conv.kernels import fast_fft_length
 
-NO_CAL = ce.ConvPolicy(calibrate=False)
+STATIC = vs.ConvPolicy(calibrate=False)
+PLANS = ["padded", "bucketed", "blocked", "auto"]
+
+
+def policy(plan="auto", **kw):
+    return vs.ConvPolicy(plan=plan, calibrate=False, **kw)
+
+
+def _expected(x, k):
+    if not len(x) or not len(k):
+        return np.zeros(0)
+    return np.convolve(np.asarray(x, np.float64), np.asarray(k, np.float64))
+
+
+def _check_items(out, xs, ks, rtol=1e-4, atol=1e-4):
+    got = out.to_list()
+    assert len(got) == len(xs)
+    for i, (o, x, k) in enumerate(zip(got, xs, ks)):
+        ref = _expected(x, k)
+        assert o.shape == ref.shape, f"item {i}: {o.shape} vs {ref.shape}"
+        scale = max(np.abs(ref).max(), 1.0) if ref.size else 1.0
+        np.testing.assert_allclose(o, ref, rtol=rtol, atol=atol * scale, err_msg=f"item {i}")
+
+
+def _lognormal_batch(rng, n, med_a, max_a, med_b, max_b):
+    la = np.clip(rng.lognormal(np.log(med_a), 1.0, n), 0, max_a).astype(int)
+    lb = np.clip(rng.lognormal(np.log(med_b), 1.0, n), 0, max_b).astype(int)
+    xs = [rng.standard_normal(m).astype(np.float32) for m in la]
+    ks = [rng.standard_normal(m).astype(np.float32) for m in lb]
+    return xs, ks
 
 
 def test_profile_matches_numpy():
     lengths = [8, 15, 142, 7, 456]
-    p = ce.heterogeneity_profile(lengths, policy=NO_CAL)
+    p = vs.heterogeneity_profile(lengths, policy=STATIC)
     assert p.n == 5
     assert p.max_min_ratio == pytest.approx(456 / 7)
     assert p.max_median_ratio == pytest.approx(456 / 15)
     assert p.mean_var_ratio == pytest.approx(np.mean(lengths) / np.var(lengths))
     assert p.n_buckets == len({vs.CapacityPolicy().bucket(n) for n in lengths})
     assert not p.prefer_direct  # 65 < 100
-    extreme = ce.heterogeneity_profile([2, 3, 1000, 5, 2000], [3, 64, 16, 8, 32], policy=NO_CAL)
+    extreme = vs.heterogeneity_profile([2, 3, 1000, 5, 2000], [3, 64, 16, 8, 32], policy=STATIC)
     assert extreme.prefer_direct and extreme.max_min_ratio == 1000
     with pytest.raises(vs.ShapeError):
-        ce.heterogeneity_profile([])
+        vs.heterogeneity_profile([])
 
 
 def test_policy_thresholds_are_configurable():
-    strict = ce.ConvPolicy(calibrate=False, direct_max_min_ratio=10, bucketing_min_buckets=2)
-    p = ce.heterogeneity_profile([8, 15, 142, 7, 456], policy=strict)
+    strict = vs.ConvPolicy(calibrate=False, direct_max_min_ratio=10, bucketing_min_buckets=2)
+    p = vs.heterogeneity_profile([8, 15, 142, 7, 456], policy=strict)
     assert p.prefer_direct and p.needs_bucketing
 
 
@@ -53,42 +87,59 @@ def test_fast_fft_length(n):
     assert not any(_smooth(k) for k in range(n, m))  # the smallest such length
 
 
-def test_plan_groups_by_bucket_and_sizes_fft_per_group():
-    shapes_a = [(8,), (15,), (142,), (7,), (456,)]
-    shapes_b = [(3,), (3,), (40,), (3,), (40,)]
-    groups = ce.plan(shapes_a, shapes_b, "fft", NO_CAL, ce.STATIC_COST_MODEL)
-    pol = vs.CapacityPolicy()
-    for g in groups:
-        for i in g.members:
-            assert pol.capacity(shapes_a[i]) == g.cap_a and pol.capacity(shapes_b[i]) == g.cap_b
-        assert g.slots == vs.COUNT_POLICY.bucket(len(g.members))
-    small = [g for g in groups if 0 in g.members][0]
-    # FFT length per group, never the batch-wide maximum (which needs >= 456 + 40 - 1)
-    assert fast_fft_length(small.cap_a[0] + small.cap_b[0] - 1) < 64
-    assert sorted(i for g in groups for i in g.members) == list(range(5))
-
-
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("method", ["auto", "direct", "fft"])
-def test_conv_ragged_matches_numpy(method, fuse):
+def test_natural_call_matches_numpy_on_every_plan(plan, method):
     rng = np.random.default_rng(0)
-    xs = [rng.standard_normal(n).astype(np.float32) for n in [2, 3, 1000, 5, 200, 0, 1]]
-    ks = [rng.standard_normal(n).astype(np.float32) for n in [3, 64, 16, 8, 32, 4, 1]]
-    out = ce.conv_ragged(xs, ks, method=method, policy=NO_CAL, fuse=fuse).to_list()
-    for o, x, k in zip(out, xs, ks):
-        expected = np.convolve(x, k) if len(x) else np.zeros(0)
-        assert o.shape == expected.shape
-        np.testing.assert_allclose(o, expected, rtol=1e-4, atol=1e-4)
+    xs, ks = _lognormal_batch(rng, 40, 200, 2000, 20, 200)
+    xs[0], ks[1] = xs[0][:0], ks[1][:0]  # empty signal, empty kernel
+    xs[2], ks[2] = xs[2][:1], ks[2][:1]  # single elements
+    xs[3], ks[3] = ks[3][:9], xs[3][:400]  # kernel longer than the signal
+    a, k = vs.stack(xs), vs.stack(ks)
+    out = vs.conv(a, k, method=method, policy=policy(plan))
+    assert isinstance(out, vs.VarTensor) and out.capacity == (a.capacity[0] + k.capacity[0] - 1,)
+    _check_items(out, xs, ks)
+    assert np.all(np.asarray(out.data)[~np.asarray(out.mask())] == 0)  # zero slack
 
 
-def test_conv_ragged_broadcast_kernel_and_2d():
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=10),
+       st.sampled_from(["padded", "bucketed", "blocked"]), st.sampled_from(["direct", "fft"]),
+       st.integers(0, 2**16))
+def test_edge_lengths_match_numpy(pairs, plan, method, seed):
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal(a).astype(np.float32) for a, _ in pairs]
+    ks = [rng.standard_normal(b).astype(np.float32) for _, b in pairs]
+    _check_items(vs.conv(vs.stack(xs), vs.stack(ks), method=method, policy=policy(plan)),
+                 xs, ks)
+
+
+@pytest.mark.parametrize("plan", ["padded", "bucketed", "blocked"])
+def test_shared_kernel_broadcasts(plan):
     rng = np.random.default_rng(1)
+    xs = [rng.standard_normal(n).astype(np.float32) for n in [3, 300, 1, 40]]
+    k = rng.standard_normal(7).astype(np.float32)
+    out = vs.conv(vs.stack(xs), vs.tensor(k), policy=policy(plan))
+    _check_items(out, xs, [k] * 4)
+
+
+@pytest.mark.parametrize("plan", ["padded", "bucketed"])
+def test_rank2_and_feature_axes(plan):
+    rng = np.random.default_rng(2)
     xs = [rng.standard_normal((n, m)) for n, m in [(3, 4), (20, 2), (1, 1)]]
     k = rng.standard_normal((2, 3))
     for method in ["direct", "fft"]:
-        out = ce.conv_ragged(xs, k, method=method, policy=NO_CAL).to_list()
+        out = vs.conv(vs.stack(xs), vs.tensor(k), method=method, policy=policy(plan)).to_list()
         for o, x in zip(out, xs):
             np.testing.assert_allclose(o, scipy.signal.convolve(x, k), rtol=1e-4, atol=1e-4)
+    feats = [rng.standard_normal((n, 3)).astype(np.float32) for n in [5, 50, 9]]
+    kf = [rng.standard_normal((m, 3)).astype(np.float32) for m in [2, 4, 30]]
+    out = vs.conv(vs.stack(feats, rank=1), vs.stack(kf, rank=1), policy=policy(plan)).to_list()
+    for o, x, kk in zip(out, feats, kf):
+        ref = np.stack([np.convolve(x[:, c], kk[:, c]) for c in range(3)], axis=1)
+        np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(vs.ShapeError, match="rank-1 items without feature"):
+        vs.conv(vs.stack(feats, rank=1), vs.stack(kf, rank=1), policy=policy("blocked"))
 
 
 def _tol_ok(x, y, atol, rtol):
@@ -109,8 +160,8 @@ def test_fft_vs_direct_error_bounds(n, m):
     f = np.asarray(vs.conv(a32, b32, method="fft").data)
     assert _tol_ok(d, f, 1e-6, 1e-4)
     with jax.enable_x64(True):
-        a64 = vs.VarTensor(jnp.asarray(np.asarray(a32.data), jnp.float64) * 0 + jnp.asarray(
-            np.pad(x, [(0, 0), (0, a32.capacity[0] - n)])), a32.lengths)
+        a64 = vs.VarTensor(jnp.asarray(np.pad(x, [(0, 0), (0, a32.capacity[0] - n)])),
+                           a32.lengths)
         b64 = vs.VarTensor(jnp.asarray(np.pad(k, [(0, 0), (0, b32.capacity[0] - m)])),
                            b32.lengths)
         d64 = np.asarray(vs.conv(a64, b64, method="direct").data)
@@ -125,108 +176,215 @@ def test_accumulate_f64():
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal(n).astype(np.float32) for n in [100, 2000]]
     k = rng.standard_normal(50).astype(np.float32)
-    pol = ce.ConvPolicy(calibrate=False, accumulate_f64=True)
+    pol = vs.ConvPolicy(calibrate=False, accumulate_f64=True)
     with pytest.raises(vs.VSLATypeError, match="x64"):
-        ce.conv_ragged(xs, k, policy=pol)
+        vs.conv(vs.stack(xs), vs.tensor(k), policy=pol)
     with jax.enable_x64(True):
-        out = ce.conv_ragged(xs, k, method="fft", policy=pol).to_list()
-    for o, x in zip(out, xs):
-        assert o.dtype == np.float32
+        out = vs.conv(vs.stack(xs), vs.tensor(k), method="fft", policy=pol)
+    assert out.dtype == jnp.float32
+    for o, x in zip(out.to_list(), xs):
         ref = np.convolve(x.astype(np.float64), k.astype(np.float64))
         np.testing.assert_allclose(o, ref, rtol=1e-6, atol=1e-5)
 
 
-def test_gradients_agree_between_methods():
-    x = vs.stack([np.arange(1, n + 1, dtype=np.float32) for n in [5, 30, 2]])
-    k = vs.stack([np.linspace(-1, 1, n, dtype=np.float32) for n in [3, 7, 1]])
-    w = np.random.default_rng(0).standard_normal((3, x.capacity[0] + k.capacity[0] - 1))
+@pytest.mark.parametrize("plan", ["padded", "bucketed", "blocked"])
+def test_gradients_agree_with_the_padded_reference(plan):
+    x = vs.stack([np.arange(1, n + 1, dtype=np.float32) for n in [5, 300, 2, 40]])
+    k = vs.stack([np.linspace(-1, 1, n, dtype=np.float32) for n in [3, 7, 1, 30]])
+    w = np.random.default_rng(0).standard_normal((4, x.capacity[0] + k.capacity[0] - 1))
 
-    def loss(method):
+    def loss(plan, method):
+        pol = policy(plan)
         return lambda dx, dk: jnp.sum(w * vs.conv(
-            vs.VarTensor(dx, x.lengths), vs.VarTensor(dk, k.lengths), method=method).data)
+            vs.VarTensor(dx, x.lengths), vs.VarTensor(dk, k.lengths), method, pol).data)
 
-    gd = jax.grad(loss("direct"), argnums=(0, 1))(x.data, k.data)
-    gf = jax.grad(loss("fft"), argnums=(0, 1))(x.data, k.data)
-    for a, b in zip(gd, gf):
-        assert _tol_ok(np.asarray(a), np.asarray(b), 1e-5, 1e-4)
+    ref = jax.grad(loss("padded", "direct"), argnums=(0, 1))(x.data, k.data)
+    for method in ["direct", "fft"]:
+        got = jax.grad(loss(plan, method), argnums=(0, 1))(x.data, k.data)
+        for a, b in zip(got, ref):
+            assert _tol_ok(np.asarray(a), np.asarray(b), 1e-5, 1e-4)
+            assert np.all(np.asarray(a)[~np.asarray(x.mask() if a.shape == x.data.shape
+                                                    else k.mask())] == 0)  # zero slack
+
+
+@pytest.mark.parametrize("plan", ["bucketed", "blocked"])
+def test_check_grads_f64(plan):
+    from jax.test_util import check_grads
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(6)
+        x = vs.stack([rng.standard_normal(n) for n in [6, 1, 13]])
+        k = vs.stack([rng.standard_normal(n) for n in [4, 3, 9]])
+        f = lambda dx, dk: vs.conv(vs.VarTensor(dx, x.lengths), vs.VarTensor(dk, k.lengths),
+                                   "direct", policy(plan)).data
+        check_grads(f, (x.data, k.data), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_grad_through_tensor_constructors():
+    """The natural gradient call: constructors on tracers, conv, sum."""
+    x, b = jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, 2.0])
+    g = jax.grad(lambda x: vs.sum(vs.conv(vs.tensor(x), vs.tensor(b))))(x)
+    np.testing.assert_allclose(g, [3.0, 3.0, 3.0])  # d/dx_i sum(x * b) = sum(b)
+    xs = [jnp.arange(n, dtype=jnp.float32) for n in (3, 5)]
+    g = jax.grad(lambda xs: vs.sum(vs.conv(vs.stack(xs), vs.tensor(b))).sum())(xs)
+    for gi, xi in zip(g, xs):
+        np.testing.assert_allclose(gi, np.full(xi.shape, 3.0))
+
+
+@pytest.mark.parametrize("plan", ["padded", "bucketed", "blocked"])
+def test_non_finite_input_matches_numpy_exactly(plan):
+    xs = [np.array([1.0, np.inf, 2.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32),
+          np.array([3.0, np.nan, 1.0, 1.0, 1.0, 1.0], np.float32)]
+    ks = [np.array([1.0, 0.0, 2.0], np.float32), np.array([np.inf], np.float32),
+          np.array([1.0, 1.0], np.float32)]
+    for method in ["auto", "direct"]:
+        got = vs.conv(vs.stack(xs), vs.stack(ks), method, policy(plan)).to_list()
+        with np.errstate(invalid="ignore"):
+            for o, x, k in zip(got, xs, ks):
+                np.testing.assert_array_equal(o, np.convolve(x, k))  # same inf/nan pattern
+    # an explicit FFT spreads a non-finite value through its whole item (documented);
+    # the blocked plan falls back to the exact direct kernel whatever the method
+    fft = vs.conv(vs.stack(xs[:1]), vs.stack(ks[:1]), "fft", policy(plan)).to_list()[0]
+    if plan == "blocked":
+        np.testing.assert_array_equal(fft, np.convolve(xs[0], ks[0]))
+    else:
+        assert not np.isfinite(fft).any()
+
+
+def test_traced_lengths_under_jit_run_the_padded_plan():
+    rng = np.random.default_rng(3)
+    xs, ks = _lognormal_batch(rng, 12, 50, 500, 8, 60)
+    a, k = vs.stack(xs), vs.stack(ks)
+    assert engine.choose_plan(a, k, policy=STATIC)[0] in ("padded", "bucketed", "blocked")
+    out = jax.jit(lambda a, k: vs.conv(a, k))(a, k)
+    _check_items(out, xs, ks)
+    with pytest.raises(vs.ShapeError, match="concrete lengths"):
+        jax.jit(lambda a, k: vs.conv(a, k, policy=policy("blocked")))(a, k)
+
+
+def test_uniform_batch_prefers_padded_and_spread_batch_does_not():
+    rng = np.random.default_rng(4)
+    uni = vs.stack([rng.standard_normal(512).astype(np.float32) for _ in range(16)])
+    ku = vs.stack([rng.standard_normal(64).astype(np.float32) for _ in range(16)])
+    assert engine.choose_plan(uni, ku, policy=STATIC)[0] == "padded"
+    xs, ks = _lognormal_batch(rng, 256, 100, 4000, 16, 300)
+    choice, costs = engine.choose_plan(vs.stack(xs), vs.stack(ks), policy=STATIC)
+    assert choice != "padded" and costs[choice] < costs["padded"]
+
+
+def test_bucketed_planner_groups_by_bucket_and_sizes_fft_per_group():
+    la = np.array([[8], [15], [142], [7], [456]])
+    lb = np.array([[3], [3], [40], [3], [40]])
+    groups = bucketed.plan_groups(la, lb, (456,), (40,), "fft", cost.STATIC_COST_MODEL,
+                                  vs.CapacityPolicy(), vs.COUNT_POLICY, merge=False)
+    pol = vs.CapacityPolicy()
+    for g in groups:
+        for i in g.members:
+            assert pol.bucket(la[i, 0]) <= g.cap_a[0] and pol.bucket(lb[i, 0]) <= max(
+                g.cap_b[0], 40)
+        assert g.slots == vs.COUNT_POLICY.bucket(len(g.members))
+    small = [g for g in groups if 0 in g.members][0]
+    # FFT length per group, never the batch-wide maximum (which needs >= 456 + 40 - 1)
+    assert fast_fft_length(small.cap_a[0] + small.cap_b[0] - 1) < 64
+    assert sorted(i for g in groups for i in g.members) == list(range(5))
+
+
+def test_merge_groups_keeps_every_item_and_reduces_groups():
+    rng = np.random.default_rng(7)
+    la = np.exp(rng.uniform(np.log(8), np.log(2048), 128)).astype(int)[:, None]
+    lb = np.exp(rng.uniform(np.log(4), np.log(256), 128)).astype(int)[:, None]
+    args = ((2048,), (256,), "auto", cost.STATIC_COST_MODEL, vs.CapacityPolicy(),
+            vs.COUNT_POLICY)
+    plain = bucketed.plan_groups(la, lb, *args, merge=False)
+    merged = bucketed.plan_groups(la, lb, *args, merge=True)
+    assert len(merged) < len(plain)
+    assert sorted(i for g in merged for i in g.members) == list(range(128))
+    for g in merged:  # every member fits its group's capacities
+        for i in g.members:
+            assert la[i, 0] <= g.cap_a[0] and lb[i, 0] <= g.cap_b[0]
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="method"):
-        ce.conv_ragged([np.ones(3)], [np.ones(2)], method="winograd")
-    with pytest.raises(vs.ShapeError, match="does not broadcast"):
-        ce.conv_ragged([np.ones(3), np.ones(4)], [np.ones(2)] * 3, policy=NO_CAL)
-    with pytest.raises(vs.VSLATypeError, match="floating"):
-        ce.conv_ragged([np.ones(3, np.int32)], [np.ones(2, np.int32)], method="fft")
+    a = vs.stack([np.ones(3, np.float32)])
+    with pytest.raises(ValueError, match="'auto'"):
+        vs.conv(a, a, method="winograd")
     with pytest.raises(vs.VSLATypeError, match="floating"):
         vs.conv(vs.VarTensor(jnp.ones((4,), jnp.int32), jnp.array([3])),
                 vs.VarTensor(jnp.ones((4,), jnp.int32), jnp.array([3])))
     with pytest.raises(vs.ModelMismatchError):
         vs.conv(vs.tensor([1.0]), vs.tensor([1.0], model="B"))
-    with pytest.raises(vs.ModelMismatchError):
-        ce.conv_ragged([np.ones(3)], vs.tensor([1.0], model="B"), policy=NO_CAL)
-    with pytest.raises(vs.ShapeError, match="rank"):
-        ce.conv_ragged([np.ones(3)], [np.ones((2, 2))], policy=NO_CAL)
+    with pytest.raises(vs.VSLATypeError, match=r"vs.tensor\(x\)"):
+        vs.conv(vs.tensor([1.0]), np.ones(3))
+    with pytest.raises(vs.VSLATypeError, match="traced JAX array"):
+        jax.jit(lambda x: vs.conv(vs.tensor([1.0]), x))(jnp.ones(3))
+    with pytest.raises(vs.VSLATypeError, match="Scalars"):
+        vs.tensor([1.0]) - 1
+    with pytest.raises(ValueError, match="plan"):
+        vs.ConvPolicy(plan="fastest")
 
 
-def test_calibration_is_cached_and_survives_corruption(tmp_path, monkeypatch):
-    monkeypatch.setattr(ce, "CALIBRATION_GRID", ((2, 16, 4), (2, 64, 16)))
-    m1 = ce.calibrate(cache_dir=str(tmp_path))
+def test_calibration_is_explicit_cached_and_survives_corruption(tmp_path, monkeypatch):
+    monkeypatch.setattr(cost, "CALIBRATION_SHAPES", {"direct": ((4, 32, 8), (4, 32, 16)),
+                                                     "fft": ((4, 64), (4, 128)),
+                                                     "copy": (256, 1024)})
+    monkeypatch.setattr(cost, "CALIBRATION_ROUNDS", 2)
+    monkeypatch.setattr(cost, "_FITS", {})
+    assert cost.calibrated_or_none(tmp_path) is None  # nothing measured or read yet
+    m1 = vs.calibrate(cache_dir=tmp_path)
     assert m1.source.startswith("calibrated")
-    assert m1.fft_overhead_s >= m1.direct_overhead_s  # noise never favours FFT on tiny convs
+    assert m1.fft_overhead_s >= m1.direct_overhead_s > 0  # noise never favours FFT
     assert m1.choose((2,), (2,), 1) == "direct"
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("conv_cost_")
-    m2 = ce.calibrate(cache_dir=str(tmp_path))
-    assert m2.source.startswith("cache") and m2.direct_s_per_flop == m1.direct_s_per_flop
-    (tmp_path / files[0]).write_text("{not json")
-    m3 = ce.calibrate(cache_dir=str(tmp_path))
-    assert m3.source.startswith("calibrated")
-    payload = json.loads((tmp_path / files[0]).read_text())
-    assert payload["jax"] == jax.__version__
+    (f,) = tmp_path.iterdir()
+    assert f.name.startswith("conv_cost_")
+    assert json.loads(f.read_text())["jax"] == jax.__version__
+    assert vs.calibrate(cache_dir=tmp_path) is m1  # memoised: the file is read once
+    monkeypatch.setattr(cost, "_FITS", {})  # a new process reads the file
+    m2 = vs.calibrate(cache_dir=tmp_path)
+    assert m2.source.startswith("cache") and m2.direct_s_per_mac == m1.direct_s_per_mac
+    f.write_text("{not json")
+    monkeypatch.setattr(cost, "_FITS", {})
+    assert vs.calibrate(cache_dir=tmp_path).source.startswith("calibrated")
+    assert os.path.exists(f) and json.loads(f.read_text())  # rewritten atomically
+
+
+def test_no_measurement_while_tracing(monkeypatch):
+    monkeypatch.setattr(cost, "_FITS", {})
+
+    def boom(*a, **k):
+        raise AssertionError("calibration ran while tracing")
+
+    monkeypatch.setattr(cost, "measure", boom)
+    a = vs.stack([np.ones(n, np.float32) for n in (3, 9)])
+    pol = vs.ConvPolicy(calibrate=True, cache_dir=None)
+    jax.jit(lambda a: vs.conv(a, a, policy=pol))(a)  # traced lengths
+    jax.jit(lambda d: vs.conv(vs.VarTensor(d, a.lengths), a, policy=pol).data)(a.data)
+    with pytest.raises(AssertionError, match="calibration ran"):
+        vs.conv(a, a, policy=pol)  # the first eager call calibrates lazily
 
 
 def test_cost_model_prefers_fft_for_long_kernels():
-    cm = ce.STATIC_COST_MODEL
+    cm = cost.STATIC_COST_MODEL
     assert cm.choose((16,), (4,), 8) == "direct"
     assert cm.choose((2048,), (2048,), 64) == "fft"
 
 
-def test_uniform_group_runs_at_exact_shape():
-    shapes_a, shapes_b = [(512,)] * 9, [(64,)] * 9
-    (g,) = ce.plan(shapes_a, shapes_b, "direct", NO_CAL, ce.STATIC_COST_MODEL)
-    assert g.cap_a == (512,) and g.cap_b == (64,) and g.slots == 9
-    (g,) = ce.plan(shapes_a[:3], shapes_b[:3], "direct", NO_CAL, ce.STATIC_COST_MODEL)
-    assert g.cap_a == (564,) and g.slots == 3  # small groups stay on the ladders
-    rng = np.random.default_rng(5)
-    xs = [rng.standard_normal(512).astype(np.float32) for _ in range(9)]
-    ks = [rng.standard_normal(64).astype(np.float32) for _ in range(9)]
-    out = ce.conv_ragged(xs, ks, policy=NO_CAL).to_list()
-    np.testing.assert_allclose(out[4], np.convolve(xs[4], ks[4]), rtol=1e-4, atol=1e-4)
+def test_similar_batches_share_compiled_programs():
+    """A stream of new heterogeneous batches compiles a bounded number of programs."""
+    rng = np.random.default_rng(11)
+    events = []
 
+    def listener(name, *args, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
 
-def test_merge_groups_keeps_every_item_and_reduces_groups():
-    rng = np.random.default_rng(7)
-    la = np.exp(rng.uniform(np.log(8), np.log(2048), 128)).astype(int)
-    lb = np.exp(rng.uniform(np.log(4), np.log(256), 128)).astype(int)
-    shapes_a, shapes_b = [(int(n),) for n in la], [(int(n),) for n in lb]
-    plain = ce.plan(shapes_a, shapes_b, "auto", dataclasses_replace(NO_CAL, merge_groups=False),
-                    ce.STATIC_COST_MODEL)
-    merged = ce.plan(shapes_a, shapes_b, "auto", NO_CAL, ce.STATIC_COST_MODEL)
-    assert len(merged) < len(plain)
-    assert sorted(i for g in merged for i in g.members) == list(range(128))
-    pol = vs.CapacityPolicy()
-    for g in merged:  # every member fits its group's capacities
-        for i in g.members:
-            assert pol.bucket(la[i]) <= g.cap_a[0] and lb[i] <= g.cap_b[0]
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
-
-
-def test_design_public_names():
-    assert vs.heterogeneity_profile is ce.heterogeneity_profile
-    assert vs.ConvPolicy is ce.ConvPolicy and vs.conv_ragged is ce.conv_ragged
+    batches = [_lognormal_batch(rng, 64, 100, 1500, 10, 100) for _ in range(16)]
+    pol = policy("blocked")
+    vs.conv(vs.stack(batches[0][0]), vs.stack(batches[0][1]), policy=pol)
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for xs, ks in batches[1:]:
+            out = vs.conv(vs.stack(xs), vs.stack(ks), policy=pol)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    _check_items(out, xs, ks)
+    assert len(events) <= 12, f"{len(events)} compilations for 15 similar batches"

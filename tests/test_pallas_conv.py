@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import vsla_jax as vs
-from vsla_jax import convolution
-from vsla_jax.pallas_conv import pallas_direct_conv
+from vsla_jax.conv.pallas import pallas_direct_conv
 
 
 @pytest.mark.parametrize("tile", [8, 16])
@@ -30,19 +29,19 @@ def test_kernel_matches_numpy_including_edge_lengths(tile):
         assert np.all(out[i, len(ref) :] == 0)
 
 
-def test_dispatch_through_vs_conv_with_gradients(monkeypatch):
+@pytest.mark.parametrize("plan", ["padded", "bucketed"])
+def test_dispatch_through_vs_conv_with_gradients(plan):
     rng = np.random.default_rng(1)
     x = vs.stack([rng.standard_normal((n, 2)).astype(np.float32) for n in [5, 0, 19]], rank=1)
     k = vs.stack([rng.standard_normal((n, 2)).astype(np.float32) for n in [3, 2, 1]], rank=1)
-    f = lambda dx: jnp.sum(jnp.sin(vs.conv(vs.VarTensor(dx, x.lengths), k,
-                                           method="direct").data))
-    monkeypatch.setattr(convolution, "PALLAS_MODE", "off")
-    y_xla = np.asarray(vs.conv(x, k, method="direct").data)
-    g_xla = np.asarray(jax.grad(f)(x.data))
-    monkeypatch.setattr(convolution, "PALLAS_MODE", "interpret")
-    vs.conv.clear_cache()  # the dispatch is decided at trace time
-    y_pl = np.asarray(vs.conv(x, k, method="direct").data)
-    g_pl = np.asarray(jax.grad(f)(x.data))
-    vs.conv.clear_cache()
+    off = vs.ConvPolicy(plan=plan, pallas="off", calibrate=False)
+    interp = vs.ConvPolicy(plan=plan, pallas="interpret", calibrate=False)
+    assert interp.pallas_mode(1) == "interpret" and off.pallas_mode(1) is None
+    f = lambda pol: lambda dx: jnp.sum(jnp.sin(vs.conv(vs.VarTensor(dx, x.lengths), k,
+                                                       "direct", pol).data))
+    y_xla = np.asarray(vs.conv(x, k, "direct", off).data)
+    g_xla = np.asarray(jax.grad(f(off))(x.data))
+    y_pl = np.asarray(vs.conv(x, k, "direct", interp).data)
+    g_pl = np.asarray(jax.grad(f(interp))(x.data))
     np.testing.assert_allclose(y_pl, y_xla, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g_pl, g_xla, rtol=1e-5, atol=1e-5)

@@ -467,8 +467,9 @@ def stack(
     feats = feats or ()
     k = len(arrays)
     if dtype is None:
-        dtype = jnp.result_type(*[default_float(a.data if isinstance(a, VarTensor) else a)
-                                  .dtype for a in arrays]) if k else jnp.result_type(float)
+        dtype = np.result_type(*[default_float(a.data if isinstance(a, VarTensor) else a)
+                                 .dtype for a in arrays]) if k else jnp.result_type(float)
+        dtype = jax.dtypes.canonicalize_dtype(dtype)
     if traced:
         return _stack_traced(arrays, lengths, item_rank, feats, policy, model, dtype)
     len_arr = np.asarray([np.asarray(n) for n in lengths], np.int32).reshape(k, item_rank)

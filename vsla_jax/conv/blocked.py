@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsla_jax.capacity import CapacityPolicy
 from vsla_jax.conv import kernels
 from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel
 from vsla_jax.errors import ShapeError, VSLATypeError
@@ -54,6 +55,8 @@ METHODS = ("auto", "direct", "fft")
 DIRECT_BLOCK = 256
 #: Largest FFT length tried for ``fft`` classes.
 MAX_FFT = 16384
+#: Ladder for each class's taps and block count (ratio <= 1.25 between rungs).
+LAYOUT_LADDER = CapacityPolicy(minimum=1, alignment=1, growth=1.25)
 
 
 @jax.tree_util.register_dataclass
@@ -138,12 +141,17 @@ class BlockPlan:
     seconds: float = 0.0
 
 
-def _fft_choice(out_len: np.ndarray, taps: int, cost: CostModel) -> tuple[float, int, int]:
+def _rung(n: int, ladder: CapacityPolicy | None) -> int:
+    return ladder.bucket(n) if ladder is not None and n else n
+
+
+def _fft_choice(out_len: np.ndarray, taps: int, cost: CostModel,
+                ladder: CapacityPolicy | None = None) -> tuple[float, int, int]:
     """Cheapest ``(seconds, N, blocks)`` over fast FFT lengths ``N >= 2 * taps``."""
     best = (math.inf, 0, 0)
     n = kernels.fast_fft_length(max(2 * taps, 64))
     while n <= max(MAX_FFT, kernels.fast_fft_length(2 * taps)):
-        blocks = int((-(-out_len // (n - taps + 1))).sum())
+        blocks = _rung(int((-(-out_len // (n - taps + 1))).sum()), ladder)
         t = cost.fft(n, blocks)
         if t < best[0]:
             best = (t, n, blocks)
@@ -151,23 +159,29 @@ def _fft_choice(out_len: np.ndarray, taps: int, cost: CostModel) -> tuple[float,
     return best
 
 
-def class_method(out_len, taps: int, method: str, cost: CostModel
-                 ) -> tuple[str, int, int, int, float]:
-    """``(method, block, fft_length, blocks, seconds)`` for one class."""
+def class_method(out_len, taps: int, method: str, cost: CostModel,
+                 ladder: CapacityPolicy | None = None) -> tuple[str, int, int, int, float]:
+    """``(method, block, fft_length, blocks, seconds)`` for one class (``blocks`` on
+    ``ladder``, so that similar batches share one program)."""
     block = max(DIRECT_BLOCK, taps)  # the halo of a block must fit in the previous block
-    d_blocks = int((-(-out_len // block)).sum())
+    d_blocks = _rung(int((-(-out_len // block)).sum()), ladder)
     t_direct = cost.direct(d_blocks * block * (-(-taps // kernels.UNROLL) * kernels.UNROLL))
     if method == "direct":
         return "direct", block, 0, d_blocks, t_direct
-    t_fft, n_fft, f_blocks = _fft_choice(out_len, taps, cost)
+    t_fft, n_fft, f_blocks = _fft_choice(out_len, taps, cost, ladder)
     if method == "fft" or t_fft < t_direct:
         return "fft", n_fft - taps + 1, n_fft, f_blocks, t_fft
     return "direct", block, 0, d_blocks, t_direct
 
 
 def plan_blocks(len_a, len_b, method: str = "auto", cost: CostModel | None = None,
-                start_a=None, start_b=None, zero: int | None = None) -> BlockPlan:
+                start_a=None, start_b=None, zero: int | None = None,
+                ladder: CapacityPolicy | None = LAYOUT_LADDER) -> BlockPlan:
     """Host plan for signals of lengths ``len_a`` and kernels of lengths ``len_b``.
+
+    Each class's taps and block count are rounded up on ``ladder`` (the padding blocks
+    read zeros), so the static layout, and with it the compiled program, is shared by
+    batches of similar length profiles; ``ladder=None`` fits the layout exactly.
 
     ``source`` indexes a flat input where signal ``i`` starts at ``start_a[i]``, kernel
     ``i`` at ``start_b[i]`` and ``zero`` holds a zero. The default is the items back to
@@ -196,22 +210,26 @@ def plan_blocks(len_a, len_b, method: str = "auto", cost: CostModel | None = Non
     data_at, seconds = 0, 0.0
     for c in np.unique(cls[cls >= 0]).tolist():
         mem = np.flatnonzero(cls == c)
-        taps = int(short_len[mem].max())
-        meth, block, n_fft, blocks, t = class_method(out_len[mem], taps, method, cost)
+        taps = _rung(int(short_len[mem].max()), ladder)
+        meth, block, n_fft, blocks, t = class_method(out_len[mem], taps, method, cost, ladder)
         seconds += t
         nb = -(-out_len[mem] // block)
+        real = int(nb.sum())
         first_block = np.concatenate([[0], np.cumsum(nb)[:-1]])
-        is_first = np.zeros(blocks, bool)
+        is_first = np.ones(blocks, bool)  # padding blocks start no item: zero halo
+        is_first[:real] = False
         is_first[first_block] = True
         first.append(is_first)
-        # long operands, blocked: [blocks * block] values
-        local = np.arange(blocks * block) - np.repeat(first_block * block, nb * block)
+        # long operands, blocked: [blocks * block] values (padding blocks read the zero)
+        local = np.arange(real * block) - np.repeat(first_block * block, nb * block)
         source.append(np.where(local < np.repeat(long_len[mem], nb * block),
                                np.repeat(long_at[mem], nb * block) + local, zero))
+        source.append(np.full((blocks - real) * block, zero, np.int64))
         # every block's copy of its item's short operand: [blocks, taps]
         j = np.arange(taps)
         source.append(np.where(j < np.repeat(short_len[mem], nb)[:, None],
                                np.repeat(short_at[mem], nb)[:, None] + j, zero).reshape(-1))
+        source.append(np.full((blocks - real) * taps, zero, np.int64))
         offsets[mem] = first_block * block
         part[mem] = len(layout)
         members.append(mem)
@@ -291,20 +309,21 @@ def class_outputs(packed, first, layout) -> tuple[jax.Array, ...]:
 
 
 def gather_padded(outs, part, offsets, lengths, layout, out_cap: int):
-    """``[n, out_cap]`` zero-padded rows from the per-class flat outputs (one gather).
+    """``[n, out_cap]`` zero-padded rows from the per-class flat outputs.
 
-    ``part``/``offsets``/``lengths`` are the plan's ``int32[n]`` arrays (device).
+    ``part``/``offsets``/``lengths`` are the plan's ``int32[n]`` arrays (device). Each
+    row is one contiguous slice of the joined outputs (a slice gather, not a gather of
+    single elements), masked to the item's length.
     """
     if not outs:
         return jnp.zeros((part.shape[0], out_cap), jnp.float32)
-    cat = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
     sizes = np.array([c.blocks * c.block for c in layout], np.int64)
+    cat = jnp.concatenate([*outs, jnp.zeros(out_cap, outs[0].dtype)])
     base = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32))
     start = jnp.where(part >= 0, base[jnp.maximum(part, 0)] + offsets, 0)
-    pos = jnp.arange(out_cap, dtype=jnp.int32)
-    valid = pos[None, :] < lengths[:, None]
-    idx = jnp.minimum(start[:, None] + pos[None, :], cat.shape[0] - 1)
-    return jnp.where(valid, cat[idx], jnp.zeros((), cat.dtype))
+    rows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(cat, s, out_cap))(start)
+    valid = jnp.arange(out_cap, dtype=jnp.int32)[None, :] < lengths[:, None]
+    return jnp.where(valid, rows, jnp.zeros((), cat.dtype))
 
 
 def conv_packed(

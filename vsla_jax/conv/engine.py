@@ -200,40 +200,58 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
     return out
 
 
+def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
+                policy: ConvPolicy | None = None) -> tuple[str, dict[str, float]]:
+    """The plan ``conv(a, b)`` runs, and the predicted seconds of each candidate.
+
+    ``padded`` whenever the lengths are traced or the operands are not one batch axis
+    of items (then the dict is empty).
+    """
+    policy = policy or DEFAULT_CONV_POLICY
+    concrete = not (is_traced(a.lengths) or is_traced(b.lengths))
+    one_axis = a.batch_ndim == 1 and b.batch_ndim <= 1
+    if not (concrete and one_axis) or policy.plan == "padded":
+        if policy.plan not in ("auto", "padded"):
+            raise ShapeError(
+                f"ConvPolicy(plan={policy.plan!r}) needs concrete lengths and a batch "
+                f"with one batch axis (b unbatched or alike); got batch shapes "
+                f"{a.batch_shape} and {b.batch_shape}" + ("" if concrete else
+                                                          ", traced lengths"))
+        return "padded", {}
+    if policy.plan == "blocked" and not (a.rank == 1 and not a.features):
+        raise ShapeError(f"ConvPolicy(plan='blocked') takes rank-1 items without feature "
+                         f"axes; got rank {a.rank}, features {a.features}")
+    if a.batch_shape[0] == 0:
+        return "padded", {}
+    key, cost = _plan_key(a, b, method, policy)
+    n, feat = a.batch_shape[0], key[6]
+    m = cost.choose(a.capacity, b.capacity, n * feat)
+    costs = {"padded": cost.predict(m, a.capacity, b.capacity, n * feat),
+             "bucketed": _bucketed_plan(*key)[1]}
+    if a.rank == 1 and not a.features:
+        costs["blocked"] = _blocked_plan(*key[:9])[1]
+    if policy.plan != "auto":
+        return policy.plan, costs
+    return min(costs, key=costs.get), costs
+
+
+def _plan_key(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
+    cost = policy.cost_model(may_measure=not (is_traced(a.data) or is_traced(b.data)))
+    la, lb = np.asarray(a.lengths, np.int32), np.asarray(b.lengths, np.int32)
+    feat = max(int(np.prod(a.features)), 1)
+    return (la.tobytes(), lb.tobytes(), la.shape, lb.shape, a.capacity, b.capacity, feat,
+            method, cost, policy.capacity, policy.count, policy.merge_groups), cost
+
+
 def _dispatch(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy) -> VarTensor:
     pmode = policy.pallas_mode(a.rank)
-    batched = max(a.batch_ndim, b.batch_ndim) == 1 and a.batch_ndim <= 1 and b.batch_ndim <= 1
-    concrete = not (is_traced(a.lengths) or is_traced(b.lengths))
-    if policy.plan == "padded" or not (batched and concrete and a.batch_ndim == 1):
-        if policy.plan not in ("auto", "padded") and not concrete:
-            raise ShapeError(f"ConvPolicy(plan={policy.plan!r}) needs concrete lengths; "
-                             "under jit with traced lengths only the padded plan runs")
+    choice, _ = choose_plan(a, b, method, policy)
+    if choice == "padded":
         cost = policy.cost_model(may_measure=False)
         items = int(np.prod(np.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
         m = cost.choose(a.capacity, b.capacity, max(items, 1)) if method == "auto" else method
         return conv_padded(a, b, m, method == "auto", pmode)
-    cost = policy.cost_model(may_measure=not (is_traced(a.data) or is_traced(b.data)))
-    la, lb = np.asarray(a.lengths), np.asarray(b.lengths)
-    n, feat = la.shape[0], max(int(np.prod(a.features)), 1)
-    if not n:
-        return conv_padded(a, b, "direct" if method == "auto" else method, False, pmode)
-    choice = policy.plan
-    key = (la.tobytes(), lb.tobytes(), la.shape, lb.shape, a.capacity, b.capacity, feat,
-           method, cost, policy.capacity, policy.count, policy.merge_groups)
-    can_block = a.rank == 1 and not a.features
-    if choice == "blocked" and not can_block:
-        raise ShapeError(f"ConvPolicy(plan='blocked') takes rank-1 items without feature "
-                         f"axes; got rank {a.rank}, features {a.features}")
-    if choice == "auto":
-        padded_m = cost.choose(a.capacity, b.capacity, n * feat)
-        costs = {"padded": cost.predict(padded_m, a.capacity, b.capacity, n * feat),
-                 "bucketed": _bucketed_plan(*key)[1]}
-        if can_block:
-            costs["blocked"] = _blocked_plan(*key[:9])[1]
-        choice = min(costs, key=costs.get)
-    if choice == "padded":
-        m = cost.choose(a.capacity, b.capacity, n * feat) if method == "auto" else method
-        return conv_padded(a, b, m, method == "auto", pmode)
+    key, _ = _plan_key(a, b, method, policy)
     if choice == "bucketed":
         (layout, idx), _ = _bucketed_plan(*key)
         return bucketed.run_groups(a, b, idx, layout, method == "auto", pmode)
@@ -281,9 +299,12 @@ def _run_blocked(a: VarTensor, b: VarTensor, source, first, part, offsets, out_l
 
     def fast(da, db):
         dt = jnp.result_type(da.dtype, db.dtype)
-        flat = jnp.concatenate([da.astype(dt).reshape(-1), db.astype(dt).reshape(-1),
-                                jnp.zeros(1, dt)])
-        outs = blocked.class_outputs(flat[source], first, layout)
+        na = da.size  # source indexes [a, b, 0] back to back; read each without joining
+        from_a = jnp.take(da.astype(dt).reshape(-1), source, mode="fill", fill_value=0)
+        # negative indices wrap in jnp.take: send a's part past the end of b instead
+        src_b = jnp.where(source >= na, source - na, db.size)
+        from_b = jnp.take(db.astype(dt).reshape(-1), src_b, mode="fill", fill_value=0)
+        outs = blocked.class_outputs(from_a + from_b, first, layout)
         return blocked.gather_padded(outs, part, offsets, out_len, layout, out_cap)
 
     def exact(da, db):
