@@ -62,6 +62,12 @@ class Group:
     qc: int
     steps: int
 
+    @property
+    def meta(self) -> np.ndarray:
+        """``idx`` and ``steps`` packed in one int32 vector: the group program's one
+        dynamic argument besides the batch (one host transfer per call)."""
+        return np.append(self.idx, np.int32(self.steps)).astype(np.int32, copy=False)
+
 
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
@@ -262,19 +268,32 @@ def _rows(x, ids, c):
     return x.at[ids, :c].get(mode="fill", fill_value=0)
 
 
+def _flat(lengths):
+    """``[B]`` or ``[B, 1]`` lengths as ``[B]`` (VarTensor lengths pass straight in)."""
+    return lengths.reshape(lengths.shape[0])
+
+
+def _unpack(meta):
+    """A group's packed int32 ``meta = [idx (n_pad items), steps]`` (see ``Group.meta``)."""
+    return meta[:-1], meta[-1]
+
+
 def _step_inputs(s, idx, ips, lq, lk):
     ids = jax.lax.dynamic_slice_in_dim(idx, s * ips, ips)
     get = lambda x: x.at[ids].get(mode="fill", fill_value=0)
     return ids, get(lq), get(lk)
 
 
-def _group_fwd(out, qd, kd, vd, idx, lq, lk, steps, *, causal, scale, cq, ck, ips, qc,
-               with_lse):
+def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc, with_lse):
     """Write the group's rows into ``out [B, Cq, H, D]``; also return its log-sum-exp
     ``[n_pad, Hkv, g, cq]`` when ``with_lse`` (for the backward pass).
 
-    The loop fills a compact ``[n_pad, cq, H, D]`` buffer; one scatter after the loop
-    writes it into ``out`` (a scatter inside the loop measured slower on CPU)."""
+    ``meta``: the group's items and step count packed in one int32 vector (one host
+    transfer per call). The loop fills a compact ``[n_pad, cq, H, D]`` buffer; one
+    scatter after the loop writes it into ``out`` (a scatter inside the loop measured
+    slower on CPU)."""
+    idx, steps = _unpack(meta)
+    lq, lk = _flat(lq), _flat(lk)
     h, d = qd.shape[2:]
     hk = kd.shape[2]
     ct = jnp.promote_types(qd.dtype, jnp.float32)
@@ -299,9 +318,11 @@ def _group_fwd(out, qd, kd, vd, idx, lq, lk, steps, *, causal, scale, cq, ck, ip
     return out.at[idx, :cq].set(o_all, mode="drop"), lse
 
 
-def _group_bwd(dq, dk, dv, qd, kd, vd, idx, lq, lk, steps, out, lse, dout, *, causal,
-               scale, cq, ck, ips, qc):
+def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, scale, cq,
+               ck, ips, qc):
     """Add the group's gradients into ``dq``/``dk``/``dv`` (full batch shapes)."""
+    idx, steps = _unpack(meta)
+    lq, lk = _flat(lq), _flat(lk)
     n_pad = idx.shape[0]
     compact = lambda x, c: jnp.zeros((n_pad, c) + x.shape[2:], x.dtype)
 
@@ -342,32 +363,39 @@ def _static(shape: tuple[int, int, int, int]) -> dict:
     return dict(zip(("cq", "ck", "ips", "qc"), shape))
 
 
-def _run_groups(qd, kd, vd, lq, lk, idxs, steps, shapes, causal, scale, with_lse, call):
+def _run_groups(qd, kd, vd, lq, lk, metas, shapes, causal, scale, with_lse, call):
     out, lses = jnp.zeros(qd.shape, qd.dtype), []
-    for idx, st, shp in zip(idxs, steps, shapes):
-        out, lse = call(out, qd, kd, vd, idx, lq, lk, st, causal=causal, scale=scale,
+    for meta, shp in zip(metas, shapes):
+        out, lse = call(out, qd, kd, vd, meta, lq, lk, causal=causal, scale=scale,
                         with_lse=with_lse, **_static(shp))
         lses.append(lse)
     return out, lses
 
 
-@functools.partial(jax.jit, static_argnames=("shapes", "causal", "scale", "with_lse"))
-def _fused(qd, kd, vd, lq, lk, idxs, steps, *, shapes, causal, scale, with_lse):
-    """Every group in one program: keyed by the groups' static shapes only."""
-    return _run_groups(qd, kd, vd, lq, lk, idxs, steps, shapes, causal, scale, with_lse,
+@functools.partial(jax.jit, static_argnames=("shapes", "sizes", "causal", "scale", "with_lse"))
+def _fused(qd, kd, vd, lq, lk, packed, *, shapes, sizes, causal, scale, with_lse):
+    """Every group in one program, keyed by the groups' static shapes only. ``packed``:
+    every group's items, then every group's step count (``sizes[i]`` items for group
+    ``i``), in one int32 vector: one host transfer per call."""
+    ends = tuple(itertools.accumulate(sizes))
+    total = ends[-1]
+    metas = [jnp.concatenate([packed[e - n:e], packed[total + i:total + i + 1]])
+             for i, (n, e) in enumerate(zip(sizes, ends))]
+    return _run_groups(qd, kd, vd, lq, lk, metas, shapes, causal, scale, with_lse,
                        _group_fwd)
 
 
 def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse):
     eager = _eager(qd, kd, vd, lq, lk)
-    idxs = tuple(g.idx for g in groups)
-    steps = tuple(np.int32(g.steps) for g in groups)
     shapes = tuple(_shapes(g, causal) for g in groups)
-    if eager and fuse:
-        return _fused(qd, kd, vd, lq, lk, idxs, steps, shapes=shapes, causal=causal,
-                      scale=scale, with_lse=with_lse)
-    return _run_groups(qd, kd, vd, lq, lk, idxs, steps, shapes, causal, scale, with_lse,
-                       _FWD[eager])
+    if eager and fuse and groups:
+        packed = np.concatenate([g.idx for g in groups] +
+                                [np.asarray([g.steps for g in groups], np.int32)])
+        return _fused(qd, kd, vd, lq, lk, packed, shapes=shapes,
+                      sizes=tuple(len(g.idx) for g in groups), causal=causal, scale=scale,
+                      with_lse=with_lse)
+    return _run_groups(qd, kd, vd, lq, lk, [g.meta for g in groups], shapes, causal, scale,
+                       with_lse, _FWD[eager])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -386,9 +414,8 @@ def _bucketed_bwd(groups, causal, scale, fuse, saved, dout):
     ct = jnp.promote_types(qd.dtype, jnp.float32)
     dq, dk, dv = (jnp.zeros(x.shape, ct) for x in (qd, kd, vd))
     for g, lse in zip(groups, lses):
-        dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.idx, lq, lk,
-                          np.int32(g.steps), out, lse, dout, causal=causal, scale=scale,
-                          **_static(_shapes(g, causal)))
+        dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.meta, lq, lk, out, lse, dout,
+                          causal=causal, scale=scale, **_static(_shapes(g, causal)))
     return (dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), float0_zeros(lq),
             float0_zeros(lk))
 
@@ -400,12 +427,17 @@ def bucketed_attention(qd, kd, vd, lq, lk, groups: list[Group], causal: bool,
                        scale: float, fuse: bool = False) -> jax.Array:
     """Run every group of ``plan_groups`` into one ``[B, Cq, H, D]`` output (zero slack).
 
-    qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv, D]``, lq/lk ``[B]`` int32. ``fuse``: run
-    the eager forward as one compiled program over all groups (keyed by the groups'
-    static shapes) instead of one program per group. Differentiable in qd, kd, vd
-    (custom VJP: scores are recomputed per step from the saved log-sum-exp; gradients
-    accumulate group by group into one buffer per operand)."""
-    return _bucketed(qd, kd, vd, lq, lk, tuple(groups), causal, scale, bool(fuse))
+    qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv, D]``, lq/lk ``[B]`` or ``[B, 1]`` int32.
+    ``fuse``: run the eager forward as one compiled program over all groups (keyed by
+    the groups' static shapes) instead of one program per group. Differentiable in qd,
+    kd, vd (custom VJP: scores are recomputed per step from the saved log-sum-exp;
+    gradients accumulate group by group into one buffer per operand). On concrete
+    arrays nothing can be differentiating, so the forward runs without the custom-VJP
+    machinery (its per-call host cost is that of a small program here)."""
+    groups, fuse = tuple(groups), bool(fuse)
+    if _eager(qd, kd, vd, lq, lk):
+        return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse)[0]
+    return _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse)
 
 
 def plan_signature(groups, causal: bool, q_shape, k_shape, dtype, scale) -> tuple:
@@ -563,10 +595,11 @@ class BucketedBackend:
         return self.optimize_tiling(q, k)
 
     def compute(self, q, k, v, causal, scale, plan) -> VarTensor:
-        args = (q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0])
         if "caps" in plan:
+            args = (q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0])
             out = switched_attention(*args, causal, scale, plan["caps"], self.plan.block_bytes)
         else:
+            args = (q.data, k.data, v.data, q.lengths, k.lengths)  # [B, 1]: no slicing op
             groups = plan["groups"]
             fuse = self.plan.fuse_after > 0 and _eager(*args) and self.seen.bump(
                 plan_signature(groups, causal, q.data.shape, k.data.shape, q.dtype, scale)
