@@ -57,12 +57,14 @@ def check_permutation(pi, n: int | None = None) -> np.ndarray:
 
 
 def inverse(pi: np.ndarray) -> np.ndarray:
+    """Positions of an order: ``inverse(pi)[c]`` is the position of channel ``c``."""
     pos = np.empty_like(pi)
     pos[pi] = np.arange(pi.size, dtype=pi.dtype)
     return pos
 
 
 def phi(d, lam: float, tau: float):
+    """Block-distance penalty: ``d`` up to ``lam``, then ``lam + tau (d - lam)``."""
     d = np.asarray(d, np.float64)
     return np.where(d <= lam, d, lam + tau * (d - lam))
 
@@ -118,3 +120,47 @@ def objective(w: sp.spmatrix, pi, cfg: CostConfig = CostConfig(), pi_prev=None) 
         out["S"] = s
     out["J"] = float(J)
     return out
+
+
+def block_purity(labels, pi, k: int) -> float:
+    """Recovery of planted groups by an order: mean over the ``k`` contiguous position
+    blocks (``q_blocks``) of the share of the block taken by its most common label.
+
+    1 when every block holds one label (groups recovered, if ``k`` equal groups); about
+    the largest group's share for a random order.
+    """
+    labels = np.asarray(labels)
+    pi = check_permutation(pi, labels.size)
+    if k < 1:
+        raise ConfigError(f"block_purity needs k >= 1 blocks, got k={k}")
+    if labels.size == 0:
+        return 1.0
+    _, lab = np.unique(labels[pi], return_inverse=True)
+    blk = q_blocks(labels.size, k)
+    counts = np.zeros((k, int(lab.max()) + 1))
+    np.add.at(counts, (blk, lab.reshape(-1)), 1)
+    sizes = counts.sum(axis=1)
+    full = sizes > 0
+    return float((counts.max(axis=1)[full] / sizes[full]).mean())
+
+
+def tiles_touched(active, pi, tile: int) -> float:
+    """Mean number of tiles of ``tile`` consecutive positions under ``pi`` that hold at
+    least one active channel, per token (``active``: boolean ``[tokens, D]``).
+
+    This is what an activation-sparse kernel that skips all-inactive tiles loads per
+    token; a better order packs co-active channels into fewer tiles (lower is better).
+    """
+    act = np.asarray(active, bool)
+    if act.ndim != 2:
+        raise ConfigError(f"active must be [tokens, D], got shape {act.shape}")
+    if tile < 1:
+        raise ConfigError(f"tile must be >= 1 channel, got tile={tile}")
+    pi = check_permutation(pi, act.shape[1])
+    if act.size == 0:
+        return 0.0
+    tile_of = inverse(pi) // tile
+    hit = np.zeros((act.shape[0], int(tile_of.max()) + 1), bool)
+    rows, cols = np.nonzero(act)
+    hit[rows, tile_of[cols]] = True
+    return float(hit.sum(axis=1).mean())

@@ -142,8 +142,13 @@ BASELINES = ("identity", "rcm", "fiedler", "louvain")
 
 
 # -- local search -----------------------------------------------------------------------
-class _LocalSearch:
-    """Incremental J under moves of a few channels (vectorised over incident edges)."""
+class LocalSearch:
+    """State of the local search: an order and its exact J, updated incrementally.
+
+    ``propose(rng)`` draws a move ``(nodes, new_positions)`` (swap, 2-opt reversal or
+    block move), ``delta`` scores it over the moved channels' incident edges only
+    (``(dJ, update)``), ``apply`` commits it; ``J()`` is the current objective.
+    """
 
     def __init__(self, w: sp.csr_matrix, pi: np.ndarray, cfg: CostConfig):
         self.cfg = cfg
@@ -254,7 +259,7 @@ def local_search(W, pi, cfg: CostConfig | None = None, steps: int = 20000,
     Deterministic for a given seed and step count; the time budget only truncates.
     """
     w = _as_csr(W)
-    ls = _LocalSearch(w, check_permutation(pi, w.shape[0]), cfg or CostConfig())
+    ls = LocalSearch(w, check_permutation(pi, w.shape[0]), cfg or CostConfig())
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     it = 0

@@ -1,14 +1,26 @@
 """Co-access graph construction: mock, traces (corrupt lines), activations, options."""
 
 import json
+import math
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
 
 import icd_jax
-from icd_jax.errors import ConfigError, GraphError, TraceError, TraceWarning
+import icd_jax.cost
+from icd_jax.errors import (
+    ConfigError,
+    DegenerateGraphWarning,
+    GraphError,
+    TraceError,
+    TraceWarning,
+)
 from icd_jax.graph import build_w, validate
 
 
@@ -91,12 +103,16 @@ def test_activations_hub_correction():
         assert w[1, 2] > 1.5 * max(w[0, 1], w[0, 5], 1e-9), hub  # co-firing beats the hub
     corr = build_w("activations", acts=acts, mode="correlation", normalisation="none")
     assert corr.csr.toarray()[1, 2] == pytest.approx(1.0, abs=1e-4)
-    full = build_w("activations", acts=acts, normalisation="none").csr.toarray()
-    top = build_w("activations", acts=acts, topk=2, normalisation="none").csr.toarray()
-    assert (top > 0).sum() <= 2 * 2 * d  # each row contributes at most k entries (+ mirror)
-    for i in range(d):  # every row keeps its own k heaviest entries
-        assert np.all(top[i, np.argsort(-full[i])[:2]] > 0)
-    assert np.all((top == 0) | np.isclose(top, full))
+    for hub in ("sym", "pmi"):
+        full = build_w("activations", acts=acts, hub=hub, topk=None,
+                       normalisation="none").csr.toarray()
+        top = build_w("activations", acts=acts, hub=hub, topk=2,
+                      normalisation="none").csr.toarray()
+        assert (top > 0).sum() <= 2 * 2 * d  # each row contributes <= k entries (+ mirror)
+        for i in range(d):  # every row keeps its own k heaviest (positive) entries
+            heaviest = np.argsort(-full[i])[:2]
+            assert np.all(top[i, heaviest][full[i, heaviest] > 0] > 0)
+        assert np.all((top == 0) | np.isclose(top, full))
 
 
 def test_normalisation_and_nnz_cap():
@@ -136,13 +152,14 @@ def test_bad_config_and_bad_w():
 
 @pytest.mark.parametrize("hub", ["sym", "pmi", "none"])
 @pytest.mark.parametrize("topk", [None, 3])
-def test_activations_row_blocks_match_one_block(monkeypatch, hub, topk):
+@pytest.mark.parametrize("top_frac", [None, 0.2])
+def test_activations_row_blocks_match_one_block(hub, topk, top_frac):
     from icd_jax import graph
 
     acts = (np.random.default_rng(1).random((300, 40)) < 0.2).astype(np.float32)
-    one = graph.from_activations(acts, hub=hub, topk=topk).toarray()
-    monkeypatch.setattr(graph, "BLOCK_ELEMENTS", 40 * 7)  # blocks of 7 rows
-    blocked = graph.from_activations(acts, hub=hub, topk=topk).toarray()
+    one = graph.from_activations(acts, hub=hub, topk=topk, top_frac=top_frac).toarray()
+    blocked = graph.from_activations(acts, hub=hub, topk=topk, top_frac=top_frac,
+                                     block_elements=40 * 7).toarray()  # blocks of 7 rows
     np.testing.assert_allclose(blocked, one, rtol=1e-6)
     assert np.allclose(one, one.T)
 
@@ -205,3 +222,115 @@ def test_lenient_trace_warns_for_every_kind_of_bad_line(tmp_path):
     with pytest.warns(TraceWarning, match=r"2 bad lines.*line 2.*line 3"):
         g = build_w("trace", path=p, strict=False)
     assert g.meta["trace"]["skipped"] == 2
+
+
+# -- dense activations: activity rule, defaults, degenerate graphs ----------------------
+def gelu_groups(tokens, groups, size, noise, spread=0.0, bias=-0.5, seed=0):
+    """Dense GELU activations whose channel groups share a latent factor (shuffled)."""
+    from scipy.special import erf
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(groups), size)
+    pre = (rng.standard_normal((tokens, groups))[:, labels] * rng.uniform(0.5, 1.5, labels.size)
+           + noise * rng.standard_normal((tokens, labels.size)) + bias)
+    acts = 0.5 * pre * (1 + erf(pre / np.sqrt(2))) * np.exp(spread * rng.standard_normal(
+        labels.size))
+    perm = rng.permutation(labels.size)
+    return acts[:, perm].astype(np.float32), labels[perm]
+
+
+def purity(labels, pi, k):
+    """Reference block purity: plain loops over the k contiguous position blocks."""
+    from collections import Counter
+
+    n = len(pi)
+    shares = []
+    for b in range(k):
+        block = [labels[pi[p]] for p in range(n) if p * k // n == b]
+        if block:
+            shares.append(Counter(block).most_common(1)[0][1] / len(block))
+    return float(np.mean(shares))
+
+
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(0, 10_000),
+       st.sampled_from([None, 0.01, 0.3, 0.5, 1.0]), st.sampled_from([0.0, 0.5]))
+def test_activity_matches_per_token_reference(tokens, d, seed, top_frac, tau):
+    from icd_jax.graph import activity
+
+    # small integers: many ties at the per-token cut-off, and exact zeros
+    a = np.random.default_rng(seed).integers(-2, 3, (tokens, d)).astype(np.float32)
+    got = activity(a, tau=tau, top_frac=top_frac)
+    for t in range(tokens):
+        mag = sorted(np.abs(a[t]).tolist(), reverse=True)
+        k = d if top_frac is None else max(1, math.ceil(top_frac * d))
+        for c in range(d):
+            assert got[t, c] == (abs(a[t, c]) > tau and abs(a[t, c]) >= mag[k - 1])
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(groups=4, size=32, noise=2.0),
+    dict(groups=8, size=16, noise=1.5, spread=0.5),
+    dict(groups=4, size=32, noise=1.5, bias=-2.0),
+])
+def test_default_activation_graph_recovers_planted_groups(cfg):
+    """Defaults on dense GELU activations: groups come out contiguous (old defaults,
+    tau=0 without a per-token top fraction, gave a uniform graph and purity ~1/groups)."""
+    acts, labels = gelu_groups(1024, seed=1, **cfg)
+    assert (acts != 0).mean() > 0.99  # dense
+    k = cfg["groups"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default graph is not degenerate
+        g = build_w("activations", acts=acts)
+    pi, _ = icd_jax.fit_permutation(g, time_budget_s=None, refine_steps=500,
+                                    cfg=icd_jax.CostConfig(k_blocks=k))
+    assert purity(labels, pi, k) >= 0.9
+    assert icd_jax.cost.block_purity(labels, pi, k) == pytest.approx(purity(labels, pi, k))
+    assert g.meta["activations"]["top_frac"] is not None  # effective settings recorded
+
+
+@pytest.mark.parametrize("opts, match", [
+    (dict(tau=0.0, top_frac=None), "active on 100.0% of tokens.*top_frac"),
+    (dict(tau=0.0, top_frac=None, hub="pmi"), "active on 100.0% of tokens.*top_frac"),
+    (dict(tau=0.0, top_frac=None, hub="none"), "active on 100.0%"),
+])
+def test_saturated_activations_warn(opts, match):
+    acts, _ = gelu_groups(256, 4, 8, 1.0)
+    acts[acts == 0] = 1e-3  # every entry non-zero: every channel active on every token
+    with pytest.warns(DegenerateGraphWarning, match=match):
+        g = build_w("activations", acts=acts, **opts)
+    assert g.meta["degenerate"]
+
+
+def test_degenerate_graphs_warn_and_informative_ones_do_not(tmp_path):
+    from icd_jax.graph import degeneracy
+
+    d = 6
+    uniform = tmp_path / "uniform.csv"  # every pair once with weight 1: no locality
+    uniform.write_text("".join(f"{i},{j},1\n" for i in range(d) for j in range(i + 1, d)))
+    with pytest.warns(DegenerateGraphWarning, match="near-uniform.*100.0% of channel pairs"):
+        build_w("trace", path=uniform)
+    loops = tmp_path / "loops.csv"  # only self loops: no edges at all
+    loops.write_text("0,0,1\n1,1,2\n2,2,1\n")
+    with pytest.warns(DegenerateGraphWarning, match="no edges"):
+        build_w("trace", path=loops)
+    with pytest.warns(DegenerateGraphWarning, match="no edges"):
+        build_w("activations", acts=np.zeros((10, 5)))
+    rng = np.random.default_rng(0)
+    a = np.triu(rng.random((d, d)) + 0.1, 1)
+    assert degeneracy(sp.csr_matrix(a + a.T)) is None  # complete, but weights vary
+    ring = sp.csr_matrix(np.roll(np.eye(d), 1, 1) + np.roll(np.eye(d), -1, 1))
+    assert degeneracy(ring) is None  # uniform weights, but sparse: a real structure
+    assert degeneracy(sp.csr_matrix((1, 1))) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_w("mock", D=200, blocks=4, seed=0)
+        build_w("activations", acts=gelu_groups(256, 4, 8, 1.0)[0])
+
+
+def test_bad_activation_options():
+    acts = np.ones((4, 4))
+    for opts, match in [(dict(top_frac=0.0), "top_frac=0.0"), (dict(top_frac=1.5), "top_frac"),
+                        (dict(tau=-1.0), "tau=-1.0"), (dict(topk=0), "topk=0"),
+                        (dict(block_elements=0), "block_elements")]:
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            build_w("activations", acts=acts, **opts)

@@ -25,7 +25,7 @@ from icd_jax import (
     objective,
 )
 from icd_jax.cost import check_permutation
-from icd_jax.solver import local_search, nm_kept, spectral_order
+from icd_jax.solver import LocalSearch, local_search, nm_kept, spectral_order
 
 
 def _random_graph(n, seed, density=0.4):
@@ -92,9 +92,7 @@ def test_local_search_incremental_j_matches_full_recompute():
     assert iters == 3000 and sorted(pi) == list(range(300))
     assert objective(w, pi, cfg)["J"] < objective(w, pi0, cfg)["J"]
     # the search's incremental bookkeeping agrees with a from-scratch evaluation
-    from icd_jax.solver import _LocalSearch
-
-    ls = _LocalSearch(sp.csr_matrix(w, dtype=np.float64), check_permutation(pi0), cfg)
+    ls = LocalSearch(sp.csr_matrix(w, dtype=np.float64), check_permutation(pi0), cfg)
     rng = np.random.default_rng(5)
     for _ in range(300):
         mv = ls.propose(rng)
@@ -230,11 +228,9 @@ def test_fit_permutation_default_config_small_graphs(graph):
 @given(st.integers(2, 70), st.integers(0, 1000), st.sampled_from([1, 2, 5, 64]))
 def test_local_search_moves_stay_in_range_and_exact(d, seed, g):
     """Every proposed move is a valid re-placement and its incremental delta is exact."""
-    from icd_jax.solver import _LocalSearch
-
     w = _random_graph(d, seed)
     cfg = CostConfig(g=g, k_blocks=3)
-    ls = _LocalSearch(sp.csr_matrix(w, dtype=np.float64), np.arange(d), cfg)
+    ls = LocalSearch(sp.csr_matrix(w, dtype=np.float64), np.arange(d), cfg)
     rng = np.random.default_rng(seed)
     for _ in range(60):
         mv = ls.propose(rng)
@@ -282,3 +278,26 @@ def test_nm_trivial_shapes(shape):
     perm, stats = nm_permutation(w, time_budget_s=0.1)
     assert perm.tolist() == list(range(shape[1]))
     assert stats["kept"] == pytest.approx(stats["kept_default"])
+
+
+@given(st.integers(1, 30), st.integers(1, 6), st.integers(1, 5), st.integers(0, 1000))
+def test_block_purity_and_tiles_touched_match_loops(d, k, tile, seed):
+    from collections import Counter
+
+    from icd_jax.cost import block_purity, tiles_touched
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, d)
+    pi = rng.permutation(d)
+    shares = []
+    for b in range(k):
+        block = [labels[pi[p]] for p in range(d) if p * k // d == b]
+        if block:
+            shares.append(Counter(block).most_common(1)[0][1] / len(block))
+    assert block_purity(labels, pi, k) == pytest.approx(np.mean(shares))
+    active = rng.random((7, d)) < 0.3
+    pos = {int(c): p for p, c in enumerate(pi)}
+    ref = np.mean([len({pos[c] // tile for c in range(d) if row[c]}) for row in active])
+    assert tiles_touched(active, pi, tile) == pytest.approx(ref)
+    with pytest.raises(ConfigError):
+        tiles_touched(active, pi, 0)
