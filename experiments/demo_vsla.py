@@ -9,10 +9,16 @@ from absl import app, flags
 # stack/window/pyramid, ragged batches (vs.stack, vs.bucketize), one compilation per
 # capacity bucket for a jitted conv over many random-length batches, and gradients.
 
+import logging
+
 import jax
 import numpy as np
 
 import vsla_jax as vs
+
+# JAX probes for a TPU when it first picks a backend and logs the failure at INFO, which
+# absl prints; it says nothing about this demo.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batches", 60, "Random-length batches for the compile-count section.")
@@ -113,30 +119,31 @@ def demo_compiles(rng: np.random.Generator) -> None:
     # a kernel of length 20 (capacity 24) that no other section uses, so every conv
     # program below is new to conv's jit cache
     k = vs.tensor(rng.standard_normal(20).astype(np.float32))
+    conv = jax.jit(vs.conv)  # lengths traced: one program per capacity bucket
     # 6a: whole batches in one VarTensor (vs.stack): the capacity is the bucket of the max
-    before = vs.conv._cache_size()
+    before = conv._cache_size()
     shapes_a, distinct_lengths = set(), set()
     for _ in range(FLAGS.batches):
         n = rng.integers(10, 101, size=4)
         x = vs.stack([rng.standard_normal(int(m)).astype(np.float32) for m in n])
-        jax.block_until_ready(vs.conv(x, k))
+        jax.block_until_ready(conv(x, k))
         shapes_a.add(tuple(x.data.shape))
         distinct_lengths.add(tuple(n.tolist()))
     print(f"vs.stack: {FLAGS.batches} batches of 4 items, lengths in [10, 100] "
           f"({len(distinct_lengths)} distinct length vectors)")
     print(f"    capacities used {sorted(s[1] for s in shapes_a)}; new conv programs "
-          f"compiled: {vs.conv._cache_size() - before} (one per capacity)")
+          f"compiled: {conv._cache_size() - before} (one per capacity)")
     # 6b: bucketize: a program per (item-count bucket, capacity bucket) shape
-    before = vs.conv._cache_size()
+    before = conv._cache_size()
     shapes_b = set()
     for _ in range(FLAGS.batches):
         n = np.rint(np.exp(rng.uniform(np.log(8), np.log(400), size=16))).astype(int)
         rb = vs.bucketize([rng.standard_normal(int(m)).astype(np.float32) for m in n])
-        jax.block_until_ready(rb.map(lambda b: vs.conv(b, k)))
+        jax.block_until_ready(rb.map(lambda b: conv(b, k)))
         shapes_b.update(tuple(b.data.shape) for b in rb.buckets)
     print(f"vs.bucketize: {FLAGS.batches} batches of 16 items, lengths log-uniform in [8, 400]")
     print(f"    {len(shapes_b - shapes_a)} bucket shapes (count, capacity) not seen in 6a; "
-          f"new conv programs compiled: {vs.conv._cache_size() - before}")
+          f"new conv programs compiled: {conv._cache_size() - before}")
 
 
 def demo_grad() -> None:
@@ -161,6 +168,28 @@ def demo_grad() -> None:
     print(f"d/dk = {np.asarray(gk)[:2].tolist()} (= sum of all entries of x per tap: 15)")
 
 
+def demo_engine(rng: np.random.Generator) -> None:
+    section("8. vs.conv picks a plan from the lengths (one cost model)")
+    from vsla_jax.conv import engine
+
+    for name, la, lb in [
+            ("uniform", np.full(64, 512), np.full(64, 32)),
+            ("heavy-tailed", np.clip(rng.lognormal(np.log(300), 1.0, 320), 1, 4000),
+             np.clip(rng.lognormal(np.log(30), 1.0, 320), 1, 300))]:
+        xs = [rng.standard_normal(int(n)).astype(np.float32) for n in la]
+        ks = [rng.standard_normal(int(n)).astype(np.float32) for n in lb]
+        a, k = vs.stack(xs), vs.stack(ks)
+        plan, predicted = engine.choose_plan(a, k)
+        out = vs.conv(a, k).to_list()
+        ok = all(np.allclose(o, np.convolve(x, kk), atol=1e-3) for o, x, kk in zip(out, xs, ks))
+        print(f"{name:12s} batch of {len(xs)}: capacities {a.capacity}/{k.capacity}; plan "
+              f"{plan!r}; predicted ms " + ", ".join(f"{p} {t * 1e3:.2f}" for p, t in
+                                                      predicted.items()) +
+              f"; matches np.convolve: {ok}")
+    print(f"cost model: {vs.ConvPolicy().cost_model().source} (vs.calibrate() fits it to this "
+          "machine on the first eager call; timings: BENCHMARKS.md)")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -171,6 +200,7 @@ def main(argv):
     demo_ragged(rng)
     demo_compiles(rng)
     demo_grad()
+    demo_engine(rng)
 
 
 if __name__ == "__main__":

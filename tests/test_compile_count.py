@@ -57,18 +57,21 @@ OPS = {
 def test_one_compile_per_bucket(name):
     rng = np.random.default_rng(0)
     model = "B" if name == "kron" else "A"
-    jitted = {"add": vs.add, "sub": vs.sub, "hadamard": vs.hadamard, "conv": vs.conv,
+    # vs.conv is the engine's Python front door (it plans on the host, then runs a
+    # jitted plan): its compilations are counted by the backend events alone
+    jitted = {"add": vs.add, "sub": vs.sub, "hadamard": vs.hadamard, "conv": None,
               "kron": vs.kron, "scale": vs.scale, "neg": vs.neg, "sum": vs.sum,
               "norm": vs.norm, "mean": vs.mean, "shrink": vs.shrink}[name]
+    cache_size = (lambda: 0) if jitted is None else jitted._cache_size
     batches = [(_random_batch(rng, model), _random_batch(rng, model)) for _ in range(N_BATCHES)]
     distinct = {tuple(np.asarray(a.lengths)[:, 0]) for a, _ in batches}
     assert len(distinct) > 100  # the lengths really vary
     jax.block_until_ready(OPS[name](*batches[0]))  # compile (or reuse) the bucket's program
-    size_after_first = jitted._cache_size()
+    size_after_first = cache_size()
     with count_compiles() as events:
         for a, b in batches[1:]:
             jax.block_until_ready(OPS[name](a, b))
-    assert jitted._cache_size() == size_after_first
+    assert cache_size() == size_after_first
     assert events == [], f"{name} recompiled {len(events)} times inside one bucket"
 
 

@@ -16,4 +16,6 @@ def test_readme_example_runs():
     assert out[0] == "[5. 7. 3.]"
     assert out[1] == "[ 3. 10.  8.]"
     assert out[2] == "[(4,), (18,), (10,)]"
-    assert out[3].endswith("0.0")
+    assert out[3].split() == ["[3]", "[17]", "[9]"]
+    assert out[4] == "[3. 3. 3. 3.]"
+    assert out[5] == "3.0 0.0"
