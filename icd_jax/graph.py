@@ -6,7 +6,10 @@ symmetric, non-negative, finite ``scipy.sparse.csr_matrix`` (float32, zero diago
 Sources:
   ``"mock"``         planted-block generator (returns the planted assignment too);
   ``"trace"``        JSONL events ``{"src", "dst", "w"}`` or CSV ``i,j,w`` lines;
-  ``"activations"``  an activation matrix ``[tokens, D]``.
+  ``"activations"``  an activation matrix ``[tokens, D]`` (co-activation with a per-token
+                     top-fraction activity rule by default, so dense GELU activations work).
+A graph that carries no layout information (empty, near-uniform, or built from saturated
+activity) is returned with a ``DegenerateGraphWarning`` naming what to change.
 Normalisation (``normalisation=``): ``"sym"`` = ``D^-1/2 W D^-1/2``; ``"row"`` = rows
 scaled to sum 1 then symmetrised ``(W + W.T) / 2``; ``"none"``. ``nnz_cap`` keeps the
 heaviest entries (symmetrically) when W has more stored entries than the cap.
@@ -114,6 +117,7 @@ def _canonical(w: sp.spmatrix) -> sp.csr_matrix:
 
 
 def normalise(w: sp.csr_matrix, how: str) -> sp.csr_matrix:
+    """``w`` normalised by degree: ``"sym"``, ``"row"`` or ``"none"`` (see the module doc)."""
     if how not in NORMALISATIONS:
         raise ConfigError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
     if how == "none":
@@ -148,10 +152,12 @@ def degeneracy(w: sp.spmatrix, active_rate: float | None = None) -> str | None:
     ``active_rate > SATURATED_ACTIVITY`` (every channel fires on almost every token).
     """
     n = w.shape[0]
+    if n < 2:
+        return None  # nothing to order
     if active_rate is not None and active_rate > SATURATED_ACTIVITY:
         return (f"channels are active on {100 * active_rate:.1f}% of tokens on average, so "
                 f"co-activation cannot tell them apart")
-    if n >= 2 and w.nnz == 0:
+    if w.nnz == 0:
         return f"the graph of {n} channels has no edges"
     if n >= 3:
         density = w.nnz / (n * (n - 1))
@@ -378,7 +384,7 @@ def activity(acts: np.ndarray, tau: float = 0.0, top_frac: float | None = None,
     """
     a = np.asarray(acts, np.float32)
     active = np.abs(a) > tau
-    if standardise:
+    if standardise and a.shape[0]:
         sd = a.std(axis=0)
         a = np.divide(a - a.mean(axis=0), sd, out=np.zeros_like(a), where=sd > 0)
     mag = np.abs(a)
@@ -438,7 +444,7 @@ def from_activations(
         x = activity(a, tau, top_frac, standardise).astype(np.float32)
         p = x.sum(axis=0) / max(t, 1)  # activity rate of each channel
     else:
-        x = a - a.mean(axis=0)
+        x = a - a.mean(axis=0) if t else a
         sd = np.sqrt((x * x).sum(axis=0))
     rows, cols, vals = [], [], []
     if block_elements < 1:
@@ -466,6 +472,8 @@ def from_activations(
         rows.append(r[nz])
         cols.append(c[nz])
         vals.append(v[nz])
+    if not vals:  # no channels
+        return sp.csr_matrix((d, d), dtype=np.float32)
     w = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                       shape=(d, d))
     return sp.csr_matrix(w.maximum(w.T)) if topk is not None else w
@@ -500,7 +508,8 @@ def build_w(source: str, **cfg: Any) -> CoAccessGraph:
     """Build a co-access graph from ``"mock"``, ``"trace"`` or ``"activations"``.
 
     Common options: ``normalisation`` (``"sym"`` default for activations and traces,
-    ``"none"`` for mock), ``nnz_cap``. Unknown keys raise ``ConfigError``.
+    ``"none"`` for mock), ``nnz_cap``. Unknown keys raise ``ConfigError``; a degenerate
+    result (see ``degeneracy``) warns with ``DegenerateGraphWarning``.
     """
     allowed = {"mock": _MOCK_KEYS, "trace": _TRACE_KEYS, "activations": _ACT_KEYS}
     if source not in allowed:
@@ -525,7 +534,7 @@ def build_w(source: str, **cfg: Any) -> CoAccessGraph:
     w = from_activations(acts, **cfg)
     opts = activation_settings(**cfg)
     rate = None
-    if opts["mode"] == "coactivation":
+    if opts["mode"] == "coactivation" and np.size(acts):
         rate = float(activity(acts, opts["tau"], opts["top_frac"], opts["standardise"]).mean())
     return _finish(w, "activations", norm, nnz_cap, None,
                    dict(activations=dict(tokens=int(np.shape(acts)[0]), active_rate=rate,

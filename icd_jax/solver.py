@@ -6,6 +6,7 @@ position ``p`` (int32), ``stats`` has ``C, Q, J, method, improved, elapsed_s, it
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import random
 import time
@@ -295,7 +296,7 @@ def fit_permutation(
     n = w.shape[0]
     cfg = cfg or CostConfig()
     if k_blocks is not None:
-        cfg = CostConfig(**{**cfg.__dict__, "k_blocks": int(k_blocks)})
+        cfg = dataclasses.replace(cfg, k_blocks=int(k_blocks))
     score = lambda p: objective(w, p, cfg, pi_prev)["J"]
     cands = {"identity": np.arange(n, dtype=np.int32)}
     if init is not None:

@@ -334,3 +334,17 @@ def test_bad_activation_options():
                         (dict(block_elements=0), "block_elements")]:
         with pytest.raises(ConfigError, match=re.escape(match)):
             build_w("activations", acts=acts, **opts)
+
+
+@given(st.integers(0, 5), st.integers(0, 8), st.integers(0, 1000),
+       st.sampled_from(["coactivation", "correlation"]))
+def test_activations_any_small_shape_gives_a_valid_graph(tokens, d, seed, mode):
+    a = np.random.default_rng(seed).integers(-1, 3, (tokens, d)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from empty means either
+        warnings.simplefilter("ignore", DegenerateGraphWarning)
+        g = build_w("activations", acts=a, mode=mode, standardise=seed % 2 == 0)
+    w = g.csr.toarray()
+    assert w.shape == (d, d) and g.meta["D"] == d and g.meta["nnz"] == g.csr.nnz
+    assert np.allclose(w, w.T) and (w >= 0).all() and np.isfinite(w).all()
+    assert not np.diag(w).any()
