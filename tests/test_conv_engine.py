@@ -4,6 +4,7 @@ Every plan (padded, bucketed, blocked) and method is checked against NumPy/SciPy
 the natural call ``vs.conv(vs.stack(xs), vs.stack(ks))``.
 """
 
+import dataclasses
 import json
 import os
 
@@ -278,10 +279,10 @@ def test_bucketed_planner_groups_by_bucket_and_sizes_fft_per_group():
     groups = bucketed.plan_groups(la, lb, (456,), (40,), "fft", cost.STATIC_COST_MODEL,
                                   vs.CapacityPolicy(), vs.COUNT_POLICY, merge=False)
     pol = vs.CapacityPolicy()
-    for g in groups:
+    for g in groups:  # ladder capacities, never above the batch's own capacities
         for i in g.members:
-            assert pol.bucket(la[i, 0]) <= g.cap_a[0] and pol.bucket(lb[i, 0]) <= max(
-                g.cap_b[0], 40)
+            assert g.cap_a[0] == min(pol.bucket(la[i, 0]), 456)
+            assert g.cap_b[0] == min(pol.bucket(lb[i, 0]), 40)
         assert g.slots == vs.COUNT_POLICY.bucket(len(g.members))
     small = [g for g in groups if 0 in g.members][0]
     # FFT length per group, never the batch-wide maximum (which needs >= 456 + 40 - 1)
@@ -368,23 +369,46 @@ def test_cost_model_prefers_fft_for_long_kernels():
     assert cm.choose((2048,), (2048,), 64) == "fft"
 
 
-def test_similar_batches_share_compiled_programs():
-    """A stream of new heterogeneous batches compiles a bounded number of programs."""
-    rng = np.random.default_rng(11)
+def _count_compiles(fn):
     events = []
 
     def listener(name, *args, **kwargs):
         if name == "/jax/core/compile/backend_compile_duration":
             events.append(name)
 
-    batches = [_lognormal_batch(rng, 64, 100, 1500, 10, 100) for _ in range(16)]
-    pol = policy("blocked")
-    vs.conv(vs.stack(batches[0][0]), vs.stack(batches[0][1]), policy=pol)
     monitoring.register_event_duration_secs_listener(listener)
     try:
-        for xs, ks in batches[1:]:
-            out = vs.conv(vs.stack(xs), vs.stack(ks), policy=pol)
+        fn()
     finally:
         monitoring.unregister_event_duration_listener(listener)
-    _check_items(out, xs, ks)
-    assert len(events) <= 12, f"{len(events)} compilations for 15 similar batches"
+    return len(events)
+
+
+def _stream(rng, n_batches):
+    """Similar heterogeneous batches that share capacities (one long item in each)."""
+    out = []
+    for _ in range(n_batches):
+        xs, ks = _lognormal_batch(rng, 64, 100, 1200, 10, 90)
+        xs[0], ks[0] = rng.standard_normal(1500).astype(np.float32), np.ones(100, np.float32)
+        out.append((vs.stack(xs), vs.stack(ks), xs, ks))
+    return out
+
+
+def test_layout_budget_bounds_compilations_of_auto():
+    budget = engine.LayoutBudget(max_layouts=2)
+    pol = vs.ConvPolicy(calibrate=False, layouts=budget)
+    batches = _stream(np.random.default_rng(12), 12)
+    # warm the padded program of this capacity family
+    vs.conv(batches[0][0], batches[0][1], policy=dataclasses.replace(pol, plan="padded"))
+
+    def run():
+        for a, k, _, _ in batches:
+            jax.block_until_ready(vs.conv(a, k, policy=pol).data)
+
+    assert _count_compiles(run) <= 2 * 3  # at most two new layouts (a few programs each)
+    (layouts,) = budget.compiled.values()
+    assert len(layouts) <= 2
+    for a, k, xs, ks in batches[-2:]:
+        _check_items(vs.conv(a, k, policy=pol), xs, ks)
+    with pytest.raises(ValueError, match="max_layouts"):
+        engine.LayoutBudget(-1)

@@ -53,9 +53,16 @@ METHODS = ("auto", "direct", "fft")
 
 #: Output samples per block for ``direct`` classes.
 DIRECT_BLOCK = 256
+#: Every class's block is a multiple of this, so all class outputs are rows of
+#: ``BLOCK_QUANTUM`` samples and the padded output is one row gather.
+BLOCK_QUANTUM = DIRECT_BLOCK
 #: Largest FFT length tried for ``fft`` classes.
 MAX_FFT = 16384
-#: Ladder for each class's taps and block count (ratio <= 1.25 between rungs).
+#: A ladder for each class's taps and block count (ratio <= 1.25 between rungs), for
+#: ``plan_blocks(ladder=...)``. Not the default: with several classes per batch, new
+#: batches rarely land on the same rungs of every class (measured on lognormal batches),
+#: so it added padding without sharing programs; ``engine.LayoutBudget`` bounds
+#: compilations instead.
 LAYOUT_LADDER = CapacityPolicy(minimum=1, alignment=1, growth=1.25)
 
 
@@ -97,7 +104,7 @@ class ClassLayout:
       method: ``"direct"`` or ``"fft"``.
       taps: ``S``, the longest short operand of the class.
       block: ``P``, output samples per block.
-      fft_length: ``N = P + S - 1`` for ``fft`` classes (a fast FFT size), else 0.
+      fft_length: a fast FFT size ``N >= P + S - 1`` for ``fft`` classes, else 0.
       blocks: number of blocks in the class.
       items: number of items in the class.
       data: offset of the class in the packed input (``blocks * (block + taps)`` values:
@@ -146,42 +153,46 @@ def _rung(n: int, ladder: CapacityPolicy | None) -> int:
 
 
 def _fft_choice(out_len: np.ndarray, taps: int, cost: CostModel,
-                ladder: CapacityPolicy | None = None) -> tuple[float, int, int]:
-    """Cheapest ``(seconds, N, blocks)`` over fast FFT lengths ``N >= 2 * taps``."""
-    best = (math.inf, 0, 0)
-    n = kernels.fast_fft_length(max(2 * taps, 64))
-    while n <= max(MAX_FFT, kernels.fast_fft_length(2 * taps)):
-        blocks = _rung(int((-(-out_len // (n - taps + 1))).sum()), ladder)
+                ladder: CapacityPolicy | None = None) -> tuple[float, int, int, int]:
+    """Cheapest ``(seconds, N, P, blocks)``: blocks of ``P`` outputs (a multiple of
+    ``BLOCK_QUANTUM``, at least ``taps``) and the fast FFT length ``N >= P + taps - 1``."""
+    best = (math.inf, 0, 0, 0)
+    m = max(1, -(-taps // BLOCK_QUANTUM))
+    while True:
+        p = m * BLOCK_QUANTUM
+        n = kernels.fast_fft_length(p + taps - 1)
+        blocks = _rung(int((-(-out_len // p)).sum()), ladder)
         t = cost.fft(n, blocks)
         if t < best[0]:
-            best = (t, n, blocks)
-        n = kernels.fast_fft_length(int(n * 1.25) + 1)
-    return best
+            best = (t, n, p, blocks)
+        if n > MAX_FFT:
+            return best
+        m = max(m + 1, int(m * 1.25))
 
 
 def class_method(out_len, taps: int, method: str, cost: CostModel,
                  ladder: CapacityPolicy | None = None) -> tuple[str, int, int, int, float]:
     """``(method, block, fft_length, blocks, seconds)`` for one class (``blocks`` on
     ``ladder``, so that similar batches share one program)."""
-    block = max(DIRECT_BLOCK, taps)  # the halo of a block must fit in the previous block
+    # the halo of a block must fit in the previous block
+    block = max(DIRECT_BLOCK, -(-taps // BLOCK_QUANTUM) * BLOCK_QUANTUM)
     d_blocks = _rung(int((-(-out_len // block)).sum()), ladder)
     t_direct = cost.direct(d_blocks * block * (-(-taps // kernels.UNROLL) * kernels.UNROLL))
     if method == "direct":
         return "direct", block, 0, d_blocks, t_direct
-    t_fft, n_fft, f_blocks = _fft_choice(out_len, taps, cost, ladder)
+    t_fft, n_fft, p_fft, f_blocks = _fft_choice(out_len, taps, cost, ladder)
     if method == "fft" or t_fft < t_direct:
-        return "fft", n_fft - taps + 1, n_fft, f_blocks, t_fft
+        return "fft", p_fft, n_fft, f_blocks, t_fft
     return "direct", block, 0, d_blocks, t_direct
 
 
 def plan_blocks(len_a, len_b, method: str = "auto", cost: CostModel | None = None,
                 start_a=None, start_b=None, zero: int | None = None,
-                ladder: CapacityPolicy | None = LAYOUT_LADDER) -> BlockPlan:
+                ladder: CapacityPolicy | None = None) -> BlockPlan:
     """Host plan for signals of lengths ``len_a`` and kernels of lengths ``len_b``.
 
-    Each class's taps and block count are rounded up on ``ladder`` (the padding blocks
-    read zeros), so the static layout, and with it the compiled program, is shared by
-    batches of similar length profiles; ``ladder=None`` fits the layout exactly.
+    With ``ladder``, each class's taps and block count are rounded up on it (the
+    padding blocks read zeros); the default fits the layout exactly.
 
     ``source`` indexes a flat input where signal ``i`` starts at ``start_a[i]``, kernel
     ``i`` at ``start_b[i]`` and ``zero`` holds a zero. The default is the items back to
@@ -275,7 +286,7 @@ def _class_conv(packed, first, c: ClassLayout):
     if c.method == "fft":
         y = jnp.fft.irfft(jnp.fft.rfft(x, c.fft_length) * jnp.fft.rfft(w, c.fft_length),
                           c.fft_length)
-        return y[:, s - 1 :]
+        return y[:, s - 1 : s - 1 + p]
     return kernels.shift_add(x, w, (p,), 1, 1)
 
 
@@ -308,22 +319,35 @@ def class_outputs(packed, first, layout) -> tuple[jax.Array, ...]:
     return tuple(outs)
 
 
-def gather_padded(outs, part, offsets, lengths, layout, out_cap: int):
-    """``[n, out_cap]`` zero-padded rows from the per-class flat outputs.
+def row_index(plan: BlockPlan, out_cap: int) -> np.ndarray:
+    """``int32[n, ceil(out_cap / BLOCK_QUANTUM)]``: for every item, the rows of the joined
+    class outputs (``[rows, BLOCK_QUANTUM]``) that hold its output, in order; rows past
+    the item's end point past the last row (they read zeros)."""
+    q = BLOCK_QUANTUM
+    sizes = np.array([c.blocks * c.block // q for c in plan.layout], np.int64)
+    base = np.concatenate([[0], np.cumsum(sizes)])
+    start = np.where(plan.part >= 0, base[np.maximum(plan.part, 0)] + plan.offsets // q, 0)
+    width = -(-out_cap // q)
+    j = np.arange(width)
+    used = -(-plan.lengths // q)
+    return np.where(j[None, :] < used[:, None], start[:, None] + j[None, :],
+                    base[-1]).astype(np.int32)
 
-    ``part``/``offsets``/``lengths`` are the plan's ``int32[n]`` arrays (device). Each
-    row is one contiguous slice of the joined outputs (a slice gather, not a gather of
-    single elements), masked to the item's length.
+
+def gather_padded(outs, rows, lengths, out_cap: int):
+    """``[n, out_cap]`` zero-padded outputs from the per-class flat outputs.
+
+    ``rows`` is ``row_index`` (device); one row gather (whole rows of
+    ``BLOCK_QUANTUM`` samples), then a mask to each item's ``lengths``.
     """
+    n = rows.shape[0]
     if not outs:
-        return jnp.zeros((part.shape[0], out_cap), jnp.float32)
-    sizes = np.array([c.blocks * c.block for c in layout], np.int64)
-    cat = jnp.concatenate([*outs, jnp.zeros(out_cap, outs[0].dtype)])
-    base = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32))
-    start = jnp.where(part >= 0, base[jnp.maximum(part, 0)] + offsets, 0)
-    rows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(cat, s, out_cap))(start)
+        return jnp.zeros((n, out_cap), jnp.float32)
+    joined = jnp.concatenate([o.reshape(-1, BLOCK_QUANTUM) for o in outs])
+    got = jnp.take(joined, rows, axis=0, mode="fill", fill_value=0)
+    got = got.reshape(n, -1)[:, :out_cap]
     valid = jnp.arange(out_cap, dtype=jnp.int32)[None, :] < lengths[:, None]
-    return jnp.where(valid, rows, jnp.zeros((), cat.dtype))
+    return jnp.where(valid, got, jnp.zeros((), got.dtype))
 
 
 def conv_packed(

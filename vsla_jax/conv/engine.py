@@ -38,6 +38,36 @@ METHODS = ("auto", "direct", "fft")
 PLANS = ("auto", "padded", "bucketed", "blocked")
 
 
+class LayoutBudget:
+    """How many bucketed/blocked program layouts ``auto`` may compile per family.
+
+    A family is one pair of operand capacities, batch sizes and features (what the
+    padded plan compiles one program for). The bucketed and blocked programs are
+    specialised on a plan's static layout (laddered group counts, class taps and block
+    counts), so a stream of ever new length profiles could compile a new program per
+    batch. Once a family has compiled ``max_layouts`` layouts, ``auto`` only picks plans
+    whose layout is already compiled, or the padded plan. Forced plans
+    (``ConvPolicy(plan=...)``) ignore the budget. This is a record of what was compiled
+    (like ``jit``'s own cache), shared by every policy that holds the same instance.
+    """
+
+    def __init__(self, max_layouts: int = 8):
+        if max_layouts < 0:
+            raise ValueError(f"LayoutBudget max_layouts must be >= 0, got {max_layouts}")
+        self.max_layouts = max_layouts
+        self.compiled: dict[tuple, set] = {}
+
+    def allows(self, family: tuple, layout: tuple) -> bool:
+        seen = self.compiled.get(family, set())
+        return layout in seen or len(seen) < self.max_layouts
+
+    def record(self, family: tuple, layout: tuple) -> None:
+        self.compiled.setdefault(family, set()).add(layout)
+
+
+DEFAULT_LAYOUT_BUDGET = LayoutBudget()
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvPolicy:
     """Settings of the convolution engine (every field is reachable from ``vs.conv``).
@@ -58,6 +88,8 @@ class ConvPolicy:
       accumulate_f64: compute f32 inputs in f64 (needs ``jax_enable_x64``), return f32.
       pallas: ``"auto"`` (the Pallas kernel for rank-1 direct convolution on GPU),
         ``"off"`` or ``"interpret"`` (the Pallas interpreter, for CPU tests).
+      layouts: the ``LayoutBudget`` that bounds how many bucketed/blocked programs
+        ``auto`` compiles per capacity family (shared by default).
       direct_max_min_ratio, fft_min_efficiency, bucketing_min_buckets: thresholds of
         ``heterogeneity_profile`` (informational flags).
     """
@@ -71,6 +103,8 @@ class ConvPolicy:
     merge_groups: bool = True
     accumulate_f64: bool = False
     pallas: str = "auto"
+    layouts: LayoutBudget = dataclasses.field(default=DEFAULT_LAYOUT_BUDGET, compare=False,
+                                              hash=False)
     direct_max_min_ratio: float = 100.0
     fft_min_efficiency: float = 1.2
     bucketing_min_buckets: int = 10
@@ -232,7 +266,24 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
         costs["blocked"] = _blocked_plan(*key[:9])[1]
     if policy.plan != "auto":
         return policy.plan, costs
-    return min(costs, key=costs.get), costs
+    family = _family(a, b)
+    allowed = {p: t for p, t in costs.items()
+               if p == "padded" or policy.layouts.allows(family, _layout(p, key))}
+    return min(allowed, key=allowed.get), costs
+
+
+def _family(a: VarTensor, b: VarTensor) -> tuple:
+    return (a.capacity, b.capacity, a.batch_shape, b.batch_shape, a.features, str(a.dtype),
+            str(b.dtype))
+
+
+def _layout(plan: str, key: tuple) -> tuple:
+    """The static part of a plan's program (what its compilation depends on)."""
+    if plan == "bucketed":
+        (layout, idx), _ = _bucketed_plan(*key)
+        return plan, layout, tuple(i.shape for i in idx)
+    dev, _ = _blocked_plan(*key[:9])
+    return plan, dev[-1], dev[0].shape
 
 
 def _plan_key(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
@@ -252,6 +303,7 @@ def _dispatch(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy) -> Va
         m = cost.choose(a.capacity, b.capacity, max(items, 1)) if method == "auto" else method
         return conv_padded(a, b, m, method == "auto", pmode)
     key, _ = _plan_key(a, b, method, policy)
+    policy.layouts.record(_family(a, b), _layout(choice, key))
     if choice == "bucketed":
         (layout, idx), _ = _bucketed_plan(*key)
         return bucketed.run_groups(a, b, idx, layout, method == "auto", pmode)
@@ -283,15 +335,15 @@ def _blocked_plan(ka, kb, sa, sb, cap_a, cap_b, feat, method, cost):
     zero = n * ca + (1 if shared else n) * cb
     plan = blocked.plan_blocks(la, np.broadcast_to(lb.reshape(-1), (n,)), method, cost,
                                start_a, start_b, zero)
-    dev = tuple(jax.device_put(v.astype(np.int32)) for v in (
-        plan.source, plan.part, plan.offsets, plan.lengths))
-    dev = (dev[0], jax.device_put(plan.first), *dev[1:], plan.layout)
+    dev = (jax.device_put(plan.source.astype(np.int32)), jax.device_put(plan.first),
+           jax.device_put(blocked.row_index(plan, ca + cb - 1)),
+           jax.device_put(plan.lengths.astype(np.int32)), plan.layout)
     seconds = plan.seconds + cost.copy(plan.total_in) + cost.copy(n * (ca + cb - 1))
     return dev, seconds
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def _run_blocked(a: VarTensor, b: VarTensor, source, first, part, offsets, out_len, layout):
+def _run_blocked(a: VarTensor, b: VarTensor, source, first, rows, out_len, layout):
     """The blocked program on padded batches; exact padded direct on non-finite input."""
     n = a.batch_shape[0]
     out_cap = a.capacity[0] + b.capacity[0] - 1
@@ -305,7 +357,7 @@ def _run_blocked(a: VarTensor, b: VarTensor, source, first, part, offsets, out_l
         src_b = jnp.where(source >= na, source - na, db.size)
         from_b = jnp.take(db.astype(dt).reshape(-1), src_b, mode="fill", fill_value=0)
         outs = blocked.class_outputs(from_a + from_b, first, layout)
-        return blocked.gather_padded(outs, part, offsets, out_len, layout, out_cap)
+        return blocked.gather_padded(outs, rows, out_len, out_cap)
 
     def exact(da, db):
         db = db if b.batch_ndim else jnp.broadcast_to(db, (n,) + db.shape)
