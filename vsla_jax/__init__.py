@@ -27,6 +27,7 @@ from vsla_jax.conv import (
     CostModel,
     FlatRagged,
     HeterogeneityProfile,
+    LayoutBudget,
     calibrate,
     conv_packed,
     heterogeneity_profile,
@@ -66,9 +67,9 @@ __all__ = [
     # ragged storage and sharding
     "RaggedBatch", "bucketize", "batch_mesh", "pad_batch", "shard_batch",
     # the convolution engine
-    "ConvPolicy", "CostModel", "calibrate", "heterogeneity_profile", "HeterogeneityProfile",
-    "conv_packed", "FlatRagged",
+    "ConvPolicy", "CostModel", "LayoutBudget", "calibrate", "heterogeneity_profile",
+    "HeterogeneityProfile", "conv_packed", "FlatRagged",
     # attention
-    "attention", "approximate_attention", "ApproxConfig", "AttentionBackend",
-    "TilingStrategy",
+    "attention", "approximate_attention", "AttentionConfig", "ApproxConfig",
+    "AttentionBackend", "BucketPlan", "TilingStrategy",
 ]

@@ -12,7 +12,13 @@ modules here are its parts:
 
 from vsla_jax.conv.blocked import FlatRagged, conv_packed
 from vsla_jax.conv.cost import CostModel, calibrate
-from vsla_jax.conv.engine import ConvPolicy, HeterogeneityProfile, conv, heterogeneity_profile
+from vsla_jax.conv.engine import (
+    ConvPolicy,
+    HeterogeneityProfile,
+    LayoutBudget,
+    conv,
+    heterogeneity_profile,
+)
 
-__all__ = ["ConvPolicy", "CostModel", "FlatRagged", "HeterogeneityProfile", "calibrate",
-           "conv", "conv_packed", "heterogeneity_profile"]
+__all__ = ["ConvPolicy", "CostModel", "FlatRagged", "HeterogeneityProfile", "LayoutBudget",
+           "calibrate", "conv", "conv_packed", "heterogeneity_profile"]
