@@ -52,7 +52,7 @@ def test_heterogeneous_matches_numpy(method):
         res.lengths, [len(x) + len(k) - 1 if len(x) and len(k) else 0 for x, k in zip(xs, ks)])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=12),
        st.sampled_from(["direct", "fft"]), st.integers(0, 2**16))
 def test_edge_lengths_match_numpy(pairs, method, seed):
@@ -199,21 +199,21 @@ def test_cost_model_steers_the_method():
 
 def test_layout_ladder_pads_blocks_and_taps_with_zeros():
     rng = np.random.default_rng(8)
-    la = np.exp(rng.uniform(0, np.log(2048), 100)).astype(np.int64)
-    lb = np.exp(rng.uniform(0, np.log(256), 100)).astype(np.int64)
+    la = np.exp(rng.uniform(0, np.log(1024), 40)).astype(np.int64)
+    lb = np.exp(rng.uniform(0, np.log(128), 40)).astype(np.int64)
     exact = bcv.plan_blocks(la, lb, "direct")
     laddered = bcv.plan_blocks(la, lb, "direct", ladder=bcv.LAYOUT_LADDER)
     for c, e in zip(laddered.layout, exact.layout):
         assert c.blocks == bcv.LAYOUT_LADDER.bucket(e.blocks) >= e.blocks
         assert c.taps == bcv.LAYOUT_LADDER.bucket(e.taps) >= e.taps
     np.testing.assert_array_equal(laddered.offsets, exact.offsets)
-    zero = la.sum() + lb.sum()
+    zero = int(la.sum() + lb.sum())
     flat = np.concatenate([rng.standard_normal(zero), [0.0]]).astype(np.float32)
     outs = bcv.conv_blocked_values(jnp.asarray(flat[laddered.source]),
                                    jnp.asarray(laddered.first), laddered.layout)
     ref = bcv.conv_blocked_values(jnp.asarray(flat[exact.source]), jnp.asarray(exact.first),
                                   exact.layout)
-    for i in range(100):  # every item's output is the same with or without the ladder
+    for i in range(40):  # every item's output is the same with or without the ladder
         p, o, n = laddered.part[i], laddered.offsets[i], laddered.lengths[i]
         if p >= 0:
             np.testing.assert_allclose(outs[p][o : o + n], ref[p][o : o + n], atol=1e-5)

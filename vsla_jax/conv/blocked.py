@@ -334,16 +334,19 @@ def row_index(plan: BlockPlan, out_cap: int) -> np.ndarray:
                     base[-1]).astype(np.int32)
 
 
-def gather_padded(outs, rows, lengths, out_cap: int):
-    """``[n, out_cap]`` zero-padded outputs from the per-class flat outputs.
-
-    ``rows`` is ``row_index`` (device); one row gather (whole rows of
-    ``BLOCK_QUANTUM`` samples), then a mask to each item's ``lengths``.
-    """
-    n = rows.shape[0]
+def join_outputs(outs, dtype) -> jax.Array:
+    """The per-class flat outputs as one ``[rows, BLOCK_QUANTUM]`` array."""
     if not outs:
-        return jnp.zeros((n, out_cap), jnp.float32)
-    joined = jnp.concatenate([o.reshape(-1, BLOCK_QUANTUM) for o in outs])
+        return jnp.zeros((0, BLOCK_QUANTUM), dtype)
+    return jnp.concatenate([o.reshape(-1, BLOCK_QUANTUM) for o in outs])
+
+
+def gather_rows(joined, rows, lengths, out_cap: int) -> jax.Array:
+    """``[n, out_cap]`` zero-padded outputs: one row gather of ``joined`` (whole rows of
+    ``BLOCK_QUANTUM`` samples, ``rows`` from ``row_index``), masked to ``lengths``."""
+    n = rows.shape[0]
+    if not joined.shape[0]:  # every item is empty
+        return jnp.zeros((n, out_cap), joined.dtype)
     got = jnp.take(joined, rows, axis=0, mode="fill", fill_value=0)
     got = got.reshape(n, -1)[:, :out_cap]
     valid = jnp.arange(out_cap, dtype=jnp.int32)[None, :] < lengths[:, None]

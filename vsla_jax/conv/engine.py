@@ -255,8 +255,8 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
     if policy.plan == "blocked" and not (a.rank == 1 and not a.features):
         raise ShapeError(f"ConvPolicy(plan='blocked') takes rank-1 items without feature "
                          f"axes; got rank {a.rank}, features {a.features}")
-    if a.batch_shape[0] == 0:
-        return "padded", {}
+    if a.batch_shape[0] == 0 or not (np.prod(a.capacity) and np.prod(b.capacity)):
+        return "padded", {}  # nothing to plan: no items, or a zero capacity
     key, cost = _plan_key(a, b, method, policy)
     n, feat = a.batch_shape[0], key[6]
     m = cost.choose(a.capacity, b.capacity, n * feat)
@@ -342,28 +342,45 @@ def _blocked_plan(ka, kb, sa, sb, cap_a, cap_b, feat, method, cost):
     return dev, seconds
 
 
-@functools.partial(jax.jit, static_argnames=("layout",))
 def _run_blocked(a: VarTensor, b: VarTensor, source, first, rows, out_len, layout):
-    """The blocked program on padded batches; exact padded direct on non-finite input."""
+    """The blocked plan on padded batches, as two programs.
+
+    The first packs the blocks, convolves every class and joins the class outputs; the
+    second gathers them into the padded output (or, on non-finite input, runs the exact
+    padded direct kernel). One program doing both measured several times slower on
+    XLA:CPU than the two apart (see BENCHMARKS.md).
+    """
+    joined, finite = _blocked_classes(a, b, source, first, layout)
+    return _blocked_output(joined, finite, rows, out_len, a, b)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _blocked_classes(a: VarTensor, b: VarTensor, source, first, layout):
+    da, db = a.data, b.data
+    dt = jnp.result_type(da.dtype, db.dtype)
+    na = da.size  # source indexes [a, b, 0] back to back; read each without joining
+    from_a = jnp.take(da.astype(dt).reshape(-1), source, mode="fill", fill_value=0)
+    # negative indices wrap in jnp.take: send a's part past the end of b instead
+    src_b = jnp.where(source >= na, source - na, db.size)
+    from_b = jnp.take(db.astype(dt).reshape(-1), src_b, mode="fill", fill_value=0)
+    outs = blocked.class_outputs(from_a + from_b, first, layout)
+    return blocked.join_outputs(outs, dt), all_finite(da, db)
+
+
+@jax.jit
+def _blocked_output(joined, finite, rows, out_len, a: VarTensor, b: VarTensor) -> VarTensor:
     n = a.batch_shape[0]
     out_cap = a.capacity[0] + b.capacity[0] - 1
     lb = b.lengths if b.batch_ndim else jnp.broadcast_to(b.lengths, (n, 1))
 
     def fast(da, db):
-        dt = jnp.result_type(da.dtype, db.dtype)
-        na = da.size  # source indexes [a, b, 0] back to back; read each without joining
-        from_a = jnp.take(da.astype(dt).reshape(-1), source, mode="fill", fill_value=0)
-        # negative indices wrap in jnp.take: send a's part past the end of b instead
-        src_b = jnp.where(source >= na, source - na, db.size)
-        from_b = jnp.take(db.astype(dt).reshape(-1), src_b, mode="fill", fill_value=0)
-        outs = blocked.class_outputs(from_a + from_b, first, layout)
-        return blocked.gather_padded(outs, rows, out_len, out_cap)
+        return blocked.gather_rows(joined, rows, out_len, out_cap)
 
     def exact(da, db):
         db = db if b.batch_ndim else jnp.broadcast_to(db, (n,) + db.shape)
         x = zero_slack(VarTensor.trusted(da, a.lengths, a.model))
         k = zero_slack(VarTensor.trusted(db, lb, b.model))
-        return conv_arrays(x.data, k.data, a.lengths, lb, 1, 1, "direct")
+        return conv_arrays(x.data, k.data, a.lengths, lb, 1, 1, "direct").astype(joined.dtype)
 
-    data = jax.lax.cond(all_finite(a.data, b.data), fast, exact, a.data, b.data)
+    data = jax.lax.cond(finite, fast, exact, a.data, b.data)
     return VarTensor.trusted(data, conv_output_lengths(a.lengths, lb), a.model)
