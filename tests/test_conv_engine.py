@@ -329,7 +329,7 @@ def test_calibration_is_explicit_cached_and_survives_corruption(tmp_path, monkey
                                                      "fft": ((4, 64), (4, 128)),
                                                      "copy": (256, 1024)})
     monkeypatch.setattr(cost, "CALIBRATION_ROUNDS", 2)
-    monkeypatch.setattr(cost, "_FITS", {})
+    cost.forget_calibrations()
     assert cost.calibrated_or_none(tmp_path) is None  # nothing measured or read yet
     m1 = vs.calibrate(cache_dir=tmp_path)
     assert m1.source.startswith("calibrated")
@@ -339,17 +339,17 @@ def test_calibration_is_explicit_cached_and_survives_corruption(tmp_path, monkey
     assert f.name.startswith("conv_cost_")
     assert json.loads(f.read_text())["jax"] == jax.__version__
     assert vs.calibrate(cache_dir=tmp_path) is m1  # memoised: the file is read once
-    monkeypatch.setattr(cost, "_FITS", {})  # a new process reads the file
+    cost.forget_calibrations()  # as in a new process: the file is read
     m2 = vs.calibrate(cache_dir=tmp_path)
     assert m2.source.startswith("cache") and m2.direct_s_per_mac == m1.direct_s_per_mac
     f.write_text("{not json")
-    monkeypatch.setattr(cost, "_FITS", {})
+    cost.forget_calibrations()
     assert vs.calibrate(cache_dir=tmp_path).source.startswith("calibrated")
     assert os.path.exists(f) and json.loads(f.read_text())  # rewritten atomically
 
 
 def test_no_measurement_while_tracing(monkeypatch):
-    monkeypatch.setattr(cost, "_FITS", {})
+    cost.forget_calibrations()
     monkeypatch.delenv("VSLA_CACHE_DIR", raising=False)  # no file to read a fit from
 
     def boom(*a, **k):

@@ -222,6 +222,11 @@ def calibrate(cache_dir: str | os.PathLike | None = None, refresh: bool = False)
     return _FITS[key]
 
 
+def forget_calibrations() -> None:
+    """Drop the fits memoised in this process (the next ``calibrate`` reads or measures)."""
+    _FITS.clear()
+
+
 def calibrated_or_none(cache_dir: str | os.PathLike | None = None) -> CostModel | None:
     """The fit already memoised in this process for ``cache_dir``, else None.
 
