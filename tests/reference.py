@@ -60,3 +60,18 @@ def shrink(x: np.ndarray, rank: int) -> np.ndarray:
     if x.size == 0:
         x = np.zeros((0,) * rank + x.shape[rank:], x.dtype)
     return x
+
+
+def convolve_items(xs, ks) -> list[np.ndarray]:
+    """``np.convolve`` of every pair in float64; empty when either operand is empty."""
+    return [np.convolve(np.asarray(x, np.float64), np.asarray(k, np.float64))
+            if len(x) and len(k) else np.zeros(0) for x, k in zip(xs, ks)]
+
+
+def assert_items_match(got, refs, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Every item has the reference's shape and matches it (``atol`` scaled by its max)."""
+    assert len(got) == len(refs)
+    for i, (o, ref) in enumerate(zip(got, refs)):
+        assert o.shape == ref.shape, f"item {i}: {o.shape} vs {ref.shape}"
+        scale = max(np.abs(ref).max(), 1.0) if ref.size else 1.0
+        np.testing.assert_allclose(o, ref, rtol=rtol, atol=atol * scale, err_msg=f"item {i}")

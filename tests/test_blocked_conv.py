@@ -9,26 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
+from tests.reference import assert_items_match, convolve_items
 from vsla_jax.conv import blocked as bcv
 from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel
 from vsla_jax.conv.kernels import fast_fft_length
 from vsla_jax.errors import ShapeError, VSLATypeError
 
 
-def _expected(x, k):
-    if not len(x) or not len(k):
-        return np.zeros(0)
-    return np.convolve(np.asarray(x, np.float64), np.asarray(k, np.float64))
-
-
 def _check(res, xs, ks, rtol=1e-4, atol=1e-5):
-    out = res.to_list()
-    assert len(out) == len(xs)
-    for i, (o, x, k) in enumerate(zip(out, xs, ks)):
-        ref = _expected(x, k)
-        assert o.shape == ref.shape, f"item {i}: {o.shape} vs {ref.shape}"
-        scale = max(np.abs(ref).max(), 1.0) if ref.size else 1.0
-        np.testing.assert_allclose(o, ref, rtol=rtol, atol=atol * scale, err_msg=f"item {i}")
+    assert_items_match(res.to_list(), convolve_items(xs, ks), rtol, atol)
 
 
 def _batch(rng, n, max_a, max_b):

@@ -3,33 +3,16 @@
 Counted with jax.monitoring backend-compile events and the jit cache size, not timing.
 """
 
-import contextlib
-
 import jax
 import numpy as np
 import pytest
-from jax import monitoring
 
 import vsla_jax as vs
+from tests.events import count_compiles
 
 N_BATCHES = 200
 # A capacity unlikely to be used by other tests in this process.
 POLICY = vs.CapacityPolicy(minimum=40, alignment=8, growth=1.5)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
 
 
 def _random_batch(rng, model="A"):

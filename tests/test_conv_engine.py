@@ -15,9 +15,10 @@ import pytest
 import scipy.signal
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax import monitoring
 
 import vsla_jax as vs
+from tests.events import count_compiles
+from tests.reference import assert_items_match, convolve_items
 from vsla_jax.conv import bucketed, cost, engine
 from vsla_jax.conv.kernels import fast_fft_length
 
@@ -29,20 +30,8 @@ def policy(plan="auto", **kw):
     return vs.ConvPolicy(plan=plan, calibrate=False, **kw)
 
 
-def _expected(x, k):
-    if not len(x) or not len(k):
-        return np.zeros(0)
-    return np.convolve(np.asarray(x, np.float64), np.asarray(k, np.float64))
-
-
 def _check_items(out, xs, ks, rtol=1e-4, atol=1e-4):
-    got = out.to_list()
-    assert len(got) == len(xs)
-    for i, (o, x, k) in enumerate(zip(got, xs, ks)):
-        ref = _expected(x, k)
-        assert o.shape == ref.shape, f"item {i}: {o.shape} vs {ref.shape}"
-        scale = max(np.abs(ref).max(), 1.0) if ref.size else 1.0
-        np.testing.assert_allclose(o, ref, rtol=rtol, atol=atol * scale, err_msg=f"item {i}")
+    assert_items_match(out.to_list(), convolve_items(xs, ks), rtol, atol)
 
 
 def _lognormal_batch(rng, n, med_a, max_a, med_b, max_b):
@@ -371,17 +360,8 @@ def test_cost_model_prefers_fft_for_long_kernels():
 
 
 def _count_compiles(fn):
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as events:
         fn()
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
     return len(events)
 
 
