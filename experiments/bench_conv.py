@@ -150,8 +150,8 @@ def run_workload(name: str, rng, policy: vs.ConvPolicy, cost: vs.CostModel) -> d
         logging.info("%s %-34s first %8.2f ms  steady %8.3f ms  %6.2f GFLOP/s  %s", name,
                      label, first * 1e3, steady * 1e3, flops / steady / 1e9, note)
 
-    # `late` rows are timed after the others: TensorFlow's worker threads keep spinning
-    # after each call and measurably slowed the NumPy loop and our rows timed next to it
+    # `late` rows are timed after the others: TensorFlow's and PyTorch's worker threads
+    # keep spinning after each call and measurably slowed the rows timed next to them
     fns, late, notes = {}, {}, {}
     errs: dict[str, Callable[[], float]] = {}
     a, k = vs.stack(xs), vs.stack(ks)
@@ -214,7 +214,7 @@ def run_workload(name: str, rng, policy: vs.ConvPolicy, cost: vs.CostModel) -> d
             with torch.no_grad():
                 return F.conv1d(tx, tk, padding=kpad, groups=tx.shape[1])
 
-        fns["torch conv1d grouped, padded"] = torch_conv
+        late["torch conv1d grouped, padded"] = torch_conv
         errs["torch conv1d grouped, padded"] = lambda: check(torch_conv()[0].numpy(), xs, ks)
         notes["torch conv1d grouped, padded"] = f"torch {torch.__version__}"
     except ImportError:
@@ -246,7 +246,7 @@ def run_workload(name: str, rng, policy: vs.ConvPolicy, cost: vs.CostModel) -> d
         record(label, first, steady, errs[label]() if label in errs else None,
                notes.get(label, ""))
     rows = {k: rows[k] for k in [*timings, *(k for k in rows if k not in timings)]}
-    return dict(profile=prof.__dict__, useful_flops=flops, rows=rows)
+    return dict(profile=prof.__dict__, useful_flops=flops, rows=rows, items=len(xs))
 
 
 NATURAL = "vsla vs.conv(a, k) (VarTensor)"
@@ -291,7 +291,7 @@ def ratios(name: str, res: dict) -> list[str]:
 
 def print_table(name: str, res: dict) -> None:
     p = res["profile"]
-    print(f"\n## {name}: {FLAGS.items} items, useful {res['useful_flops'] / 1e6:.1f} MFLOP; "
+    print(f"\n## {name}: {res['items']} items, useful {res['useful_flops'] / 1e6:.1f} MFLOP; "
           f"profile max/min {p['max_min_ratio']:.0f}, max/median {p['max_median_ratio']:.1f}, "
           f"buckets {p['n_buckets']}, predicted pad-to-max FFT efficiency "
           f"{p['fft_efficiency']:.2f}")

@@ -29,10 +29,14 @@ PALLAS_MODES = (None, "gpu", "interpret")
 
 
 def all_finite(*xs) -> jax.Array:
-    """Scalar bool: every value of every array is finite."""
+    """Scalar bool: every value of every array is finite.
+
+    ``sum(x * 0)`` is 0 for finite ``x`` and NaN as soon as one value is ``inf`` or
+    ``nan``; a sum reduction runs faster on XLA:CPU than a boolean ``all``.
+    """
     out = jnp.asarray(True)
     for x in xs:
-        out = out & jnp.all(jnp.isfinite(x))
+        out = out & jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype)))
     return out
 
 
