@@ -36,8 +36,10 @@ class GroupPlan:
 
 
 def _group_cost(ca, cb, slots: int, feat: int, cost: CostModel) -> float:
-    return cost.best(ca, cb, slots * feat) + cost.copy(slots * feat * (
-        prod(ca) + prod(cb) + prod(p + q - 1 for p, q in zip(ca, cb))))
+    """Convolution, row copies in and out, and one more fixed cost for the group's
+    gathers, scatter and finiteness check."""
+    return cost.best(ca, cb, slots * feat) + cost.direct_overhead_s + cost.copy(
+        slots * feat * (prod(ca) + prod(cb) + prod(p + q - 1 for p, q in zip(ca, cb))))
 
 
 def _merge(groups: dict, count: CapacityPolicy | None, feat: int, cost: CostModel) -> dict:

@@ -80,7 +80,7 @@ COEFFICIENTS = ("direct_overhead_s", "direct_s_per_mac", "fft_overhead_s", "fft_
 CALIBRATION_SHAPES = {
     "direct": ((128, 256, 8), (128, 256, 32), (128, 256, 128), (64, 256, 256)),
     "fft": ((128, 64), (128, 256), (128, 512), (64, 1024)),
-    "copy": (1 << 16, 1 << 19),
+    "copy": (1 << 16, 1 << 19),  # values, in rows of 256
 }
 CALIBRATION_ROUNDS = 15
 
@@ -141,7 +141,9 @@ def _fft_program(rows: int, n: int):
 
 
 def _copy_program(n: int):
-    fn = lambda x, idx: x[idx]
+    # rows of 256 values in a random row order: the plans move whole rows (bucketed
+    # groups, blocked outputs) or sorted runs (blocked packing), not scattered values
+    fn = lambda x, idx: jnp.take(x.reshape(-1, 256), idx, axis=0)
     return jax.jit(fn), float(n)
 
 
@@ -163,7 +165,7 @@ def measure(rounds: int = CALIBRATION_ROUNDS) -> dict[str, list[tuple[float, flo
                                         jnp.asarray(rng.standard_normal(sw), jnp.float32))))
     for n in CALIBRATION_SHAPES["copy"]:
         fn, work = _copy_program(n)
-        idx = jnp.asarray(rng.permutation(n).astype(np.int32))
+        idx = jnp.asarray(rng.permutation(n // 256).astype(np.int32))
         calls.append(("copy", work, fn, (jnp.asarray(rng.standard_normal(n), jnp.float32), idx)))
     best = [math.inf] * len(calls)
     for _ in range(rounds):
