@@ -426,6 +426,10 @@ def stack(
     _check_rank(rank, None, "")
     arrays, lengths, feats, models = [], [], None, set()
     item_rank, traced = rank, False
+    fast = _numpy_items(items, rank)
+    if fast is not None:  # a list of numeric NumPy arrays: no per-item checks needed
+        arrays, lengths, feats, item_rank = fast
+        items = ()
     for i, it in enumerate(items):
         if isinstance(it, VarTensor):
             if it.batch_ndim:
@@ -467,20 +471,45 @@ def stack(
     feats = feats or ()
     k = len(arrays)
     if dtype is None:
-        dtype = np.result_type(*[default_float(a.data if isinstance(a, VarTensor) else a)
-                                 .dtype for a in arrays]) if k else jnp.result_type(float)
+        dts = {(a.data if isinstance(a, VarTensor) else a).dtype for a in arrays}
+        dtype = np.result_type(*[default_float(np.zeros(0, d)).dtype for d in dts]) if k else (
+            jnp.result_type(float))
         dtype = jax.dtypes.canonicalize_dtype(dtype)
     if traced:
         return _stack_traced(arrays, lengths, item_rank, feats, policy, model, dtype)
-    len_arr = np.asarray([np.asarray(n) for n in lengths], np.int32).reshape(k, item_rank)
+    len_arr = np.asarray(lengths if not models else [np.asarray(n) for n in lengths],
+                         np.int32).reshape(k, item_rank)
     maxlen = len_arr.max(axis=0) if k else np.zeros(item_rank, np.int32)
     cap = policy.capacity(maxlen)
     out = np.zeros((k, *cap, *feats), dtype=dtype)
-    for i, a in enumerate(arrays):
-        if isinstance(a, VarTensor):
-            a = a.to_numpy()
-        out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
+    if item_rank == 1 and not models:  # the common ragged 1-D batch: plain slice copies
+        for i, (a, n) in enumerate(zip(arrays, len_arr[:, 0].tolist())):
+            out[i, :n] = a
+    else:
+        for i, a in enumerate(arrays):
+            if isinstance(a, VarTensor):
+                a = a.to_numpy()
+            out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
     return VarTensor.trusted(jax.device_put(out), jax.device_put(len_arr), model)
+
+
+def _numpy_items(items, rank):
+    """``(arrays, lengths, features, rank)`` when every item is a numeric NumPy array of
+    one ndim and feature shape (checked in a few C-level passes), else None."""
+    if not isinstance(items, (list, tuple)) or not items or set(map(type, items)) != {
+            np.ndarray}:
+        return None
+    ndims = {a.ndim for a in items}
+    if len(ndims) != 1 or not {a.dtype.kind for a in items} <= set("biuf"):
+        return None
+    ndim = ndims.pop()
+    r = ndim if rank is None else rank
+    if not 1 <= r <= ndim:
+        return None
+    feats = {a.shape[r:] for a in items}
+    if len(feats) != 1:
+        return None
+    return list(items), [a.shape[:r] for a in items], feats.pop(), r
 
 
 def _stack_traced(arrays, lengths, rank: int, feats, policy, model, dtype) -> VarTensor:
