@@ -138,7 +138,7 @@ def plan_groups(lq: np.ndarray, lk: np.ndarray, cap_q: int, cap_k: int, heads: i
 
     Buckets above the batch capacity are clipped to it before merging (a bucket of 480
     in a batch of capacity 454 costs 454^2 per item, not 480^2)."""
-    b = len(lq)
+    b, cap_q, cap_k = len(lq), int(cap_q), int(cap_k)
     key = plan.policy.bucket_array(np.maximum(lq, lk)) if b else np.zeros(0, np.int64)
     key = np.minimum(key, max(cap_q, cap_k))
     caps, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
