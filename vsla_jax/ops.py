@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from vsla_jax.conv.engine import conv
-from vsla_jax.conv.kernels import conv_output_lengths
 from vsla_jax.errors import ShapeError
 from vsla_jax.tensor import (
     VarTensor,
@@ -83,11 +82,6 @@ def neg(x: VarTensor) -> VarTensor:
 
 
 # -- semiring products ------------------------------------------------------------------
-def conv_lengths(la: jax.Array, lb: jax.Array) -> jax.Array:
-    """Model A output lengths (see ``vsla_jax.conv.kernels.conv_output_lengths``)."""
-    return conv_output_lengths(la, lb)
-
-
 def _vmap_batch(fn, n: int):
     for _ in range(n):
         fn = jax.vmap(fn)

@@ -12,7 +12,7 @@ import numpy as np
 
 from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLATypeError
-from vsla_jax.util import as_array, check_numeric, default_float, is_traced
+from vsla_jax.util import as_array, default_float, is_traced
 
 MODELS = ("A", "B")
 
@@ -551,7 +551,6 @@ def from_padded(
     model = check_model(model)
     _check_rank(rank, None, "")
     data = as_array(data, "data")
-    check_numeric(data, "data")
     data = default_float(data)
     data = data if isinstance(data, (jax.Array, jax.core.Tracer)) else jax.device_put(data)
     traced = is_traced(lengths)

@@ -241,7 +241,12 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
     ``padded`` whenever the lengths are traced or the operands are not one batch axis
     of items (then the dict is empty).
     """
-    policy = policy or DEFAULT_CONV_POLICY
+    choice, costs, _ = _choose(a, b, method, policy or DEFAULT_CONV_POLICY)
+    return choice, costs
+
+
+def _choose(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
+    """``(plan, predicted seconds per candidate, plan key or None)``."""
     concrete = not (is_traced(a.lengths) or is_traced(b.lengths))
     one_axis = a.batch_ndim == 1 and b.batch_ndim <= 1
     if not (concrete and one_axis) or policy.plan == "padded":
@@ -251,12 +256,12 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
                 f"with one batch axis (b unbatched or alike); got batch shapes "
                 f"{a.batch_shape} and {b.batch_shape}" + ("" if concrete else
                                                           ", traced lengths"))
-        return "padded", {}
+        return "padded", {}, None
     if policy.plan == "blocked" and not (a.rank == 1 and not a.features):
         raise ShapeError(f"ConvPolicy(plan='blocked') takes rank-1 items without feature "
                          f"axes; got rank {a.rank}, features {a.features}")
     if a.batch_shape[0] == 0 or not (np.prod(a.capacity) and np.prod(b.capacity)):
-        return "padded", {}  # nothing to plan: no items, or a zero capacity
+        return "padded", {}, None  # nothing to plan: no items, or a zero capacity
     key, cost = _plan_key(a, b, method, policy)
     n, feat = a.batch_shape[0], key[6]
     m = cost.choose(a.capacity, b.capacity, n * feat)
@@ -265,11 +270,11 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
     if a.rank == 1 and not a.features:
         costs["blocked"] = _blocked_plan(*key[:9])[1]
     if policy.plan != "auto":
-        return policy.plan, costs
+        return policy.plan, costs, key
     family = _family(a, b)
     allowed = {p: t for p, t in costs.items()
                if p == "padded" or policy.layouts.allows(family, _layout(p, key))}
-    return min(allowed, key=allowed.get), costs
+    return min(allowed, key=allowed.get), costs, key
 
 
 def _family(a: VarTensor, b: VarTensor) -> tuple:
@@ -296,13 +301,12 @@ def _plan_key(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
 
 def _dispatch(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy) -> VarTensor:
     pmode = policy.pallas_mode(a.rank)
-    choice, _ = choose_plan(a, b, method, policy)
+    choice, _, key = _choose(a, b, method, policy)
     if choice == "padded":
         cost = policy.cost_model(may_measure=False)
         items = int(np.prod(np.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
         m = cost.choose(a.capacity, b.capacity, max(items, 1)) if method == "auto" else method
         return conv_padded(a, b, m, method == "auto", pmode)
-    key, _ = _plan_key(a, b, method, policy)
     policy.layouts.record(_family(a, b), _layout(choice, key))
     if choice == "bucketed":
         (layout, idx), _ = _bucketed_plan(*key)
