@@ -31,6 +31,11 @@ class PermutationError(ICDError, ValueError):
     """An array that is not a permutation of ``range(D)``."""
 
 
+class ModelError(ICDError, ValueError):
+    """Model weights or inputs that do not fit the model: a missing weights package, an
+    absent or mis-shaped parameter, token ids out of the vocabulary."""
+
+
 class ICDWarning(UserWarning):
     """Base class of every icd_jax warning."""
 

