@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import timed_interleaved, write_json_atomic
+from common import timed_clean, write_json_atomic
 
 import vsla_jax as vs
 from vsla_jax.attention import BucketedBackend, choose_backend
@@ -120,59 +119,6 @@ def retain_host_memory(limit: int = 1 << 30) -> bool:
         return False
 
 
-# -- foreign CPU load -------------------------------------------------------------------
-def _busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    return sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # minus idle, iowait
-
-
-class ForeignLoad:
-    """CPU share that other processes took while the block ran (Linux; else None)."""
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_jiffies(), os.times()
-        return self
-
-    def __exit__(self, *exc):
-        busy1, own1 = _busy_jiffies(), os.times()
-        wall = time.perf_counter() - self.t0
-        if self.busy0 is None or busy1 is None or wall <= 0:
-            self.share = None
-            return
-        hz = os.sysconf("SC_CLK_TCK")
-        own = (own1.user + own1.system) - (self.own0.user + self.own0.system)
-        foreign = (busy1 - self.busy0) / hz - own
-        self.share = max(0.0, foreign) / (wall * (os.cpu_count() or 1))
-
-
-def timed_clean(fns, repeats: int) -> tuple[dict, float | None, int]:
-    """``timed_interleaved`` one round at a time, discarding rounds in which other
-    processes took more than ``--max_foreign`` of the CPUs (a shared machine's other
-    jobs slow the rows unevenly: PyTorch's OpenMP loop far more than XLA). Returns
-    ``({label: (first s, median s)}, mean foreign share of the kept rounds, discarded
-    round count)``."""
-    budget = FLAGS.max_rounds or 4 * repeats
-    first, kept, loads, all_rounds = None, [], [], []
-    while len(kept) < repeats and len(all_rounds) < budget:
-        with ForeignLoad() as load:
-            t = timed_interleaved(fns, 1)
-        first = first or {label: v[0] for label, v in t.items()}
-        sample = {label: v[1] for label, v in t.items()}
-        all_rounds.append((sample, load.share))
-        if load.share is None or load.share <= FLAGS.max_foreign:
-            kept.append(sample)
-            loads.append(load.share or 0.0)
-    rounds = kept if len(kept) >= max(1, repeats // 2) else [r for r, _ in all_rounds]
-    if rounds is not kept:
-        loads = [x or 0.0 for _, x in all_rounds]
-    med = {label: (first[label], float(np.median([r[label] for r in rounds]))) for label in fns}
-    return med, float(np.mean(loads)) if loads else None, len(all_rounds) - len(kept)
-
-
 # -- rows -------------------------------------------------------------------------------
 def run(name, lengths, rng) -> dict:
     """Time every row in interleaved rounds, forward then (``--backward``)
@@ -236,8 +182,9 @@ def run(name, lengths, rng) -> dict:
         mm = jax.jit(lambda x: x @ x)
         fwd[ROOFLINE] = lambda: mm(roof)
         fwd[ALLOC] = lambda: jnp.zeros(q.data.shape, q.data.dtype)
-    t_fwd, load, dropped = timed_clean(fwd, FLAGS.repeats)
-    t_bwd = timed_clean(bwd, FLAGS.repeats)[0] if FLAGS.backward else {}
+    t_fwd, load, dropped = timed_clean(fwd, FLAGS.repeats, FLAGS.max_foreign, FLAGS.max_rounds)
+    t_bwd = (timed_clean(bwd, FLAGS.repeats, FLAGS.max_foreign, FLAGS.max_rounds)[0]
+             if FLAGS.backward else {})
     roofline = 2 * ROOFLINE_N**3 / t_fwd.pop(ROOFLINE)[1] / 1e9 if roof is not None else None
     alloc = t_fwd.pop(ALLOC)[1] if roof is not None else None
     rows = {label: dict(fwd_s=t[1], fwd_first_s=t[0],

@@ -58,3 +58,57 @@ def timed_interleaved(fns: dict[str, Callable[[], object]],
             _once(fn)  # warm: this library's threads and caches, after the previous row
             samples[label].append(_once(fn))
     return {label: (first[label], float(np.median(samples[label]))) for label in fns}
+
+
+# -- foreign CPU load -------------------------------------------------------------------
+def _busy_jiffies() -> int | None:
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # minus idle, iowait
+
+
+class ForeignLoad:
+    """CPU share that other processes took while the block ran (Linux; else None)."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_jiffies(), os.times()
+        return self
+
+    def __exit__(self, *exc):
+        busy1, own1 = _busy_jiffies(), os.times()
+        wall = time.perf_counter() - self.t0
+        if self.busy0 is None or busy1 is None or wall <= 0:
+            self.share = None
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        own = (own1.user + own1.system) - (self.own0.user + self.own0.system)
+        foreign = (busy1 - self.busy0) / hz - own
+        self.share = max(0.0, foreign) / (wall * (os.cpu_count() or 1))
+
+
+def timed_clean(fns: dict[str, Callable[[], object]], repeats: int, max_foreign: float = 0.1,
+                max_rounds: int = 0) -> tuple[dict, float | None, int]:
+    """``timed_interleaved`` one round at a time, discarding rounds in which other
+    processes took more than ``max_foreign`` of the CPUs (a shared machine's other
+    jobs slow the rows unevenly: PyTorch's OpenMP loop far more than XLA), up to
+    ``max_rounds`` rounds (0: ``4 * repeats``). Returns ``({label: (first s, median
+    s)}, mean foreign share of the kept rounds, discarded round count)``."""
+    budget = max_rounds or 4 * repeats
+    first, kept, loads, all_rounds = None, [], [], []
+    while len(kept) < repeats and len(all_rounds) < budget:
+        with ForeignLoad() as load:
+            t = timed_interleaved(fns, 1)
+        first = first or {label: v[0] for label, v in t.items()}
+        sample = {label: v[1] for label, v in t.items()}
+        all_rounds.append((sample, load.share))
+        if load.share is None or load.share <= max_foreign:
+            kept.append(sample)
+            loads.append(load.share or 0.0)
+    rounds = kept if len(kept) >= max(1, repeats // 2) else [r for r, _ in all_rounds]
+    if rounds is not kept:
+        loads = [x or 0.0 for _, x in all_rounds]
+    med = {label: (first[label], float(np.median([r[label] for r in rounds]))) for label in fns}
+    return med, float(np.mean(loads)) if loads else None, len(all_rounds) - len(kept)

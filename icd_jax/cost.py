@@ -151,16 +151,16 @@ def tiles_touched(active, pi, tile: int) -> float:
     This is what an activation-sparse kernel that skips all-inactive tiles loads per
     token; a better order packs co-active channels into fewer tiles (lower is better).
     """
-    act = np.asarray(active, bool)
+    act = sp.csr_matrix(active, dtype=bool) if sp.issparse(active) else np.asarray(active, bool)
     if act.ndim != 2:
         raise ConfigError(f"active must be [tokens, D], got shape {act.shape}")
     if tile < 1:
         raise ConfigError(f"tile must be >= 1 channel, got tile={tile}")
     pi = check_permutation(pi, act.shape[1])
-    if act.size == 0:
+    if act.shape[0] * act.shape[1] == 0:
         return 0.0
     tile_of = inverse(pi) // tile
     hit = np.zeros((act.shape[0], int(tile_of.max()) + 1), bool)
-    rows, cols = np.nonzero(act)
+    rows, cols = act.nonzero()
     hit[rows, tile_of[cols]] = True
     return float(hit.sum(axis=1).mean())

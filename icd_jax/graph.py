@@ -396,6 +396,28 @@ def activity(acts: np.ndarray, tau: float = 0.0, top_frac: float | None = None,
     return active
 
 
+def sparse_activity(acts: sp.spmatrix, tau: float = 0.0, top_frac: float | None = None
+                    ) -> sp.csr_matrix:
+    """``activity`` for sparse activations (e.g. ``capture``'s top-k CSR): stored
+    entries with ``|a| > tau`` and, with ``top_frac``, among their row's top
+    ``ceil(top_frac * D)`` stored entries by ``|a|``; a float32 0/1 CSR ``[tokens, D]``."""
+    a = sp.csr_matrix(acts, dtype=np.float32)
+    a.sum_duplicates()
+    t, d = a.shape
+    mag = np.abs(a.data)
+    keep = mag > tau
+    if top_frac is not None and d:
+        k = min(d, max(1, math.ceil(top_frac * d)))
+        row = np.repeat(np.arange(t), np.diff(a.indptr))
+        order = np.lexsort((-mag, row))  # by row, largest first
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order)) - a.indptr[row[order]]
+        keep &= rank < k
+    out = sp.csr_matrix((keep.astype(np.float32), a.indices, a.indptr), shape=a.shape)
+    out.eliminate_zeros()
+    return out
+
+
 def from_activations(
     acts, mode: str = "coactivation", tau: float = 0.0, hub: str = "pmi",
     topk: int | None = 32, top_frac: float | None = 0.4, standardise: bool = False,
@@ -423,11 +445,15 @@ def from_activations(
     sparsities); ``top_frac`` 0.3-0.5 with PMI and top-16/32 all recovered the groups
     (mean block purity >= 0.975), 0.1 failed when a few channels dominate by scale.
     """
-    a = np.asarray(acts, np.float32)
+    sparse = sp.issparse(acts)
+    a = sp.csr_matrix(acts, dtype=np.float32) if sparse else np.asarray(acts, np.float32)
     if a.ndim != 2:
         raise GraphError(f"activations must be [tokens, D], got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
+    if not np.all(np.isfinite(a.data if sparse else a)):
         raise GraphError("activations contain NaN or inf")
+    if sparse and (mode != "coactivation" or standardise):
+        raise ConfigError("sparse activations (top-k captures) support mode='coactivation' "
+                          "without standardise; pass a dense [tokens, D] array otherwise")
     if mode not in ("coactivation", "correlation"):
         raise ConfigError(f"mode must be 'coactivation' or 'correlation', got {mode!r}")
     if hub not in ("sym", "pmi", "none"):
@@ -440,7 +466,11 @@ def from_activations(
         raise ConfigError(f"topk must be an integer >= 1 or None, got topk={topk!r}")
     t = a.shape[0]
     d = a.shape[1]
-    if mode == "coactivation":
+    if mode == "coactivation" and sparse:
+        x = sparse_activity(a, tau, top_frac)
+        p = np.asarray(x.sum(axis=0)).ravel() / max(t, 1)
+        xt = x.T.tocsr()
+    elif mode == "coactivation":
         x = activity(a, tau, top_frac, standardise).astype(np.float32)
         p = x.sum(axis=0) / max(t, 1)  # activity rate of each channel
     else:
@@ -452,7 +482,7 @@ def from_activations(
     block = max(1, min(d, int(block_elements) // max(d, 1)))
     for r0 in range(0, d, block):
         r1 = min(d, r0 + block)
-        raw = x[:, r0:r1].T @ x  # [block, D]
+        raw = (xt[r0:r1] @ x).toarray() if sparse else x[:, r0:r1].T @ x  # [block, D]
         if mode == "coactivation":
             w = _hub_correct(raw / max(t, 1), p[r0:r1], p, hub)
         else:
@@ -534,8 +564,12 @@ def build_w(source: str, **cfg: Any) -> CoAccessGraph:
     w = from_activations(acts, **cfg)
     opts = activation_settings(**cfg)
     rate = None
-    if opts["mode"] == "coactivation" and np.size(acts):
-        rate = float(activity(acts, opts["tau"], opts["top_frac"], opts["standardise"]).mean())
+    shape = acts.shape if sp.issparse(acts) else np.shape(acts)
+    if opts["mode"] == "coactivation" and shape[0] * shape[1]:
+        if sp.issparse(acts):
+            rate = sparse_activity(acts, opts["tau"], opts["top_frac"]).nnz / (shape[0] * shape[1])
+        else:
+            rate = float(activity(acts, opts["tau"], opts["top_frac"], opts["standardise"]).mean())
     return _finish(w, "activations", norm, nnz_cap, None,
-                   dict(activations=dict(tokens=int(np.shape(acts)[0]), active_rate=rate,
-                                         **opts)), active_rate=rate)
+                   dict(activations=dict(tokens=int(shape[0]), active_rate=rate,
+                                         sparse=sp.issparse(acts), **opts)), active_rate=rate)

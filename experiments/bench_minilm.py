@@ -1,0 +1,105 @@
+"""MiniLM-L6 sentence embedding throughput against sentence-transformers.
+
+Workload: embed the first ``--n`` sentences of the ``pydoc_data.topics`` corpus
+(``icd_jax.corpus.sentences``), tokenisation included, ``--batch_size`` sentences per
+batch. Rows, timed in interleaved rounds in one process on the same sentences:
+
+  ``sentence-transformers``  ST on torch CPU (``--threads`` threads, its own batching);
+                             skipped when sentence-transformers is not installed;
+  ``vsla packed``            ``icd_jax.models.minilm``: dense layers on packed tokens,
+                             attention through ``vs.attention`` on VarTensors;
+  ``vsla padded``            the same model with dense layers on the padded batches.
+
+Prints tokens/s (real tokens, ``[CLS]``/``[SEP]`` included) and the ratios, and how far
+our embeddings are from ST's (min cosine). Install the peer with
+``pip install sentence-transformers==6.2.0 transformers`` (it keeps torch 2.13.0).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("n", 2000, "Corpus sentences to embed.")
+flags.DEFINE_integer("batch_size", 32, "Sentences per batch (every row).")
+flags.DEFINE_integer("threads", 2, "torch threads for sentence-transformers.")
+flags.DEFINE_integer("repeats", 3, "Timed rounds kept.")
+flags.DEFINE_float("max_foreign", 0.1, "Rounds during which other processes took more than "
+                   "this share of the CPUs are discarded and rerun.")
+flags.DEFINE_integer("max_rounds", 0, "Most rounds to run (0: 4 * repeats).")
+flags.DEFINE_string("backend", "auto", "vs.attention backend of our model.")
+flags.DEFINE_list("rows", ["st", "packed", "padded"], "Rows to time.")
+flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
+FLAGS = flags.FLAGS
+
+
+def sentence_transformers_model(threads: int):
+    """ST's all-MiniLM-L6-v2 from the package folder, or None when not installed."""
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from icd_jax.models import minilm
+
+    torch.set_num_threads(threads)
+    return SentenceTransformer(minilm.package_dir(), device="cpu")
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    from common import timed_clean, write_json_atomic
+
+    from icd_jax import corpus
+    from icd_jax.models import minilm
+
+    sentences = corpus.sentences(FLAGS.n)
+    bs = FLAGS.batch_size
+    fns, models = {}, {}
+    if "packed" in FLAGS.rows:
+        models["vsla packed"] = minilm.load(backend=FLAGS.backend)
+    if "padded" in FLAGS.rows:
+        models["vsla padded"] = minilm.load(backend=FLAGS.backend, layout="padded")
+    st = sentence_transformers_model(FLAGS.threads) if "st" in FLAGS.rows else None
+    if st is not None:
+        fns["sentence-transformers"] = lambda: st.encode(sentences, batch_size=bs,
+                                                          show_progress_bar=False)
+    elif "st" in FLAGS.rows:
+        print("sentence-transformers: unavailable (not installed)")
+    for label, enc in models.items():
+        fns[label] = lambda enc=enc: enc.encode(sentences, batch_size=bs)
+    enc = next(iter(models.values()))
+    tokens = int(sum(map(len, enc.tokenize(sentences))))
+    print(f"{len(sentences)} sentences, {tokens} tokens, batch_size {bs}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    t0 = time.perf_counter()
+    res, load, dropped = timed_clean(fns, FLAGS.repeats, FLAGS.max_foreign, FLAGS.max_rounds)
+    print(f"timed in {time.perf_counter() - t0:.0f} s; foreign load {load or 0:.1%} of the "
+          f"CPUs in kept rounds, {dropped} rounds discarded")
+    ref = "sentence-transformers" if st is not None else None
+    print(f"{'row':24s} {'first s':>8s} {'median s':>9s} {'tokens/s':>9s} {'ratio':>7s}")
+    out = {"n": len(sentences), "tokens": tokens, "batch_size": bs, "rows": {}}
+    for label, (first, med) in res.items():
+        tps = tokens / med
+        ratio = res[ref][1] / med if ref else float("nan")
+        print(f"{label:24s} {first:8.2f} {med:9.2f} {tps:9.0f} {ratio:6.2f}x")
+        out["rows"][label] = dict(first_s=first, median_s=med, tokens_per_s=tps,
+                                  ratio_vs_st=ratio if ref else None)
+    if st is not None and models:
+        ref_emb = st.encode(sentences, batch_size=bs, show_progress_bar=False)
+        for label, enc in models.items():
+            e = enc.encode(sentences, batch_size=bs)
+            cos = float(np.min((e * ref_emb).sum(1)))
+            print(f"{label}: min cosine to sentence-transformers {cos:.7f}")
+            out["rows"][label]["min_cosine_vs_st"] = cos
+    if FLAGS.json_out:
+        write_json_atomic(FLAGS.json_out, out)
+
+
+if __name__ == "__main__":
+    app.run(main)
