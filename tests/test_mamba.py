@@ -341,3 +341,18 @@ def test_130m_shapes_without_allocation():
     assert state.ssm.shape == (24, 2, 1536, 16) and state.conv.shape == (24, 2, 3, 1536)
     hf = mamba.hf_shapes(c)
     assert hf["backbone.layers.0.mixer.x_proj.weight"] == (80, 1536)
+
+
+def test_capture_batch_rows(params):
+    model = mamba.Mamba(CFG, params)
+    x = mamba.as_tokens([[1, 2, 3, 4], [5, 6]])
+    rows = model.capture_batch(x)
+    assert sorted(rows) == ["layer_0/inner", "layer_0/residual", "layer_1/inner",
+                            "layer_1/residual"]
+    arr, valid = rows["layer_1/inner"]
+    assert arr.shape == (16, CFG.d_inner) and valid.sum() == 6 and valid[:4].all()
+    _, inter = mamba.forward(CFG, params, x, capture=True)
+    np.testing.assert_array_equal(np.asarray(arr).reshape(2, 8, -1),
+                                  np.asarray(inter["layer_1"]["mixer"]["inner"][0]))
+    p2 = jax.tree.map(lambda a: a * 0, params)
+    assert not np.asarray(model.capture_batch(x, p2)["layer_0/residual"][0]).any()

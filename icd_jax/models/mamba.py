@@ -733,6 +733,21 @@ class Mamba:
         """``(logits, intermediates)``, as ``forward(..., capture=True)``."""
         return forward(self.config, self.params, batch, capture=True, chunk=self.chunk)
 
+    def capture_batch(self, batch, params=None) -> dict[str, tuple[jax.Array, np.ndarray]]:
+        """What each layer sows on one token batch, for ``icd_jax.capture.capture``:
+        ``"layer_i/residual"`` ``float32[B * C, d_model]`` and ``"layer_i/inner"``
+        ``float32[B * C, d_inner]``, each with a host mask ``bool[B * C]`` of real tokens."""
+        x = as_tokens(batch, self.config)
+        p = self.params if params is None else params
+        _, inter = forward(self.config, p, x, capture=True, chunk=self.chunk)
+        b, c = x.data.shape
+        valid = (np.arange(c)[None, :] < np.asarray(x.lengths)).reshape(-1)
+        out = {}
+        for path, value in flat(inter).items():
+            layer, name = path.split("/")[0], path.split("/")[-1]
+            out[f"{layer}/{name}"] = (value[0].reshape(b * c, -1), valid)
+        return out
+
     def prefill(self, batch) -> tuple[vs.VarTensor, State]:
         return prefill(self.config, self.params, batch, chunk=self.chunk)
 
