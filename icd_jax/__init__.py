@@ -4,6 +4,7 @@ Build a co-access graph W of channels, find an order pi that keeps co-accessed c
 together (cache-distance cost C, modularity Q), and apply layout-sensitive transforms.
 """
 
+from icd_jax import capture, corpus, models, permute
 from icd_jax.cost import CostConfig, cache_cost, modularity, objective
 from icd_jax.errors import (
     ConfigError,
@@ -24,4 +25,6 @@ __all__ = [
     "GraphError", "ICDError", "ICDWarning", "PermutationError", "TraceError", "TraceWarning",
     "WeightError", "baseline", "build_w", "cache_cost", "fit_permutation", "modularity",
     "nm_permutation", "objective",
+    # submodules
+    "capture", "corpus", "models", "permute",
 ]

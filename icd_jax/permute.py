@@ -206,6 +206,21 @@ def invert(perms: Mapping[str, object]) -> dict[str, np.ndarray]:
     return out
 
 
+def compose(first: Mapping[str, object], then: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """One set of orders doing ``first`` then ``then``: ``apply(spec, apply(spec, p, first),
+    then) == apply(spec, p, compose(first, then))`` (per axis ``first[then]``; an axis in
+    only one of them keeps that one's order)."""
+    out = {}
+    for name in {**first, **then}:
+        if name in first and name in then:
+            a = check_order(name, first[name], int(np.size(first[name])))
+            out[name] = a[check_order(name, then[name], a.shape[0])]
+        else:
+            order = first[name] if name in first else then[name]
+            out[name] = check_order(name, order, int(np.size(order)))
+    return out
+
+
 def permute_output(spec: ModelSpec, output: str, y, perms: Mapping[str, object]):
     """Apply to ``y`` (last axis on ``spec.outputs[output]``) what ``perms`` does to that
     output, so ``permute_output(spec, "embedding", f(params), perms)`` equals

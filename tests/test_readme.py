@@ -1,4 +1,4 @@
-"""The README example runs and prints what it says."""
+"""The README examples run and print what they say."""
 
 import contextlib
 import io
@@ -6,13 +6,22 @@ import pathlib
 import re
 
 
-def test_readme_example_runs():
+def run_block(index: int) -> list[str]:
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[index]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         exec(compile(code, "README.md", "exec"), {})
-    out = buf.getvalue().splitlines()
+    return buf.getvalue().splitlines()
+
+
+def test_readme_models_example_runs():
+    out = run_block(1)
+    assert out == ["(3, 384) [ True  True False]", "True"]
+
+
+def test_readme_example_runs():
+    out = run_block(0)
     assert out[0] == "[5. 7. 3.]"
     assert out[1] == "[ 3. 10.  8.]"
     assert out[2] == "[(4,), (18,), (10,)]"
