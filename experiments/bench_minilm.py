@@ -8,7 +8,10 @@ batch. Rows, timed in interleaved rounds in one process on the same sentences:
                              skipped when sentence-transformers is not installed;
   ``vsla packed``            ``icd_jax.models.minilm``: dense layers on packed tokens,
                              attention through ``vs.attention`` on VarTensors;
-  ``vsla padded``            the same model with dense layers on the padded batches.
+  ``vsla padded``            the same model with dense layers on the padded batches;
+  ``... input order``        (``--unsorted``) both again with batches taken in input
+                             order instead of longest first: what padding costs when
+                             batches mix lengths.
 
 Prints tokens/s (real tokens, ``[CLS]``/``[SEP]`` included) and the ratios, and how far
 our embeddings are from ST's (min cosine). Install the peer with
@@ -32,6 +35,7 @@ flags.DEFINE_float("max_foreign", 0.1, "Rounds during which other processes took
 flags.DEFINE_integer("max_rounds", 0, "Most rounds to run (0: 4 * repeats).")
 flags.DEFINE_string("backend", "auto", "vs.attention backend of our model.")
 flags.DEFINE_list("rows", ["st", "packed", "padded"], "Rows to time.")
+flags.DEFINE_bool("unsorted", True, "Also time packed and padded on input-order batches.")
 flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -73,6 +77,10 @@ def main(argv):
         print("sentence-transformers: unavailable (not installed)")
     for label, enc in models.items():
         fns[label] = lambda enc=enc: enc.encode(sentences, batch_size=bs)
+    if FLAGS.unsorted:
+        for label, enc in list(models.items()):
+            fns[f"{label}, input order"] = lambda enc=enc: enc.encode(
+                sentences, batch_size=bs, sort=False)
     enc = next(iter(models.values()))
     tokens = int(sum(map(len, enc.tokenize(sentences))))
     print(f"{len(sentences)} sentences, {tokens} tokens, batch_size {bs}; "
