@@ -143,3 +143,22 @@ def test_invalid_permutations_name_the_axis(enc, bad, match):
     spec = minilm.permute_spec(enc.config)
     with pytest.raises(PermutationError, match=match):
         permute.apply(spec, enc.params, bad)
+
+
+def test_any_iterable_of_str(enc, golden):
+    sentences = golden[0][60:66]
+    want = enc.encode(sentences)
+    for other in (tuple(sentences), np.array(sentences), (s for s in sentences)):
+        np.testing.assert_allclose(enc.encode(other), want, atol=2e-6)
+    with pytest.raises(ConfigError, match="list of str"):
+        enc.encode(b"bytes")
+
+
+def test_bfloat16_encoder_stays_close(golden):
+    sentences = golden[0][60:76]
+    fp32 = minilm.load().encode(sentences)
+    bf16 = minilm.load(dtype="bfloat16")
+    assert bf16.params["layer_0"]["intermediate"]["kernel"].dtype.name == "bfloat16"
+    out = bf16.encode(sentences)
+    assert out.dtype == np.float32
+    assert cosine(out, fp32).min() > 0.99

@@ -502,13 +502,17 @@ class MiniLM:
 
 
 def _check_sentences(sentences) -> list[str]:
-    if isinstance(sentences, str) or not isinstance(sentences, Sequence):
+    """Any iterable of ``str`` (list, tuple, NumPy string array, generator) as a list."""
+    if isinstance(sentences, np.ndarray):
+        sentences = sentences.tolist()
+    if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Iterable):
         raise ConfigError(f"sentences must be a list of str, got {type(sentences).__name__}")
+    sentences = list(sentences)
     bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
     if bad:
         raise ConfigError(f"sentences must all be str; item {bad[0]} is "
                           f"{type(sentences[bad[0]]).__name__}")
-    return list(sentences)
+    return sentences
 
 
 def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla",
