@@ -115,3 +115,27 @@ def test_capture_errors(enc):
     cap = capture.capture(enc, enc.params, [], what=("ffn",))
     with pytest.raises(ConfigError, match="nothing captured"):
         cap.acts(0)
+
+
+def test_capture_on_mamba_against_its_intermediates():
+    from icd_jax.models import mamba
+
+    cfg = mamba.MambaConfig.tiny()
+    m = mamba.Mamba(cfg, mamba.init(cfg, seed=1))
+    rng = np.random.default_rng(2)
+    batches = [[list(rng.integers(0, cfg.vocab_size, n)) for n in lens]
+               for lens in ((5, 1, 8), (3, 0, 7, 2))]
+    cap = capture.capture(m, m.params, batches, what=("inner", "residual"), top_k=4)
+    inner, res = [], []
+    for b in batches:
+        _, inter = m.capture(b)
+        for i, n in enumerate(len(x) for x in b):
+            inner.append(np.asarray(inter["layer_1"]["mixer"]["inner"][0])[i, :n])
+            res.append(np.asarray(inter["layer_0"]["residual"][0])[i, :n])
+    inner, res = np.concatenate(inner), np.concatenate(res).astype(np.float64)
+    got = cap.acts(1, "inner")
+    assert got.shape == (inner.shape[0], cfg.d_inner) and got.nnz == 4 * inner.shape[0]
+    np.testing.assert_allclose(got.toarray(), dense_top_k(inner, 4).toarray(), atol=1e-6)
+    r = cap.ranges["layer_0/residual"]
+    np.testing.assert_allclose(r.max, res.max(0), atol=1e-6)
+    np.testing.assert_allclose(r.mean, res.mean(0), atol=1e-6)
