@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from icd_jax import build_w, capture, corpus
+from icd_jax import build_w, capture, corpus, permute
 from icd_jax.cost import tiles_touched
 from icd_jax.errors import ConfigError
 from icd_jax.models import minilm
@@ -66,7 +66,7 @@ def test_capture_keeps_each_tokens_top_k(enc, captured):
     n_tokens = sum(b.n_tokens for b in batches)
     k = math.ceil(0.1 * 1536)
     assert sorted(cap.topk) == [f"layer_{i}/ffn" for i in range(6)]
-    full = [minilm.flat_intermediates(minilm.capture_fn(enc)(enc.params, *b.arrays())[1])
+    full = [permute.flat(minilm.capture_fn(enc)(enc.params, *b.arrays())[1])
             for b in batches]
     for layer in (0, 5):
         m = cap.acts(layer)
@@ -84,7 +84,7 @@ def test_capture_keeps_each_tokens_top_k(enc, captured):
 
 def test_key_mass_against_numpy_attention(enc, captured):
     batches, cap = captured
-    full = minilm.flat_intermediates(
+    full = permute.flat(
         minilm.capture_fn(enc)(enc.params, *batches[0].arrays())[1])
     b = batches[0]
     h = np.asarray(full["layer_2/residual"][0], np.float64)

@@ -407,10 +407,7 @@ def init_params(config: MambaConfig, key: jax.Array):
 
 def np_dtype(dtype) -> np.dtype:
     """``"float32"``/``"bfloat16"``/``"float16"`` (or a dtype) as a NumPy dtype."""
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return jnp.dtype(name)
+    return weights.as_dtype(dtype, DTYPES)
 
 
 def hf_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:

