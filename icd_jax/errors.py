@@ -36,6 +36,10 @@ class ModelError(ICDError, ValueError):
     absent or mis-shaped parameter, token ids out of the vocabulary."""
 
 
+class ShapeError(ICDError, ValueError):
+    """An adapter input of the wrong rank, shape or dtype (the message names it)."""
+
+
 class ICDWarning(UserWarning):
     """Base class of every icd_jax warning."""
 
@@ -46,3 +50,7 @@ class TraceWarning(ICDWarning):
 
 class DegenerateGraphWarning(ICDWarning):
     """A co-access graph that carries no layout information (empty or near-uniform)."""
+
+
+class AdapterWarning(ICDWarning):
+    """A transform that failed and returned its input unchanged (``meta["ok"] = False``)."""
