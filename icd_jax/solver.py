@@ -378,7 +378,7 @@ def _splits(m: int):
 
 def nm_permutation(
     weight, n: int = 2, m: int = 4, time_budget_s: float = 10.0, max_escapes: int = 200,
-    seed: int = 0, coaccess=None,
+    seed: int = 0, coaccess=None, max_elements: int = 20_000_000,
 ) -> tuple[np.ndarray, dict]:
     """Input-channel permutation that maximises the magnitude kept by N:M pruning.
 
@@ -387,7 +387,10 @@ def nm_permutation(
     columns are scored at once with NumPy; the best improving pair is applied and only
     pairs touching it are rescored; when no pair improves, an *escape* swaps a random
     column between two random stripes and the search goes on, keeping the best order
-    seen. ``time_budget_s`` and ``max_escapes`` bound the search. Because the N:M
+    seen. ``time_budget_s`` and ``max_escapes`` bound the search. When scoring all pairs
+    at once would take more than ``max_elements`` floats (large kernels: rows x pairs x
+    splits x m), each round scores a random sample of pairs that fits and applies every
+    improving, stripe-disjoint re-split it finds, until the budget runs out. Because the N:M
     objective does not depend on the order of the groups, the stripes are finally
     ordered by co-access (spectral order of the stripe graph) when ``coaccess`` (a
     ``[cols, cols]`` matrix or ``CoAccessGraph``) is given.
@@ -430,6 +433,10 @@ def nm_permutation(
 
     best_perm = perm.copy()
     escapes = 0
+    if stripes >= 2 and rows * len(pi_) * len(sa) * m > max_elements:
+        best_perm = _nm_sampled(kept_of, perm, stripes, m, sa, sb, rng,
+                                t0 + time_budget_s, max(1, max_elements // (rows * len(sa) * m)))
+        stripes = 0  # skip the exhaustive loop below
     if stripes >= 2:  # one stripe (or none): no column can move between stripes
         cur, gain, best, both = evaluate_all(perm)
         best_kept = cur.sum()
@@ -472,6 +479,35 @@ def nm_permutation(
                  efficacy=(kept - default) / denom if denom > 0 else 0.0, escapes=escapes,
                  elapsed_s=time.perf_counter() - t0)
     return perm.astype(np.int32), stats
+
+
+def _nm_sampled(kept_of, perm, stripes: int, m: int, sa, sb, rng, deadline: float,
+                sample: int) -> np.ndarray:
+    """Sampled-pair rounds of the stripe re-split search (for kernels too large to score
+    every pair at once); returns the improved order."""
+    perm = perm.copy()
+    stale = 0
+    while time.perf_counter() < deadline and stale < 20:
+        sc = perm.reshape(stripes, m)
+        s = rng.integers(stripes, size=sample)
+        t = (s + rng.integers(1, stripes, size=sample)) % stripes
+        both = np.concatenate([sc[s], sc[t]], axis=1)  # [P, 2m]
+        tot = kept_of(both[:, sa]) + kept_of(both[:, sb])  # [P, splits]
+        best = tot.argmax(axis=1)
+        gain = tot[np.arange(sample), best] - kept_of(sc[s]) - kept_of(sc[t])
+        used = np.zeros(stripes, bool)
+        moved = 0
+        for k in np.argsort(-gain):
+            if gain[k] <= 1e-12:
+                break
+            if used[s[k]] or used[t[k]]:
+                continue
+            used[s[k]] = used[t[k]] = True
+            sc[s[k]], sc[t[k]] = both[k, sa[best[k]]], both[k, sb[best[k]]]
+            moved += 1
+        perm = sc.reshape(-1)
+        stale = 0 if moved else stale + 1
+    return perm
 
 
 def _order_stripes(perm: np.ndarray, coaccess, m: int, seed: int) -> np.ndarray:

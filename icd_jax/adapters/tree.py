@@ -1,0 +1,147 @@
+"""Adapters on a whole model: every ``[in, out]`` kernel of a parameter tree, with the
+function-preserving permutations of its ``ModelSpec``.
+
+A kernel's input axis (axis 0) is *permutable* when the spec lists it as a plain use
+(``group = parts = 1``) of a ``PermAxis``: permuting that axis everywhere (the producer
+too) leaves the model's function unchanged, so an order chosen for the transform (N:M
+kept magnitude, RPTQ-style ranges) is free to apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from icd_jax.adapters import meta as meta_lib
+from icd_jax.adapters import quant, sparsity
+from icd_jax.permute import ModelSpec, flat, nested
+from icd_jax.solver import nm_permutation
+
+
+def kernel_paths(params, include: Callable[[str], bool] | None = None) -> list[str]:
+    """Flat paths of the 2-D ``.../kernel`` leaves (optionally filtered by ``include``)."""
+    return [p for p, v in flat(params).items()
+            if p.endswith("kernel") and np.ndim(v) == 2 and (include is None or include(p))]
+
+
+def input_axes(spec: ModelSpec, paths: Iterable[str]) -> dict[str, list[str]]:
+    """``{axis name: kernel paths}`` whose input axis is a plain use of that axis."""
+    wanted = set(paths)
+    out: dict[str, list[str]] = {}
+    for ax in spec.axes:
+        for u in ax.uses:
+            if u.path in wanted and u.axis == 0 and u.group == 1 and u.parts == 1:
+                out.setdefault(ax.name, []).append(u.path)
+    return out
+
+
+def identity_perms(spec: ModelSpec) -> dict[str, np.ndarray]:
+    return {ax.name: np.arange(ax.size, dtype=np.int32) for ax in spec.axes}
+
+
+def nm_perms(spec: ModelSpec, params, paths: Iterable[str], n: int = 2, m: int = 4, *,
+             time_budget_s: float = 10.0, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    """Per permutable axis, the order maximising the N:M kept magnitude of all kernels
+    that read it (their ``|W|`` stacked); ``time_budget_s`` is split over the axes."""
+    fp = flat(params)
+    groups = input_axes(spec, paths)
+    perms = identity_perms(spec)
+    stats = {}
+    for name, kernels in groups.items():
+        stacked = np.concatenate([np.asarray(fp[p], np.float32).T for p in kernels], axis=0)
+        perms[name], stats[name] = nm_permutation(
+            stacked, n, m, time_budget_s=time_budget_s / max(len(groups), 1), seed=seed)
+    return perms, stats
+
+
+def sparsify(params, paths: Iterable[str], kind: str = "2:4", rate: float = 0.5):
+    """Prune every kernel in ``paths``: ``(params, meta)`` with the total
+    ``kept_magnitude`` and the mean ``rel_fro`` over kernels in ``meta["error"]``."""
+    fp = dict(flat(params))
+    kept = total = 0.0
+    errs = []
+    for p in paths:
+        w = np.asarray(fp[p], np.float32)
+        out, m = sparsity.apply_sparsity(w, kind, rate, strict=True)
+        fp[p] = out
+        mag = np.abs(w.astype(np.float64)).sum()
+        kept += m["error"]["kept_magnitude"] * mag
+        total += mag
+        errs.append(m["error"]["rel_fro"])
+    return nested(fp), meta_lib.make(
+        "sparsity", dict(type=kind, rate=rate, kernels=len(errs)), repermute=kind != "unstructured",
+        reason="N:M group membership decides what survives" if kind != "unstructured" else
+        "order-independent", error=dict(kept_magnitude=kept / max(total, 1e-300),
+                                        rel_fro=float(np.mean(errs)) if errs else 0.0))
+
+
+def range_perms(spec: ModelSpec, absmax: Mapping[str, np.ndarray],
+                paths: Iterable[str]) -> dict[str, np.ndarray]:
+    """RPTQ-style orders: per permutable axis, channels sorted by the activation range of
+    the kernels that read it (each kernel's ``absmax [in]`` relative to its median; the
+    largest over kernels)."""
+    perms = identity_perms(spec)
+    for name, kernels in input_axes(spec, paths).items():
+        rel = [np.asarray(absmax[p], np.float64) / max(np.median(absmax[p]), 1e-30)
+               for p in kernels if p in absmax]
+        if rel:
+            perms[name] = quant.range_order(np.max(rel, axis=0))
+    return perms
+
+
+def permuted_inputs(spec: ModelSpec, values: Mapping[str, np.ndarray], perms,
+                    axis: int = -1) -> dict[str, np.ndarray]:
+    """Per-kernel input statistics or samples (``[..., in]``, recorded in the identity
+    layout) re-ordered as the kernels' input axes are by ``perms``."""
+    order_of = {p: np.asarray(perms[name]) for name, ks in input_axes(spec, values).items()
+                for p in ks}
+    return {p: (np.take(v, order_of[p], axis=axis) if p in order_of else v)
+            for p, v in values.items()}
+
+
+def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int | None = None,
+             *, act: str | None = None, act_absmax: Mapping[str, np.ndarray] | None = None):
+    """Quantise every kernel in ``paths`` (``Quantized`` leaves): ``(params, meta)``.
+
+    ``act="dynamic"``: per-token int8 activations (per-channel int8 kernels run real int8
+    matmuls); ``act="static"`` with ``act_absmax`` (``{path: absmax [in]}``): calibrated
+    activation scales, per tensor (per-channel kernels) or per channel group.
+    """
+    fp = dict(flat(params))
+    errs, q_bytes, f_bytes = [], 0, 0
+    for p in paths:
+        w = np.asarray(fp[p], np.float32)
+        scale = None
+        if act == "static":
+            a = np.asarray(act_absmax[p], np.float64)
+            if group_size is None:
+                scale = max(a.max(), 1e-30) / 127.0
+            else:
+                scale = np.maximum(a.reshape(-1, group_size).max(axis=1), 1e-30) / 127.0
+        qk, m = quant.apply_quant(w, dtype, group_size=group_size, act=act, act_scale=scale,
+                                  strict=True)
+        fp[p] = qk
+        errs.append(m["error"]["rel_fro"])
+        q_bytes += m["bytes"]
+        f_bytes += m["bytes_f32"]
+    return nested(fp), meta_lib.make(
+        "quant", dict(dtype=dtype, group_size=group_size, act=act, kernels=len(errs)),
+        repermute=group_size is not None, reason="group-shared scales" if group_size else
+        "per-channel scales are order-independent",
+        error=dict(rel_fro=float(np.mean(errs)) if errs else 0.0),
+        bytes=q_bytes, bytes_f32=f_bytes)
+
+
+def output_errors(params, qparams, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Measured relative error of each quantised kernel's output ``x @ W`` on real inputs
+    ``{path: x [N, in]}`` (in the kernels' own layout), through ``quant.matmul``."""
+    import jax.numpy as jnp
+
+    fp, fq = flat(params), flat(qparams)
+    out = {}
+    for p, x in inputs.items():
+        ref = np.asarray(x, np.float64) @ np.asarray(fp[p], np.float64)
+        got = np.asarray(quant.matmul(jnp.asarray(x, jnp.float32), fq[p]))
+        out[p] = meta_lib.rel_error(ref, got)
+    return out
