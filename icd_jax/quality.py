@@ -71,3 +71,45 @@ def compare(dense, other, labels) -> dict:
     return dict(accuracy=acc_o, dense_accuracy=acc_d, drop_pp=100.0 * (acc_d - acc_o),
                 cos_mean=float(cos.mean()), cos_min=float(cos.min()),
                 nn_agreement=float((nn_d == nn_o).mean()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def lm_compare(dense, other, tokens, lengths) -> dict:
+    """A language model's transformed logits against its dense fp32 self.
+
+    Args:
+      dense, other: logits ``[B, C, vocab]`` on the same batch.
+      tokens: ``int[B, C]`` the batch's tokens; lengths: ``int[B]``.
+
+    Returns ``rel_logit_error`` (``||other - dense||_F / ||dense||_F`` over real
+    positions), ``next_token_agreement`` (share of positions with the same argmax),
+    and the perplexities of predicting token ``t + 1`` from position ``t``
+    (``ppl_dense``, ``ppl``, ``ppl_ratio`` = ppl / ppl_dense). For random-init weights
+    perplexity means nothing absolutely; only the ratio is informative.
+    """
+    d, o = np.asarray(dense, np.float64), np.asarray(other, np.float64)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if d.shape != o.shape or d.ndim != 3 or tokens.shape != d.shape[:2]:
+        raise ConfigError(f"dense/other must be [B, C, vocab] and tokens [B, C]; got "
+                          f"{d.shape}, {o.shape}, {tokens.shape}")
+    if lengths.shape != (d.shape[0],) or (lengths < 0).any() or (lengths > d.shape[1]).any():
+        raise ConfigError(f"lengths must be [B] in [0, {d.shape[1]}], got {lengths}")
+    pos = np.arange(d.shape[1])[None, :]
+    real = pos < lengths[:, None]
+    pred = pos < (lengths[:, None] - 1)  # positions with a next token
+    err = np.linalg.norm((o - d)[real]) / max(np.linalg.norm(d[real]), 1e-300)
+    agree = float((d.argmax(-1) == o.argmax(-1))[real].mean()) if real.any() else 1.0
+    nxt = np.roll(tokens, -1, axis=1)
+
+    def ppl(logits):
+        lp = np.take_along_axis(log_softmax(logits), nxt[..., None], -1)[..., 0]
+        return float(np.exp(-lp[pred].mean())) if pred.any() else 1.0
+
+    p_d, p_o = ppl(d), ppl(o)
+    return dict(rel_logit_error=float(err), next_token_agreement=agree, ppl_dense=p_d,
+                ppl=p_o, ppl_ratio=p_o / p_d)

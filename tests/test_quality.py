@@ -53,3 +53,35 @@ def test_bad_input(rng):
         quality.topic_accuracy(np.ones((3, 2)), [0, 1])
     with pytest.raises(ConfigError, match="same shape"):
         quality.compare(np.ones((3, 2)), np.ones((3, 3)), [0, 1, 2])
+
+
+def test_lm_compare_against_a_naive_loop(rng):
+    from icd_jax.quality import lm_compare
+
+    b, c, v = 3, 6, 5
+    d = rng.standard_normal((b, c, v))
+    o = d + 0.3 * rng.standard_normal((b, c, v))
+    toks = rng.integers(0, v, (b, c))
+    lens = np.array([6, 1, 4])
+    num = den = 0.0
+    agree, nll, n_pred, n_real = 0, {0: 0.0, 1: 0.0}, 0, 0
+    for i in range(b):
+        for t in range(lens[i]):
+            num += ((o[i, t] - d[i, t]) ** 2).sum()
+            den += (d[i, t] ** 2).sum()
+            agree += int(d[i, t].argmax() == o[i, t].argmax())
+            n_real += 1
+            if t + 1 < lens[i]:
+                for k, lg in enumerate((d, o)):
+                    p = np.exp(lg[i, t] - lg[i, t].max())
+                    nll[k] -= np.log(p[toks[i, t + 1]] / p.sum())
+                n_pred += 1
+    m = lm_compare(d, o, toks, lens)
+    assert m["rel_logit_error"] == pytest.approx(np.sqrt(num / den))
+    assert m["next_token_agreement"] == pytest.approx(agree / n_real)
+    assert m["ppl_dense"] == pytest.approx(np.exp(nll[0] / n_pred))
+    assert m["ppl_ratio"] == pytest.approx(np.exp(nll[1] / n_pred) / np.exp(nll[0] / n_pred))
+    same = lm_compare(d, d, toks, lens)
+    assert same["rel_logit_error"] == 0 and same["next_token_agreement"] == 1
+    with pytest.raises(ConfigError):
+        lm_compare(d, o[:2], toks, lens)

@@ -41,15 +41,21 @@ def identity_perms(spec: ModelSpec) -> dict[str, np.ndarray]:
 
 
 def nm_perms(spec: ModelSpec, params, paths: Iterable[str], n: int = 2, m: int = 4, *,
-             time_budget_s: float = 10.0, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+             time_budget_s: float = 10.0, seed: int = 0, max_rows: int = 4096
+             ) -> tuple[dict[str, np.ndarray], dict]:
     """Per permutable axis, the order maximising the N:M kept magnitude of all kernels
-    that read it (their ``|W|`` stacked); ``time_budget_s`` is split over the axes."""
+    that read it (their ``|W|`` stacked; a random ``max_rows`` of the stacked output
+    channels steer the search when there are more); ``time_budget_s`` is split over the
+    axes. The stats' ``kept`` figures refer to the rows searched."""
     fp = flat(params)
     groups = input_axes(spec, paths)
     perms = identity_perms(spec)
     stats = {}
+    rng = np.random.default_rng(seed)
     for name, kernels in groups.items():
         stacked = np.concatenate([np.asarray(fp[p], np.float32).T for p in kernels], axis=0)
+        if stacked.shape[0] > max_rows:
+            stacked = stacked[np.sort(rng.choice(stacked.shape[0], max_rows, replace=False))]
         perms[name], stats[name] = nm_permutation(
             stacked, n, m, time_budget_s=time_budget_s / max(len(groups), 1), seed=seed)
     return perms, stats
@@ -145,3 +151,12 @@ def output_errors(params, qparams, inputs: Mapping[str, np.ndarray]) -> dict[str
         got = np.asarray(quant.matmul(jnp.asarray(x, jnp.float32), fq[p]))
         out[p] = meta_lib.rel_error(ref, got)
     return out
+
+
+def dequantized(params):
+    """The tree with every ``Quantized`` kernel replaced by its float32 value (weight-only
+    quantisation for models whose layers take plain arrays)."""
+    import jax
+
+    return jax.tree.map(lambda x: x.dequantize() if isinstance(x, quant.Quantized) else x,
+                        params, is_leaf=lambda x: isinstance(x, quant.Quantized))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vsla_jax as vs
+from icd_jax.adapters import ffn, ffn_pallas, kv, quant, tree
 from icd_jax.errors import ConfigError, ModelError
 from icd_jax.models import weights
 from icd_jax.permute import AxisUse, ModelSpec, PermAxis, flat
@@ -155,28 +156,116 @@ def pack(items: Sequence[Sequence[int]], policy: PackPolicy = PackPolicy(),
 
 
 # -- the Flax model ---------------------------------------------------------------------
-class Projection(nn.Module):
-    """The ``kernel [in, out]`` and ``bias [out]`` of one dense layer, without applying
-    them (Q, K and V are applied as one fused matmul)."""
+@dataclasses.dataclass(frozen=True)
+class FFNSparsity:
+    """Activation-sparse FFN execution (``icd_jax.adapters.ffn``): per group of ``group``
+    tokens only the down-projection tiles (``tile`` neurons) holding an active neuron
+    (``top_k`` per token, or ``|f| > threshold``) run, at most ``k_cap`` per group.
+    ``backend``: ``"xla"`` or ``"pallas"`` (``"pallas-interpret"`` off GPU, for tests)."""
 
-    features: int
-    dtype: jnp.dtype = jnp.float32
+    tile: int = 16
+    group: int = 1
+    top_k: int | None = None
+    threshold: float | None = None
+    k_cap: int | None = None
+    backend: str = "xla"
 
-    @nn.compact
-    def __call__(self, in_features: int):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (in_features, self.features), self.dtype)
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+    def __post_init__(self):
+        if (self.top_k is None) == (self.threshold is None):
+            raise ConfigError("FFNSparsity needs exactly one of top_k and threshold")
+        if self.backend not in ("xla", "pallas", "pallas-interpret"):
+            raise ConfigError(f"FFNSparsity backend must be 'xla', 'pallas' or "
+                              f"'pallas-interpret', got {self.backend!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyBlockDrop:
+    """Key-block dropping (``icd_jax.adapters.kv``): per sequence the ``drop`` fraction of
+    key/value blocks of ``block`` tokens with least estimated mass is left out;
+    ``permute_tokens`` first gathers high-mass tokens into few blocks."""
+
+    block: int = 4
+    drop: float = 0.25
+    permute_tokens: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Transforms:
+    """Execution-time transforms of the encoder. Weight transforms (pruned or
+    ``adapters.quant.Quantized`` kernels) need none: they live in the parameters."""
+
+    ffn: FFNSparsity | None = None
+    kv: KeyBlockDrop | None = None
+
+
+def stored(module: nn.Module, name: str, shape: tuple[int, ...], dtype, init):
+    """The parameter ``name``: whatever the parameter tree holds (an array or a
+    ``Quantized`` kernel, whose leaves need not have ``shape``), else initialised."""
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape, dtype)
 
 
 class Part(nn.Module):
     """The settings every part of the encoder shares: sizes, the ``vs.attention``
-    backend, the compute dtype, and whether to sow intermediates for capture."""
+    backend, the compute dtype, execution-time transforms, and what to sow
+    (``capture``: intermediates for ``icd_jax.capture``; ``record_inputs``: every
+    kernel's input rows, for calibrating and measuring quantisation)."""
 
     config: BertConfig
     backend: str = "xla"
     dtype: jnp.dtype = jnp.float32
     capture: bool = False
+    record_inputs: bool = False
+    transforms: Transforms = Transforms()
+
+    def shared(self) -> dict:
+        return dict(config=self.config, backend=self.backend, dtype=self.dtype,
+                    capture=self.capture, record_inputs=self.record_inputs,
+                    transforms=self.transforms)
+
+    def kernel(self, name_in: int, features: int):
+        """``(kernel [in, out], bias [out])`` of this module (arrays or ``Quantized``)."""
+        k = stored(self, "kernel", (name_in, features), self.dtype,
+                   nn.initializers.lecun_normal())
+        return k, stored(self, "bias", (features,), self.dtype, nn.initializers.zeros)
+
+
+class Projection(Part):
+    """The ``kernel [in, out]`` and ``bias [out]`` of one dense layer, without applying
+    them (Q, K and V are applied as one fused matmul)."""
+
+    features: int = 0
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return self.kernel(in_features, self.features)
+
+
+class Linear(Part):
+    """``x [T, in] @ kernel + bias`` for a plain or ``Quantized`` kernel; with
+    ``sparse`` set, the activation-sparse tile-skipping down projection."""
+
+    features: int = 0
+    sparse: FFNSparsity | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel, bias = self.kernel(x.shape[-1], self.features)
+        if self.record_inputs:
+            self.sow("intermediates", "input", x)
+        if self.sparse is None:
+            return quant.matmul(x, kernel) + bias
+        s = self.sparse
+        k_cap = s.k_cap or x.shape[-1] // s.tile
+        w = kernel.dequantize().astype(x.dtype) if isinstance(kernel, quant.Quantized) else kernel
+        active = ffn.active_mask(x, threshold=s.threshold, top_k=s.top_k)
+        if s.backend == "xla":
+            return ffn.sparse_down(x, w, bias, active, tile=s.tile, group=s.group, k_cap=k_cap)
+        tiles, valid, _ = ffn.plan_tiles(active, tile=s.tile, group=s.group, k_cap=k_cap)
+        return ffn_pallas.pallas_sparse_down(x, w, bias, tiles, valid, tile=s.tile,
+                                             group=s.group,
+                                             interpret=s.backend == "pallas-interpret")
 
 
 class Attention(Part):
@@ -186,10 +275,12 @@ class Attention(Part):
     def __call__(self, h, gather, scatter, lengths):
         c = self.config
         b, cap = gather.shape
-        proj = [Projection(c.hidden, self.dtype, name=n)(c.hidden)
+        proj = [Projection(**self.shared(), features=c.hidden, name=n)(c.hidden)
                 for n in ("query", "key", "value")]
+        if self.record_inputs:
+            self.sow("intermediates", "qkv_input", h)
         # One [hidden, 3 * hidden] matmul instead of three (measurably faster on CPU).
-        qkv = h @ jnp.concatenate([k for k, _ in proj], 1) + jnp.concatenate(
+        qkv = quant.matmul(h, quant.concat_out([k for k, _ in proj])) + jnp.concatenate(
             [bias for _, bias in proj])
 
         def padded(x):  # [T, hidden] -> VarTensor [B, C, H, Dh]
@@ -200,9 +291,20 @@ class Attention(Part):
         q, k, v = (padded(qkv[:, i * c.hidden:(i + 1) * c.hidden]) for i in range(3))
         if self.capture:
             self.sow("intermediates", "key_mass", key_mass(q.data, k.data, lengths))
-        o = vs.attention(q, k, v, backend=self.backend).data
+        kvd = self.transforms.kv
+        if kvd is None:
+            o = vs.attention(q, k, v, backend=self.backend).data
+        else:
+            if self.capture:  # exact attention mass on the kept keys, per item
+                kept = kv.select(q.data, k.data, lengths, block=kvd.block, drop=kvd.drop,
+                                 permute_tokens=kvd.permute_tokens)
+                self.sow("intermediates", "kv_mass_kept",
+                         kv.mass_kept_per_item(q.data, k.data, lengths, *kept))
+            o = kv.kv_drop_attention(q.data, k.data, v.data, lengths, block=kvd.block,
+                                     drop=kvd.drop, permute_tokens=kvd.permute_tokens,
+                                     backend=self.backend)
         o = jnp.take(o.reshape(b * cap, c.hidden), scatter, axis=0)
-        return nn.Dense(c.hidden, dtype=self.dtype, param_dtype=self.dtype, name="output")(o)
+        return Linear(**self.shared(), features=c.hidden, name="output")(o)
 
 
 def key_mass(q, k, lengths):
@@ -225,15 +327,14 @@ class Layer(Part):
                                  param_dtype=self.dtype)
         if self.capture:
             self.sow("intermediates", "residual", h)
-        a = Attention(c, self.backend, self.dtype, self.capture, name="attention")(
-            h, gather, scatter, lengths)
+        a = Attention(**self.shared(), name="attention")(h, gather, scatter, lengths)
         h = norm(name="attention_norm")(h + a)
-        f = nn.Dense(c.intermediate, dtype=self.dtype, param_dtype=self.dtype,
-                     name="intermediate")(h)
+        f = Linear(**self.shared(), features=c.intermediate, name="intermediate")(h)
         f = nn.gelu(f, approximate=False)
         if self.capture:
             self.sow("intermediates", "ffn", f)
-        f = nn.Dense(c.hidden, dtype=self.dtype, param_dtype=self.dtype, name="output")(f)
+        f = Linear(**self.shared(), features=c.hidden, sparse=self.transforms.ffn,
+                   name="output")(f)
         return norm(name="output_norm")(h + f)
 
 
@@ -251,8 +352,7 @@ class Encoder(Part):
         h = nn.LayerNorm(epsilon=c.eps, dtype=self.dtype, param_dtype=self.dtype,
                          name="embeddings_norm")(h)
         for i in range(c.layers):
-            h = Layer(c, self.backend, self.dtype, self.capture, name=f"layer_{i}")(
-                h, gather, scatter, lengths)
+            h = Layer(**self.shared(), name=f"layer_{i}")(h, gather, scatter, lengths)
         return mean_pool(h, segment, lengths)
 
 
@@ -394,7 +494,8 @@ class MiniLM:
 
     def __init__(self, config: BertConfig, params, tokenizer, *, dtype: str = "float32",
                  policy: PackPolicy = PackPolicy(), backend: str = "xla",
-                 max_tokens: int = MAX_TOKENS, layout: str = "packed"):
+                 max_tokens: int = MAX_TOKENS, layout: str = "packed",
+                 transforms: Transforms = Transforms()):
         if layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
@@ -405,9 +506,15 @@ class MiniLM:
         self.policy = policy
         self.backend = backend
         self.max_tokens = max_tokens
-        self.module = Encoder(config, backend, weights.as_dtype(dtype, DTYPES))
+        if not isinstance(transforms, Transforms):
+            raise ConfigError(f"transforms must be a minilm.Transforms, got "
+                              f"{type(transforms).__name__}")
+        self.transforms = transforms
+        self.module = Encoder(config, backend, weights.as_dtype(dtype, DTYPES),
+                              transforms=transforms)
         self._forward = jax.jit(self._apply)
         self._capture = None
+        self._inputs = None
 
     def _apply(self, params, *arrays):
         return self.module.apply({"params": params}, *arrays)
@@ -416,7 +523,13 @@ class MiniLM:
         """The same encoder with other parameters (a permuted or transformed copy)."""
         return MiniLM(self.config, params, self.tokenizer, dtype=self.dtype,
                       policy=self.policy, backend=self.backend, max_tokens=self.max_tokens,
-                      layout=self.layout)
+                      layout=self.layout, transforms=self.transforms)
+
+    def with_transforms(self, transforms: Transforms) -> MiniLM:
+        """The same encoder and parameters with other execution-time transforms."""
+        return MiniLM(self.config, self.params, self.tokenizer, dtype=self.dtype,
+                      policy=self.policy, backend=self.backend, max_tokens=self.max_tokens,
+                      layout=self.layout, transforms=transforms)
 
     def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence (``[CLS] ... [SEP]``, at most ``max_tokens``)."""
@@ -459,8 +572,27 @@ class MiniLM:
         for path, value in flat(inter).items():
             layer, name = path.split("/")[0], path.split("/")[-1]
             arr = value[0]
-            out[f"{layer}/{name}"] = ((arr.reshape(-1), slots) if name == "key_mass"
-                                      else (arr, rows))
+            mask = {"key_mass": slots, "kv_mass_kept": batch.lengths > 0}.get(name, rows)
+            out[f"{layer}/{name}"] = (arr.reshape(-1) if name == "key_mass" else arr, mask)
+        return out
+
+    def kernel_inputs(self, batch: Packed, params=None) -> dict[str, np.ndarray]:
+        """Every kernel's input rows on one batch, real tokens only: ``{kernel path:
+        float32 [tokens, in]}`` (Q, K and V share theirs), for calibrating activation
+        scales and measuring quantisation error on real inputs."""
+        if self._inputs is None:
+            self._inputs = capture_fn(self, capture=False, record_inputs=True)
+        _, inter = self._inputs(self.params if params is None else params, *batch.arrays())
+        rows = batch.segment < batch.gather.shape[0]
+        out = {}
+        for path, value in flat(inter).items():
+            x = np.asarray(value[0], np.float32)[rows]
+            base = path.rsplit("/", 1)[0]
+            if path.endswith("qkv_input"):
+                for n in ("query", "key", "value"):
+                    out[f"{base}/{n}/kernel"] = x
+            else:
+                out[f"{base}/kernel"] = x
         return out
 
     def embed_packed(self, batch: Packed, params=None) -> jax.Array:
@@ -506,7 +638,8 @@ def _check_sentences(sentences) -> list[str]:
 
 def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla",
          policy: PackPolicy = PackPolicy(), max_tokens: int = MAX_TOKENS,
-         layout: str = "packed") -> MiniLM:
+         layout: str = "packed", quant: str | None = None,
+         transforms: Transforms = Transforms()) -> MiniLM:
     """The real all-MiniLM-L6-v2 encoder.
 
     Args:
@@ -521,7 +654,12 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
       max_tokens: truncation length, special tokens included (256, as sentence-transformers).
       layout: ``"packed"`` (default) or ``"padded"`` (dense layers on the padding too; for
         comparison).
+      quant: None, or ``"int8"``: every kernel quantised per output channel, activations
+        per token, run as int8 x int8 -> int32 matmuls (``adapters.quant``).
+      transforms: execution-time transforms (activation-sparse FFN, key-block drop).
     """
+    if quant not in (None, "int8"):
+        raise ConfigError(f"quant must be None or 'int8', got {quant!r}")
     weights.as_dtype(dtype, DTYPES)
     folder = package_dir() if path is None else os.fspath(path)
     t = weights.read(os.path.join(folder, "model.safetensors"))
@@ -531,8 +669,10 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
         raise ConfigError(f"max_tokens must be in [1, {config.max_positions}], got {max_tokens}")
     params = params_from_hf(t, config, dtype)
     tok = load_tokenizer(os.path.join(folder, "tokenizer.json"), max_tokens)
+    if quant == "int8":
+        params, _ = tree.quantize(params, tree.kernel_paths(params), "int8", act="dynamic")
     return MiniLM(config, params, tok, dtype=dtype, policy=policy, backend=backend,
-                  max_tokens=max_tokens, layout=layout)
+                  max_tokens=max_tokens, layout=layout, transforms=transforms)
 
 
 def _heads(config_path: str) -> int:
@@ -542,12 +682,15 @@ def _heads(config_path: str) -> int:
         return int(json.load(f).get("num_attention_heads", BertConfig.heads))
 
 
-def capture_fn(encoder: MiniLM) -> Callable:
+def capture_fn(encoder: MiniLM, capture: bool = True, record_inputs: bool = False
+               ) -> Callable:
     """A jitted ``(params, *packed_arrays) -> (embeddings, intermediates)`` that also
-    returns what each layer sows: ``residual`` ``[T, hidden]``, ``ffn`` ``[T, inter]``
-    (post-GELU) and attention ``key_mass`` ``[B, C]``."""
+    returns what each layer sows: with ``capture``, ``residual`` ``[T, hidden]``, ``ffn``
+    ``[T, inter]`` (post-GELU) and attention ``key_mass`` ``[B, C]``; with
+    ``record_inputs``, every kernel's input ``[T, in]``."""
     module = Encoder(encoder.config, encoder.backend, weights.as_dtype(encoder.dtype, DTYPES),
-                     capture=True)
+                     capture=capture, record_inputs=record_inputs,
+                     transforms=encoder.transforms)
 
     def run(params, *arrays):
         out, state = module.apply({"params": params}, *arrays, mutable=["intermediates"])
