@@ -40,24 +40,10 @@ flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
 
-def sentence_transformers_model(threads: int):
-    """ST's all-MiniLM-L6-v2 from the package folder, or None when not installed."""
-    try:
-        import torch
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from icd_jax.models import minilm
-
-    torch.set_num_threads(threads)
-    return SentenceTransformer(minilm.package_dir(), device="cpu")
-
-
 def main(argv):
     del argv
     import numpy as np
-    from common import timed_clean, write_json_atomic
+    from common import sentence_transformers_model, timed_clean, write_json_atomic
 
     from icd_jax import corpus
     from icd_jax.models import minilm

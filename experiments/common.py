@@ -112,3 +112,17 @@ def timed_clean(fns: dict[str, Callable[[], object]], repeats: int, max_foreign:
         loads = [x or 0.0 for _, x in all_rounds]
     med = {label: (first[label], float(np.median([r[label] for r in rounds]))) for label in fns}
     return med, float(np.mean(loads)) if loads else None, len(all_rounds) - len(kept)
+
+
+def sentence_transformers_model(threads: int):
+    """ST's all-MiniLM-L6-v2 from the package folder, or None when not installed."""
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from icd_jax.models import minilm
+
+    torch.set_num_threads(threads)
+    return SentenceTransformer(minilm.package_dir(), device="cpu")

@@ -4,15 +4,17 @@ Build a co-access graph W of channels, find an order pi that keeps co-accessed c
 together (cache-distance cost C, modularity Q), and apply layout-sensitive transforms.
 """
 
-from icd_jax import capture, corpus, models, permute
+from icd_jax import adapters, capture, corpus, models, permute, quality
 from icd_jax.cost import CostConfig, cache_cost, modularity, objective
 from icd_jax.errors import (
+    AdapterWarning,
     ConfigError,
     DegenerateGraphWarning,
     GraphError,
     ICDError,
     ICDWarning,
     PermutationError,
+    ShapeError,
     TraceError,
     TraceWarning,
     WeightError,
@@ -21,10 +23,10 @@ from icd_jax.graph import CoAccessGraph, build_w
 from icd_jax.solver import BASELINES, baseline, fit_permutation, nm_permutation
 
 __all__ = [
-    "BASELINES", "CoAccessGraph", "ConfigError", "CostConfig", "DegenerateGraphWarning",
-    "GraphError", "ICDError", "ICDWarning", "PermutationError", "TraceError", "TraceWarning",
-    "WeightError", "baseline", "build_w", "cache_cost", "fit_permutation", "modularity",
-    "nm_permutation", "objective",
+    "AdapterWarning", "BASELINES", "CoAccessGraph", "ConfigError", "CostConfig",
+    "DegenerateGraphWarning", "GraphError", "ICDError", "ICDWarning", "PermutationError",
+    "ShapeError", "TraceError", "TraceWarning", "WeightError", "baseline", "build_w",
+    "cache_cost", "fit_permutation", "modularity", "nm_permutation", "objective",
     # submodules
-    "capture", "corpus", "models", "permute",
+    "adapters", "capture", "corpus", "models", "permute", "quality",
 ]

@@ -28,3 +28,10 @@ def test_readme_example_runs():
     assert out[3].split() == ["[3]", "[17]", "[9]"]
     assert out[4] == "[3. 3. 3. 3.]"
     assert out[5] == "3.0 0.0"
+
+
+def test_readme_transforms_example_runs():
+    out = run_block(2)
+    assert out[0] == "True 0.5"
+    assert out[1] == "Quantized 1280 bytes vs 8192"
+    assert out[2] == "(2, 384)"
