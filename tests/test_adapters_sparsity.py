@@ -146,3 +146,38 @@ def test_range_perms_and_quantized_tree_run(rng):
         errs.append(tree.output_errors(moved, qp, {"l2/kernel": h[:, p_["hidden"]]}))
     # outlier channels grouped together waste fewer levels of the shared group scales
     assert 0 < errs[1]["l2/kernel"] < errs[0]["l2/kernel"]
+
+
+def test_dequantized_tree_and_row_subsampled_nm_search(rng):
+    params, spec = mlp_params(rng), mlp_spec()
+    qp, _ = tree.quantize(params, ["l2/kernel"], "int4", 8)
+    deq = tree.dequantized(qp)
+    assert isinstance(deq["l2"]["kernel"], type(jnp.zeros(1)))
+    np.testing.assert_allclose(deq["l2"]["kernel"], qp["l2"]["kernel"].dequantize())
+    np.testing.assert_array_equal(deq["l1"]["kernel"], params["l1"]["kernel"])
+    perms, _ = tree.nm_perms(spec, params, ["l2/kernel"], time_budget_s=0.3, max_rows=3)
+    assert sorted(perms["hidden"].tolist()) == list(range(16))
+
+
+def test_mamba_nm_perms_preserve_logits_and_quantised_weights_run():
+    import jax
+
+    from icd_jax import quality
+    from icd_jax.models import mamba
+
+    cfg = mamba.MambaConfig.tiny(vocab_size=32, d_model=16, n_layers=2)
+    params = jax.tree.map(np.asarray, mamba.init(cfg, 0))
+    spec = mamba.permute_spec(cfg)
+    paths = tree.kernel_paths(params, lambda p: "conv1d" not in p)
+    axes = tree.input_axes(spec, paths)
+    assert "residual" in axes and any(a.startswith("inner") for a in axes)
+    toks = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    dense = np.asarray(mamba.forward(cfg, params, toks).data)
+    perms, _ = tree.nm_perms(spec, params, paths, time_budget_s=0.5)
+    moved = np.asarray(mamba.forward(cfg, permute.apply(spec, params, perms), toks).data)
+    np.testing.assert_allclose(moved, dense, rtol=1e-4, atol=1e-5)
+    qp, _ = tree.quantize(params, paths, "int8")
+    m = quality.lm_compare(dense, np.asarray(mamba.forward(cfg, tree.dequantized(qp),
+                                                           toks).data),
+                           np.array([t + [0] * (8 - len(t)) for t in toks]), np.array([8, 3]))
+    assert 0 < m["rel_logit_error"] < 0.05 and m["next_token_agreement"] > 0.8

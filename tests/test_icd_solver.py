@@ -301,3 +301,13 @@ def test_block_purity_and_tiles_touched_match_loops(d, k, tile, seed):
     assert tiles_touched(active, pi, tile) == pytest.approx(ref)
     with pytest.raises(ConfigError):
         tiles_touched(active, pi, 0)
+
+
+def test_nm_permutation_sampled_mode_on_a_large_kernel():
+    # max_elements forces the sampled-pair rounds; the order must stay a permutation and
+    # keep at least the default grouping's magnitude (and the stats must be honest).
+    w = np.random.default_rng(3).standard_normal((32, 256))
+    perm, stats = nm_permutation(w, time_budget_s=1.0, max_elements=100_000)
+    assert sorted(perm.tolist()) == list(range(256))
+    assert stats["kept"] == pytest.approx(nm_kept(w, perm))
+    assert stats["kept"] > stats["kept_default"]
