@@ -26,7 +26,8 @@ with sentence-transformers on torch CPU, and torch's own dynamic int8, on the fi
 magnitude, measured output error of the quantised kernels on held-out calibration
 inputs, FFN tiles touched per token (tile ``--tile``), attention mass kept. Plus
 micro-benchmarks: the FFN down projection at decode-like batches (dense vs tile-skipping
-at the k_cap each layout needs) and attention time with key blocks dropped.
+at the k_cap each layout needs; on a GPU also the Pallas kernel, with no change to the
+script) and attention time with key blocks dropped.
 
 The Mamba section applies the weight transforms to a random-init byte-level Mamba and
 reports relative logit error, next-token agreement and the perplexity ratio against its
@@ -285,7 +286,7 @@ def ffn_micro(enc, spec, ffn_perms, held, top_k, timed_clean):
     import numpy as np
 
     from icd_jax import permute
-    from icd_jax.adapters import ffn
+    from icd_jax.adapters import ffn, ffn_pallas
 
     layer, tile = 3, FLAGS.tile
     batch = next(iter(enc.packed_batches(held[-64:], 64)))
@@ -308,6 +309,12 @@ def ffn_micro(enc, spec, ffn_perms, held, top_k, timed_clean):
             fns[f"sparse {layout} (k_cap {k_cap})"] = (
                 lambda f=f, w2=w2, b2=b2, act=act, k=k_cap, g=t_tokens: ffn.sparse_down(
                     f, w2, b2, act, tile=tile, group=g, k_cap=k).block_until_ready())
+            if jax.default_backend() == "gpu":  # the Pallas kernel compiles only there
+                tiles_, valid_, _ = ffn.plan_tiles(act, tile=tile, group=t_tokens, k_cap=k_cap)
+                fns[f"pallas {layout} (k_cap {k_cap})"] = (
+                    lambda f=f, w2=w2, b2=b2, t_=tiles_, v_=valid_, g=t_tokens:
+                    ffn_pallas.pallas_sparse_down(f, w2, b2, t_, v_, tile=tile,
+                                                  group=g).block_until_ready())
             if layout == "identity":
                 fns["dense"] = lambda f=f, w2=w2, b2=b2: dense(f, w2, b2).block_until_ready()
 
