@@ -1,7 +1,8 @@
 """S/Q/K transforms on the real MiniLM-L6 under three layouts, in one process.
 
 Rows: 2:4, unstructured 50%, activation-sparse FFN, int8 per-channel (real int8 matmuls,
-per-token activations), int8 group-wise (g=32, 64), int4 group-wise (g=32), fp8 (e4m3)
+per-token activations; ``int8-sq`` adds SmoothQuant factors, alpha 0.5, from the
+calibration ranges), int8 group-wise (g=32, 64), int4 group-wise (g=32), fp8 (e4m3)
 weights, key-block drop (10/25/50%). Group-wise rows quantise weights per (group of
 input channels, output channel) and activations with static calibrated scales per
 channel group (fake-quantised, float32 compute).
@@ -53,15 +54,16 @@ flags.DEFINE_float("ffn_top_frac", 0.1, "FFN neurons active per token.")
 flags.DEFINE_integer("block", 4, "Key-block size (tokens).")
 flags.DEFINE_float("nm_budget_s", 30.0, "nm_permutation budget over all axes.")
 flags.DEFINE_float("fit_budget_s", 5.0, "fit_permutation budget per layer.")
-flags.DEFINE_list("rows", ["2:4", "unstructured", "ffn", "int8", "int8-g32", "int8-g64",
-                           "int4-g32", "fp8", "kv10", "kv25", "kv50"], "Rows to run.")
+flags.DEFINE_list("rows", ["2:4", "unstructured", "ffn", "int8", "int8-sq", "int8-g32",
+                           "int8-g64", "int4-g32", "fp8", "kv10", "kv25", "kv50"],
+                  "Rows to run.")
 flags.DEFINE_bool("speed", True, "Time the rows (tokens/s).")
 flags.DEFINE_bool("mamba", True, "Run the Mamba section.")
 flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
-QUANT_ROWS = {"int8": ("int8", None), "int8-g32": ("int8", 32), "int8-g64": ("int8", 64),
-              "int4-g32": ("int4", 32), "fp8": ("fp8", None)}
+QUANT_ROWS = {"int8": ("int8", None), "int8-sq": ("int8", None), "int8-g32": ("int8", 32),
+              "int8-g64": ("int8", 64), "int4-g32": ("int4", 32), "fp8": ("fp8", None)}
 KV_ROWS = {"kv10": 0.10, "kv25": 0.25, "kv50": 0.50}
 
 
@@ -214,12 +216,13 @@ def main(argv):
             speed_models.setdefault("ffn", e)
 
     # -- Q: quantisation --------------------------------------------------------------
-    def quantized(perms, dtype, g, absmax):
+    def quantized(perms, dtype, g, absmax, smooth_alpha=None):
         moved = permute.apply(spec, enc.params, perms)
         act = "dynamic" if g is None and dtype == "int8" else ("static" if g else None)
+        calibrated = act == "static" or smooth_alpha is not None
         qp, m = tree.quantize(moved, paths, dtype, g, act=act,
                               act_absmax=tree.permuted_inputs(spec, absmax, perms)
-                              if act == "static" else None)
+                              if calibrated else None, smooth_alpha=smooth_alpha)
         errs = tree.output_errors(moved, qp, tree.permuted_inputs(spec, err_inputs, perms))
         return qp, m, float(np.mean(list(errs.values())))
 
@@ -236,8 +239,11 @@ def main(argv):
                 inv = permute.invert(perms)
                 absmax = tree.permuted_inputs(spec, a_q, inv)  # back to original channels
                 perms = tree.range_perms(spec, absmax, paths)
-            qp, m, err = quantized(perms, dtype, g, absmax)
+            qp, m, err = quantized(perms, dtype, g, absmax,
+                                   0.5 if row == "int8-sq" else None)
             note = "" if g else "one layout (order-independent)"
+            if row == "int8-sq":
+                note += "; SmoothQuant alpha 0.5 from the calibration ranges"
             record(row, layout, enc.with_params(qp), err, "output_error",
                    m["bytes"] / 2**20, note, perms=perms)
             speed_models.setdefault(row, enc.with_params(qp))

@@ -140,3 +140,23 @@ def test_apply_quant_falls_back_to_a_no_op(rng, monkeypatch):
     np.testing.assert_array_equal(out, w)
     with pytest.raises(RuntimeError):
         quant.apply_quant(w, strict=True)
+
+
+def test_smoothquant_factors_keep_the_product_and_shrink_outliers(rng):
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    x[:, 3] *= 50  # an activation outlier channel
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    s = quant.smooth_factors(np.abs(x).max(0), np.abs(w).max(1), 0.5)
+    ref = np.sqrt(np.abs(x).max(0)) / np.sqrt(np.abs(w).max(1))
+    np.testing.assert_allclose(s, ref, rtol=1e-5)
+    plain = quant.quantize(w, "int8", act="dynamic")
+    smooth = quant.quantize(w, "int8", act="dynamic", smooth=s)
+    np.testing.assert_allclose(np.asarray(smooth.dequantize()), w, atol=0.05)
+    e_plain = meta_lib.rel_error(x @ w, np.asarray(quant.matmul(jnp.asarray(x), plain)))
+    e_smooth = meta_lib.rel_error(x @ w, np.asarray(quant.matmul(jnp.asarray(x), smooth)))
+    assert e_smooth < e_plain
+    fused = quant.concat_out([smooth, smooth])
+    np.testing.assert_allclose(np.asarray(quant.matmul(jnp.asarray(x), fused))[:, :8],
+                               np.asarray(quant.matmul(jnp.asarray(x), smooth)), rtol=1e-6)
+    with pytest.raises(ShapeError, match="smooth"):
+        quant.quantize(w, "int8", smooth=s[:3])

@@ -181,3 +181,14 @@ def test_mamba_nm_perms_preserve_logits_and_quantised_weights_run():
                                                            toks).data),
                            np.array([t + [0] * (8 - len(t)) for t in toks]), np.array([8, 3]))
     assert 0 < m["rel_logit_error"] < 0.05 and m["next_token_agreement"] > 0.8
+
+
+def test_tree_smoothquant_shares_factors_between_kernels_reading_one_input(rng):
+    params = mlp_params(rng)
+    params["l3"] = {"kernel": rng.standard_normal((16, 4)).astype(np.float32)}
+    h = np.abs(rng.standard_normal(16)) + 0.1
+    absmax = {"l2/kernel": h, "l3/kernel": h.copy()}
+    qp, m = tree.quantize(params, ["l2/kernel", "l3/kernel"], "int8", act="dynamic",
+                          act_absmax=absmax, smooth_alpha=0.5)
+    np.testing.assert_array_equal(qp["l2"]["kernel"].smooth, qp["l3"]["kernel"].smooth)
+    assert m["settings"]["smooth_alpha"] == 0.5

@@ -48,12 +48,16 @@ class Quantized:
       scale: ``float32 [in / g, out]`` (``g = in`` for per-channel scales).
       act_scale: ``None``; a ``float32`` scalar (static per-tensor int8 activations);
         or ``float32 [in / g]`` (static group-wise activations).
+      smooth: ``None`` or ``float32 [in]``: SmoothQuant-style per-input-channel factors;
+        the stored values stand for ``smooth[:, None] * kernel`` and inputs are divided by
+        ``smooth`` before they are quantised (the product is unchanged).
       dtype, group_size, act: static settings (``act``: None, "dynamic" or "static").
     """
 
     q: jax.Array
     scale: jax.Array
     act_scale: jax.Array | None = None
+    smooth: jax.Array | None = None
     dtype: str = struct.field(pytree_node=False, default="int8")
     group_size: int | None = struct.field(pytree_node=False, default=None)
     act: str | None = struct.field(pytree_node=False, default=None)
@@ -66,8 +70,8 @@ class Quantized:
     @property
     def nbytes(self) -> int:
         """Stored bytes: values, scales and activation scales."""
-        leaves = [self.q, self.scale] + ([] if self.act_scale is None else [self.act_scale])
-        return int(sum(np.asarray(x).nbytes for x in leaves))
+        leaves = [self.q, self.scale, self.act_scale, self.smooth]
+        return int(sum(np.asarray(x).nbytes for x in leaves if x is not None))
 
     def dequantize(self) -> jax.Array:
         """The float32 ``[in, out]`` kernel these values stand for."""
@@ -76,7 +80,7 @@ class Quantized:
         rows = vals.shape[0]
         g = rows if self.group_size is None else self.group_size
         s = jnp.repeat(self.scale, g, axis=0, total_repeat_length=rows)
-        return vals * s
+        return vals * s if self.smooth is None else vals * s / self.smooth[:, None]
 
 
 def check_kernel(w, name: str = "kernel") -> np.ndarray:
@@ -130,10 +134,25 @@ def group_absmax(w: jax.Array, group_size: int | None) -> jax.Array:
     return jnp.abs(w.astype(jnp.float32)).reshape(rows // g, g, cols).max(axis=1)
 
 
+def smooth_factors(act_absmax, w_absmax, alpha: float = 0.5) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors ``absmax_x^a / absmax_w^(1-a)`` (1 where
+    either is 0): dividing inputs by them moves activation outliers into the weights."""
+    ax = np.asarray(act_absmax, np.float64)
+    aw = np.asarray(w_absmax, np.float64)
+    s = np.where((ax > 0) & (aw > 0), ax ** alpha / np.maximum(aw, 1e-30) ** (1 - alpha), 1.0)
+    return s.astype(np.float32)
+
+
 def quantize(w, dtype: str = "int8", group_size: int | None = None, *, act: str | None = None,
-             act_scale=None) -> Quantized:
-    """Quantise a float ``[in, out]`` kernel (see the module docstring)."""
+             act_scale=None, smooth=None) -> Quantized:
+    """Quantise a float ``[in, out]`` kernel (see the module docstring); ``smooth``
+    (``[in]``, see ``smooth_factors``) quantises ``smooth[:, None] * w`` instead."""
     w = jnp.asarray(check_kernel(w), jnp.float32)
+    if smooth is not None:
+        smooth = jnp.asarray(smooth, jnp.float32)
+        if smooth.shape != (w.shape[0],):
+            raise ShapeError(f"smooth must be [{w.shape[0]}], got shape {smooth.shape}")
+        w = w * smooth[:, None]
     g = check_settings(dtype, group_size, w.shape[0], act)
     qmax = QMAX[dtype]
     amax = group_absmax(w, g)
@@ -152,7 +171,7 @@ def quantize(w, dtype: str = "int8", group_size: int | None = None, *, act: str 
         raise ConfigError("act='static' needs act_scale (calibrated activation absmax / 127)")
     if act_scale is not None:
         act_scale = jnp.asarray(act_scale, jnp.float32)
-    return Quantized(q, scale, act_scale, dtype, g, act)
+    return Quantized(q, scale, act_scale, smooth, dtype, g, act)
 
 
 def quantize_rows(x: jax.Array, qmax: float = 127.0) -> tuple[jax.Array, jax.Array]:
@@ -178,6 +197,8 @@ def matmul(x: jax.Array, kernel) -> jax.Array:
     """``x [..., in] @ kernel [in, out]`` for a plain array or a ``Quantized`` kernel."""
     if not isinstance(kernel, Quantized):
         return x @ kernel
+    if kernel.smooth is not None:
+        x = (x / kernel.smooth).astype(x.dtype)
     per_channel = kernel.group_size is None
     if kernel.dtype == "int8" and per_channel and kernel.act in ("dynamic", "static"):
         if kernel.act == "dynamic":
@@ -189,7 +210,8 @@ def matmul(x: jax.Array, kernel) -> jax.Array:
         return (acc * sx * kernel.scale[0]).astype(x.dtype)
     if kernel.act_scale is not None and kernel.act_scale.ndim == 1:
         x = fake_quant_groups(x.astype(jnp.float32), kernel.act_scale).astype(x.dtype)
-    return x @ kernel.dequantize().astype(x.dtype)
+    stored = kernel if kernel.smooth is None else dataclasses.replace(kernel, smooth=None)
+    return x @ stored.dequantize().astype(x.dtype)
 
 
 def concat_out(kernels) -> jax.Array | Quantized:
@@ -199,9 +221,11 @@ def concat_out(kernels) -> jax.Array | Quantized:
         return jnp.concatenate(kernels, axis=1)
     first = kernels[0]
     same = all(isinstance(k, Quantized) and (k.dtype, k.group_size, k.act)
-               == (first.dtype, first.group_size, first.act) for k in kernels)
+               == (first.dtype, first.group_size, first.act)
+               and (k.smooth is None) == (first.smooth is None) for k in kernels)
     if not same:
         raise ConfigError("fused kernels must all be quantised with the same settings")
+    # (kernels sharing one input share their smoothing factors: tree.quantize ensures it)
     act_scale = first.act_scale
     if act_scale is not None:  # one input: the fused kernel takes the widest range
         act_scale = jnp.max(jnp.stack([k.act_scale for k in kernels]), axis=0)
@@ -237,7 +261,7 @@ def act_group_error(x, group_size: int, qmax: float = 127.0, order=None) -> floa
 
 def apply_quant(x, dtype: str = "int8", method: str = "ptq-minmax",
                 group_size: int | None = None, *, act: str | None = None, act_scale=None,
-                strict: bool = False) -> tuple[Quantized | np.ndarray, dict]:
+                smooth=None, strict: bool = False) -> tuple[Quantized | np.ndarray, dict]:
     """Quantise one ``[in, out]`` kernel: ``(Quantized, meta)``.
 
     ``meta["error"]``: ``rel_fro`` (relative Frobenius error of the dequantised kernel)
@@ -248,10 +272,11 @@ def apply_quant(x, dtype: str = "int8", method: str = "ptq-minmax",
     if method not in METHODS:
         raise ConfigError(f"quantisation method must be one of {METHODS}, got {method!r}")
     g = check_settings(dtype, group_size, w.shape[0], act)
-    settings = dict(dtype=dtype, method=method, group_size=g, act=act)
+    settings = dict(dtype=dtype, method=method, group_size=g, act=act,
+                    smooth=smooth is not None)
 
     def body():
-        qk = quantize(w, dtype, g, act=act, act_scale=act_scale)
+        qk = quantize(w, dtype, g, act=act, act_scale=act_scale, smooth=smooth)
         deq = np.asarray(qk.dequantize())
         err = dict(rel_fro=meta_lib.rel_error(w, deq),
                    max_abs=float(np.abs(deq - np.asarray(w, np.float64)).max()))

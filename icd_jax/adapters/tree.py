@@ -106,33 +106,54 @@ def permuted_inputs(spec: ModelSpec, values: Mapping[str, np.ndarray], perms,
             for p, v in values.items()}
 
 
+def shared_inputs(act_absmax: Mapping[str, np.ndarray], paths: Iterable[str]
+                  ) -> list[list[str]]:
+    """Kernels grouped by identical calibrated inputs (Q, K and V read one input)."""
+    groups: dict[bytes, list[str]] = {}
+    for p in paths:
+        a = np.ascontiguousarray(act_absmax[p], np.float32)
+        groups.setdefault(a.tobytes(), []).append(p)
+    return list(groups.values())
+
+
 def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int | None = None,
-             *, act: str | None = None, act_absmax: Mapping[str, np.ndarray] | None = None):
+             *, act: str | None = None, act_absmax: Mapping[str, np.ndarray] | None = None,
+             smooth_alpha: float | None = None):
     """Quantise every kernel in ``paths`` (``Quantized`` leaves): ``(params, meta)``.
 
     ``act="dynamic"``: per-token int8 activations (per-channel int8 kernels run real int8
     matmuls); ``act="static"`` with ``act_absmax`` (``{path: absmax [in]}``): calibrated
     activation scales, per tensor (per-channel kernels) or per channel group.
+    ``smooth_alpha`` (with ``act_absmax``): SmoothQuant factors with that migration
+    strength, shared by kernels that read the same input.
     """
+    paths = list(paths)
     fp = dict(flat(params))
+    smooth = {}
+    if smooth_alpha is not None:
+        for group in shared_inputs(act_absmax, paths):
+            w_max = np.max([np.abs(np.asarray(fp[p], np.float32)).max(1) for p in group], 0)
+            s = quant.smooth_factors(act_absmax[group[0]], w_max, smooth_alpha)
+            smooth.update({p: s for p in group})
     errs, q_bytes, f_bytes = [], 0, 0
     for p in paths:
         w = np.asarray(fp[p], np.float32)
         scale = None
         if act == "static":
-            a = np.asarray(act_absmax[p], np.float64)
+            a = np.asarray(act_absmax[p], np.float64) / smooth.get(p, 1.0)
             if group_size is None:
                 scale = max(a.max(), 1e-30) / 127.0
             else:
                 scale = np.maximum(a.reshape(-1, group_size).max(axis=1), 1e-30) / 127.0
         qk, m = quant.apply_quant(w, dtype, group_size=group_size, act=act, act_scale=scale,
-                                  strict=True)
+                                  smooth=smooth.get(p), strict=True)
         fp[p] = qk
         errs.append(m["error"]["rel_fro"])
         q_bytes += m["bytes"]
         f_bytes += m["bytes_f32"]
     return nested(fp), meta_lib.make(
-        "quant", dict(dtype=dtype, group_size=group_size, act=act, kernels=len(errs)),
+        "quant", dict(dtype=dtype, group_size=group_size, act=act, kernels=len(errs),
+                      smooth_alpha=smooth_alpha),
         repermute=group_size is not None, reason="group-shared scales" if group_size else
         "per-channel scales are order-independent",
         error=dict(rel_fro=float(np.mean(errs)) if errs else 0.0),
