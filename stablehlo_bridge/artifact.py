@@ -1,0 +1,215 @@
+"""Artefacts on disk and the round trip they must survive.
+
+``export_artifacts(exported, "DIR/model.stablehlo")`` writes, each atomically (a temp
+file in the folder, then ``os.replace``):
+
+- ``model.stablehlo``: the StableHLO portable artefact (VHLO bytecode), tags included;
+- ``model.mlir``: its MLIR text (without locations);
+- ``model.jax``: ``Exported.serialize()`` (the JAX calling convention), for
+  ``load_exported``;
+- ``model.json``: the sidecar, written last: format, versions, the entry signature,
+  the SHA-256 and size of every file, and every ``icd.*`` tag (``tags.read``), also
+  when the module itself was stripped of them (``tags_in_module: false``).
+
+Loading checks each file against the sidecar before deserialising it (a flipped
+byte in a weight constant would otherwise load silently, and ``jax.export`` does not
+verify its flatbuffer), then checks the tags against the sidecar's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+from typing import Any
+
+import jax
+from jax import export as jax_export
+from jaxlib.mlir import ir
+
+from stablehlo_bridge import mlir_io
+from stablehlo_bridge import tags as icd_tags
+from stablehlo_bridge.errors import ArtifactError
+
+FORMAT = "icd.bridge.artifact.v1"
+KINDS = ("stablehlo", "mlir", "jax")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder and a rename
+    (the file gets the usual ``0o666 & ~umask`` mode)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
+                               f"{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def tag_diff(want: dict, got: dict, limit: int = 3) -> str:
+    """The sites whose tags differ, for an error message."""
+    sites = sorted(set(want) | set(got))
+    bad = [s for s in sites if want.get(s) != got.get(s)]
+    more = f" (+{len(bad) - limit} more)" if len(bad) > limit else ""
+    return ", ".join(f"{s}: {sorted(want.get(s, {}))} -> {sorted(got.get(s, {}))}"
+                     for s in bad[:limit]) + more
+
+
+def roundtrip(exported: jax_export.Exported, target_version: str = "current"
+              ) -> jax_export.Exported:
+    """``exported`` through ``Exported.serialize`` / ``jax.export.deserialize`` and
+    through a StableHLO portable artefact at ``target_version`` (``"current"``,
+    ``"minimum"``, ``"week4"``, ``"week12"`` or ``"x.y.z"``); ``ArtifactError`` if any
+    ``icd.*`` tag changed on the way. Returns the deserialised ``Exported`` running the
+    module read back from the portable artefact."""
+    before = icd_tags.read(mlir_io.load(exported))
+    try:
+        restored = jax_export.deserialize(exported.serialize())
+    except Exception as e:
+        raise ArtifactError(f"jax.export could not deserialise {exported.fun_name}: {e}") from e
+    got = icd_tags.read(mlir_io.load(restored))
+    if got != before:
+        raise ArtifactError(f"tags changed through jax.export serialize/deserialize: "
+                            f"{tag_diff(before, got)}")
+    blob = mlir_io.to_portable(mlir_io.load(restored), target_version)
+    got = icd_tags.read(mlir_io.from_portable(blob))
+    if got != before:
+        raise ArtifactError(f"tags changed through a StableHLO "
+                            f"{mlir_io.version(target_version)} portable artefact: "
+                            f"{tag_diff(before, got)}")
+    return dataclasses.replace(restored, mlir_module_serialized=blob)
+
+
+def paths_for(out_path: str | os.PathLike) -> dict[str, str]:
+    """The files of an artefact: ``DIR/model.stablehlo`` -> its ``.mlir``, ``.jax`` and
+    ``.json`` siblings."""
+    out = os.fspath(out_path)
+    stem = out[:-len(".stablehlo")] if out.endswith(".stablehlo") else out
+    return {"stablehlo": out, "mlir": stem + ".mlir", "jax": stem + ".jax",
+            "sidecar": stem + ".json"}
+
+
+def describe(avals) -> list[dict[str, Any]]:
+    return [{"shape": [str(d) for d in a.shape], "dtype": str(a.dtype)} for a in avals]
+
+
+def export_artifacts(exported: jax_export.Exported, out_path: str | os.PathLike,
+                     tags: dict | None = None, *, target_version: str = "current",
+                     large_elements_limit: int | None = None) -> dict[str, str]:
+    """Write the artefact files of ``exported`` (see the module docstring).
+
+    Args:
+      exported: the (tagged) export.
+      out_path: the portable artefact's path, ``DIR/model.stablehlo``.
+      tags: the tags for the sidecar; default: every ``icd.*`` tag of the module.
+      target_version: StableHLO version of the portable artefact.
+      large_elements_limit: elide constants above this many elements in the ``.mlir``
+        text (it then no longer parses back); default: print them all.
+    Returns:
+      ``{"stablehlo", "mlir", "jax", "sidecar"}`` -> path.
+    """
+    paths = paths_for(out_path)
+    module = mlir_io.load(exported)
+    held = icd_tags.read(module)
+    found = held if tags is None else tags
+    if held and held != found:
+        raise ArtifactError(f"tags given for the sidecar differ from the module's: "
+                            f"{tag_diff(held, found)} (pass tags=None, or strip the module)")
+    data = {"stablehlo": mlir_io.to_portable(module, target_version),
+            "mlir": mlir_io.text(module, large_elements_limit).encode(),
+            "jax": bytes(exported.serialize())}
+    sidecar = {
+        "format": FORMAT, "schema": icd_tags.SCHEMA,
+        "stablehlo_version": mlir_io.version(target_version), "jax_version": jax.__version__,
+        "fun_name": exported.fun_name, "platforms": list(exported.platforms),
+        "inputs": describe(exported.in_avals), "outputs": describe(exported.out_avals),
+        "files": {k: {"name": os.path.basename(paths[k]), "sha256": sha256(v),
+                      "bytes": len(v)} for k, v in data.items()},
+        "tags": found, "tags_in_module": bool(held),
+    }
+    for kind, blob in data.items():
+        write_atomic(paths[kind], blob)
+    write_atomic(paths["sidecar"], json.dumps(sidecar, sort_keys=True,
+                                                    separators=(",", ":")).encode())
+    return paths
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The sidecar of an artefact (``path``: the ``.json`` or its ``.stablehlo``)."""
+    p = os.fspath(path)
+    side = p if p.endswith(".json") else paths_for(p)["sidecar"]
+    try:
+        with open(side, "rb") as f:
+            out = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read the sidecar {side}: {e}") from e
+    if not isinstance(out, dict) or out.get("format") != FORMAT:
+        raise ArtifactError(f"{side} is not a {FORMAT} sidecar")
+    return out
+
+
+def checked_bytes(sidecar_path: str, sidecar: dict, kind: str) -> bytes:
+    """The bytes of file ``kind``, after checking its size and SHA-256."""
+    entry = sidecar.get("files", {}).get(kind)
+    if entry is None:
+        raise ArtifactError(f"the sidecar {sidecar_path} lists no {kind!r} file")
+    path = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), entry["name"])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+    if len(data) != entry["bytes"] or sha256(data) != entry["sha256"]:
+        raise ArtifactError(f"{path}: size {len(data)} / sha256 {sha256(data)[:16]}... does "
+                            f"not match the sidecar ({entry['bytes']} / "
+                            f"{entry['sha256'][:16]}...): tampered or truncated")
+    return data
+
+
+def load_module(path: str | os.PathLike, *, checksum: bool = True,
+                ctx: ir.Context | None = None) -> ir.Module:
+    """The module of a portable artefact. With ``checksum`` (default) the file must
+    match its sidecar and the module's tags the sidecar's; without, only
+    deserialisation guards it. ``ArtifactError`` otherwise."""
+    p = os.fspath(path)
+    if not checksum:
+        try:
+            with open(p, "rb") as f:
+                return mlir_io.from_portable(f.read(), ctx)
+        except OSError as e:
+            raise ArtifactError(f"cannot read {p}: {e}") from e
+    side = paths_for(p)["sidecar"]
+    sidecar = read_sidecar(side)
+    module = mlir_io.from_portable(checked_bytes(side, sidecar, "stablehlo"), ctx)
+    want = (sidecar.get("tags") or {}) if sidecar.get("tags_in_module", True) else {}
+    got = icd_tags.read(module)
+    if got != want:
+        raise ArtifactError(f"{p}: tags differ from the sidecar's: {tag_diff(want, got)}")
+    return module
+
+
+def load_exported(path: str | os.PathLike) -> jax_export.Exported:
+    """The ``jax.export.Exported`` of an artefact (``path``: its ``.stablehlo`` or
+    ``.json``), checked against the sidecar before it is deserialised."""
+    p = os.fspath(path)
+    side = p if p.endswith(".json") else paths_for(p)["sidecar"]
+    data = checked_bytes(side, read_sidecar(side), "jax")
+    try:
+        return jax_export.deserialize(bytearray(data))
+    except Exception as e:
+        raise ArtifactError(f"jax.export could not deserialise {p}: {e}") from e
