@@ -59,6 +59,7 @@ flags.DEFINE_list("rows", ["2:4", "unstructured", "ffn", "int8", "int8-sq", "int
                   "Rows to run.")
 flags.DEFINE_bool("speed", True, "Time the rows (tokens/s).")
 flags.DEFINE_bool("mamba", True, "Run the Mamba section.")
+flags.DEFINE_bool("mamba_only", False, "Run only the Mamba section.")
 flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -77,6 +78,11 @@ def main(argv):
     from icd_jax.adapters import ffn, kv, tree
     from icd_jax.models import minilm
 
+    if FLAGS.mamba_only:
+        out = mamba_section()
+        if FLAGS.json_out:
+            write_json_atomic(FLAGS.json_out, out)
+        return
     t_start = time.perf_counter()
     enc = minilm.load()
     spec = minilm.permute_spec(enc.config)
@@ -89,7 +95,7 @@ def main(argv):
     calib, w_set = held[:FLAGS.calib_n], held[:FLAGS.w_n]
     n_layers, inter = enc.config.layers, enc.config.intermediate
     top_k = int(round(FLAGS.ffn_top_frac * inter))
-    print(f"{len(texts)} labelled sentences ({labels.max() + 1} topics) for quality, "
+    print(f"{len(texts)} labelled sentences ({len(np.unique(labels))} topics) for quality, "
           f"{len(held)} held out ({len(calib)} calibrate ranges, {len(w_set)} build W); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
 
@@ -265,6 +271,9 @@ def main(argv):
 
     print(f"quality phase: {time.perf_counter() - t_start:.0f} s", flush=True)
     out = dict(dense_accuracy=dense_acc, n_quality=len(texts), rows=results)
+    print_table(results, {}, dense_acc)
+    if FLAGS.json_out:  # written after every phase: a later failure loses nothing
+        write_json_atomic(FLAGS.json_out, out)
 
     # -- micro: FFN down projection at decode-like batches ----------------------------
     if "ffn" in FLAGS.rows:
@@ -276,6 +285,8 @@ def main(argv):
     if FLAGS.speed:
         out["speed"] = speed(enc, speed_models, corpus.sentences(FLAGS.speed_n),
                              sentence_transformers_model, timed_clean)
+        if FLAGS.json_out:
+            write_json_atomic(FLAGS.json_out, out)
     if FLAGS.mamba:
         out["mamba"] = mamba_section()
     print_table(results, out.get("speed", {}), dense_acc)
@@ -432,6 +443,7 @@ def mamba_section():
         return np.asarray(mamba.forward(cfg, p, toks).data)
 
     dense = logits(params)
+    grid = np.pad(grid, ((0, 0), (0, dense.shape[1] - cap)))  # to the forward's capacity
     rows = {}
     print(f"\nMamba (random init, byte-level, d_model {cfg.d_model}, {cfg.n_layers} layers) "
           f"on {len(toks)} sentences ({int(lengths.sum())} bytes):")

@@ -192,3 +192,10 @@ def test_tree_smoothquant_shares_factors_between_kernels_reading_one_input(rng):
                           act_absmax=absmax, smooth_alpha=0.5)
     np.testing.assert_array_equal(qp["l2"]["kernel"].smooth, qp["l3"]["kernel"].smooth)
     assert m["settings"]["smooth_alpha"] == 0.5
+
+
+def test_group_quantisation_falls_back_to_per_channel_on_small_inputs(rng):
+    params = mlp_params(rng)  # l1 has 8 inputs, l2 has 16
+    qp, m = tree.quantize(params, ["l1/kernel", "l2/kernel"], "int8", 16)
+    assert m["per_channel_fallback"] == ["l1/kernel"]
+    assert qp["l1"]["kernel"].group_size is None and qp["l2"]["kernel"].group_size == 16

@@ -125,7 +125,9 @@ def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int 
     matmuls); ``act="static"`` with ``act_absmax`` (``{path: absmax [in]}``): calibrated
     activation scales, per tensor (per-channel kernels) or per channel group.
     ``smooth_alpha`` (with ``act_absmax``): SmoothQuant factors with that migration
-    strength, shared by kernels that read the same input.
+    strength, shared by kernels that read the same input. Kernels whose input size is
+    not a multiple of ``group_size`` get per-channel scales (listed in
+    ``meta["per_channel_fallback"]``).
     """
     paths = list(paths)
     fp = dict(flat(params))
@@ -135,17 +137,21 @@ def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int 
             w_max = np.max([np.abs(np.asarray(fp[p], np.float32)).max(1) for p in group], 0)
             s = quant.smooth_factors(act_absmax[group[0]], w_max, smooth_alpha)
             smooth.update({p: s for p in group})
-    errs, q_bytes, f_bytes = [], 0, 0
+    errs, q_bytes, f_bytes, fallback = [], 0, 0, []
     for p in paths:
         w = np.asarray(fp[p], np.float32)
+        g = group_size
+        if g is not None and w.shape[0] % g:  # e.g. Mamba's dt_proj (dt_rank inputs)
+            g = None
+            fallback.append(p)
         scale = None
         if act == "static":
             a = np.asarray(act_absmax[p], np.float64) / smooth.get(p, 1.0)
-            if group_size is None:
+            if g is None:
                 scale = max(a.max(), 1e-30) / 127.0
             else:
-                scale = np.maximum(a.reshape(-1, group_size).max(axis=1), 1e-30) / 127.0
-        qk, m = quant.apply_quant(w, dtype, group_size=group_size, act=act, act_scale=scale,
+                scale = np.maximum(a.reshape(-1, g).max(axis=1), 1e-30) / 127.0
+        qk, m = quant.apply_quant(w, dtype, group_size=g, act=act, act_scale=scale,
                                   smooth=smooth.get(p), strict=True)
         fp[p] = qk
         errs.append(m["error"]["rel_fro"])
@@ -157,7 +163,7 @@ def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int 
         repermute=group_size is not None, reason="group-shared scales" if group_size else
         "per-channel scales are order-independent",
         error=dict(rel_fro=float(np.mean(errs)) if errs else 0.0),
-        bytes=q_bytes, bytes_f32=f_bytes)
+        bytes=q_bytes, bytes_f32=f_bytes, per_channel_fallback=fallback)
 
 
 def output_errors(params, qparams, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
