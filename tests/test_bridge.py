@@ -10,7 +10,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jaxlib.mlir import ir
@@ -39,18 +38,7 @@ from stablehlo_bridge import (
     verify,
     with_module,
 )
-
-TOL = 1e-5
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-
-
-# -- a toy MLP: w1 [3, 4], b1 [4], w2 [4, 2]; the hidden axis (4) is permutable ----------
-def mlp(p, x):
-    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+from tests.bridge_cases import TOL, mlp, rel_err
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 run by its runtime matches JAX on the unpermuted model (rel_err <= 1e-5)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,17 +21,7 @@ from stablehlo_bridge import (  # noqa: E402
     tags,
     verify,
 )
-
-TOL = 1e-5
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-
-
-def mlp(p, x):
-    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+from tests.bridge_cases import TOL, mlp, rel_err  # noqa: E402
 
 
 @pytest.fixture(scope="module")
