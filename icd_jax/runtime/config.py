@@ -1,0 +1,278 @@
+"""The run configuration: a validated schema with a default for every key.
+
+``load(path_or_dict, overrides)`` reads JSON or YAML, applies ``--set key=value``
+overrides and validates with pydantic. Unknown keys, wrong types and bad enum values
+raise ``ConfigError`` naming the key path (``transform.quant.group_size: ...``).
+``resolved(cfg)`` is the full dict written to ``config.lock.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from icd_jax.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys rejected, values frozen, types strict-ish."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+
+
+class Pipeline(Section):
+    mode: Literal["linear", "iterative"] = Field(
+        "iterative", description="linear: W -> pi -> transform; iterative adds the re-permute")
+    repeats: int = Field(10, ge=1, description="timed latency repeats per arm (pair: >= 30)")
+    warmup: int = Field(2, ge=0, description="untimed calls per arm before timing")
+    seed: int = Field(0, description="seed of every random choice (solver, mock, sampling)")
+    retries: int = Field(2, ge=0, description="retries of a transiently failing stage")
+    retry_backoff_s: float = Field(0.25, ge=0, description="first retry delay; doubles")
+
+
+class Model(Section):
+    name: Literal["minilm", "mamba"] = "minilm"
+    size: Literal["L6", "tiny", "small"] = Field(
+        "L6", description="default L6 for minilm, tiny for mamba. minilm: L6 (real "
+        "all-MiniLM-L6-v2 weights) or tiny (random init, for tests); mamba: tiny or small "
+        "(random init, byte-level)")
+    batch_size: int = Field(32, ge=1, description="sentences (sequences) per batch")
+    max_tokens: int = Field(128, ge=8, description="truncation length of each item")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_size(cls, data):
+        if isinstance(data, dict) and data.get("name") == "mamba" and "size" not in data:
+            data = {**data, "size": "tiny"}
+        return data
+
+    @model_validator(mode="after")
+    def _size_fits(self):
+        ok = {"minilm": ("L6", "tiny"), "mamba": ("tiny", "small")}[self.name]
+        if self.size not in ok:
+            raise ValueError(f"size {self.size!r} is not available for model {self.name!r}; "
+                             f"choose one of {list(ok)}")
+        return self
+
+
+class Graph(Section):
+    source: Literal["activations", "trace", "mock"] = "activations"
+    sentences: int = Field(400, ge=1, description="held-out corpus items W is built from")
+    top_frac: float = Field(0.1, gt=0, le=1, description="active channels per token")
+    topk: int = Field(32, ge=1, description="neighbours kept per channel")
+    hub: Literal["pmi", "sym", "none"] = "pmi"
+    trace_path: str | None = Field(None, description="co-access trace (JSONL/CSV) for "
+                                   "source=trace; its W is used for every fitted axis")
+    fallback_mock: bool = Field(False, description="a corrupt or empty trace falls back to a "
+                                "planted mock W instead of aborting")
+
+
+class Solver(Section):
+    time_budget_s: float = Field(2.0, gt=0, description="fit_permutation budget per axis")
+    refine_steps: int = Field(20000, ge=0)
+    k_blocks: int | None = Field(None, ge=1, description="modularity blocks (None: cost)")
+
+
+class Cost(Section):
+    g: int = Field(64, ge=1)
+    lam: float = Field(3.0, ge=0)
+    tau: float = Field(0.25, ge=0)
+    k_blocks: int = Field(4, ge=1)
+    alpha: float = 1.0
+    mu: float = 0.5
+    beta: float = 0.0
+
+
+class Sparsity(Section):
+    enabled: bool = True
+    kind: Literal["ffn", "2:4", "unstructured"] = Field(
+        "ffn", description="ffn: activation-sparse FFN tile skipping (layout-sensitive, "
+        "driven by W); 2:4 / unstructured: weight pruning of every kernel")
+    top_frac: float = Field(0.1, gt=0, le=1, description="ffn: neurons kept per token")
+    tile: int = Field(16, ge=1, description="ffn: neurons per tile")
+    rate: float = Field(0.5, gt=0, lt=1, description="unstructured: weights pruned")
+
+
+class Quant(Section):
+    enabled: bool = True
+    dtype: Literal["int8", "int4", "fp8"] = "int8"
+    group_size: int | None = Field(32, ge=1, description="None: per output channel")
+    act: Literal["dynamic", "static", "none"] = Field(
+        "static", description="activation quantisation (static: calibrated per group)")
+    calib_sentences: int = Field(128, ge=1)
+
+
+class KV(Section):
+    enabled: bool = True
+    block: int = Field(4, ge=1, description="tokens per key/value block")
+    drop: float = Field(0.1, ge=0, lt=1, description="fraction of key blocks dropped")
+    permute_tokens: bool = True
+
+
+class Transform(Section):
+    sparsity: Sparsity = Sparsity()
+    quant: Quant = Quant()
+    kv: KV = KV()
+
+
+class Measure(Section):
+    sentences: int = Field(64, ge=1, description="items of the timed batch set")
+    sim: bool = Field(True, description="replay tile traces through a simulated cache")
+    sim_level: int = Field(2, ge=1, description="cache level simulated (from /sys)")
+    sim_tokens: int = Field(256, ge=1, description="tokens replayed")
+    ncu: bool = Field(True, description="use Nsight Compute for the L2 hit rate if on PATH")
+    nvml: bool = Field(True, description="sample NVML power for energy per token")
+    nvml_interval_s: float = Field(0.01, gt=0)
+
+
+class Rollback(Section):
+    enabled: bool = True
+    quality_pp: float = Field(0.1, ge=0, description="a layout losing more quality than the "
+                              "previous one by this many points is rolled back")
+    latency_pct: float = Field(5.0, ge=0, description="... or slower by this many percent "
+                               "(and outside both CI95s)")
+
+
+class Cache(Section):
+    enabled: bool = Field(True, description="write fitted permutations to the cache")
+    reuse: bool = Field(False, description="reuse cached permutations (--reuse-perm)")
+    dir: str = Field("~/.cache/icd_jax/perms", description="permutation cache folder")
+    lock_timeout_s: float = Field(600.0, ge=0)
+
+
+class Quality(Section):
+    sentences: int = Field(600, ge=2, description="labelled items quality is measured on")
+
+
+class Gates(Section):
+    latency_pct: float = Field(-20.0, description="active vs dense fp32 latency change, at most")
+    l2_hit_pp: float = Field(10.0, description="L2 hit rate gain over identity, at least")
+    ept_pct: float = Field(-15.0, description="energy per token change vs dense, at most")
+    quality_drop_pp: float = Field(0.1, description="quality drop vs dense, at most")
+
+
+class Report(Section):
+    html: bool = True
+    csv: bool = True
+    stablehlo: bool = Field(True, description="export the active model to model.stablehlo")
+    heatmap_max: int = Field(256, ge=8, description="heatmaps are down-sampled to this size")
+
+
+class Config(Section):
+    """The whole run configuration (every key has a default)."""
+
+    pipeline: Pipeline = Pipeline()
+    model: Model = Model()
+    graph: Graph = Graph()
+    solver: Solver = Solver()
+    cost: Cost = Cost()
+    transform: Transform = Transform()
+    measure: Measure = Measure()
+    rollback: Rollback = Rollback()
+    cache: Cache = Cache()
+    quality: Quality = Quality()
+    gates: Gates = Gates()
+    report: Report = Report()
+
+
+def _path(loc: Sequence) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def validate(data: Mapping) -> Config:
+    """A ``Config`` from a nested dict; ``ConfigError`` naming every offending key path."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            what = ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            problems.append(f"{_path(err['loc'])}: {what}")
+        raise ConfigError("invalid config: " + "; ".join(problems)) from None
+
+
+def read(path: str | os.PathLike) -> dict:
+    """A config dict from a ``.json``, ``.yaml`` or ``.yml`` file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - every parser error becomes a ConfigError
+        raise ConfigError(f"{path}: cannot parse ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``"a.b.c=value"`` -> ``(["a", "b", "c"], value)``; the value is JSON if it parses
+    (numbers, true/false/null, lists), else the raw string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set: bad key path {key!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return keys, value
+
+
+def with_overrides(data: Mapping, overrides: Sequence[str] = ()) -> dict:
+    """``data`` (nested dict) with each ``key.path=value`` set."""
+    out = json.loads(json.dumps(dict(data)))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:i + 1])} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def load(source: str | os.PathLike | Mapping | None = None,
+         overrides: Sequence[str] = ()) -> Config:
+    """The validated config from a file path, a dict or None (defaults), plus overrides."""
+    if source is None:
+        data = {}
+    elif isinstance(source, Config):
+        data = source.model_dump(mode="json")
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read(source)
+    return validate(with_overrides(data, overrides))
+
+
+def resolved(cfg: Config) -> dict:
+    """Every key with its value (what ``config.lock.json`` records)."""
+    return cfg.model_dump(mode="json")
+
+
+def digest(payload) -> str:
+    """SHA-256 of canonical JSON (sorted keys), hex."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def schema() -> dict:
+    """The JSON schema of ``Config`` (``icd run --print-schema``)."""
+    return Config.model_json_schema()

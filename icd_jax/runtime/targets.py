@@ -1,0 +1,407 @@
+"""The models a run works on: data splits, activations for W, transforms, quality.
+
+A target holds a dense model and the corpus splits a run needs, and builds *arms*:
+the model under one layout (named-axis orders) with the configured S/Q/K transforms.
+``MiniLMTarget`` is the real all-MiniLM-L6-v2 (or a random-init tiny BERT with the real
+tokenizer, for tests); ``MambaTarget`` a random-init byte-level Mamba (no pretrained
+Mamba ships in a package, so only ratios against its dense self mean anything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+
+from icd_jax import capture, corpus, permute, quality
+from icd_jax.adapters import tree
+from icd_jax.errors import AdapterWarning, ConfigError
+from icd_jax.runtime.config import Config, Transform
+
+
+@dataclasses.dataclass
+class Arm:
+    """One layout of the model: ``perms`` (named axes), the params to run and the
+    runner that runs them (an encoder or a config), plus per-transform meta."""
+
+    name: str
+    perms: dict[str, np.ndarray]
+    params: Any
+    runner: Any
+    meta: dict
+
+
+def params_hash(params) -> str:
+    """SHA-256 over every leaf's bytes, in path order (a model's identity for the cache)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(permute.flat(params).items()):
+        h.update(path.encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def guarded(name: str, fn: Callable[[], tuple[Any, dict]], fallback: Any,
+            strict: bool = False) -> tuple[Any, dict]:
+    """``fn()`` -> ``(out, meta)``; a raising adapter becomes a no-op (``fallback``) with
+    an ``AdapterWarning`` and ``meta["ok"] = False`` (``strict`` re-raises)."""
+    try:
+        out, meta = fn()
+        return out, {**meta, "ok": bool(meta.get("ok", True))}
+    except Exception as e:  # noqa: BLE001 - the rollback rule: adapter failure = no-op
+        if strict:
+            raise
+        msg = f"transform {name} failed ({type(e).__name__}: {e}); applied as a no-op"
+        warnings.warn(msg, AdapterWarning, stacklevel=2)
+        return fallback, {"transform": name, "ok": False, "warning": msg}
+
+
+def subsample(n_have: int, n: int, seed: int) -> np.ndarray:
+    """``min(n, n_have)`` sorted distinct indices, seeded."""
+    if n >= n_have:
+        return np.arange(n_have)
+    return np.sort(np.random.default_rng(seed).choice(n_have, n, replace=False))
+
+
+def active_positions(acts: sp.csr_matrix, d: int) -> np.ndarray:
+    """Boolean ``[tokens, d]`` of the captured top-k channels (stored positions)."""
+    out = np.zeros((acts.shape[0], d), bool)
+    rows = np.repeat(np.arange(acts.shape[0]), np.diff(acts.indptr))
+    out[rows, acts.indices] = True
+    return out
+
+
+# -- MiniLM -------------------------------------------------------------------------------
+class MiniLMTarget:
+    """MiniLM-L6 (``size="L6"``) or a tiny random BERT (``size="tiny"``)."""
+
+    kind = "minilm"
+
+    def __init__(self, cfg: Config):
+        from icd_jax.models import minilm
+
+        self.cfg, self.lib = cfg, minilm
+        m = cfg.model
+        if m.size == "L6":
+            self.enc = minilm.load(max_tokens=m.max_tokens)
+        else:
+            self.enc = tiny_bert(m.max_tokens, cfg.pipeline.seed)
+        self.config = self.enc.config
+        self.spec = minilm.permute_spec(self.config)
+        self.axes = [f"ffn_{i}" for i in range(self.config.layers)]
+        self.paths = tree.kernel_paths(self.enc.params)
+        self.size = self.config.intermediate
+        texts, labels = corpus.labelled_sentences()
+        pick = subsample(len(texts), cfg.quality.sentences, cfg.pipeline.seed)
+        self.q_texts, self.q_labels = [texts[i] for i in pick], labels[pick]
+        seen = set(texts)
+        held = [s for s in corpus.sentences() if s not in seen]
+        need = cfg.graph.sentences + cfg.transform.quant.calib_sentences + cfg.measure.sentences
+        if len(held) < need:
+            raise ConfigError(f"graph.sentences + transform.quant.calib_sentences + "
+                              f"measure.sentences = {need} exceeds the {len(held)} held-out "
+                              f"corpus sentences")
+        g, c = cfg.graph.sentences, cfg.transform.quant.calib_sentences
+        self.w_texts = held[:g]
+        self.calib_texts = held[g:g + c]
+        self.time_texts = held[g + c:g + c + cfg.measure.sentences]
+        self.bs = m.batch_size
+        self._dense_emb = None
+        self._absmax = None
+        self.time_batches = [b for _, b in self.enc.batches(self.enc.tokenize(self.time_texts),
+                                                             self.bs)]
+        self.tokens = int(sum(int(b.lengths.sum()) for b in self.time_batches))
+        self._runners = {}
+
+    # identity of the model (cache keys)
+    def model_id(self) -> dict:
+        return dict(name="minilm", size=self.cfg.model.size,
+                    params=params_hash(self.enc.params), max_tokens=self.cfg.model.max_tokens)
+
+    def identity(self) -> dict[str, np.ndarray]:
+        return tree.identity_perms(self.spec)
+
+    def activations(self, arm: Arm | None, show_progress: bool = False
+                    ) -> dict[str, sp.csr_matrix]:
+        """Top-k FFN activations per axis (stored order of ``arm``; dense if None)."""
+        runner = self.enc if arm is None else arm.runner
+        params = self.enc.params if arm is None else arm.params
+        cap = capture.capture(runner, params, runner.packed_batches(self.w_texts, self.bs),
+                              what=("ffn",), top_frac=self.cfg.graph.top_frac,
+                              show_progress=show_progress)
+        return {f"ffn_{i}": cap.acts(i) for i in range(self.config.layers)}
+
+    def runner(self, t: Transform):
+        """The encoder (one jit cache) for the execution-time transforms of ``t``."""
+        lib = self.lib
+        ffn = kv = None
+        s = t.sparsity
+        if s.enabled and s.kind == "ffn":
+            ffn = lib.FFNSparsity(tile=s.tile,
+                                  top_k=max(1, round(s.top_frac * self.config.intermediate)))
+        if t.kv.enabled:
+            kv = lib.KeyBlockDrop(block=t.kv.block, drop=t.kv.drop,
+                                  permute_tokens=t.kv.permute_tokens)
+        key = (ffn, kv)
+        if key not in self._runners:
+            self._runners[key] = self.enc.with_transforms(lib.Transforms(ffn=ffn, kv=kv))
+        return self._runners[key]
+
+    def absmax(self) -> dict[str, np.ndarray]:
+        """Calibrated per-kernel input ``|x|`` maxima of the dense model (original order)."""
+        if self._absmax is None:
+            out = {}
+            for b in self.enc.packed_batches(self.calib_texts, self.bs):
+                for p, x in self.enc.kernel_inputs(b).items():
+                    out[p] = np.maximum(out.get(p, 0), np.abs(x).max(0))
+            self._absmax = out
+        return self._absmax
+
+    def arm(self, name: str, perms: dict[str, np.ndarray], t: Transform,
+            strict: bool = False) -> Arm:
+        """The model under ``perms`` with the transforms of ``t``."""
+        params = permute.apply(self.spec, self.enc.params, perms)
+        meta: dict[str, dict] = {}
+        s = t.sparsity
+        if s.enabled and s.kind in ("2:4", "unstructured"):
+            params, meta["sparsity"] = guarded(
+                "sparsity", lambda: tree.sparsify(params, self.paths, s.kind, s.rate), params,
+                strict)
+        elif s.enabled:
+            meta["sparsity"] = dict(transform="sparsity", ok=True, settings=dict(
+                kind="ffn", tile=s.tile, top_frac=s.top_frac), delta_layout=dict(
+                repermute=True, reason="co-active neurons in few tiles"))
+        q = t.quant
+        if q.enabled:
+            act = None if q.act == "none" else q.act
+            if act == "dynamic" and (q.group_size is not None or q.dtype != "int8"):
+                act = None  # dynamic activations are per-channel int8 only
+            absmax = (tree.permuted_inputs(self.spec, self.absmax(), perms)
+                      if act == "static" else None)
+            params, meta["quant"] = guarded(
+                "quant", lambda: tree.quantize(params, self.paths, q.dtype, q.group_size,
+                                               act=act, act_absmax=absmax), params, strict)
+        if t.kv.enabled:
+            meta["kv"] = dict(transform="kv", ok=True, settings=t.kv.model_dump(),
+                              delta_layout=dict(repermute=False, reason="the token order "
+                                                "is recomputed per sequence"))
+        return Arm(name, perms, params, self.runner(t), meta)
+
+    def dense_arm(self) -> Arm:
+        return Arm("dense", self.identity(), self.enc.params, self.enc, {})
+
+    def call(self, arm: Arm) -> Callable[[], Any]:
+        """A no-argument call running the timed batch set (results to block on)."""
+        fwd, params, arrays = arm.runner._forward, arm.params, [
+            b.arrays() for b in self.time_batches]
+        return lambda: [fwd(params, *a) for a in arrays]
+
+    def embeddings(self, arm: Arm) -> np.ndarray:
+        ids = arm.runner.tokenize(self.q_texts)
+        emb = np.zeros((len(ids), self.config.hidden), np.float32)
+        for idx, b in arm.runner.batches(ids, self.bs):
+            emb[idx] = np.asarray(arm.runner._forward(arm.params, *b.arrays()))[: len(idx)]
+        if "residual" in arm.perms:  # back to the shipped residual order
+            emb = np.asarray(permute.permute_output(self.spec, "embedding", emb,
+                                                    permute.invert(arm.perms)))
+        return emb
+
+    def quality(self, arm: Arm) -> dict:
+        """Topic retrieval precision@1 (%) and its drop against dense fp32, in pp."""
+        if self._dense_emb is None:
+            self._dense_emb = self.embeddings(self.dense_arm())
+        emb = self._dense_emb if arm.name == "dense" else self.embeddings(arm)
+        q = quality.compare(self._dense_emb, emb, self.q_labels)
+        return dict(value=100.0 * q["accuracy"], drop_pp=q["drop_pp"], cos_mean=q["cos_mean"],
+                    nn_agreement=q["nn_agreement"])
+
+    quality_metric = "topic_accuracy"
+
+    def activity(self, arm: Arm, tokens: int) -> list[np.ndarray]:
+        """Per layer, the FFN neurons an activation-sparse kernel reads per token
+        (``bool [tokens, intermediate]``, stored order): top ``sparsity.top_frac``."""
+        top = self.cfg.transform.sparsity.top_frac
+        cap = capture.capture(arm.runner, arm.params,
+                              arm.runner.packed_batches(self.time_texts, self.bs),
+                              what=("ffn",), top_frac=top)
+        return [active_positions(cap.acts(i), self.size)[:tokens]
+                for i in range(self.config.layers)]
+
+    def row_bytes(self, arm: Arm) -> int:
+        """Bytes of one stored row of the FFN down projection (what a tile holds)."""
+        k = permute.flat(arm.params)["layer_0/output/kernel"]
+        if hasattr(k, "q"):
+            return int(np.asarray(k.q).nbytes // self.size)
+        return int(self.config.hidden * np.dtype(np.asarray(k).dtype).itemsize)
+
+    def export_case(self, perms: dict[str, np.ndarray]):
+        """A ``stablehlo_bridge`` case of the dense encoder on one timed batch."""
+        from stablehlo_bridge.models import Case
+
+        module = self.enc.module
+
+        def minilm_forward(params, *arrays):
+            return module.apply({"params": params}, *arrays)
+
+        return Case("minilm", minilm_forward, jax.tree.map(np.asarray, self.enc.params),
+                    self.time_batches[0].arrays(), self.spec, "embedding")
+
+
+def tiny_bert(max_tokens: int, seed: int = 0):
+    """A random-init 2-layer BERT (hidden 32, FFN 128) with MiniLM's real tokenizer."""
+    from icd_jax.models import minilm
+
+    config = minilm.BertConfig(hidden=32, layers=2, heads=4, intermediate=128,
+                               max_positions=max(max_tokens, 8))
+    tok = minilm.load_tokenizer(f"{minilm.package_dir()}/tokenizer.json", max_tokens)
+    enc = minilm.MiniLM(config, {}, tok, max_tokens=max_tokens)
+    batch = next(iter(enc.packed_batches(["a tiny batch"], 1)))
+    params = enc.module.init(jax.random.PRNGKey(seed), *batch.arrays())["params"]
+    return enc.with_params(jax.tree.map(np.asarray, params))
+
+
+# -- Mamba --------------------------------------------------------------------------------
+MAMBA_SIZES = {"tiny": dict(d_model=32, n_layers=2, d_state=8),
+               "small": dict(d_model=256, n_layers=4, d_state=16)}
+
+
+class MambaTarget:
+    """A random-init byte-level Mamba (``size`` tiny or small) on corpus sentences."""
+
+    kind = "mamba"
+    quality_metric = "next_token_agreement"
+
+    def __init__(self, cfg: Config):
+        from icd_jax.models import mamba
+
+        self.cfg, self.lib = cfg, mamba
+        self.config = mamba.MambaConfig(vocab_size=256, **MAMBA_SIZES[cfg.model.size])
+        self.params = jax.tree.map(np.asarray, mamba.init(self.config, cfg.pipeline.seed))
+        self.spec = mamba.permute_spec(self.config)
+        self.axes = [f"inner_{i}" for i in range(self.config.n_layers)]
+        self.paths = tree.kernel_paths(self.params, lambda p: "conv1d" not in p)
+        self.size = self.config.d_inner
+        n = cfg.graph.sentences + cfg.quality.sentences + cfg.measure.sentences
+        sents = corpus.sentences(n)
+        g, q = cfg.graph.sentences, cfg.quality.sentences
+        cut = cfg.model.max_tokens
+        toks = [np.frombuffer(s.encode("utf-8"), np.uint8)[:cut].astype(np.int32)
+                for s in sents]
+        self.w_toks, self.q_toks, self.t_toks = toks[:g], toks[g:g + q], toks[g + q:]
+        self.bs = cfg.model.batch_size
+        self.tokens = int(sum(len(t) for t in self.t_toks))
+        self._dense = None
+
+    def model_id(self) -> dict:
+        return dict(name="mamba", size=self.cfg.model.size, params=params_hash(self.params),
+                    max_tokens=self.cfg.model.max_tokens)
+
+    def identity(self) -> dict[str, np.ndarray]:
+        return tree.identity_perms(self.spec)
+
+    def batches(self, toks):
+        import vsla_jax as vs
+
+        for s in range(0, len(toks), self.bs):
+            yield vs.stack(list(toks[s:s + self.bs]), dtype=np.int32)
+
+    def model(self, params):
+        return self.lib.Mamba(self.config, params)
+
+    def activations(self, arm: Arm | None, show_progress: bool = False
+                    ) -> dict[str, sp.csr_matrix]:
+        params = self.params if arm is None else arm.params
+        cap = capture.capture(self.model(params), params, self.batches(self.w_toks),
+                              what=("inner",), top_frac=self.cfg.graph.top_frac,
+                              show_progress=show_progress)
+        return {f"inner_{i}": cap.acts(i, "inner") for i in range(self.config.n_layers)}
+
+    def arm(self, name: str, perms: dict[str, np.ndarray], t: Transform,
+            strict: bool = False) -> Arm:
+        params = permute.apply(self.spec, self.params, perms)
+        meta: dict[str, dict] = {}
+        s = t.sparsity
+        if s.enabled and s.kind in ("2:4", "unstructured"):
+            params, meta["sparsity"] = guarded(
+                "sparsity", lambda: tree.sparsify(params, self.paths, s.kind, s.rate), params,
+                strict)
+        elif s.enabled:
+            meta["sparsity"] = dict(transform="sparsity", ok=True, executed=False, settings=dict(
+                kind="ffn", tile=s.tile, top_frac=s.top_frac), note="Mamba runs its out_proj "
+                "dense; tiles/token are measured on the inner activations only")
+        q = t.quant
+        if q.enabled:
+            def quantize():
+                qp, m = tree.quantize(params, self.paths, q.dtype, q.group_size)
+                return tree.dequantized(qp), {**m, "note": "weight-only (dequantised "
+                                              "float32 compute)"}
+            params, meta["quant"] = guarded("quant", quantize, params, strict)
+        if t.kv.enabled:
+            meta["kv"] = dict(transform="kv", ok=True, applicable=False,
+                              note="a state-space model has no KV cache")
+        return Arm(name, perms, jax.tree.map(jnp.asarray, params), self.config, meta)
+
+    def dense_arm(self) -> Arm:
+        return Arm("dense", self.identity(), jax.tree.map(jnp.asarray, self.params),
+                   self.config, {})
+
+    def call(self, arm: Arm) -> Callable[[], Any]:
+        batches = [(x.data, x.lengths[:, 0]) for x in self.batches(self.t_toks)]
+        run, c, p = self.lib.run_padded, arm.runner, arm.params
+        return lambda: [run(c, p, ids, lens)[0] for ids, lens in batches]
+
+    def logits(self, arm: Arm) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        out = []
+        for x in self.batches(self.q_toks):
+            lg = np.asarray(self.lib.forward(arm.runner, arm.params, x).data)
+            out.append((lg, np.asarray(x.data), np.asarray(x.lengths[:, 0])))
+        return out
+
+    def quality(self, arm: Arm) -> dict:
+        """Next-token agreement with the dense model (%), its drop (pp), logit error."""
+        if self._dense is None:
+            self._dense = self.logits(self.dense_arm())
+        got = self._dense if arm.name == "dense" else self.logits(arm)
+        w = np.array([lens.sum() for _, _, lens in got], np.float64)
+        ms = [quality.lm_compare(d, o, t, lens)
+              for (d, t, lens), (o, _, _) in zip(self._dense, got)]
+        agree = float(np.average([m["next_token_agreement"] for m in ms], weights=w))
+        return dict(value=100.0 * agree, drop_pp=100.0 * (1.0 - agree),
+                    rel_logit_error=float(np.average([m["rel_logit_error"] for m in ms],
+                                                     weights=w)),
+                    ppl_ratio=float(np.average([m["ppl_ratio"] for m in ms], weights=w)))
+
+    def activity(self, arm: Arm, tokens: int) -> list[np.ndarray]:
+        top = self.cfg.transform.sparsity.top_frac
+        cap = capture.capture(self.model(arm.params), arm.params, self.batches(self.t_toks),
+                              what=("inner",), top_frac=top)
+        return [active_positions(cap.acts(i, "inner"), self.size)[:tokens]
+                for i in range(self.config.n_layers)]
+
+    def row_bytes(self, arm: Arm) -> int:
+        return int(self.config.d_model * 4)
+
+    def export_case(self, perms: dict[str, np.ndarray]):
+        from stablehlo_bridge.models import Case
+
+        module = self.lib.module(self.config)
+        x = next(iter(self.batches(self.t_toks)))
+
+        def mamba_forward(params, ids, lengths):
+            logits, _ = module.apply({"params": params}, ids, lengths)
+            return logits
+
+        return Case("mamba", mamba_forward, self.params,
+                    (np.asarray(x.data), np.asarray(x.lengths[:, 0])), self.spec, None)
+
+
+def make(cfg: Config):
+    """The target of ``cfg.model``."""
+    return {"minilm": MiniLMTarget, "mamba": MambaTarget}[cfg.model.name](cfg)
+

@@ -1,0 +1,321 @@
+"""The pipeline on a tiny BERT: states, artefacts, rollback rules, cache, pair, export.
+
+One target (a random-init 2-layer BERT with MiniLM's real tokenizer) is built once and
+shared, so its compiled programs serve every run of this module.
+"""
+
+import glob
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from filelock import FileLock
+
+from icd_jax import cost as cost_lib
+from icd_jax.adapters import tree
+from icd_jax.errors import AdapterWarning, RunLockedError
+from icd_jax.runtime import artifacts, cachesim, config, orchestrator, targets
+
+TINY = {"model": {"size": "tiny", "batch_size": 16, "max_tokens": 64},
+        "graph": {"sentences": 32},
+        "solver": {"time_budget_s": 0.5, "refine_steps": 3000},
+        "quality": {"sentences": 48},
+        "measure": {"sentences": 16, "sim_tokens": 48},
+        "transform": {"quant": {"calib_sentences": 16}},
+        "pipeline": {"repeats": 3, "warmup": 1, "retry_backoff_s": 0.01}}
+STAGES = ["READY", "W_BUILT", "PERMUTED", "TRANSFORMED", "REPERMUTED", "MEASURED",
+          "REPORTED"]
+
+
+def tiny(tmp_path, **sections):
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    cfg["cache"] = {"dir": str(tmp_path / "cache")}
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def target():
+    return targets.make(config.load(TINY))
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, target):
+    d = tmp_path_factory.mktemp("run")
+    return orchestrator.run(tiny(d), str(d / "out"), target=target)
+
+
+def no_temp_files(folder):
+    return [p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+            if p.endswith(".tmp")]
+
+
+def stages(run_dir):
+    return [(e["stage"], e["ok"]) for e in artifacts.read_events(
+        os.path.join(run_dir, "events.jsonl"))]
+
+
+def test_full_iterative_run_writes_every_artefact(full):
+    assert full.ok and full.state == "REPORTED" and full.failed_stage is None
+    for key in ("lock", "events", "w", "w_after", "w_meta", "perm_before", "perm_after",
+                "perm_active", "metrics", "html", "csv", "stablehlo"):
+        assert os.path.getsize(full.path(key)) > 0, key
+    for name in ("stats_permuted.json", "stats_repermuted.json"):
+        assert os.path.exists(os.path.join(full.out_dir, name))
+    assert no_temp_files(full.out_dir) == []
+    ev = artifacts.read_events(full.path("events"))
+    names = [e["stage"] for e in ev if e["stage"] != "ROLLBACK"]
+    assert names == STAGES
+    assert all(e["t_start"] <= e["t_end"] and isinstance(e["meta"], dict) for e in ev)
+    lock = artifacts.read_json(full.path("lock"))
+    assert lock["config"]["model"]["size"] == "tiny"
+    assert len(lock["env_hash"]) == 64 and lock["env"]["jax"]
+
+
+def test_metrics_report_unmeasurable_as_null_with_reason(full):
+    m = artifacts.read_json(full.path("metrics"))
+    assert m["arms"] == ["dense", "identity", "before", "after"]
+    for arm in m["arms"]:
+        lat = m["latency"][arm]
+        assert len(lat["samples_ms"]) == 3 and lat["ci95_ms"][0] <= lat["mean_ms"]
+        assert lat["p50_ms"] <= lat["p95_ms"] and lat["tokens_per_s"] > 0
+    assert m["l2_hit_pct"] is None and m["l2_hit_pct_reason"]
+    assert m["ept_j_per_tok"] is None and m["ept_reason"]
+    assert m["l2_hit_pct_sim"]["what"].startswith("simulated")
+    for gate in ("l2_hit", "ept"):
+        assert m["gates"][gate]["status"] == "not measured" and m["gates"][gate]["reason"]
+    assert set(m["verdict"]["not_measured"]) >= {"l2_hit", "ept"}
+    assert m["quality"]["dense"]["drop_pp"] == 0.0
+    assert m["events"]["count"] >= len(STAGES)
+
+
+def test_permutations_and_costs_match_independent_recomputation(full):
+    graphs = artifacts.load_graphs(full.path("w"))
+    perms, _ = artifacts.load_perms(full.path("perm_before"))
+    stats = artifacts.read_json(os.path.join(full.out_dir, "stats_permuted.json"))
+    cfg = cost_lib.CostConfig()
+    for ax, w in graphs.items():
+        assert sorted(perms[ax]) == list(range(w.shape[0]))
+        o = cost_lib.objective(w, perms[ax], cfg)
+        assert np.isclose(o["C"], stats[ax]["C"], rtol=1e-6)
+        assert np.isclose(o["Q"], stats[ax]["Q"], rtol=1e-6)
+    active, meta = artifacts.load_perms(full.path("perm_active"))
+    want = "after" if not full.rolled_back else "before"
+    ref, _ = artifacts.load_perms(full.path(f"perm_{want}"))
+    assert meta["arm"] == full.active == want
+    assert all(np.array_equal(active[k], ref[k]) for k in ref)
+
+
+def test_tiles_per_token_match_a_naive_count(full, target):
+    m = artifacts.read_json(full.path("metrics"))
+    perms, _ = artifacts.load_perms(full.path("perm_before"))
+    arm = target.arm("before", perms, config.load(TINY).transform)
+    act = target.activity(arm, 48)
+    tile = m["tiles_per_token"]["tile"]
+    naive = [sum(len({int(j) // tile for j in np.flatnonzero(a[t])}) for a in act)
+             for t in range(act[0].shape[0])]
+    assert np.isclose(m["tiles_per_token"]["before"], np.mean(naive))
+    assert m["tiles_per_token_samples"]["before"] == naive
+
+
+def test_linear_mode_skips_repermuted(tmp_path, target):
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                report={"stablehlo": False}), str(tmp_path / "lin"),
+                           target=target)
+    names = [s for s, _ in stages(res.out_dir) if s != "ROLLBACK"]
+    assert names == [s for s in STAGES if s != "REPERMUTED"]
+    assert not os.path.exists(res.path("w_after")) and res.active in ("before", "identity")
+    assert artifacts.read_json(res.path("metrics"))["arms"] == ["dense", "identity", "before"]
+
+
+@pytest.mark.parametrize("stage, prev", [("W_BUILT", "identity"), ("TRANSFORMED", "before"),
+                                         ("REPERMUTED", "before"), ("MEASURED", "after")])
+def test_failed_stage_rolls_back_to_last_good_order(tmp_path, target, stage, prev):
+    res = orchestrator.run(tiny(tmp_path, report={"stablehlo": False}), str(tmp_path / "r"),
+                           target=target, inject={stage: RuntimeError(f"boom in {stage}")})
+    assert not res.ok and res.failed_stage == stage and res.active == prev
+    ev = stages(res.out_dir)
+    assert (stage, False) in ev and ("ROLLBACK", True) in ev and ev[-1] == ("REPORTED", True)
+    active, meta = artifacts.load_perms(res.path("perm_active"))
+    assert meta["arm"] == prev
+    if prev != "identity":
+        ref, _ = artifacts.load_perms(res.path(f"perm_{prev}"))
+        assert all(np.array_equal(active[k], ref[k]) for k in ref)
+    else:
+        assert all(np.array_equal(v, np.arange(v.size)) for v in active.values())
+    m = artifacts.read_json(res.path("metrics"))
+    assert m["run"]["failed_stage"] == stage and "boom" in m["run"]["error"]
+    assert m["rollback"]["happened"] and m["rollback"]["to"] == prev
+    assert os.path.exists(res.path("html")) and no_temp_files(res.out_dir) == []
+
+
+def test_transient_error_is_retried(tmp_path, target):
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                report={"stablehlo": False, "html": False}),
+                           str(tmp_path / "t"), target=target,
+                           inject={"W_BUILT": TimeoutError("device busy")})
+    assert res.ok
+    ev = artifacts.read_events(res.path("events"))
+    w = [e for e in ev if e["stage"] == "W_BUILT"]
+    assert len(w) == 1 and w[0]["ok"] and w[0]["meta"]["attempts"] == 2
+
+
+def test_adapter_failure_is_a_no_op_with_warning(tmp_path, target, monkeypatch):
+    def broken(*a, **k):
+        raise FloatingPointError("scale underflow")
+
+    monkeypatch.setattr(tree, "quantize", broken)
+    with pytest.warns(AdapterWarning, match="quant"):
+        arm = target.arm("x", target.identity(), config.load(TINY).transform)
+    assert arm.meta["quant"]["ok"] is False
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                report={"stablehlo": False, "html": False}),
+                           str(tmp_path / "a"), target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert res.ok and m["transforms"]["quant"]["ok"] is False
+    assert any("quant" in w for w in m["warnings"])
+
+
+def test_solver_timeout_keeps_best_order_and_is_flagged(tmp_path, target):
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                solver={"time_budget_s": 1e-4, "refine_steps": 10**7},
+                                report={"stablehlo": False, "html": False}),
+                           str(tmp_path / "s"), target=target)
+    stats = artifacts.read_json(os.path.join(res.out_dir, "stats_permuted.json"))
+    assert res.ok and all(s["timed_out"] for s in stats.values())
+    assert all(s["J"] <= s["J_identity"] + 1e-12 for s in stats.values())
+
+
+def test_measurement_failure_degrades_to_wall_clock(tmp_path, target, monkeypatch):
+    def broken(*a, **k):
+        raise OSError("perf counters unavailable")
+
+    monkeypatch.setattr(cachesim, "replay", broken)
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                report={"stablehlo": False}), str(tmp_path / "m"),
+                           target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert res.ok and m["l2_hit_pct_sim"] is None and m["latency"]["before"]["mean_ms"] > 0
+    assert any("cache simulation" in d for d in m["degraded"])
+
+
+def test_quality_regression_restores_previous_order(tmp_path, target, monkeypatch):
+    real = target.quality
+
+    def worse(arm):
+        q = real(arm)
+        return dict(q, value=q["value"] - 5.0) if arm.name == "after" else q
+
+    monkeypatch.setattr(target, "quality", worse)
+    res = orchestrator.run(tiny(tmp_path, report={"stablehlo": False}), str(tmp_path / "q"),
+                           target=target)
+    assert res.ok and res.rolled_back and res.active == "before"
+    active, _ = artifacts.load_perms(res.path("perm_active"))
+    before, _ = artifacts.load_perms(res.path("perm_before"))
+    assert all(np.array_equal(active[k], before[k]) for k in before)
+    m = artifacts.read_json(res.path("metrics"))
+    assert m["rollback"]["happened"] and "quality" in m["rollback"]["reason"]
+    assert ("ROLLBACK", True) in stages(res.out_dir)
+    with open(res.path("html")) as f:
+        assert "rollback" in f.read().lower()
+
+
+def test_corrupt_trace_aborts_or_falls_back_to_mock(tmp_path, target):
+    bad = tmp_path / "trace.jsonl"
+    bad.write_text('{"src": 0, "dst": 1, "w": 1.0}\nnot json\n')
+    cfg = tiny(tmp_path, graph={"source": "trace", "trace_path": str(bad)},
+               pipeline={"mode": "linear"}, report={"stablehlo": False, "html": False})
+    res = orchestrator.run(cfg, str(tmp_path / "c1"), target=target)
+    assert not res.ok and res.failed_stage == "W_BUILT"
+    assert "trace" in artifacts.read_json(res.path("metrics"))["run"]["error"].lower()
+    cfg["graph"]["fallback_mock"] = True
+    res = orchestrator.run(cfg, str(tmp_path / "c2"), target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert res.ok and any("mock" in w for w in m["warnings"])
+
+
+def test_interrupt_leaves_no_partial_files_and_next_run_restarts(tmp_path, target):
+    cfg = tiny(tmp_path, pipeline={"mode": "linear"}, report={"stablehlo": False})
+    out = str(tmp_path / "i")
+    with pytest.raises(KeyboardInterrupt):
+        orchestrator.run(cfg, out, target=target, inject={"TRANSFORMED": KeyboardInterrupt()})
+    assert artifacts.read_json(os.path.join(out, "state.json"))["state"] == "INTERRUPTED"
+    assert no_temp_files(out) == [] and not os.path.exists(os.path.join(out, "metrics.json"))
+    res = orchestrator.run(cfg, out, target=target, reuse_perm=True)
+    assert res.ok and os.path.exists(os.path.join(out, "events.jsonl.prev"))
+    assert stages(out)[0] == ("READY", True)
+
+
+def test_permutation_cache_hit_and_miss(tmp_path, target):
+    cfg = tiny(tmp_path, pipeline={"mode": "linear"},
+               report={"stablehlo": False, "html": False})
+    first = orchestrator.run(cfg, str(tmp_path / "a"), target=target, reuse_perm=True)
+    second = orchestrator.run(cfg, str(tmp_path / "b"), target=target, reuse_perm=True)
+    hits = [e["meta"]["cache_hits"] for run in (first, second)
+            for e in artifacts.read_events(run.path("events")) if e["stage"] == "PERMUTED"]
+    assert hits == [0, len(target.axes)]
+    a, _ = artifacts.load_perms(first.path("perm_before"))
+    b, _ = artifacts.load_perms(second.path("perm_before"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    cfg["solver"]["refine_steps"] = 3001  # another solver config is another key
+    third = orchestrator.run(cfg, str(tmp_path / "c"), target=target, reuse_perm=True)
+    assert [e["meta"]["cache_hits"] for e in artifacts.read_events(third.path("events"))
+            if e["stage"] == "PERMUTED"] == [0]
+
+
+def test_concurrent_runs_share_one_fit_under_the_lock(tmp_path):
+    cache = orchestrator.PermCache(config.Cache(dir=str(tmp_path), reuse=True), reuse=True)
+    calls, results = [], []
+
+    def fit():
+        calls.append(1)
+        time.sleep(0.3)
+        return np.arange(5)[::-1].astype(np.int32), {"J": 0.0}
+
+    def worker():
+        results.append(cache.get_or_fit({"k": 1}, fit))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r[2] for r in results) == [False, True]
+    assert all(np.array_equal(r[0], [4, 3, 2, 1, 0]) for r in results)
+
+
+def test_run_directory_lock(tmp_path, target):
+    out = tmp_path / "locked"
+    out.mkdir()
+    with FileLock(str(out / ".icd.lock")):
+        with pytest.raises(RunLockedError, match="in use"):
+            orchestrator.run(tiny(tmp_path), str(out), target=target)
+
+
+def test_pair_mode_writes_comparison(tmp_path, target):
+    res, comp = orchestrator.pair(tiny(tmp_path, report={"stablehlo": False}),
+                                  str(tmp_path / "p"), repeats=30, target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert len(m["latency"]["before"]["samples_ms"]) == 30
+    saved = artifacts.read_json(os.path.join(res.out_dir, "compare.json"))
+    assert set(saved["arms"]) == {"linear", "iterative"}
+    lat = saved["paired"]["latency_ms"]
+    assert lat["n"] == 30 and lat["ci95"][0] <= lat["mean_diff"] <= lat["ci95"][1]
+    d = (np.array(m["latency"]["after"]["samples_ms"])
+         - np.array(m["latency"]["before"]["samples_ms"]))
+    assert np.isclose(lat["mean_diff"], d.mean())
+    assert "tiles_per_token" in saved["paired"] and comp["verdict"]
+    assert os.path.getsize(os.path.join(res.out_dir, "compare.html")) > 0
+
+
+def test_export_of_active_model_matches_jax(full, target):
+    from stablehlo_bridge.artifact import load_exported
+
+    exp = load_exported(full.path("stablehlo"))
+    case = target.export_case(target.identity())
+    got = np.asarray(exp.call(*case.args))
+    want = np.asarray(target.enc.embed_packed(target.time_batches[0]))
+    assert np.allclose(got, want, atol=2e-5), np.abs(got - want).max()
