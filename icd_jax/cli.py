@@ -154,9 +154,21 @@ def main(argv):
         return 2
 
 
+def dashed_flags(argv: list[str]) -> list[str]:
+    """``--dry-run`` -> ``--dry_run`` (absl flag names use underscores); values and
+    positional arguments are left alone."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
 def entry() -> None:
     """Console script entry point (``icd``)."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), argv=dashed_flags(sys.argv))
 
 
 if __name__ == "__main__":

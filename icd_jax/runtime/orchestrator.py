@@ -351,7 +351,10 @@ class Run:
         m: dict = dict(arms=names)
         self.say(f"timing {len(names)} arms x {self.repeats} interleaved rounds on "
                  f"{t.tokens} tokens")
-        samples = measure.interleaved(fns, self.repeats, cfg.pipeline.warmup)
+        step = max(1, self.repeats // 5)
+        samples = measure.interleaved(
+            fns, self.repeats, cfg.pipeline.warmup,
+            progress=lambda r, n: self.say(f"  round {r}/{n}") if r % step == 0 else None)
         lat = {a: measure.summarize(s, t.tokens) for a, s in samples.items()}
         lat["method"] = (f"wall-clock per call of the timed set ({t.tokens} tokens), "
                          f"block_until_ready, {cfg.pipeline.warmup} warmup calls excluded, "
