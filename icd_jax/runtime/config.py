@@ -73,8 +73,11 @@ class Graph(Section):
 
 
 class Solver(Section):
-    time_budget_s: float = Field(2.0, gt=0, description="fit_permutation budget per axis")
-    refine_steps: int = Field(20000, ge=0)
+    time_budget_s: float = Field(10.0, gt=0, description="fit_permutation budget per axis; "
+                                 "a search it cuts short is flagged timed_out (and then "
+                                 "depends on the machine's speed)")
+    refine_steps: int = Field(8000, ge=0, description="local-search moves (deterministic "
+                              "for a seed when the budget is not hit)")
     k_blocks: int | None = Field(None, ge=1, description="modularity blocks (None: cost)")
 
 

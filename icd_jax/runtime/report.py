@@ -604,7 +604,7 @@ def _section_header(m: Mapping, lock: Mapping | None, gates) -> str:
     if run.get("seed") is not None:
         bits.append(f"seed {_e(run.get('seed'))}")
     if _num(run.get("tokens")) is not None:
-        bits.append(f"{_e(_f(run.get('tokens')))} tokens")
+        bits.append(f"{int(run['tokens']):,} tokens timed")
     if _num(run.get("elapsed_s")) is not None:
         bits.append(f"{_e(_f(run.get('elapsed_s')))} s")
     detail = " · ".join(f"{_e(k.replace('_', ' '))}: {_e(', '.join(v) or '—')}"
