@@ -41,8 +41,8 @@ def main(argv):
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from common import write_json_atomic
 
-    from icd_jax.cli import summary_text
     from icd_jax.runtime import config, measure, orchestrator
+    from icd_jax.runtime.summary import summary_text
 
     cfg = config.load(FLAGS.config, FLAGS.set)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

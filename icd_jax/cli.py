@@ -33,70 +33,10 @@ flags.DEFINE_integer("pair_repeats", 30, "icd pair: interleaved latency rounds (
 FLAGS = flags.FLAGS
 
 
-def plan_text(cfg) -> str:
-    """The stages a run with ``cfg`` goes through, one line each."""
-    from icd_jax.runtime import config as config_lib
-
-    t, g = cfg.transform, cfg.graph
-    on = [f"S={t.sparsity.kind}" if t.sparsity.enabled else None,
-          f"Q={t.quant.dtype}" + (f"/g{t.quant.group_size}" if t.quant.group_size else "")
-          if t.quant.enabled else None,
-          f"K=drop {t.kv.drop:g}/block {t.kv.block}" if t.kv.enabled else None]
-    lines = [
-        f"READY        load {cfg.model.name} ({cfg.model.size}); lock the run directory",
-        f"W_BUILT      {g.source} -> co-access W per axis ({g.sentences} items, "
-        f"top {g.top_frac:g} active, top-{g.topk} neighbours)",
-        f"PERMUTED     fit_permutation per axis ({cfg.solver.time_budget_s:g} s budget, "
-        f"{cfg.solver.refine_steps} moves); cache {'reuse' if cfg.cache.reuse else 'write'}",
-        f"TRANSFORMED  {' '.join(x for x in on if x) or 'no transforms'}",
-    ]
-    if cfg.pipeline.mode == "iterative":
-        lines.append("REPERMUTED   W' on the transformed model -> pi1; transforms redone "
-                     "under pi0 o pi1")
-    lines += [f"MEASURED     latency ({cfg.pipeline.repeats} interleaved rounds, "
-              f"{cfg.pipeline.warmup} warmup), quality ({cfg.quality.sentences} items), "
-              f"tiles/token, simulated L{cfg.measure.sim_level}, NVML/ncu where present",
-              "REPORTED     gates, rollback decision, model.stablehlo, report.html/csv",
-              f"config hash  {config_lib.digest(config_lib.resolved(cfg))[:16]}"]
-    return "\n".join(lines)
-
-
-def summary_text(metrics: dict, out_dir: str) -> str:
-    """A short table of the arms, the gates and where the report is."""
-    lat, q = metrics.get("latency") or {}, metrics.get("quality") or {}
-    tiles, sim = metrics.get("tiles_per_token") or {}, metrics.get("l2_hit_pct_sim") or {}
-    active = metrics.get("active")
-    rows = [f"{'arm':10s} {'latency ms (CI95)':>24s} {'tok/s':>8s} {'quality %':>10s} "
-            f"{'drop pp':>8s} {'tiles/tok':>10s} {'L2 sim %':>9s}"]
-    for a in metrics.get("arms", []):
-        la = lat.get(a)
-        lt = (f"{la['mean_ms']:.1f} ({la['ci95_ms'][0]:.1f}-{la['ci95_ms'][1]:.1f})"
-              if la else "n/a")
-        tps = f"{la['tokens_per_s']:.0f}" if la else "n/a"
-        qa = q.get(a)
-        qv = f"{qa['value']:.2f}" if qa else "n/a"
-        dp = f"{qa['drop_pp']:+.2f}" if qa else "n/a"
-        tt = f"{tiles[a]:.1f}" if a in tiles else "-"
-        ss = f"{sim[a]:.1f}" if a in sim else "-"
-        mark = " <- active" if a == active else ""
-        rows.append(f"{a:10s} {lt:>24s} {tps:>8s} {qv:>10s} {dp:>8s} {tt:>10s} {ss:>9s}{mark}")
-    rows.append("gates:")
-    for name, g in (metrics.get("gates") or {}).items():
-        val = "n/a" if g["value"] is None else f"{g['value']:+.2f}"
-        why = f" ({g['reason']})" if g["status"] == "not measured" else ""
-        rows.append(f"  {name:8s} target {g['target']:+g} {g['unit']}: {val} -> "
-                    f"{g['status']}{why}")
-    rows.append(f"verdict: {metrics.get('verdict', {}).get('summary', 'n/a')}")
-    rb = metrics.get("rollback") or {}
-    if rb.get("happened"):
-        rows.append(f"ROLLBACK to {rb.get('to')}: {rb.get('reason')}")
-    rows.append(f"report: {os.path.join(out_dir, 'report.html')}")
-    return "\n".join(rows)
-
-
 def main(argv):
     from icd_jax.errors import ICDError
     from icd_jax.runtime import config as config_lib
+    from icd_jax.runtime.summary import plan_text, summary_text
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 import icd_jax
 from icd_jax import cost as cost_lib
 from icd_jax import graph as graph_lib
-from icd_jax import solver
+from icd_jax import permute, solver
 from icd_jax.errors import ICDError, RunLockedError, StageError, TraceError
 from icd_jax.runtime import artifacts, cachesim, measure, targets
 from icd_jax.runtime import config as config_lib
@@ -335,7 +335,7 @@ class Run:
         pis, info = self.fit_all(graphs, "pi1", dict(
             transform=self.cfg.transform.model_dump(), base=config_lib.digest(
                 {k: v.tolist() for k, v in self.perms_before.items()})))
-        after = permute_compose(self.perms_before, pis)
+        after = permute.compose(self.perms_before, pis)
         self.perms_after = after
         self.stats["repermuted"] = info["stats"]
         artifacts.save_perms(self.file("perm_after"), after, dict(stage="REPERMUTED"))
@@ -633,12 +633,6 @@ def mean_cost(stats: dict) -> dict:
         return {}
     keys = ("C", "Q", "C_identity", "Q_identity")
     return {k: float(np.mean([s[k] for s in stats.values()])) for k in keys}
-
-
-def permute_compose(first: dict, then: dict) -> dict:
-    from icd_jax import permute
-
-    return permute.compose(first, then)
 
 
 def export_run(target, perm_path: str, out_path: str, metrics: dict | None = None) -> dict:

@@ -1,0 +1,155 @@
+"""Measurement statistics, NVML/ncu plumbing and the atomic artefact files."""
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from icd_jax.errors import ArtifactError
+from icd_jax.runtime import artifacts, measure
+
+
+@given(st.lists(st.floats(1e-4, 1.0), min_size=2, max_size=50))
+def test_summarize_matches_numpy(samples):
+    s = measure.summarize(samples, tokens=100)
+    ms = np.asarray(samples) * 1e3
+    assert np.isclose(s["mean_ms"], ms.mean()) and np.isclose(s["p50_ms"], np.median(ms))
+    assert np.isclose(s["p95_ms"], np.percentile(ms, 95))
+    half = 0.5 * (s["ci95_ms"][1] - s["ci95_ms"][0])
+    from scipy.stats import t
+    assert np.isclose(half, t.ppf(0.975, len(ms) - 1) * ms.std(ddof=1) / np.sqrt(len(ms)))
+    assert np.isclose(s["tokens_per_s"], 100 / (ms.mean() / 1e3))
+
+
+def test_paired_detects_a_shift_and_not_noise():
+    rng = np.random.default_rng(0)
+    a = rng.normal(10, 1, 40)
+    shifted = measure.paired(a, a + 0.5 + rng.normal(0, 0.05, 40))
+    assert shifted["p_value"] < 1e-6 and shifted["ci95"][0] > 0
+    same = measure.paired(a, a + rng.normal(0, 0.05, 40))
+    assert same["p_value"] > 0.01 and same["ci95"][0] < 0 < same["ci95"][1]
+    assert np.isclose(shifted["mean_diff"], 0.5, atol=0.05)
+    with pytest.raises(Exception, match="one length"):
+        measure.paired([1, 2], [1])
+
+
+def test_interleaved_alternates_arms_and_excludes_warmup():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = measure.interleaved(fns, repeats=3, warmup=2)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warmup per arm
+    assert calls[4:] == ["a", "a", "b", "b"] * 3  # each round: a warm + a timed, then b
+    assert [len(v) for v in out.values()] == [3, 3]
+
+
+def test_trapezoid_energy():
+    t = np.linspace(0, 2, 201)
+    assert np.isclose(measure.trapezoid_j(t, 100 + 0 * t), 200.0)
+    assert np.isclose(measure.trapezoid_j(t, 50 * t), 100.0)
+    assert measure.trapezoid_j([0.0], [5.0]) == 0.0
+
+
+def test_energy_is_null_with_reason_without_nvml(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    out, reason = measure.energy_per_token({"a": lambda: 0}, 10, 2)
+    assert out is None and "pynvml" in reason
+
+
+def test_energy_per_token_with_a_fake_nvml(monkeypatch):
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetPowerUsage=lambda h: 200_000)  # mW
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    import time
+    out, reason = measure.energy_per_token({"a": lambda: time.sleep(0.05)}, tokens=10,
+                                           calls=2, interval_s=0.005)
+    assert reason is None
+    assert 200 * 0.08 / 20 < out["a"] < 200 * 0.3 / 20  # 200 W over ~0.1 s, 20 tokens
+
+
+def test_ncu_unavailable_and_csv_parsing(monkeypatch):
+    monkeypatch.setattr(measure.shutil, "which", lambda name: None)
+    ok, reason = measure.ncu_status()
+    assert not ok and "ncu" in reason
+    assert measure.ncu_l2_hit(["true"]) == (None, reason)
+    text = ('==PROF== Connected\n"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+            '"0","gemm","lts__t_sector_hit_rate.pct","%","80.5"\n'
+            '"1","gemv","lts__t_sector_hit_rate.pct","%","60.5"\n'
+            '"1","gemv","other","%","1"\n')
+    assert measure.parse_ncu_csv(text) == pytest.approx(70.5)
+    assert measure.parse_ncu_csv("nothing") is None
+
+
+def test_graph_and_perm_files_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    a = sp.random(20, 20, density=0.2, random_state=0, format="csr", dtype=np.float32)
+    g = {"ffn_0": a + a.T, "ffn_1": sp.csr_matrix((5, 5), dtype=np.float32)}
+    artifacts.save_graphs(tmp_path / "W.npz", g)
+    back = artifacts.load_graphs(tmp_path / "W.npz")
+    assert set(back) == set(g) and all((back[k] != g[k]).nnz == 0 for k in g)
+    perms = {"x": rng.permutation(7)}
+    artifacts.save_perms(tmp_path / "p.json", perms, {"arm": "before"})
+    p, meta = artifacts.load_perms(tmp_path / "p.json")
+    assert np.array_equal(p["x"], perms["x"]) and meta == {"arm": "before"}
+
+
+def test_corrupt_artefacts_raise_naming_the_file(tmp_path):
+    bad = tmp_path / "W.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match="W.npz"):
+        artifacts.load_graphs(bad)
+    (tmp_path / "p.json").write_text(json.dumps({"perms": {"x": [0, 0, 1]}}))
+    with pytest.raises(ArtifactError, match="not a permutation"):
+        artifacts.load_perms(tmp_path / "p.json")
+    (tmp_path / "m.json").write_text("{oops")
+    with pytest.raises(ArtifactError, match="m.json"):
+        artifacts.read_json(tmp_path / "m.json")
+    with pytest.raises(ArtifactError, match="no such"):
+        artifacts.read_json(tmp_path / "missing.json")
+
+
+def test_pickled_npz_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, names=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ArtifactError):
+        artifacts.load_graphs(path)
+
+
+def test_events_skip_a_torn_last_line_but_not_a_corrupt_middle(tmp_path):
+    path = tmp_path / "events.jsonl"
+    artifacts.append_event(path, {"stage": "READY", "ok": True})
+    with open(path, "a") as f:
+        f.write('{"stage": "W_BU')  # a writer killed mid-line
+    assert [e["stage"] for e in artifacts.read_events(path)] == ["READY"]
+    path.write_text('{"stage": "A"}\nbroken\n{"stage": "B"}\n')
+    with pytest.raises(ArtifactError, match="line 2"):
+        artifacts.read_events(path)
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    artifacts.write_json(path, {"v": 1})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts.os, "replace", boom)
+    with pytest.raises(OSError):
+        artifacts.write_json(path, {"v": 2})
+    monkeypatch.undo()
+    assert artifacts.read_json(path) == {"v": 1}
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
+
+
+def test_json_has_no_nan():
+    text = json.dumps(artifacts.jsonable({"a": float("nan"), "b": np.float32(2.5),
+                                          "c": np.arange(2)}))
+    assert json.loads(text) == {"a": None, "b": 2.5, "c": [0, 1]}
