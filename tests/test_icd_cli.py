@@ -54,8 +54,10 @@ def test_cli_run_on_tiny_mamba(cli_run):
     out = d / "out"
     assert "gates:" in res.stdout and "report:" in res.stdout and "verdict:" in res.stdout
     m = artifacts.read_json(out / "metrics.json")
-    assert m["run"]["model"] == "mamba" and m["quality"]["metric"] == "next_token_agreement"
+    assert m["run"]["model"] == "mamba" and m["quality"]["metric"] == "logit_fidelity"
     assert m["transforms"]["kv"]["applicable"] is False
+    q = m["quality"]["identity"]
+    assert 0 < q["rel_logit_error"] and abs(q["drop_pp"] - 100 * q["rel_logit_error"]) < 1e-9
     for name in ("report.html", "report.csv", "model.stablehlo", "W_after.npz"):
         assert os.path.getsize(out / name) > 0
 
