@@ -22,13 +22,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 from typing import Any
 
 import jax
 from jax import export as jax_export
 from jaxlib.mlir import ir
 
+from icd_jax.runtime.artifacts import write_bytes
 from stablehlo_bridge import mlir_io
 from stablehlo_bridge import tags as icd_tags
 from stablehlo_bridge.errors import ArtifactError
@@ -43,22 +43,8 @@ def sha256(data: bytes) -> str:
 
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in its folder and a rename
-    (the file gets the usual ``0o666 & ~umask`` mode)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
-                               f"{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    (``icd_jax.runtime.artifacts.write_bytes``)."""
+    write_bytes(path, data)
 
 
 def tag_diff(want: dict, got: dict, limit: int = 3) -> str:

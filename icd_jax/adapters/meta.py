@@ -18,8 +18,9 @@ input unchanged (``strict=True`` re-raises instead).
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,15 +44,16 @@ def make(transform: str, settings: dict, *, repermute: bool, reason: str,
 
 
 def jsonable(x):
-    """NumPy scalars and arrays inside dicts/lists as plain Python values."""
-    if isinstance(x, dict):
+    """NumPy scalars and arrays inside mappings/lists as plain Python values; NaN and
+    infinities become None (strict JSON has no such numbers)."""
+    if isinstance(x, Mapping):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
+    if isinstance(x, (np.generic, np.ndarray)):
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 

@@ -9,7 +9,6 @@ raise ``ArtifactError`` naming the file on anything malformed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import scipy.sparse as sp
 
+from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ArtifactError
 
 #: The file names of a run directory (see docs/pipeline.md).
@@ -51,21 +51,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def jsonable(x):
-    """``x`` with NumPy scalars/arrays as Python values and non-finite floats as None."""
-    if isinstance(x, Mapping):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return jsonable(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

@@ -62,6 +62,20 @@ def guarded(name: str, fn: Callable[[], tuple[Any, dict]], fallback: Any,
         return fallback, {"transform": name, "ok": False, "warning": msg}
 
 
+def weight_sparsity(params, paths: list[str], s, strict: bool, ffn_meta: dict
+                    ) -> tuple[Any, dict]:
+    """Apply ``s`` (a ``Sparsity`` section): N:M or unstructured pruning of ``paths``
+    (guarded), or, for ``kind="ffn"``, nothing to the weights and ``ffn_meta`` (the
+    activation-sparse FFN is an execution-time transform)."""
+    if not s.enabled:
+        return params, {}
+    if s.kind in ("2:4", "unstructured"):
+        return guarded("sparsity", lambda: tree.sparsify(params, paths, s.kind, s.rate),
+                       params, strict)
+    return params, dict(transform="sparsity", ok=True, settings=dict(
+        kind="ffn", tile=s.tile, top_frac=s.top_frac), **ffn_meta)
+
+
 def subsample(n_have: int, n: int, seed: int) -> np.ndarray:
     """``min(n, n_have)`` sorted distinct indices, seeded."""
     if n >= n_have:
@@ -169,14 +183,10 @@ class MiniLMTarget:
         params = permute.apply(self.spec, self.enc.params, perms)
         meta: dict[str, dict] = {}
         s = t.sparsity
-        if s.enabled and s.kind in ("2:4", "unstructured"):
-            params, meta["sparsity"] = guarded(
-                "sparsity", lambda: tree.sparsify(params, self.paths, s.kind, s.rate), params,
-                strict)
-        elif s.enabled:
-            meta["sparsity"] = dict(transform="sparsity", ok=True, settings=dict(
-                kind="ffn", tile=s.tile, top_frac=s.top_frac), delta_layout=dict(
-                repermute=True, reason="co-active neurons in few tiles"))
+        params, meta["sparsity"] = weight_sparsity(params, self.paths, s, strict, dict(
+            delta_layout=dict(repermute=True, reason="co-active neurons in few tiles")))
+        if not s.enabled:
+            del meta["sparsity"]
         q = t.quant
         if q.enabled:
             act = None if q.act == "none" else q.act
@@ -330,14 +340,11 @@ class MambaTarget:
         params = permute.apply(self.spec, self.params, perms)
         meta: dict[str, dict] = {}
         s = t.sparsity
-        if s.enabled and s.kind in ("2:4", "unstructured"):
-            params, meta["sparsity"] = guarded(
-                "sparsity", lambda: tree.sparsify(params, self.paths, s.kind, s.rate), params,
-                strict)
-        elif s.enabled:
-            meta["sparsity"] = dict(transform="sparsity", ok=True, executed=False, settings=dict(
-                kind="ffn", tile=s.tile, top_frac=s.top_frac), note="Mamba runs its out_proj "
-                "dense; tiles/token are measured on the inner activations only")
+        params, meta["sparsity"] = weight_sparsity(params, self.paths, s, strict, dict(
+            executed=False, note="Mamba runs its out_proj dense; tiles/token are measured "
+            "on the inner activations only"))
+        if not s.enabled:
+            del meta["sparsity"]
         q = t.quant
         if q.enabled:
             def quantize():
