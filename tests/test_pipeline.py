@@ -319,3 +319,36 @@ def test_export_of_active_model_matches_jax(full, target):
     got = np.asarray(exp.call(*case.args))
     want = np.asarray(target.enc.embed_packed(target.time_batches[0]))
     assert np.allclose(got, want, atol=2e-5), np.abs(got - want).max()
+
+
+def test_hardware_l2_from_ncu_feeds_the_gate(tmp_path, target, monkeypatch):
+    from icd_jax.runtime import measure
+
+    seen = []
+
+    def fake_ncu(command, timeout_s=600.0):
+        seen.append(command)
+        return (50.0 if command[-1] == "identity" else 65.0), None
+
+    monkeypatch.setattr(measure, "ncu_status", lambda: (True, None))
+    monkeypatch.setattr(measure, "ncu_l2_hit", fake_ncu)
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                report={"stablehlo": False, "html": False}),
+                           str(tmp_path / "n"), target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert [c[-1] for c in seen] == ["identity", "before"]
+    assert all(c[1:3] == ["-m", "icd_jax.runtime.probe"] for c in seen)
+    assert m["l2_hit_pct"] == {"identity": 50.0, "before": 65.0}
+    if res.active == "before":
+        assert m["gates"]["l2_hit"]["value"] == 15.0 and m["gates"]["l2_hit"]["status"] == "met"
+
+
+def test_probe_rebuilds_an_arm_of_a_finished_run(full):
+    from icd_jax.runtime import probe
+
+    t, arm = probe.arm_of(full.out_dir, "after")
+    ref, _ = artifacts.load_perms(full.path("perm_after"))
+    assert all(np.array_equal(arm.perms[k], ref[k]) for k in ref)
+    assert probe.main(["probe", full.out_dir, "before", "1"]) == 0
+    with pytest.raises(Exception, match="unknown arm"):
+        probe.arm_of(full.out_dir, "sideways")

@@ -419,11 +419,22 @@ class Run:
     def measure_hardware(self, fns, m: dict) -> None:
         cfg = self.cfg
         m["l2_hit_pct"], m["l2_hit_pct_reason"] = None, measure.ncu_status()[1]
-        if m["l2_hit_pct_reason"] is None:
-            m["l2_hit_pct_reason"] = ("ncu is on PATH, but profiling the arms under ncu is "
-                                      "not wired into the run yet; see measure.ncu_l2_hit")
         if not cfg.measure.ncu:
             m["l2_hit_pct_reason"] = "disabled by measure.ncu=false"
+        elif m["l2_hit_pct_reason"] is None:  # an NVIDIA GPU and ncu: profile each arm
+            def profile():
+                out, why = {}, []
+                for a in (x for x in fns if x != "dense"):
+                    val, reason = measure.ncu_l2_hit(
+                        [sys.executable, "-m", "icd_jax.runtime.probe", self.out, a])
+                    if val is None:
+                        why.append(f"{a}: {reason}")
+                    else:
+                        out[a] = val
+                return out, "; ".join(why) or None
+
+            got = self.guard("ncu", profile, m)
+            m["l2_hit_pct"], m["l2_hit_pct_reason"] = got if got else (None, "ncu failed")
         m["ept_j_per_tok"], m["ept_reason"] = None, "disabled by measure.nvml=false"
         if cfg.measure.nvml:
             out = self.guard("energy", lambda: measure.energy_per_token(
@@ -473,8 +484,10 @@ class Run:
         out["latency"] = gate(v, g.latency_pct, "% vs dense fp32", lower=True,
                               reason=None if v is not None else "latency not measured")
         hw = m.get("l2_hit_pct")
-        out["l2_hit"] = gate(None if hw is None else hw, g.l2_hit_pp, "pp vs identity",
-                             lower=False, reason=m.get("l2_hit_pct_reason"))
+        v = (hw[active] - hw["identity"] if isinstance(hw, dict) and active in hw
+             and "identity" in hw else None)
+        out["l2_hit"] = gate(v, g.l2_hit_pp, "pp vs identity", lower=False,
+                             reason=m.get("l2_hit_pct_reason") or "not measured")
         sim = m.get("l2_hit_pct_sim") or {}
         if hw is None and active in sim and "identity" in sim:
             out["l2_hit"]["simulated_value"] = sim[active] - sim["identity"]
