@@ -1,6 +1,7 @@
 """Measurement statistics, NVML/ncu plumbing and the atomic artefact files."""
 
 import json
+import math
 import os
 import sys
 import types
@@ -153,3 +154,13 @@ def test_json_has_no_nan():
     text = json.dumps(artifacts.jsonable({"a": float("nan"), "b": np.float32(2.5),
                                           "c": np.arange(2)}))
     assert json.loads(text) == {"a": None, "b": 2.5, "c": [0, 1]}
+
+
+def test_mcnemar_exact_against_a_hand_count():
+    a = [100, 100, 0, 0, 100, 0, 100, 100]
+    b = [100, 0, 0, 100, 0, 0, 0, 100]  # a only: 3 items, b only: 1 item
+    out = measure.mcnemar(a, b)
+    assert (out["only_a"], out["only_b"]) == (3, 1)
+    assert np.isclose(out["p_value"], 2 * (math.comb(4, 0) + math.comb(4, 1)) / 2 ** 4)
+    assert measure.mcnemar([0.3, 0.5, 0.9], [0.1, 0.2, 0.3]) is None  # not binary
+    assert measure.mcnemar([1, 1], [1, 1])["p_value"] == 1.0

@@ -308,6 +308,10 @@ def test_pair_mode_writes_comparison(tmp_path, target):
          - np.array(m["latency"]["before"]["samples_ms"]))
     assert np.isclose(lat["mean_diff"], d.mean())
     assert "tiles_per_token" in saved["paired"] and comp["verdict"]
+    qual = saved["paired"]["quality"]
+    lin, it = (np.array(m["quality_samples"][a]) for a in ("before", "after"))
+    assert qual["n"] == 48 and np.isclose(qual["mean_diff"], (it - lin).mean())
+    assert qual["exact"]["only_a"] == int(((lin > 0) & (it == 0)).sum())
     assert os.path.getsize(os.path.join(res.out_dir, "compare.html")) > 0
 
 

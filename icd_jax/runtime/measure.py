@@ -96,6 +96,19 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict:
                 None)
 
 
+def mcnemar(a: Sequence[float], b: Sequence[float]) -> dict | None:
+    """Exact McNemar test of two paired 0/x outcome vectors (``> 0`` = success): the
+    discordant counts and the two-sided binomial p-value; None unless both are binary."""
+    ra, rb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if ra.shape != rb.shape or np.union1d(np.unique(ra), np.unique(rb)).size > 2:
+        return None
+    a, b = ra > 0, rb > 0
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = float(stats.binomtest(only_a, n, 0.5).pvalue) if n else 1.0
+    return dict(only_a=only_a, only_b=only_b, p_value=p, test="exact McNemar")
+
+
 def change_pct(new: float | None, base: float | None) -> float | None:
     """``100 (new - base) / base``, or None if either is missing."""
     if new is None or base in (None, 0):

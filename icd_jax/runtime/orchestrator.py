@@ -361,7 +361,9 @@ class Run:
                          f"arms interleaved over {self.repeats} rounds")
         lat["degraded"] = None
         m["latency"] = lat
+        self.metrics_extra = {}
         m["quality"] = self.guard("quality", lambda: self.measure_quality(names), m)
+        m.update(self.metrics_extra)
         self.measure_layout(names, m)
         self.measure_hardware(fns, m)
         self.metrics = m
@@ -380,9 +382,12 @@ class Run:
 
     def measure_quality(self, names) -> dict:
         q = {"metric": self.t.quality_metric, "higher_is_better": True, "unit": "%"}
+        samples = {}
         for a in names:
             self.say(f"quality of {a}")
-            q[a] = self.t.quality(self.arms[a])
+            q[a] = dict(self.t.quality(self.arms[a]))
+            samples[a] = q[a].pop("samples", None)
+        self.metrics_extra["quality_samples"] = samples
         return q
 
     def measure_layout(self, names, m: dict) -> None:
@@ -721,6 +726,11 @@ def compare_modes(m: dict) -> dict:
         paired["latency_ms"] = dict(measure.paired(lat["before"]["samples_ms"],
                                                    lat["after"]["samples_ms"]),
                                     a="linear", b="iterative")
+    qs = m.get("quality_samples") or {}
+    if qs.get("before") is not None and qs.get("after") is not None:
+        paired["quality"] = dict(measure.paired(qs["before"], qs["after"]), a="linear",
+                                 b="iterative", exact=measure.mcnemar(qs["before"],
+                                                                      qs["after"]))
     tiles = m.get("tiles_per_token_samples") or {}
     if "before" in tiles and "after" in tiles:
         paired["tiles_per_token"] = dict(measure.paired(tiles["before"], tiles["after"]),
@@ -728,9 +738,13 @@ def compare_modes(m: dict) -> dict:
     notes = []
     if lin["drop_pp"] is not None and it["drop_pp"] is not None:
         better_q = it["drop_pp"] <= lin["drop_pp"]
-        notes.append(f"quality: iterative {'is' if better_q else 'is NOT'} at least as good "
-                     f"as linear (drop {it['drop_pp']:.2f} vs {lin['drop_pp']:.2f} pp; one "
-                     f"deterministic evaluation)")
+        note = (f"quality: iterative {'is' if better_q else 'is NOT'} at least as good as "
+                f"linear (drop {it['drop_pp']:.2f} vs {lin['drop_pp']:.2f} pp")
+        if "quality" in paired:
+            d = paired["quality"]
+            note += (f"; paired over {d['n']} items: {d['mean_diff']:+.2f} pp, CI95 "
+                     f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], p={fmt_p(d['p_value'])}")
+        notes.append(note + ")")
     if "tiles_per_token" in paired:
         d = paired["tiles_per_token"]
         notes.append(f"tiles/token: iterative {'is' if d['mean_diff'] <= 0 else 'is NOT'} at "

@@ -223,13 +223,16 @@ class MiniLMTarget:
         return emb
 
     def quality(self, arm: Arm) -> dict:
-        """Topic retrieval precision@1 (%) and its drop against dense fp32, in pp."""
+        """Topic retrieval precision@1 (%) and its drop against dense fp32, in pp;
+        ``samples``: per sentence 100 if its nearest neighbour shares its topic, else 0
+        (the paired test of ``icd pair`` runs on these)."""
         if self._dense_emb is None:
             self._dense_emb = self.embeddings(self.dense_arm())
         emb = self._dense_emb if arm.name == "dense" else self.embeddings(arm)
         q = quality.compare(self._dense_emb, emb, self.q_labels)
+        hit = self.q_labels[quality.nearest_neighbours(emb)] == self.q_labels
         return dict(value=100.0 * q["accuracy"], drop_pp=q["drop_pp"], cos_mean=q["cos_mean"],
-                    nn_agreement=q["nn_agreement"])
+                    nn_agreement=q["nn_agreement"], samples=(100.0 * hit).tolist())
 
     quality_metric = "topic_accuracy"
 
@@ -384,7 +387,12 @@ class MambaTarget:
               for (d, t, lens), (o, _, _) in zip(self._dense, got)]
         agree = float(np.average([m["next_token_agreement"] for m in ms], weights=w))
         err = float(np.average([m["rel_logit_error"] for m in ms], weights=w))
+        per_item = [100.0 * (1.0 - quality.lm_compare(d[i:i + 1], o[i:i + 1], t[i:i + 1],
+                                                      lens[i:i + 1])["rel_logit_error"])
+                    for (d, t, lens), (o, _, _) in zip(self._dense, got)
+                    for i in range(d.shape[0]) if lens[i] > 0]
         return dict(value=100.0 * (1.0 - err), drop_pp=100.0 * err, rel_logit_error=err,
+                    samples=per_item,
                     next_token_agreement_pct=100.0 * agree,
                     ppl_ratio=float(np.average([m["ppl_ratio"] for m in ms], weights=w)))
 
