@@ -205,9 +205,11 @@ def test_measurement_failure_degrades_to_wall_clock(tmp_path, target, monkeypatc
 def test_quality_regression_restores_previous_order(tmp_path, target, monkeypatch):
     real = target.quality
 
-    def worse(arm):
+    def worse(arm):  # "after" misses every item "before" hit: a significant loss
         q = real(arm)
-        return dict(q, value=q["value"] - 5.0) if arm.name == "after" else q
+        if arm.name != "after":
+            return q
+        return dict(q, value=q["value"] - 5.0, samples=[0.0] * len(q["samples"]))
 
     monkeypatch.setattr(target, "quality", worse)
     res = orchestrator.run(tiny(tmp_path, report={"stablehlo": False}), str(tmp_path / "q"),
@@ -221,6 +223,24 @@ def test_quality_regression_restores_previous_order(tmp_path, target, monkeypatc
     assert ("ROLLBACK", True) in stages(res.out_dir)
     with open(res.path("html")) as f:
         assert "rollback" in f.read().lower()
+
+
+def test_insignificant_quality_loss_is_kept_with_a_warning(tmp_path, target, monkeypatch):
+    real, seen = target.quality, {}
+
+    def slightly_worse(arm):  # 1 pp below "before" (beyond 0.1 pp), on identical items
+        if arm.name == "after":
+            return dict(seen["before"], value=seen["before"]["value"] - 1.0)
+        seen[arm.name] = real(arm)
+        return seen[arm.name]
+
+    monkeypatch.setattr(target, "quality", slightly_worse)
+    res = orchestrator.run(tiny(tmp_path, report={"stablehlo": False, "html": False}),
+                           str(tmp_path / "k"), target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert m["quality_samples"]["before"] == m["quality_samples"]["after"]  # McNemar p = 1
+    assert res.active == "after" and not res.rolled_back
+    assert any("not significant" in w for w in m["warnings"])
 
 
 def test_corrupt_trace_aborts_or_falls_back_to_mock(tmp_path, target):

@@ -139,6 +139,9 @@ class Rollback(Section):
                               "previous one by this many points is rolled back")
     latency_pct: float = Field(5.0, ge=0, description="... or slower by this many percent "
                                "(and outside both CI95s)")
+    alpha: float | None = Field(0.05, gt=0, lt=1, description="a quality loss must also be "
+                                "significant: paired p-value (exact McNemar on per-item "
+                                "hits) below alpha; null: the tolerance alone decides")
 
 
 class Cache(Section):

@@ -459,9 +459,16 @@ class Run:
         q = m.get("quality") or {}
         if cand in q and prev in q:
             loss = q[prev]["value"] - q[cand]["value"]
-            if loss > rb.quality_pp:
+            p = quality_p_value((m.get("quality_samples") or {}).get(prev),
+                                (m.get("quality_samples") or {}).get(cand))
+            significant = rb.alpha is None or p is None or p < rb.alpha
+            if loss > rb.quality_pp and significant:
                 reasons.append(f"quality {loss:.2f} pp below {prev} (tolerance "
-                               f"{rb.quality_pp} pp)")
+                               f"{rb.quality_pp} pp" + ("" if p is None else
+                                                        f", paired p={p:.3g}") + ")")
+            elif loss > rb.quality_pp:
+                self.warnings.append(f"quality {loss:.2f} pp below {prev}, but not "
+                                     f"significant (paired p={p:.3g} >= {rb.alpha}); kept")
         lat = m.get("latency") or {}
         if cand in lat and prev in lat:
             a, b = lat[prev], lat[cand]
@@ -621,6 +628,15 @@ class Run:
 
             out["report"] = report.build(self.out)
         return out
+
+
+def quality_p_value(prev, cand) -> float | None:
+    """Paired p-value of per-item quality samples: exact McNemar for binary outcomes,
+    else Wilcoxon; None without samples."""
+    if prev is None or cand is None or len(prev) != len(cand) or len(prev) < 2:
+        return None
+    exact = measure.mcnemar(prev, cand)
+    return exact["p_value"] if exact is not None else measure.paired(prev, cand)["p_value"]
 
 
 def gate(value: float | None, target: float, unit: str, lower: bool,
