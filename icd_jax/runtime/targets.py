@@ -213,9 +213,14 @@ class MiniLMTarget:
         return lambda: [fwd(params, *a) for a in arrays]
 
     def embeddings(self, arm: Arm) -> np.ndarray:
+        from tqdm import tqdm
+
         ids = arm.runner.tokenize(self.q_texts)
         emb = np.zeros((len(ids), self.config.hidden), np.float32)
-        for idx, b in arm.runner.batches(ids, self.bs):
+        batches = tqdm(arm.runner.batches(ids, self.bs), total=-(-len(ids) // self.bs),
+                       desc=f"quality {arm.name}", unit="batch", leave=False,
+                       disable=len(ids) < 256)
+        for idx, b in batches:
             emb[idx] = np.asarray(arm.runner._forward(arm.params, *b.arrays()))[: len(idx)]
         if "residual" in arm.perms:  # back to the shipped residual order
             emb = np.asarray(permute.permute_output(self.spec, "embedding", emb,
