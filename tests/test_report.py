@@ -314,6 +314,18 @@ def test_prepost_table_compares_dense_and_active(iterative):
     assert f"{100 * (act / dense - 1):+.2f} %" in row
 
 
+def test_linear_vs_iterative_table_only_with_both_arms(iterative, linear):
+    d, out = iterative
+    m = artifacts.read_json(os.path.join(d, "metrics.json"))
+    p = _parse(out["html"])
+    assert "Linear vs iterative" in p.plain
+    lin, it = m["latency"]["before"]["mean_ms"], m["latency"]["after"]["mean_ms"]
+    rows = [r for r in _rows(p, "latency mean (ms)") if abs(float(r[1]) - lin) < 1e-2]
+    assert len(rows) == 1 and abs(float(rows[0][2]) - it) < 1e-2
+    assert abs(float(rows[0][4].rstrip(" %")) - 100 * (it / lin - 1)) < 1e-2
+    assert "Linear vs iterative" not in _parse(linear[1]["html"]).plain
+
+
 def test_text_is_escaped(tmp_path):
     d = make_run_dir(tmp_path / "run")
     path = os.path.join(d, "metrics.json")
