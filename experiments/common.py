@@ -8,21 +8,15 @@ import tempfile
 import time
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
-
-def _once(fn: Callable[[], object]) -> float:
-    """Seconds for one call of ``fn``, its result blocked on."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
+from icd_jax.runtime.measure import once
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """``(first-call seconds, median steady-state seconds)``; results are blocked on."""
-    first = _once(fn)
-    return first, float(np.median([_once(fn) for _ in range(repeats)]))
+    first = once(fn)
+    return first, float(np.median([once(fn) for _ in range(repeats)]))
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -51,12 +45,12 @@ def timed_interleaved(fns: dict[str, Callable[[], object]],
     costs the first call after a switch several times its steady time). Returns
     ``{label: (first-call seconds, median seconds)}``.
     """
-    first = {label: _once(fn) for label, fn in fns.items()}
+    first = {label: once(fn) for label, fn in fns.items()}
     samples = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
-            _once(fn)  # warm: this library's threads and caches, after the previous row
-            samples[label].append(_once(fn))
+            once(fn)  # warm: this library's threads and caches, after the previous row
+            samples[label].append(once(fn))
     return {label: (first[label], float(np.median(samples[label]))) for label in fns}
 
 

@@ -153,13 +153,8 @@ def fit(csr: sp.csr_matrix, cfg: config_lib.Config, pi_prev=None) -> tuple[np.nd
 def tiles_per_token(active: list[np.ndarray], tile: int) -> np.ndarray:
     """Distinct tiles of ``tile`` consecutive stored positions touched per token, summed
     over layers: ``int[tokens]``."""
-    out = 0
-    for a in active:
-        t, d = a.shape
-        pad = -d % tile
-        blocks = np.pad(a, ((0, 0), (0, pad))).reshape(t, -1, tile).any(-1)
-        out = out + blocks.sum(1)
-    return np.asarray(out)
+    return np.asarray(sum(cachesim.active_tiles(a, np.arange(a.shape[1]), tile).sum(1)
+                          for a in active))
 
 
 def layer_major_replay(active: list[np.ndarray], tile: int, row_bytes: int,
@@ -575,12 +570,10 @@ class Run:
                 self.say(f"previous run in {self.out} stopped at {prev}; restarting")
             if os.path.exists(self.file("events")):
                 os.replace(self.file("events"), self.file("events") + ".prev")
-        for stale in ("perm_after", "w_after"):
-            if os.path.exists(self.file(stale)):
-                os.unlink(self.file(stale))
-        for f in ("stats_repermuted.json",):
-            if os.path.exists(os.path.join(self.out, f)):
-                os.unlink(os.path.join(self.out, f))
+        for stale in (self.file("perm_after"), self.file("w_after"),
+                      os.path.join(self.out, "stats_repermuted.json")):
+            if os.path.exists(stale):
+                os.unlink(stale)
 
     def finish(self, active: str, t_run: float) -> None:
         m = self.metrics
