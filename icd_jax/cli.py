@@ -1,13 +1,17 @@
 """The ``icd`` command: ``run``, ``pair``, ``export`` and ``report``.
 
     icd run [-c CONFIG] --out DIR [--set key=value ...] [--dry-run] [--reuse-perm]
+            [--fail-on-gates] [--force]
     icd pair [-c CONFIG] --out DIR     # linear vs iterative, interleaved, >= 30 repeats
     icd export --run DIR [--to FILE]   # StableHLO of the run's active permuted model
     icd report DIR                     # rebuild report.html / report.csv from artefacts
     icd run --print-schema             # the config's JSON schema
 
-With no ``-c`` the default MiniLM-L6 config runs. Exit status: 0 done, 1 a stage failed
-and the run rolled back (the report says which), 2 bad usage or config.
+With no ``-c`` the default MiniLM-L6 config runs. ``run`` and ``pair`` write a marker
+file (``icd_run.json``) into their folder and refuse a non-empty ``--out`` without one
+(it holds files no run wrote) unless ``--force``. Exit status: 0 done, 1 a stage failed
+and the run rolled back (the report says which), 2 bad usage, config or ``--out``, 3 with
+``--fail-on-gates`` a measured gate is ``not met`` (``not measured`` gates never are).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from absl import app, flags
 
@@ -30,7 +35,24 @@ flags.DEFINE_bool("reuse_perm", False, "Reuse cached permutations.")
 flags.DEFINE_string("run", None, "icd export: the run directory.")
 flags.DEFINE_string("to", None, "icd export: output file (default RUN/model.stablehlo).")
 flags.DEFINE_integer("pair_repeats", 30, "icd pair: interleaved latency rounds (>= 30).")
+flags.DEFINE_bool("fail_on_gates", False, "Exit 3 when a measured gate is not met (for CI).")
+flags.DEFINE_bool("force", False, "Write into a non-empty --out that no icd run created.")
 FLAGS = flags.FLAGS
+
+
+def gates_not_met(metrics: Mapping) -> list[str]:
+    """Names of the measured gates whose status is ``not met``."""
+    gates = metrics.get("gates") or {}
+    return [k for k, g in gates.items() if isinstance(g, Mapping) and
+            g.get("status") == "not met"]
+
+
+def exit_status(ok: bool, metrics: Mapping, fail_on_gates: bool) -> int:
+    """0 done; 1 a stage failed and the run rolled back; 3 with ``fail_on_gates`` when a
+    measured gate is not met (a rollback's 1 comes first)."""
+    if not ok:
+        return 1
+    return 3 if fail_on_gates and gates_not_met(metrics) else 0
 
 
 def main(argv):
@@ -65,6 +87,10 @@ def main(argv):
             paths = orchestrator.export_saved(run_dir, FLAGS.to)
             print(f"StableHLO: {paths['stablehlo']} (sidecar {paths['sidecar']})")
             return 0
+        if not FLAGS.out.strip():
+            print(f"icd {cmd}: --out must name a folder, got an empty string",
+                  file=sys.stderr)
+            return 2
         cfg = config_lib.load(FLAGS.config, FLAGS.set)
         if cmd == "pair" and cfg.pipeline.mode != "iterative":
             cfg = config_lib.load(config_lib.resolved(cfg), ["pipeline.mode=iterative"])
@@ -72,8 +98,12 @@ def main(argv):
             print(json.dumps(config_lib.resolved(cfg), indent=1))
             print(plan_text(cfg))
             return 0
-        from icd_jax.runtime import orchestrator
+        from icd_jax.runtime import artifacts
         say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if artifacts.prepare_run_dir(FLAGS.out, FLAGS.force) == "foreign":
+            say(f"icd {cmd}: --force: writing into {FLAGS.out}, which holds files no icd "
+                f"run wrote; files of the run's names are overwritten, no other is removed")
+        from icd_jax.runtime import orchestrator
         if cmd == "pair":
             res, comp = orchestrator.pair(cfg, FLAGS.out, repeats=FLAGS.pair_repeats,
                                           reuse_perm=FLAGS.reuse_perm, log_fn=say)
@@ -84,12 +114,18 @@ def main(argv):
             res = orchestrator.Run(cfg, FLAGS.out, reuse_perm=FLAGS.reuse_perm,
                                    log_fn=say).execute()
             print(summary_text(res.metrics, res.out_dir))
-        if not res.ok:
+        status = exit_status(res.ok, res.metrics, FLAGS.fail_on_gates)
+        if status == 1:
             print(f"stage {res.failed_stage} failed; rolled back to {res.active}",
                   file=sys.stderr)
-            return 1
-        return 0
+        elif status == 3:
+            print(f"icd: --fail-on-gates: not met: {', '.join(gates_not_met(res.metrics))}",
+                  file=sys.stderr)
+        return status
     except ICDError as e:
+        print(f"icd: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder or file outside any stage: usage, not a rollback
         print(f"icd: {e}", file=sys.stderr)
         return 2
 

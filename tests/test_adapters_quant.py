@@ -4,6 +4,7 @@ import warnings
 
 import hypothesis.strategies as st
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -160,3 +161,108 @@ def test_smoothquant_factors_keep_the_product_and_shrink_outliers(rng):
                                np.asarray(quant.matmul(jnp.asarray(x), smooth)), rtol=1e-6)
     with pytest.raises(ShapeError, match="smooth"):
         quant.quantize(w, "int8", smooth=s[:3])
+
+
+# -- real int8 arithmetic: every int8 mode runs int8 x int8 -> int32, checked on the jaxpr --
+def np_round(x, s):
+    return np.clip(np.round(x / s), -127, 127)
+
+
+def dot_dtypes(fn, *args) -> list[tuple[str, str]]:
+    """``(lhs dtype, rhs dtype)`` of every dot_general in ``fn``'s jaxpr (nested too)."""
+    out = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+@pytest.mark.parametrize("g", [None, 8])
+def test_int8_modes_match_a_numpy_reference_and_run_int8_dots(rng, dtype, act, g):
+    x = rng.standard_normal((13, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 6)).astype(np.float32)
+    if act == "static":
+        a = np.abs(x).max(0) * 1.5
+        sc = np.float32(a.max() / 127) if g is None else (a.reshape(-1, g).max(1) / 127)
+    else:
+        sc = None
+    k = quant.quantize(w, dtype, g, act=act, act_scale=sc)
+    vals = np.asarray(quant.int_values(k), np.float64)
+    sw = np.asarray(k.scale, np.float64)
+    gg = 32 if g is None else g
+    ref = np.zeros((13, 6))
+    for i in range(32 // gg):
+        xs = x[:, i * gg:(i + 1) * gg].astype(np.float64)
+        if act == "dynamic":
+            amax = np.abs(x if g is None else xs).max(1, keepdims=True)
+            sx = np.where(amax > 0, amax / 127, 1.0)
+        else:
+            sx = np.float64(np.asarray(sc).reshape(-1)[0 if g is None else i])
+        ref += (np_round(xs, sx) @ vals[i * gg:(i + 1) * gg]) * sx * sw[0 if g is None else i]
+    got = np.asarray(quant.matmul(jnp.asarray(x), k))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert quant.compute(k) == ("int8" if g is None else "int8-grouped")
+    dots = dot_dtypes(lambda x, k: quant.matmul(x, k), jnp.asarray(x), k)
+    assert dots and all(d == ("int8", "int8") for d in dots)
+    assert len(dots) == 32 // gg
+
+
+def test_weight_only_and_fp8_say_so_and_plain_arrays_are_float(rng):
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    assert quant.compute(quant.quantize(w, "int8")) == "float32-weight-only"
+    assert quant.compute(quant.quantize(w, "fp8", act="dynamic")) == "float32-weight-only"
+    assert quant.compute(w) == "float32"
+    dots = dot_dtypes(lambda x, k: quant.matmul(x, k), jnp.ones((3, 16)), quant.quantize(w))
+    assert dots == [("float32", "float32")]
+
+
+@pytest.mark.parametrize("g", [None, 1, 4])
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_static_scales_fold_into_the_weights(rng, g, alpha):
+    """Static int8 with tree.quantize: x / d rounded at 1/127, W' = diag(d) W per output
+    channel; one int8 dot, equal to the NumPy arithmetic of that scheme."""
+    from icd_jax.adapters import tree
+
+    x = rng.standard_normal((20, 16)).astype(np.float32) * rng.uniform(0.1, 5, 16)
+    w = rng.standard_normal((16, 5)).astype(np.float32)
+    absmax = {"l/kernel": np.abs(x).max(0)}
+    qp, meta = tree.quantize({"l": {"kernel": w}}, ["l/kernel"], "int8", g, act="static",
+                             act_absmax=absmax, smooth_alpha=alpha)
+    k = qp["l"]["kernel"]
+    assert quant.compute(k) == "int8" and k.group_size is None
+    assert meta["compute"] == {"int8": 1} and meta["int8_kernels"] == ["l/kernel"]
+    d = np.asarray(k.smooth, np.float64)
+    if alpha is None:  # d = absmax of the channel's group (of all channels for None)
+        gg = 16 if g is None else g
+        np.testing.assert_allclose(d, np.repeat(absmax["l/kernel"].reshape(-1, gg).max(1), gg),
+                                   rtol=1e-6)
+    w2 = d[:, None] * w
+    sw = np.where(np.abs(w2).max(0) > 0, np.abs(w2).max(0) / 127, 1)
+    ref = (np_round(x / d, 1 / 127) @ np_round(w2, sw)) / 127 * sw
+    np.testing.assert_allclose(np.asarray(quant.matmul(jnp.asarray(x), k)), ref, rtol=2e-5,
+                               atol=2e-5)
+    assert dot_dtypes(lambda x, k: quant.matmul(x, k), jnp.asarray(x), k) == [("int8", "int8")]
+    # inside the calibrated range the product stays close to float
+    assert meta_lib.rel_error(x @ w, ref) < 0.05
+
+
+def test_take_rows_keeps_int8(rng):
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    k = quant.quantize(w, "int8", act="dynamic", smooth=np.linspace(1, 2, 16))
+    rows = jnp.array([3, 0, 9])
+    sub = quant.take_rows(k, rows)
+    assert sub.q.dtype == jnp.int8 and sub.q.shape == (3, 4) and sub.smooth.shape == (3,)
+    x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    full = jnp.zeros((5, 16)).at[:, rows].set(x)
+    np.testing.assert_allclose(quant.matmul(x, sub), quant.matmul(full, k), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ConfigError, match="per-channel"):
+        quant.take_rows(quant.quantize(w, "int8", 4, act="dynamic"), rows)

@@ -53,7 +53,8 @@ def test_trapezoid_energy():
     t = np.linspace(0, 2, 201)
     assert np.isclose(measure.trapezoid_j(t, 100 + 0 * t), 200.0)
     assert np.isclose(measure.trapezoid_j(t, 50 * t), 100.0)
-    assert measure.trapezoid_j([0.0], [5.0]) == 0.0
+    assert measure.trapezoid_j([0.0], [5.0]) is None  # no interval: no energy, not 0 J
+    assert measure.trapezoid_j([], []) is None
 
 
 def test_energy_is_null_with_reason_without_nvml(monkeypatch):
@@ -70,9 +71,42 @@ def test_energy_per_token_with_a_fake_nvml(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     import time
     out, reason = measure.energy_per_token({"a": lambda: time.sleep(0.05)}, tokens=10,
-                                           calls=2, interval_s=0.005)
+                                           calls=2, interval_s=0.005, min_samples=5)
     assert reason is None
     assert 200 * 0.08 / 20 < out["a"] < 200 * 0.3 / 20  # 200 W over ~0.1 s, 20 tokens
+
+
+def fake_nvml(monkeypatch):
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetPowerUsage=lambda h: 200_000)  # mW
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+
+def test_energy_of_a_short_window_is_null_with_reason_not_zero(monkeypatch):
+    fake_nvml(monkeypatch)
+    import time
+    # a 1 s interval takes one sample in a window of ~0 s: no energy, never 0 J
+    out, reason = measure.energy_per_token({"a": lambda: 0}, tokens=10, calls=1,
+                                           interval_s=1.0, min_samples=10)
+    assert out is None and "nvml_min_samples=10" in reason and reason.startswith("a:")
+    # one arm long enough, one too short: the short one is None, the reason names it
+    out, reason = measure.energy_per_token(
+        {"long": lambda: time.sleep(0.1), "short": lambda: 0}, tokens=10, calls=1,
+        interval_s=0.005, min_samples=4)
+    assert out["long"] > 0 and out["short"] is None
+    assert "short:" in reason and "long:" not in reason
+
+
+def test_arm_energy_counts_samples():
+    t = np.linspace(0, 1, 11)
+    e, why = measure.arm_energy(t, 100 + 0 * t, tokens=50, min_samples=11)
+    assert why is None and np.isclose(e, 2.0)
+    e, why = measure.arm_energy(t, 100 + 0 * t, tokens=50, min_samples=12)
+    assert e is None and "11 NVML power samples" in why
+    e, why = measure.arm_energy([0.0], [5.0], tokens=1, min_samples=0)  # at least 2
+    assert e is None and "fewer than" in why
 
 
 def test_ncu_unavailable_and_csv_parsing(monkeypatch):
@@ -86,6 +120,56 @@ def test_ncu_unavailable_and_csv_parsing(monkeypatch):
             '"1","gemv","other","%","1"\n')
     assert measure.parse_ncu_csv(text) == pytest.approx(70.5)
     assert measure.parse_ncu_csv("nothing") is None
+
+
+def test_ncu_runs_with_profiling_off_from_the_start(tmp_path, monkeypatch):
+    """A fake ncu on PATH records its command line and prints one metric row."""
+    args = tmp_path / "args.txt"
+    ncu = tmp_path / "ncu"
+    ncu.write_text("#!/bin/sh\n"
+                   f'printf "%s\\n" "$@" > {args}\n'
+                   'echo \'"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\'\n'
+                   'echo \'"0","gemm","lts__t_sector_hit_rate.pct","%","42.5"\'\n')
+    ncu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(measure.jax, "devices",
+                        lambda *a: [types.SimpleNamespace(platform="gpu")])
+    probe = [sys.executable, "-m", "icd_jax.runtime.probe", "RUN", "after"]
+    assert measure.ncu_l2_hit(probe) == (pytest.approx(42.5), None)
+    argv = args.read_text().splitlines()
+    assert argv[:2] == ["--profile-from-start", "off"]
+    assert argv[argv.index("--metrics") + 1] == measure.NCU_METRIC
+    assert argv[-len(probe):] == probe
+
+
+def test_probe_profiles_only_the_calls_after_warmup(monkeypatch):
+    from icd_jax.runtime import probe
+
+    events = []
+    monkeypatch.setattr(probe, "profiler_start", lambda: events.append("start"))
+    monkeypatch.setattr(probe, "profiler_stop", lambda: events.append("stop"))
+    assert probe.run_profiled(lambda: events.append("call"), calls=3, warmup=2) is None
+    assert events == ["call", "call", "start", "call", "call", "call", "stop"]
+
+    def boom():
+        events.append("call")
+        if events.count("call") > 1:
+            raise RuntimeError("kernel failed")
+
+    events.clear()
+    with pytest.raises(RuntimeError):
+        probe.run_profiled(boom, calls=2, warmup=1)
+    assert events == ["call", "start", "call", "stop"]  # stopped even on a failure
+
+
+def test_probe_profiler_is_a_no_op_with_a_reason_without_libcudart(monkeypatch):
+    from icd_jax.runtime import probe
+
+    monkeypatch.setattr(probe, "cudart_candidates", lambda: ["/nonexistent/libcudart.so"])
+    assert "libcudart not found" in probe.profiler_start()
+    assert "libcudart not found" in probe.profiler_stop()
+    reason = probe.run_profiled(lambda: 0, calls=1, warmup=0)
+    assert "libcudart not found" in reason
 
 
 def test_graph_and_perm_files_round_trip(tmp_path):

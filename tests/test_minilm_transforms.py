@@ -1,5 +1,7 @@
 """Transforms inside the real MiniLM: int8 matmuls, sparse FFN, key-block drop, calibration."""
 
+import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -34,13 +36,38 @@ def cosines(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_int8_runs_int8_matmuls_and_stays_close(enc, dense):
-    e8 = minilm.load(quant="int8")
+def forward_dots(e, batch) -> list[tuple[str, str]]:
+    """Operand dtypes of every dot_general in the encoder's forward jaxpr."""
+    out = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(e._apply)(e.params, *batch.arrays()).jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("mode", minilm.QUANT_MODES)
+def test_int8_runs_int8_matmuls_on_every_linear_layer(enc, dense, mode):
+    e8 = minilm.load(quant=mode)
     kernel = e8.params["layer_0"]["intermediate"]["kernel"]
     assert isinstance(kernel, quant.Quantized) and kernel.q.dtype == np.int8
     batch = next(iter(e8.packed_batches(SENTENCES)))
+    c = enc.config
+    dots, ref = forward_dots(e8, batch), forward_dots(enc, batch)
+    int8 = [d for d in dots if d == ("int8", "int8")]
+    groups = c.intermediate // 128 if mode == "int8" else 1
+    # per layer: fused Q/K/V, attention output, FFN up, FFN down (in groups of 128)
+    assert len(int8) == c.layers * (3 + groups)
+    # what stays float is attention itself: the dense model's dots minus the 4 linears
+    assert len(dots) - len(int8) == len(ref) - 4 * c.layers
+    assert all(d in (("int8", "int8"), ("float32", "float32")) for d in dots)
     hlo = e8._forward.lower(e8.params, *batch.arrays()).as_text()
-    assert "xi8>" in hlo and "-> tensor<" in hlo and "i32" in hlo
+    assert "xi8>" in hlo and "i32" in hlo
     assert cosines(e8.encode(SENTENCES), dense).min() > 0.99
     with pytest.raises(ConfigError, match="quant"):
         minilm.load(quant="int3")

@@ -84,7 +84,11 @@ def test_metrics_report_unmeasurable_as_null_with_reason(full):
         assert lat["p50_ms"] <= lat["p95_ms"] and lat["tokens_per_s"] > 0
     assert m["l2_hit_pct"] is None and m["l2_hit_pct_reason"]
     assert m["ept_j_per_tok"] is None and m["ept_reason"]
-    assert m["l2_hit_pct_sim"]["what"].startswith("simulated")
+    for key in ("tiles_per_token", "lines_per_token", "l2_hit_pct_sim"):
+        assert m[key] is None and "never executed" in m[f"{key}_reason"]
+    assert m["fallbacks"] == [] and m["transforms"]["quant"]["compute"]
+    assert m["host_probe"]["f32_gops"] > 0 and m["host_probe"]["int8_gops"] > 0
+    assert set(m["effects"]["layout"]) == {"identity", "before", "after"}
     for gate in ("l2_hit", "ept"):
         assert m["gates"][gate]["status"] == "not measured" and m["gates"][gate]["reason"]
     assert set(m["verdict"]["not_measured"]) >= {"l2_hit", "ept"}
@@ -205,8 +209,10 @@ def test_measurement_failure_degrades_to_wall_clock(tmp_path, target, monkeypatc
 def test_quality_regression_restores_previous_order(tmp_path, target, monkeypatch):
     real = target.quality
 
-    def worse(arm):  # "after" misses every item "before" hit: a significant loss
+    def worse(arm):  # "after" misses every item "before" hits: a significant loss
         q = real(arm)
+        if arm.name == "before":
+            return dict(q, samples=[100.0] * len(q["samples"]))
         if arm.name != "after":
             return q
         return dict(q, value=q["value"] - 5.0, samples=[0.0] * len(q["samples"]))
@@ -376,3 +382,144 @@ def test_probe_rebuilds_an_arm_of_a_finished_run(full):
     assert probe.main(["probe", full.out_dir, "before", "1"]) == 0
     with pytest.raises(Exception, match="unknown arm"):
         probe.arm_of(full.out_dir, "sideways")
+
+
+def test_prepare_run_dir_states_and_refusals(tmp_path, monkeypatch):
+    from icd_jax.errors import ArtifactError, ConfigError
+
+    marker = artifacts.FILES["marker"]
+    new = tmp_path / "new"
+    assert artifacts.prepare_run_dir(new) == "absent" and (new / marker).exists()
+    assert artifacts.prepare_run_dir(new) == "run"  # a run folder is reused
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".icd.lock").write_text("")  # a run lock alone is not a user file
+    assert artifacts.prepare_run_dir(empty) == "empty"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "W_after.npz").write_text("mine")
+    with pytest.raises(ArtifactError, match="--force"):
+        artifacts.prepare_run_dir(user)
+    assert os.listdir(user) == ["W_after.npz"]  # not even a marker was written
+    assert artifacts.prepare_run_dir(user, force=True) == "foreign"
+    assert artifacts.foreign_files(user) == {"W_after.npz"}
+    assert artifacts.foreign_files(tmp_path) is None  # no marker
+    with pytest.raises(ConfigError, match="empty"):
+        artifacts.prepare_run_dir("")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="not a folder"):
+        artifacts.prepare_run_dir(tmp_path / "file")
+    with pytest.raises(ArtifactError, match="cannot write"):
+        artifacts.prepare_run_dir(tmp_path / "file" / "sub")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(artifacts.os, "makedirs", denied)
+    with pytest.raises(ArtifactError, match="cannot write.*Permission denied"):
+        artifacts.prepare_run_dir(tmp_path / "ro")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_prepare_run_dir_refuses_a_read_only_folder(tmp_path):
+    from icd_jax.errors import ArtifactError
+
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(ArtifactError, match="cannot write"):
+        artifacts.prepare_run_dir(ro)
+
+
+def test_run_refuses_a_user_folder_before_touching_it(tmp_path):
+    from icd_jax.errors import ArtifactError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {"W_after.npz": "a", "perm_after.json": "b", "report.html": "c"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    with pytest.raises(ArtifactError, match="icd_run.json"):
+        orchestrator.run(tiny(tmp_path), str(out))
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine
+
+
+def test_restart_removes_only_stale_files_a_run_wrote(tmp_path):
+    stale = ("perm_after.json", "W_after.npz", "stats_repermuted.json")
+    cfg = config.load(tiny(tmp_path, pipeline={"mode": "linear"}))
+
+    def folder(name, force, marked=True):
+        d = tmp_path / name
+        d.mkdir()
+        for n in stale:
+            (d / n).write_text("x")
+        if marked:
+            artifacts.prepare_run_dir(d, force=force)
+        orchestrator.Run(cfg, str(d)).restart_cleanly()
+        return {n for n in stale if (d / n).exists()}
+
+    assert folder("no_marker", False, marked=False) == set(stale)  # not a run folder
+    assert folder("forced", True) == set(stale)  # there before --force: kept
+    d = tmp_path / "ours"
+    artifacts.prepare_run_dir(d)
+    for n in stale:
+        (d / n).write_text("x")  # written after the marker: a previous run's
+    orchestrator.Run(cfg, str(d)).restart_cleanly()
+    assert not any((d / n).exists() for n in stale)
+
+
+def test_an_injected_fallback_is_loud_in_metrics_gates_report_and_summary(tmp_path, target,
+                                                                           monkeypatch):
+    from icd_jax.runtime.summary import summary_text
+
+    real = target.arm
+
+    def falls_back(name, perms, t, strict=False):
+        arm = real(name, perms, t, strict)
+        arm.meta["quant"] = dict(arm.meta["quant"], fallbacks=[
+            "quant: 3 of 8 kernels ran weight-only float32 instead of int8"])
+        return arm
+
+    monkeypatch.setattr(target, "arm", falls_back)
+    res = orchestrator.run(tiny(tmp_path, report={"stablehlo": False},
+                                gates={"latency_pct": 1e9}), str(tmp_path / "f"),
+                           target=target)
+    m = artifacts.read_json(res.path("metrics"))
+    assert m["fallbacks"] == ["quant: 3 of 8 kernels ran weight-only float32 instead of int8"]
+    lat = m["gates"]["latency"]
+    assert lat["measured_status"] == "met" and lat["status"] == "not met"
+    assert lat["reason"].startswith("transform fell back: quant: 3 of 8")
+    assert m["gates"]["ept"]["status"] == "not measured"  # unmeasured stays unmeasured
+    with open(res.path("html")) as f:
+        html = f.read()
+    assert "Transforms that fell back" in html and "3 of 8 kernels" in html
+    assert "FALLBACK: quant: 3 of 8" in summary_text(m, res.out_dir)
+    assert any("fallback" in w for w in m["warnings"])
+
+
+def test_quant_fallbacks_name_what_did_not_run():
+    q = config.load({"transform": {"quant": {"group_size": 32}}}).transform.quant
+    ok = dict(ok=True, compute={"int8": 4}, per_channel_fallback=[])
+    assert targets.quant_fallbacks(q, ok, 4) == []
+    slow = dict(ok=True, compute={"int8": 2, "float32-weight-only": 2},
+                per_channel_fallback=["a/kernel"])
+    falls = targets.quant_fallbacks(q, slow, 5)
+    assert any("1 of 5 kernels not quantised" in f for f in falls)
+    assert any("2 kernels ran weight-only" in f for f in falls)
+    assert any("group_size 32 does not divide" in f for f in falls)
+    assert targets.quant_fallbacks(q, dict(ok=False, warning="boom"), 4) == ["quant: boom"]
+    weight_only = config.load({"transform": {"quant": {"act": "none"}}}).transform.quant
+    assert targets.quant_fallbacks(weight_only, dict(ok=True, compute={
+        "float32-weight-only": 4}), 4) == []
+
+
+def test_effects_separate_the_transform_from_the_layout(full):
+    m = artifacts.read_json(full.path("metrics"))
+    eff = m["effects"]
+    t = eff["transform"]
+    assert t["arm"] == m["active"]
+    assert np.isclose(t["latency_pct"], 100 * (m["latency"][m["active"]]["mean_ms"]
+                                               / m["latency"]["dense"]["mean_ms"] - 1))
+    for a in ("before", "after"):
+        assert eff["layout"][a]["drop_pp"] == m["quality"][a]["drop_pp"]
+        assert 0 <= eff["layout"][a]["p_vs_identity"] <= 1
+    assert "identity order" in eff["layout_verdict"]

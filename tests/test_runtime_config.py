@@ -93,3 +93,33 @@ def test_resolved_round_trips_and_hash_is_stable(repeats, mode):
 def test_schema_lists_sections_and_forbids_extra():
     s = config.schema()
     assert "pipeline" in s["properties"] and s.get("additionalProperties") is False
+
+
+MAMBA_OK = {"model": {"name": "mamba"}, "transform": {"kv": {"enabled": False},
+                                                       "sparsity": {"kind": "2:4"}}}
+
+
+@pytest.mark.parametrize("key, value", [("transform.kv.enabled", True),
+                                        ("transform.sparsity.kind", "ffn")])
+def test_mamba_rejects_a_transform_its_kernels_do_not_run(key, value):
+    assert config.load(MAMBA_OK).model.name == "mamba"
+    with pytest.raises(ConfigError) as e:
+        config.load(MAMBA_OK, [f"{key}={json.dumps(value)}"])
+    assert f"invalid config: {key}: " in str(e.value) and "mamba" in str(e.value)
+    # the same keys are fine for MiniLM (the defaults), and ffn off is fine for mamba
+    assert config.load({"transform": MAMBA_OK["transform"]}, [f"{key}={json.dumps(value)}"])
+    assert config.load(MAMBA_OK, ["transform.sparsity.enabled=false",
+                                  "transform.sparsity.kind=ffn"])
+
+
+def test_mamba_with_default_transforms_names_both_keys():
+    with pytest.raises(ConfigError) as e:
+        config.load({"model": {"name": "mamba"}})
+    assert "transform.kv.enabled" in str(e.value) and "transform.sparsity.kind" in str(e.value)
+
+
+def test_non_utf8_config_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  name: minilm # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(bad)

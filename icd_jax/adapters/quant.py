@@ -1,6 +1,7 @@
 """Q: post-training quantisation of ``[in, out]`` kernels, and the matmul that runs them.
 
-``quantize(w, dtype, group_size=None)`` returns a ``Quantized`` pytree:
+``quantize(w, dtype, group_size=None)`` returns a ``Quantized`` pytree, built once at
+transform time (no call ever re-quantises or dequantises an int8 weight):
 
 - ``"int8"`` / ``"int4"``: symmetric absmax scales, per output channel (``group_size``
   None: ``scale [1, out]``) or per group of ``group_size`` contiguous input channels and
@@ -8,15 +9,25 @@
 - ``"fp8"``: ``float8_e4m3fn`` values with a per-output-channel scale mapping the
   channel's absmax to 448 (e4m3's largest finite value); compute stays float32.
 
-``matmul(x, kernel)`` runs ``x [..., in] @ kernel`` for a plain array or a ``Quantized``.
-A per-channel int8 kernel with ``act="dynamic"`` (per-token scales) or a static
-calibrated per-tensor ``act_scale`` runs a real int8 x int8 -> int32 ``dot_general``
-and rescales after; group-wise and int4/fp8 kernels are dequantised to float32 first
-(weight-only), and a group-wise ``act_scale [in / g]`` quantises the activations per
-channel group (fake-quantised, float32 compute).
+``matmul(x, kernel)`` runs ``x [..., in] @ kernel``; ``compute(kernel)`` names what it
+executes:
+
+- ``"int8"``: per-channel int8/int4 weights with ``act="dynamic"`` (per-token scales) or
+  ``act="static"`` (a calibrated per-tensor scale): one ``int8 x int8 -> int32``
+  ``dot_general``, rescaled after. Static per-channel or per-group activation scales
+  ``d [in]`` are folded into the weights (``W' = diag(d) W``, stored in ``q`` with
+  ``smooth = d``), so they run at per-channel speed: the call only multiplies the input
+  by ``1 / d`` before rounding.
+- ``"int8-grouped"``: group-wise weights (int8 or int4) with per-token-per-group
+  (``act="dynamic"``) or static per-group activation scales: a real grouped int8
+  ``dot_general`` (batch over the ``in / g`` groups, ``int32`` partial sums), each group
+  rescaled and summed.
+- ``"float32-weight-only"``: ``act=None`` or fp8: the stored values are widened to
+  float32 inside the call (weight-only quantisation; not int8 arithmetic).
 
 Why layout matters: a scale is shared by a group of contiguous channels, so channels of
-similar range placed together (RPTQ-style ``range_order``) waste fewer levels.
+similar range placed together (RPTQ-style ``range_order`` or a co-access order) waste
+fewer levels.
 """
 
 from __future__ import annotations
@@ -46,11 +57,13 @@ class Quantized:
       q: ``int8 [in, out]``, ``uint8 [in / 2, out]`` (int4, packed) or
         ``float8_e4m3fn [in, out]``.
       scale: ``float32 [in / g, out]`` (``g = in`` for per-channel scales).
-      act_scale: ``None``; a ``float32`` scalar (static per-tensor int8 activations);
-        or ``float32 [in / g]`` (static group-wise activations).
-      smooth: ``None`` or ``float32 [in]``: SmoothQuant-style per-input-channel factors;
-        the stored values stand for ``smooth[:, None] * kernel`` and inputs are divided by
-        ``smooth`` before they are quantised (the product is unchanged).
+      act_scale: ``None``; a ``float32`` scalar (static per-tensor int8 activations,
+        after ``smooth``); or ``float32 [in / g]`` (static per-group activations of
+        group-wise weights).
+      smooth: ``None`` or ``float32 [in]``: per-input-channel divisors folded into the
+        weights: the stored values stand for ``smooth[:, None] * kernel`` and inputs are
+        divided by ``smooth`` before they are quantised (the product is unchanged).
+        SmoothQuant factors, or static activation scales (``tree.static_divisors``).
       dtype, group_size, act: static settings (``act``: None, "dynamic" or "static").
     """
 
@@ -182,7 +195,8 @@ def quantize_rows(x: jax.Array, qmax: float = 127.0) -> tuple[jax.Array, jax.Arr
 
 
 def fake_quant_groups(x: jax.Array, scale: jax.Array, qmax: float = 127.0) -> jax.Array:
-    """Quantise-dequantise ``x [..., in]`` with a static scale per channel group ``[in / g]``."""
+    """Quantise-dequantise ``x [..., in]`` with a static scale per channel group ``[in / g]``
+    (a float reference for error measurements; ``matmul`` never runs it)."""
     s = jnp.repeat(scale, x.shape[-1] // scale.shape[0], total_repeat_length=x.shape[-1])
     return jnp.clip(jnp.round(x / s), -qmax, qmax) * s
 
@@ -193,25 +207,89 @@ def int8_dot(xq: jax.Array, wq: jax.Array) -> jax.Array:
                            preferred_element_type=jnp.int32)
 
 
+def grouped_int8_dot(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array
+                     ) -> jax.Array:
+    """Group-wise W8A8: ``sum_G sx[:, G] * sw[G] * (xq[:, G] @ wq[G])`` with each group's
+    product a real ``int8 x int8 -> int32`` ``dot_general``.
+
+    ``xq``: ``int8 [N, G, g]``; ``wq``: ``int8 [G * g, out]``; ``sx``: ``float32 [N, G]``
+    (per token and group) or ``[1, G]``; ``sw``: ``float32 [G, out]``. Returns
+    ``float32 [N, out]``. One dot per group (``G`` static): XLA:CPU runs these far faster
+    than a single ``dot_general`` batched over the groups.
+    """
+    g = xq.shape[2]
+    y = None
+    for i in range(xq.shape[1]):
+        acc = int8_dot(xq[:, i], wq[i * g:(i + 1) * g]).astype(jnp.float32)
+        part = acc * sx[:, i:i + 1] * sw[i]
+        y = part if y is None else y + part
+    return y
+
+
+def compute(kernel) -> str:
+    """What ``matmul`` executes for ``kernel``: ``"float32"`` (a plain array), ``"int8"``,
+    ``"int8-grouped"`` or ``"float32-weight-only"`` (see the module docstring)."""
+    if not isinstance(kernel, Quantized):
+        return "float32"
+    if kernel.dtype == "fp8" or kernel.act is None:
+        return "float32-weight-only"
+    return "int8" if kernel.group_size is None else "int8-grouped"
+
+
+def int_values(kernel: Quantized) -> jax.Array:
+    """The stored integer values as ``int8 [in, out]`` (int4 unpacked; no float)."""
+    return unpack_int4(kernel.q) if kernel.dtype == "int4" else kernel.q
+
+
+def round_int8(x: jax.Array, scale, qmax: float = 127.0) -> jax.Array:
+    """``clip(round(x / scale))`` as int8."""
+    return jnp.clip(jnp.round(x / scale), -qmax, qmax).astype(jnp.int8)
+
+
 def matmul(x: jax.Array, kernel) -> jax.Array:
-    """``x [..., in] @ kernel [in, out]`` for a plain array or a ``Quantized`` kernel."""
+    """``x [..., in] @ kernel [in, out]`` for a plain array or a ``Quantized`` kernel
+    (``compute(kernel)`` says which arithmetic runs)."""
     if not isinstance(kernel, Quantized):
         return x @ kernel
-    if kernel.smooth is not None:
-        x = (x / kernel.smooth).astype(x.dtype)
-    per_channel = kernel.group_size is None
-    if kernel.dtype == "int8" and per_channel and kernel.act in ("dynamic", "static"):
+    dtype = x.dtype
+    if kernel.smooth is not None:  # folded divisors: x / d, the weights hold diag(d) W
+        x = x.astype(jnp.float32) * (1.0 / kernel.smooth)
+    kind = compute(kernel)
+    if kind == "float32-weight-only":
+        vals = int_values(kernel) if kernel.dtype != "fp8" else kernel.q
+        g = kernel.shape[0] if kernel.group_size is None else kernel.group_size
+        s = jnp.repeat(kernel.scale, g, axis=0, total_repeat_length=kernel.shape[0])
+        return (x @ (vals.astype(jnp.float32) * s).astype(x.dtype)).astype(dtype)
+    vals = int_values(kernel)
+    if kind == "int8":
         if kernel.act == "dynamic":
             xq, sx = quantize_rows(x)
         else:
             sx = kernel.act_scale
-            xq = jnp.clip(jnp.round(x / sx), -127, 127).astype(jnp.int8)
-        acc = int8_dot(xq, kernel.q).astype(jnp.float32)
-        return (acc * sx * kernel.scale[0]).astype(x.dtype)
-    if kernel.act_scale is not None and kernel.act_scale.ndim == 1:
-        x = fake_quant_groups(x.astype(jnp.float32), kernel.act_scale).astype(x.dtype)
-    stored = kernel if kernel.smooth is None else dataclasses.replace(kernel, smooth=None)
-    return x @ stored.dequantize().astype(x.dtype)
+            xq = round_int8(x, sx)
+        acc = int8_dot(xq, vals).astype(jnp.float32)
+        return (acc * (sx * kernel.scale[0])).astype(dtype)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    g = kernel.group_size
+    xg = x.reshape(-1, d_in // g, g).astype(jnp.float32)
+    if kernel.act == "dynamic":
+        amax = jnp.abs(xg).max(axis=-1)
+        sx = jnp.where(amax > 0, amax / 127.0, 1.0)  # [N, G]
+    else:
+        sx = jnp.broadcast_to(kernel.act_scale, (d_in // g,))[None, :]
+    y = grouped_int8_dot(round_int8(xg, sx[..., None]), vals, sx, kernel.scale)
+    return y.reshape(*lead, -1).astype(dtype)
+
+
+def take_rows(kernel, rows: jax.Array):
+    """The kernel restricted to input channels ``rows`` (int ``[k]``): an array's rows, or
+    a per-channel ``Quantized`` with those rows of ``q`` and ``smooth`` (still int8)."""
+    if not isinstance(kernel, Quantized):
+        return jnp.take(kernel, rows, axis=0)
+    if kernel.group_size is not None or kernel.dtype == "int4":
+        raise ConfigError("take_rows needs a per-channel int8/fp8 kernel (group_size None)")
+    smooth = None if kernel.smooth is None else jnp.take(kernel.smooth, rows)
+    return dataclasses.replace(kernel, q=jnp.take(kernel.q, rows, axis=0), smooth=smooth)
 
 
 def concat_out(kernels) -> jax.Array | Quantized:

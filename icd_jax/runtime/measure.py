@@ -166,32 +166,54 @@ class PowerSampler:
         self._thread.join()
         return False
 
-    def energy_j(self) -> float:
+    def energy_j(self) -> float | None:
         return trapezoid_j(self.t, self.w)
 
 
-def trapezoid_j(t: Sequence[float], watts: Sequence[float]) -> float:
-    """Energy (J) of power samples ``watts`` at times ``t`` (s), trapezoid rule."""
+def trapezoid_j(t: Sequence[float], watts: Sequence[float]) -> float | None:
+    """Energy (J) of power samples ``watts`` at times ``t`` (s), trapezoid rule; None
+    with fewer than two samples (no interval to integrate over)."""
     t, w = np.asarray(t, np.float64), np.asarray(watts, np.float64)
     if t.size < 2:
-        return 0.0
+        return None
     return float(np.sum((w[1:] + w[:-1]) * np.diff(t)) / 2.0)
 
 
+def arm_energy(t: Sequence[float], watts: Sequence[float], tokens: int,
+               min_samples: int) -> tuple[float | None, str | None]:
+    """``(J/token, None)`` of one arm's power samples, or ``(None, reason)`` when fewer
+    than ``min_samples`` (at least 2) were taken: a window that short has no energy to
+    report, and 0 J would read as a -100% change."""
+    need = max(int(min_samples), 2)
+    if len(t) < need:
+        return None, (f"{len(t)} NVML power samples, fewer than measure.nvml_min_samples="
+                      f"{need}; lengthen the timed window or shorten nvml_interval_s")
+    e = trapezoid_j(t, watts)
+    return (None, "no energy integrated") if e is None else (e / max(tokens, 1), None)
+
+
 def energy_per_token(fns: Mapping[str, Callable[[], object]], tokens: int, calls: int,
-                     interval_s: float = 0.01) -> tuple[dict | None, str | None]:
-    """``({arm: J/token}, None)`` from NVML over ``calls`` calls per arm, or
-    ``(None, reason)`` where NVML is unavailable."""
+                     interval_s: float = 0.01, min_samples: int = 10
+                     ) -> tuple[dict | None, str | None]:
+    """``({arm: J/token}, reason)`` from NVML over ``calls`` calls per arm, or
+    ``(None, reason)`` where NVML is unavailable. An arm with fewer than ``min_samples``
+    power samples gets ``None`` and its reason is in the returned reason (``None`` when
+    every arm was measured); if no arm was, the result is ``(None, reason)``."""
     ok, reason = nvml_status()
     if not ok:
         return None, reason
-    out = {}
+    out, why = {}, []
     for k, fn in fns.items():
         with PowerSampler(interval_s=interval_s) as p:
             for _ in range(calls):
                 jax.block_until_ready(fn())
-        out[k] = p.energy_j() / max(tokens * calls, 1)
-    return out, None
+        out[k], r = arm_energy(p.t, p.w, tokens * calls, min_samples)
+        if r is not None:
+            why.append(f"{k}: {r}")
+    reason = "; ".join(why) or None
+    if all(v is None for v in out.values()):
+        return None, reason
+    return out, reason
 
 
 # -- hardware L2 ----------------------------------------------------------------------------
@@ -218,19 +240,30 @@ def parse_ncu_csv(text: str, metric: str = NCU_METRIC) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def ncu_command(command: Sequence[str]) -> list[str]:
+    """The ncu command line around ``command``: profiling starts *off*, so only the
+    kernels between the probe's ``cudaProfilerStart`` and ``cudaProfilerStop`` (the timed
+    calls, not compilation or calibration) are profiled."""
+    return ["ncu", "--profile-from-start", "off", "--csv", "--metrics", NCU_METRIC,
+            *command]
+
+
 def ncu_l2_hit(command: Sequence[str], timeout_s: float = 600.0) -> tuple[float | None,
                                                                           str | None]:
-    """Run ``command`` under ncu and return ``(mean L2 sector hit %, None)`` or
-    ``(None, reason)``."""
+    """Run ``command`` (``python -m icd_jax.runtime.probe RUN ARM``, which starts the
+    profiler around its timed calls) under ncu and return ``(mean L2 sector hit %, None)``
+    or ``(None, reason)``."""
     ok, reason = ncu_status()
     if not ok:
         return None, reason
     try:
-        res = subprocess.run(["ncu", "--csv", "--metrics", NCU_METRIC, *command],
-                             capture_output=True, text=True, timeout=timeout_s, check=False)
+        res = subprocess.run(ncu_command(command), capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"ncu failed: {e}"
     val = parse_ncu_csv(res.stdout)
     if val is None:
-        return None, f"ncu reported no {NCU_METRIC} (exit {res.returncode})"
+        tail = (res.stderr or "").strip().splitlines()[-1:]
+        return None, (f"ncu reported no {NCU_METRIC} (exit {res.returncode})"
+                      + (f": {tail[0]}" if tail else ""))
     return val, None

@@ -29,7 +29,7 @@ from icd_jax import cost as cost_lib
 from icd_jax import graph as graph_lib
 from icd_jax import permute, solver
 from icd_jax.errors import ICDError, RunLockedError, StageError, TraceError
-from icd_jax.runtime import artifacts, cachesim, measure, targets
+from icd_jax.runtime import artifacts, cachesim, hostprobe, measure, targets
 from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.artifacts import FILES
 
@@ -361,6 +361,8 @@ class Run:
         m.update(self.metrics_extra)
         self.measure_layout(names, m)
         self.measure_hardware(fns, m)
+        m["host_probe"] = self.guard("host probe", lambda: hostprobe.gemm_rates(
+            t.gemm_shapes()), m)
         self.metrics = m
         return dict(arms=names, **{f"mean_ms_{a}": lat[a]["mean_ms"] for a in names})
 
@@ -391,6 +393,17 @@ class Run:
         tile = cfg.transform.sparsity.tile
         layout_arms = [a for a in names if a != "dense"]
         m["tiles_per_token"] = m["lines_per_token"] = m["l2_hit_pct_sim"] = None
+        skipping = [a for a in layout_arms
+                    if (self.arms[a].meta.get("sparsity") or {}).get("skips_tiles")]
+        if not skipping:
+            why = ("not computed: no kernel of this run skips FFN tiles (the activation-"
+                   "sparse FFN is off, or masks activations without skipping), so tile "
+                   "counts and a cache replay would describe an access pattern that never "
+                   "executed")
+            for key in ("tiles_per_token", "lines_per_token", "l2_hit_pct_sim"):
+                m[f"{key}_reason"] = why
+            return
+        layout_arms = skipping
 
         def run():
             cache = cachesim.cache_for(cfg.measure.sim_level)
@@ -438,8 +451,8 @@ class Run:
         m["ept_j_per_tok"], m["ept_reason"] = None, "disabled by measure.nvml=false"
         if cfg.measure.nvml:
             out = self.guard("energy", lambda: measure.energy_per_token(
-                fns, self.t.tokens, max(3, self.repeats // 3), cfg.measure.nvml_interval_s),
-                m)
+                fns, self.t.tokens, max(3, self.repeats // 3), cfg.measure.nvml_interval_s,
+                cfg.measure.nvml_min_samples), m)
             if out is not None:
                 m["ept_j_per_tok"], m["ept_reason"] = out
 
@@ -507,12 +520,19 @@ class Run:
         v = q[active]["drop_pp"] if active in q else None
         out["quality"] = gate(v, g.quality_drop_pp, "pp drop vs dense fp32", lower=True,
                               reason=None if v is not None else "quality not measured")
-        return out
+        probe = m.get("host_probe")
+        if out["latency"]["status"] == "not met" and probe and not probe.get("fast_int8"):
+            out["latency"]["reason"] = ("this host has no fast int8 (W8A8 layer "
+                                        f"{probe['w8a8_speedup']:.2f}x float32); "
+                                        + hostprobe.describe(probe))
+        return fallback_gates(out, m.get("fallbacks") or [])
 
     # -- the whole thing ---------------------------------------------------------------
-    def execute(self) -> RunArtifacts:
-        os.makedirs(self.out, exist_ok=True)
-        lock = FileLock(os.path.join(self.out, ".icd.lock"), timeout=0)
+    def execute(self, force: bool = False) -> RunArtifacts:
+        """Run the pipeline in ``self.out``: a folder holding files no run wrote is
+        refused (``ArtifactError``) unless ``force`` (``artifacts.prepare_run_dir``)."""
+        artifacts.prepare_run_dir(self.out, force)
+        lock = FileLock(self.file("run_lock"), timeout=0)
         try:
             lock.acquire()
         except Timeout as e:
@@ -559,20 +579,27 @@ class Run:
                             self.metrics)
 
     def restart_cleanly(self) -> None:
-        """A previous run in this folder that did not reach REPORTED is archived."""
-        st = self.file("state")
-        if os.path.exists(st):
+        """A previous run in this folder that did not reach REPORTED is archived, and the
+        files only an iterative run writes are removed; only known run files, only in a
+        folder carrying the run marker, never one its marker lists as there before a run
+        claimed the folder (``--force``)."""
+        foreign = artifacts.foreign_files(self.out)
+        if foreign is None:
+            return
+        ours = lambda path: os.path.basename(path) not in foreign  # noqa: E731
+        st, ev = self.file("state"), self.file("events")
+        if os.path.exists(st) and ours(st):
             try:
                 prev = artifacts.read_json(st).get("state")
             except ICDError:
                 prev = "corrupt"
             if prev != "REPORTED":
                 self.say(f"previous run in {self.out} stopped at {prev}; restarting")
-            if os.path.exists(self.file("events")):
-                os.replace(self.file("events"), self.file("events") + ".prev")
+            if os.path.exists(ev) and ours(ev) and ours(ev + ".prev"):
+                os.replace(ev, ev + ".prev")
         for stale in (self.file("perm_after"), self.file("w_after"),
                       os.path.join(self.out, "stats_repermuted.json")):
-            if os.path.exists(stale):
+            if os.path.exists(stale) and ours(stale):
                 os.unlink(stale)
 
     def finish(self, active: str, t_run: float) -> None:
@@ -585,13 +612,18 @@ class Run:
         m.setdefault("l2_hit_pct_reason", "not measured: the run stopped before MEASURED")
         m.setdefault("ept_reason", "not measured: the run stopped before MEASURED")
         m["active"] = active
+        arm = self.arms.get("after" if "after" in self.arms else "before")
+        m["transforms"] = arm.meta if arm is not None else {}
+        m["fallbacks"] = fallbacks(m["transforms"])
+        for f in m["fallbacks"]:
+            self.say(f"FALLBACK: {f}")
+            self.warnings.append(f"TRANSFORMED: fallback: {f}")
+        m["effects"] = effects(m, active)
         m["gates"] = self.gates(active)
         m["verdict"] = verdict(m["gates"])
         m["rollback"] = self.rollback
         m["cost"] = {k: mean_cost(v) for k, v in self.stats.items()}
         m["cost"].setdefault("repermuted", None)
-        arm = self.arms.get("after" if "after" in self.arms else "before")
-        m["transforms"] = arm.meta if arm is not None else {}
         elapsed = time.perf_counter() - t_run
         lock = artifacts.read_json(self.file("lock")) if os.path.exists(self.file("lock")) \
             else {}
@@ -641,6 +673,65 @@ def gate(value: float | None, target: float, unit: str, lower: bool,
     ok = value <= target if lower else value >= target
     return dict(target=target, value=value, unit=unit, status="met" if ok else "not met",
                 reason=None)
+
+
+def fallbacks(transforms: Mapping[str, dict]) -> list[str]:
+    """Every way the active arm's transforms did not run as configured (from their
+    meta): failed adapters (applied as no-ops) and each transform's ``fallbacks``."""
+    out = []
+    for name, meta in transforms.items():
+        if not meta.get("ok", True):
+            out.append(f"{name}: {meta.get('warning') or 'failed; applied as a no-op'}")
+        out += [f for f in meta.get("fallbacks") or [] if f not in out]
+    return out
+
+
+def fallback_gates(gates: dict, falls: list[str]) -> dict:
+    """Measured gates of a run whose transforms fell back read ``not met (transform fell
+    back: ...)``: what was measured is not the configured co-design."""
+    if not falls:
+        return gates
+    why = "transform fell back: " + "; ".join(falls)
+    return {k: (dict(g, status="not met", measured_status=g["status"], reason=why)
+                if g["status"] != "not measured" else g) for k, g in gates.items()}
+
+
+def effects(m: dict, active: str) -> dict:
+    """The two effects a run separates: what the transform bought (the active arm
+    against dense fp32: latency, quality drop) and what the layout bought at a fixed
+    transform (identity order vs pi0 vs pi0 o pi1: quality, and tiles per token where a
+    kernel skips tiles), with the paired quality test of each order against identity."""
+    lat, q = m.get("latency") or {}, m.get("quality") or {}
+    qs, tiles = m.get("quality_samples") or {}, m.get("tiles_per_token") or {}
+    transform = dict(
+        arm=active,
+        latency_pct=(measure.change_pct(lat[active]["mean_ms"], lat["dense"]["mean_ms"])
+                     if active in lat and "dense" in lat else None),
+        quality_drop_pp=(q.get(active) or {}).get("drop_pp"))
+    layout = {}
+    for a in ("identity", "before", "after"):
+        if a not in q and a not in lat:
+            continue
+        row = dict(quality=(q.get(a) or {}).get("value"),
+                   drop_pp=(q.get(a) or {}).get("drop_pp"),
+                   latency_ms=(lat.get(a) or {}).get("mean_ms"),
+                   tiles_per_token=tiles.get(a))
+        if a != "identity":
+            row["p_vs_identity"] = quality_p_value(qs.get("identity"), qs.get(a))
+        layout[a] = row
+    notes = []
+    for a, label in (("before", "pi0"), ("after", "pi0 o pi1")):
+        r = layout.get(a)
+        if not r or r.get("drop_pp") is None or layout["identity"].get("drop_pp") is None:
+            continue
+        d, d0, p = r["drop_pp"], layout["identity"]["drop_pp"], r.get("p_vs_identity")
+        sig = p is not None and p < 0.05
+        notes.append(f"{label}: drop {d:.2f} pp vs identity order {d0:.2f} pp; "
+                     + ("significantly " if sig else "NOT significantly ")
+                     + ("lower" if d < d0 else "different" if d != d0 else "equal")
+                     + f" (paired p={fmt_p(p)})")
+    return dict(transform=transform, layout=layout, layout_verdict="; ".join(notes) or
+                "no layout comparison (a stage failed or quality was not measured)")
 
 
 def verdict(gates: dict) -> dict:

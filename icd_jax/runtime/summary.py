@@ -11,9 +11,12 @@ def plan_text(cfg) -> str:
     from icd_jax.runtime import config as config_lib
 
     t, g = cfg.transform, cfg.graph
+    q = t.quant
     on = [f"S={t.sparsity.kind}" if t.sparsity.enabled else None,
-          f"Q={t.quant.dtype}" + (f"/g{t.quant.group_size}" if t.quant.group_size else "")
-          if t.quant.enabled else None,
+          f"Q={q.dtype}/act {q.act}" + (f"/g{q.group_size} on {q.groups_on}"
+                                         if q.group_size else "")
+          + (f"/smooth {q.smooth_alpha:g}" if q.smooth_alpha is not None else "")
+          if q.enabled else None,
           f"K=drop {t.kv.drop:g}/block {t.kv.block}" if t.kv.enabled else None]
     lines = [
         f"READY        load {cfg.model.name} ({cfg.model.size}); lock the run directory",
@@ -56,10 +59,23 @@ def summary_text(metrics: dict, out_dir: str) -> str:
     rows.append("gates:")
     for name, g in (metrics.get("gates") or {}).items():
         val = "n/a" if g["value"] is None else f"{g['value']:+.2f}"
-        why = f" ({g['reason']})" if g["status"] == "not measured" else ""
+        why = f" ({g['reason']})" if g.get("reason") else ""
         rows.append(f"  {name:8s} target {g['target']:+g} {g['unit']}: {val} -> "
                     f"{g['status']}{why}")
     rows.append(f"verdict: {metrics.get('verdict', {}).get('summary', 'n/a')}")
+    for f in metrics.get("fallbacks") or []:
+        rows.append(f"FALLBACK: {f}")
+    quant = (metrics.get("transforms") or {}).get("quant") or {}
+    if quant.get("compute"):
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(quant["compute"].items()))
+        rows.append(f"quant ran: {kinds} kernels")
+    probe = metrics.get("host_probe")
+    if probe:
+        from icd_jax.runtime.hostprobe import describe
+        rows.append(describe(probe))
+    eff = metrics.get("effects") or {}
+    if eff.get("layout_verdict"):
+        rows.append(f"what pi bought: {eff['layout_verdict']}")
     rb = metrics.get("rollback") or {}
     if rb.get("happened"):
         rows.append(f"ROLLBACK to {rb.get('to')}: {rb.get('reason')}")

@@ -76,6 +76,27 @@ def weight_sparsity(params, paths: list[str], s, strict: bool, ffn_meta: dict
         kind="ffn", tile=s.tile, top_frac=s.top_frac), **ffn_meta)
 
 
+def quant_fallbacks(q, meta: dict, n_kernels: int) -> list[str]:
+    """What of a ``Quant`` section did not run as configured, from ``tree.quantize``'s
+    meta: kernels left in float, weight-only compute where int8 activations were asked
+    for, group scales that fell back to per-channel/per-tensor."""
+    out = []
+    if not meta.get("ok", True):
+        return [f"quant: {meta.get('warning', 'failed; kernels left in float32')}"]
+    kinds = meta.get("compute") or {}
+    done = sum(kinds.values())
+    if done < n_kernels:
+        out.append(f"quant: {n_kernels - done} of {n_kernels} kernels not quantised")
+    wants_int8 = q.act != "none" and q.dtype in ("int8", "int4")
+    slow = kinds.get("float32-weight-only", 0)
+    if wants_int8 and slow:
+        out.append(f"quant: {slow} kernels ran weight-only float32 instead of int8")
+    if meta.get("per_channel_fallback"):
+        out.append(f"quant: group_size {q.group_size} does not divide the inputs of "
+                   f"{len(meta['per_channel_fallback'])} kernels; they use one scale")
+    return out
+
+
 def subsample(n_have: int, n: int, seed: int) -> np.ndarray:
     """``min(n, n_have)`` sorted distinct indices, seeded."""
     if n >= n_have:
@@ -167,6 +188,14 @@ class MiniLMTarget:
             self._runners[key] = self.enc.with_transforms(lib.Transforms(ffn=ffn, kv=kv))
         return self._runners[key]
 
+    def grouped(self, q) -> list[str] | None:
+        """Kernels ``q.group_size`` applies to: with ``groups_on="permuted"``, those whose
+        input axis the run permutes (``self.axes``), so the pi decides their groups."""
+        if q.groups_on == "all":
+            return None
+        by_axis = tree.input_axes(self.spec, self.paths)
+        return [p for ax in self.axes for p in by_axis.get(ax, [])]
+
     def absmax(self) -> dict[str, np.ndarray]:
         """Calibrated per-kernel input ``|x|`` maxima of the dense model (original order)."""
         if self._absmax is None:
@@ -190,13 +219,15 @@ class MiniLMTarget:
         q = t.quant
         if q.enabled:
             act = None if q.act == "none" else q.act
-            if act == "dynamic" and (q.group_size is not None or q.dtype != "int8"):
-                act = None  # dynamic activations are per-channel int8 only
+            calibrated = act == "static" or q.smooth_alpha is not None
             absmax = (tree.permuted_inputs(self.spec, self.absmax(), perms)
-                      if act == "static" else None)
+                      if calibrated else None)
             params, meta["quant"] = guarded(
                 "quant", lambda: tree.quantize(params, self.paths, q.dtype, q.group_size,
-                                               act=act, act_absmax=absmax), params, strict)
+                                               act=act, act_absmax=absmax,
+                                               smooth_alpha=q.smooth_alpha,
+                                               group_paths=self.grouped(q)), params, strict)
+            meta["quant"]["fallbacks"] = quant_fallbacks(q, meta["quant"], len(self.paths))
         if t.kv.enabled:
             meta["kv"] = dict(transform="kv", ok=True, settings=t.kv.model_dump(),
                               delta_layout=dict(repermute=False, reason="the token order "
@@ -250,6 +281,12 @@ class MiniLMTarget:
                               what=("ffn",), top_frac=top)
         return [active_positions(cap.acts(i), self.size)[:tokens]
                 for i in range(self.config.layers)]
+
+    def gemm_shapes(self) -> list[tuple[int, int, int]]:
+        """The ``(m, k, n)`` of the encoder's matmuls on one timed batch (fused Q/K/V,
+        attention output, FFN up and down), for ``hostprobe.gemm_rates``."""
+        m, h, f = self.time_batches[0].shape[0], self.config.hidden, self.config.intermediate
+        return [(m, h, 3 * h), (m, h, h), (m, h, f), (m, f, h)]
 
     def row_bytes(self, arm: Arm) -> int:
         """Bytes of one stored row of the FFN down projection (what a tile holds)."""
@@ -360,6 +397,10 @@ class MambaTarget:
                 return tree.dequantized(qp), {**m, "note": "weight-only (dequantised "
                                               "float32 compute)"}
             params, meta["quant"] = guarded("quant", quantize, params, strict)
+            meta["quant"]["fallbacks"] = quant_fallbacks(q, meta["quant"], len(self.paths)) + (
+                [f"quant: mamba's dense layers run the {q.dtype} weights dequantised to "
+                 "float32 once (weight-only), not int8 arithmetic"]
+                if q.act != "none" and meta["quant"].get("ok", True) else [])
         if t.kv.enabled:
             meta["kv"] = dict(transform="kv", ok=True, applicable=False,
                               note="a state-space model has no KV cache")
@@ -410,6 +451,11 @@ class MambaTarget:
 
     def row_bytes(self, arm: Arm) -> int:
         return int(self.config.d_model * 4)
+
+    def gemm_shapes(self) -> list[tuple[int, int, int]]:
+        c = self.config
+        m = self.bs * self.cfg.model.max_tokens
+        return [(m, c.d_model, 2 * c.d_inner), (m, c.d_inner, c.d_model)]
 
     def export_case(self, perms: dict[str, np.ndarray]):
         from stablehlo_bridge.models import Case
