@@ -94,8 +94,8 @@ def test_hypothesis_union_skip_against_reference(t, n_tiles, tile, k_cap, thr, s
 
 
 def test_every_active_tile_fitting_equals_the_mask():
-    f, w2, b2 = data(6, 96, 12, seed=3)
-    thr = 1.8
+    f, w2, b2 = data(2, 96, 12, seed=3)
+    thr = 2.2
     k = ffn.k_cap_rung(ffn.union_count(f, thr, 8), 12)
     assert k < 12   # really skips
     mask = ffn.masked_down(f, w2, b2, thr)
@@ -146,12 +146,12 @@ def test_k_cap_rungs_bound_the_compilations():
         f[rng.integers(0, 2, n_active), on * tile + rng.integers(0, tile, n_active)] = 1.0
         assert ffn.union_count(f, 0.5, tile) == n_active
         k = ffn.k_cap_rung(n_active, n_t)
-        assert n_active <= k <= n_t and (k - n_active) <= 0.25 * k + 1
+        assert n_active <= k <= min(n_t, max(4, 1.25 * n_active))  # <= 25% slack
         rungs.add(k)
         close(ffn.union_skip_down(f, w2, b2, 0.5, tile=tile, k_cap=k),
               ref_union(f, w2, b2, 0.5, tile, k))
     ladder = [r for r in ffn.LADDER.ladder(n_t) if r <= n_t]
-    assert rungs == set(ladder) and len(rungs) == 22     # not 96 programs
+    assert rungs == set(ladder) and len(rungs) == 19     # not 96 programs
     assert ffn.union_skip_down._cache_size() - before == len(rungs)
     assert ffn.k_cap_rung(0, 8) == 4 and ffn.k_cap_rung(30, 24) == 24
     assert ffn.k_cap_rung(5, 96, vs.CapacityPolicy.pow2(minimum=1)) == 8
@@ -356,8 +356,9 @@ def test_coactivation_permutation_keeps_fewer_tiles_and_preserves_output():
     out_id, m_id = ffn.apply_ffn_sparsity(f, w2, b2, **kw)
     out_p, m_p = ffn.apply_ffn_sparsity(f, w2, b2, perm=perm, **kw)
     assert m_p["executed"] == "skip" and m_p["tiles_skipped"] is True
-    assert m_p["tiles_active"] <= 3 and m_p["tiles_active"] < m_id["tiles_active"]
-    assert m_p["overflow"] == 0 and m_p["tile_frac"] < m_id["tile_frac"]
+    assert m_p["tiles_active"] <= 3 and m_p["overflow"] == 0 and m_p["tile_frac"] <= 3 / 8
+    # scattered, the union covers every tile: nothing to skip, so the mask ran
+    assert m_id["executed"] == "mask" and "all 8 tiles" in m_id["fallback"]
     dense = f.astype(np.float64) @ w2 + b2
     close(out_p, dense)
     close(out_id, dense)

@@ -306,7 +306,7 @@ def gather_down(f: jax.Array, w2: jax.Array, b2: jax.Array, active: jax.Array,
     n_t, k = n // tile, tiles.shape[0]
     cols = jnp.take(masked_by(f, active).reshape(t, n_t, tile), tiles, axis=1)
     cols = jnp.where(valid[None, :, None], cols, jnp.zeros((), f.dtype)).reshape(t, k * tile)
-    rows = w2.reshape(n_t, tile * h).at[tiles].get(mode="promise_in_bounds",
+    rows = jnp.asarray(w2).reshape(n_t, tile * h).at[tiles].get(mode="promise_in_bounds",
                                                    indices_are_sorted=True)
     out = jnp.dot(cols, rows.reshape(k * tile, h), preferred_element_type=jnp.float32)
     return (out + b2.astype(jnp.float32)).astype(f.dtype)

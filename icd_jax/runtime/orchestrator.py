@@ -520,6 +520,11 @@ class Run:
         v = q[active]["drop_pp"] if active in q else None
         out["quality"] = gate(v, g.quality_drop_pp, "pp drop vs dense fp32", lower=True,
                               reason=None if v is not None else "quality not measured")
+        qs = m.get("quality_samples") or {}
+        p = quality_p_value(qs.get("dense"), qs.get(active))
+        out["quality"]["p_vs_dense"] = p
+        if p is not None and v is not None:
+            out["quality"]["significant_loss"] = bool(v > 0 and p < 0.05)
         probe = m.get("host_probe")
         if out["latency"]["status"] == "not met" and probe and not probe.get("fast_int8"):
             out["latency"]["reason"] = ("this host has no fast int8 (W8A8 layer "
