@@ -31,7 +31,7 @@ def ref_kept(active, tile, k_cap):
 
 
 def ref_union(f, w2, b2, threshold, tile, k_cap):
-    """Masked dense over the kept tiles only, in float64."""
+    """Masked dense (``|f| > threshold``) over the kept tiles only, in float64."""
     act = np.abs(f) > threshold
     kept, _ = ref_kept(act, tile, k_cap)
     fm = np.where(act, f, 0).astype(np.float64)
@@ -194,13 +194,6 @@ def forward(params, batch, sparse, record=False):
     return module.apply({"params": params}, *batch.arrays())
 
 
-def layer_ffn(params, batch, sparse):
-    """Each layer's FFN activations [T, 64] as the model under ``sparse`` computes them."""
-    module = minilm.Encoder(CFG, capture=True, transforms=minilm.Transforms(ffn=sparse))
-    _, state = module.apply({"params": params}, *batch.arrays(), mutable=["intermediates"])
-    return [np.asarray(state["intermediates"][f"layer_{i}"]["ffn"][0]) for i in range(2)]
-
-
 def weight_gathers(params, batch, sparse, tile):
     """Gathers in the forward's jaxpr that read [F // tile, tile * H] (FFN-out rows)."""
     jaxpr = jax.make_jaxpr(lambda p: forward(p, batch, sparse))(params)
@@ -219,30 +212,40 @@ def test_mask_mode_runs_no_top_k_or_sort(tiny):
     assert [bool(rec[f"layer_{i}"]["output"]["skipped"][0]) for i in range(2)] == [False] * 2
 
 
+def with_dead_tiles(params, dead=(1, 3, 4, 6), tile=8):
+    """``params`` with the FFN neurons of tiles ``dead`` switched off in every layer:
+    pre-activation -30, so ``gelu`` gives exactly 0 and those tiles are never active."""
+    p = jax.tree.map(np.array, params)
+    cols = np.concatenate([np.arange(j * tile, (j + 1) * tile) for j in dead])
+    for i in range(CFG.layers):
+        p[f"layer_{i}"]["intermediate"]["kernel"][:, cols] = 0.0
+        p[f"layer_{i}"]["intermediate"]["bias"][cols] = -30.0
+    return p
+
+
 def test_skip_mode_gathers_weight_tiles_and_equals_the_mask_when_all_fit(tiny):
     params, batch = tiny
-    thr = ffn.calibrate_thresholds(layer_ffn(params, batch, minilm.FFNSparsity(
-        threshold=0.0)), 0.05)
-    mask = minilm.FFNSparsity(threshold=thr, tile=8)
-    acts = layer_ffn(params, batch, mask)
-    k_caps = tuple(max(1, ffn.union_count(a, t, 8)) for a, t in zip(acts, thr))
-    assert min(k_caps) < 8   # some layer really skips
-    skip = minilm.FFNSparsity(threshold=thr, tile=8, mode="skip", k_cap=k_caps)
+    params = with_dead_tiles(params)          # 4 of the 8 tiles can be active
+    mask = forward(params, batch, minilm.FFNSparsity(threshold=0.05, tile=8))
+    skip = minilm.FFNSparsity(threshold=0.05, tile=8, mode="skip", k_cap=(4, 8))
+    assert ffn.skips_tiles(skip, 8, 64, 0) and not ffn.skips_tiles(skip, 8, 64, 1)
     gathers = weight_gathers(params, batch, skip, 8)
-    skipping = [i for i in range(2) if ffn.skips_tiles(skip, 8, 64, i)]
-    assert len(gathers) == len(skipping) >= 1
-    assert {g.outvars[0].aval.shape for g in gathers} == {(k_caps[i], 8 * 16)
-                                                          for i in skipping}
+    assert [g.outvars[0].aval.shape for g in gathers] == [(4, 8 * 16)]   # layer 0 only
     names = {e.primitive.name for e in primitives(
         jax.make_jaxpr(lambda p: forward(p, batch, skip))(params).jaxpr)}
     assert not names & {"top_k", "sort"}
     out, rec = forward(params, batch, skip, record=True)
-    for i in range(2):
-        r = rec[f"layer_{i}"]["output"]
-        assert bool(r["skipped"][0]) == (i in skipping)
-        if i in skipping:
-            assert int(r["tiles_kept"][0]) == int(r["tiles_active"][0]) == k_caps[i]
-    np.testing.assert_allclose(out, forward(params, batch, mask), atol=1e-5)
+    r0, r1 = rec["layer_0"]["output"], rec["layer_1"]["output"]
+    assert bool(r0["skipped"][0]) and not bool(r1["skipped"][0])
+    assert int(r0["tiles_kept"][0]) == int(r0["tiles_active"][0]) == 4
+    np.testing.assert_allclose(out, mask, atol=1e-5)
+    over = minilm.FFNSparsity(threshold=0.05, tile=8, mode="skip", k_cap=3)  # overflow
+    out3, rec3 = forward(params, batch, over, record=True)
+    assert int(rec3["layer_0"]["output"]["tiles_kept"][0]) == 3
+    assert np.abs(np.asarray(out3) - np.asarray(mask)).max() > 1e-3
+    np.testing.assert_allclose(forward(params, batch, minilm.FFNSparsity(
+        threshold=0.0, tile=8, mode="skip", k_cap=4)), forward(params, batch, None),
+        atol=1e-5)   # threshold 0: the dead tiles add exactly 0 to the dense product
 
 
 def test_skip_mode_masks_calls_above_max_rows(tiny):
@@ -250,6 +253,8 @@ def test_skip_mode_masks_calls_above_max_rows(tiny):
     skip = minilm.FFNSparsity(threshold=0.3, tile=8, mode="skip", k_cap=2, max_rows=4)
     assert not ffn.skips_tiles(skip, 8, 64) and ffn.skips_tiles(skip, 4, 64)
     assert not weight_gathers(params, batch, skip, 8)
+    _, rec = forward(params, batch, skip, record=True)
+    assert not bool(rec["layer_0"]["output"]["skipped"][0])
     np.testing.assert_allclose(forward(params, batch, skip), forward(
         params, batch, minilm.FFNSparsity(threshold=0.3, tile=8)), atol=1e-6)
 
@@ -381,8 +386,11 @@ def test_meta_says_what_executed():
     assert m["tile_frac"] == pytest.approx(len(kept) / 4)
     close(out, ref_union(f, w2, b2, 1.0, 8, 2))
     json.dumps(m)
-    _, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=1.0, tile=8, mode="skip", max_rows=4)
+    out, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=1.0, tile=8, mode="skip",
+                                    max_rows=4)
     assert m["executed"] == "mask" and "max_rows" in m["fallback"]
+    assert m["tiles_skipped"] is False and "tiles_kept" not in m
+    close(out, np.where(np.abs(f) > 1.0, f, 0).astype(np.float64) @ w2 + b2)
     _, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.0, tile=8, mode="skip")
     assert m["executed"] == "mask" and "all 4 tiles" in m["fallback"]
 
@@ -391,8 +399,10 @@ def test_zero_tokens():
     f, w2, b2 = data(0, 32, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.5, tile=8, mode="skip")
-    assert out.shape == (0, 8) and m["ok"] and m["tiles_kept"] == 0
+        out, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.5, tile=8, mode="skip",
+                                        k_cap=1)
+    assert out.shape == (0, 8) and m["ok"] and m["executed"] == "skip"
+    assert m["tiles_kept"] == 0
 
 
 @pytest.mark.parametrize("args,kw,err,word", [
@@ -430,10 +440,12 @@ def test_failure_falls_back_to_the_dense_product(monkeypatch):
 
     monkeypatch.setattr(ffn, "skip_down", boom)
     with pytest.warns(AdapterWarning, match="kernel exploded"):
-        out, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.5, tile=8, mode="skip")
+        out, m = ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.5, tile=8, mode="skip",
+                                        k_cap=1)
     assert m["ok"] is False and "kernel exploded" in m["warning"]
     assert set(meta.KEYS) <= set(m)
     close(out, f.astype(np.float64) @ w2 + b2)
     with warnings.catch_warnings(), pytest.raises(RuntimeError):
         warnings.simplefilter("error")
-        ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.5, tile=8, mode="skip", strict=True)
+        ffn.apply_ffn_sparsity(f, w2, b2, threshold=0.5, tile=8, mode="skip", k_cap=1,
+                               strict=True)

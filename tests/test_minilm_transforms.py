@@ -74,13 +74,13 @@ def test_int8_runs_int8_matmuls_on_every_linear_layer(enc, dense, mode):
 
 
 def test_all_tiles_and_zero_drop_are_exact(enc, dense):
-    t = minilm.Transforms(ffn=minilm.FFNSparsity(tile=16, top_k=enc.config.intermediate),
+    t = minilm.Transforms(ffn=minilm.FFNSparsity(threshold=0.0, tile=16),
                           kv=minilm.KeyBlockDrop(block=4, drop=0.0, permute_tokens=True))
     np.testing.assert_allclose(enc.with_transforms(t).encode(SENTENCES), dense, atol=2e-5)
 
 
 def test_sparse_ffn_and_block_drop_change_but_keep_meaning(enc, dense):
-    for t in (minilm.Transforms(ffn=minilm.FFNSparsity(tile=16, top_k=300)),
+    for t in (minilm.Transforms(ffn=minilm.FFNSparsity(threshold=0.12, tile=16)),
               minilm.Transforms(kv=minilm.KeyBlockDrop(block=2, drop=0.5))):
         out = enc.with_transforms(t).encode(SENTENCES)
         cos = cosines(out, dense)

@@ -523,3 +523,19 @@ def test_effects_separate_the_transform_from_the_layout(full):
         assert eff["layout"][a]["drop_pp"] == m["quality"][a]["drop_pp"]
         assert 0 <= eff["layout"][a]["p_vs_identity"] <= 1
     assert "identity order" in eff["layout_verdict"]
+
+
+def test_no_fast_int8_host_names_the_probe_in_the_latency_gate(tmp_path, target, monkeypatch):
+    from icd_jax.runtime import hostprobe
+
+    slow = dict(shapes=[], f32_gops=200.0, int8_gops=150.0, w8a8_gops=120.0,
+                int8_speedup=0.75, w8a8_speedup=0.6, fast_int8=False,
+                flags={"avx2": True, "avx512_vnni": False}, method="fake")
+    monkeypatch.setattr(hostprobe, "gemm_rates", lambda *a, **k: slow)
+    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
+                                report={"stablehlo": False},
+                                gates={"latency_pct": -1e9}), str(tmp_path / "s"),
+                           target=target)
+    g = artifacts.read_json(res.path("metrics"))["gates"]["latency"]
+    assert g["status"] == "not met"
+    assert "no fast int8" in g["reason"] and "W8A8 layer 120 GOP/s" in g["reason"]

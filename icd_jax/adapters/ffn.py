@@ -3,18 +3,21 @@ leaves unused.
 
 The FFN computes ``f = gelu(h @ W1 + b1)`` (``[T, F]``), then ``f @ W2 + b2``. A neuron is
 *active* when ``|f| > threshold``; a *tile* is ``tile`` consecutive neurons (rows of
-``W2``). ``FFNSparsity.mode`` picks what runs:
+``W2``), active when one of its neurons is. Both modes of ``FFNSparsity.mode`` compute
+the same thing, ``masked(f, threshold) @ W2 + b2``, and differ in what they read:
 
 - ``"mask"``: inactive activations are zeroed and the down projection runs as one dense
-  matmul. Every row of ``W2`` is still read: this simulates the quality of activation
+  matmul. Every row of ``W2`` is still read: this measures the quality of activation
   sparsity, never its speed.
 - ``"skip"``: on a small call (static row count ``T <= max_rows``) the tiles that no row
   of the call needs are skipped. The union of active tiles over the call's rows is taken,
   at most ``k_cap`` of them are kept (the most active, ties to the lower index), their
   ``W2`` rows and activation columns are gathered, and one dense
-  ``[T, k_cap * tile] @ [k_cap * tile, H]`` matmul runs. This is exact for the kept tiles:
-  it equals ``"mask"`` when every active tile fits. Larger calls, and a ``k_cap`` that
-  covers every tile, run ``"mask"``.
+  ``[T, k_cap * tile] @ [k_cap * tile, H]`` matmul runs. It is exact for the kept tiles:
+  equal to ``"mask"`` whenever every active tile fits in ``k_cap`` (so a row's output
+  does not depend on the other rows of its call), and otherwise short of the active
+  tiles beyond ``k_cap`` (``overflow``). A call that cannot skip (more rows than
+  ``max_rows``, or a ``k_cap`` covering every tile) runs ``"mask"``.
 
 Neither mode sorts or runs a top-k. The kept tiles are picked by a count level and listed
 by ``nonzero`` with a static size. ``k_cap`` is static (one compiled program per value).
@@ -297,17 +300,17 @@ def union_tiles(active: jax.Array, *, tile: int,
 
 def gather_down(f: jax.Array, w2: jax.Array, b2: jax.Array, active: jax.Array,
                 tiles: jax.Array, valid: jax.Array, *, tile: int) -> jax.Array:
-    """``[T, H]`` (dtype of ``f``): ``f @ w2 + b2`` over the active neurons of the kept
+    """``[T, H]`` (dtype of ``f``): ``masked_by(f, active) @ w2 + b2`` over the kept
     tiles only. Gathers ``w2``'s rows of ``tiles`` (``[k * tile, H]``) and the matching
-    columns of ``f`` (inactive ones and invalid slots zeroed), then runs one dense matmul
-    accumulating in float32. ``f [T, F]``, ``active bool[T, F]``, ``tiles int32[k]``
-    ascending, ``valid bool[k]``."""
+    columns of ``f`` (inactive entries and invalid slots zeroed), then runs one dense
+    matmul accumulating in float32. ``f [T, F]``, ``active bool[T, F]``, ``tiles
+    int32[k]`` ascending, ``valid bool[k]``."""
     (t, n), h = f.shape, w2.shape[1]
     n_t, k = n // tile, tiles.shape[0]
     cols = jnp.take(masked_by(f, active).reshape(t, n_t, tile), tiles, axis=1)
     cols = jnp.where(valid[None, :, None], cols, jnp.zeros((), f.dtype)).reshape(t, k * tile)
     rows = jnp.asarray(w2).reshape(n_t, tile * h).at[tiles].get(mode="promise_in_bounds",
-                                                   indices_are_sorted=True)
+                                                                indices_are_sorted=True)
     out = jnp.dot(cols, rows.reshape(k * tile, h), preferred_element_type=jnp.float32)
     return (out + b2.astype(jnp.float32)).astype(f.dtype)
 

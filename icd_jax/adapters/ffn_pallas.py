@@ -88,8 +88,8 @@ def pallas_union_down(f: jax.Array, w2: jax.Array, b2: jax.Array, active: jax.Ar
                       interpret: bool = False) -> jax.Array:
     """``[T, H]`` (dtype of ``f``), equal to ``ffn.gather_down`` for the same arguments
     (``active bool[T, F]``, ``tiles int32[k]`` / ``valid bool[k]`` from
-    ``ffn.union_tiles``): ``pallas_sparse_down`` with all ``T`` rows in one group, rows
-    padded to a power of two of at least 16."""
+    ``ffn.union_tiles``): ``pallas_sparse_down`` over the masked ``f`` with all ``T`` rows
+    in one group, rows padded to a power of two of at least 16."""
     if tiles.ndim != 1 or valid.shape != tiles.shape or active.shape != f.shape:
         raise ShapeError(f"pallas_union_down: need tiles [k], valid [k] and active of f's "
                          f"shape {f.shape}; got {tiles.shape}, {valid.shape}, {active.shape}")

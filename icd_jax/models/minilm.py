@@ -244,7 +244,7 @@ class Linear(Part):
         # What ran is sown into ffn.RECORD (apply with mutable=[ffn.RECORD] to read it).
         s, layer = self.sparse, ffn.layer_of(self.path)
         threshold, k_cap = s.at(layer)
-        if not ffn.skips_tiles(s, x.shape[0], x.shape[-1], layer):
+        if not ffn.skips_tiles(s, x.shape[0], x.shape[-1], layer):  # the mask: no skip
             self.sow(ffn.RECORD, "skipped", jnp.zeros((), bool))
             return quant.matmul(ffn.masked(x, threshold), kernel) + bias
         w = kernel.dequantize().astype(x.dtype) if isinstance(kernel, quant.Quantized) else kernel

@@ -767,7 +767,8 @@ def _section_effects(m: Mapping) -> str:
             "each channel order (mean latency ms, quality drop pp, tiles per token where a "
             "kernel skips tiles, paired quality p-value against the identity order). "
             f"{_e(eff.get('layout_verdict') or '')}</p>"
-            + _table(["effect", "latency", "drop pp", "tiles/token", "p vs identity"], rows))
+            + _table(["effect", "latency (% vs dense; ms)", "drop pp", "tiles/token",
+                     "p vs identity"], rows))
 
 
 def _section_what_ran(m: Mapping) -> str:
