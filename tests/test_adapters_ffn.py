@@ -307,6 +307,8 @@ def test_per_layer_settings_and_skips_tiles():
     assert ffn.skips_tiles(s, 32, 1536, 0) and not ffn.skips_tiles(s, 32, 1536, 1)
     assert ffn.skips_tiles(s, 32, 1536) and not ffn.skips_tiles(s, 33, 1536)
     assert not ffn.skips_tiles(minilm.FFNSparsity(threshold=0.1), 1, 1536)
+    with pytest.raises(ConfigError, match="tile=16 does not divide"):
+        ffn.skips_tiles(s, 1, 1000)
     with pytest.raises(ConfigError, match="no layer 2"):
         s.at(2)
     with pytest.raises(ConfigError, match="layer is unknown"):

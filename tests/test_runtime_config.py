@@ -95,8 +95,8 @@ def test_schema_lists_sections_and_forbids_extra():
     assert "pipeline" in s["properties"] and s.get("additionalProperties") is False
 
 
-MAMBA_OK = {"model": {"name": "mamba"}, "transform": {"kv": {"enabled": False},
-                                                       "sparsity": {"kind": "2:4"}}}
+MAMBA_OK = {"model": {"name": "mamba"}, "transform": {
+    "kv": {"enabled": False}, "sparsity": {"enabled": True, "kind": "2:4"}}}
 
 
 @pytest.mark.parametrize("key, value", [("transform.kv.enabled", True),
@@ -112,9 +112,11 @@ def test_mamba_rejects_a_transform_its_kernels_do_not_run(key, value):
                                   "transform.sparsity.kind=ffn"])
 
 
-def test_mamba_with_default_transforms_names_both_keys():
+def test_mamba_with_both_unsupported_transforms_names_both_keys():
+    assert config.load({"model": {"name": "mamba"}}).transform.kv.enabled is False
     with pytest.raises(ConfigError) as e:
-        config.load({"model": {"name": "mamba"}})
+        config.load({"model": {"name": "mamba"}, "transform": {
+            "kv": {"enabled": True}, "sparsity": {"enabled": True, "kind": "ffn"}}})
     assert "transform.kv.enabled" in str(e.value) and "transform.sparsity.kind" in str(e.value)
 
 

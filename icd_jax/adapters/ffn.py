@@ -182,8 +182,11 @@ def skips_tiles(cfg: FFNSparsity, rows: int, n_neurons: int, layer: int | None =
     """Whether ``cfg`` really skips tiles on a call of ``rows`` rows (the static ``T``)
     with ``n_neurons`` FFN neurons: mode ``"skip"``, ``rows <= max_rows`` and ``k_cap``
     below ``n_neurons // tile``. For one ``layer``, or with None for any layer."""
-    if cfg.mode != "skip" or rows > cfg.max_rows or n_neurons % cfg.tile:
+    if cfg.mode != "skip" or rows > cfg.max_rows:
         return False
+    if n_neurons % cfg.tile:
+        raise ConfigError(f"FFNSparsity tile={cfg.tile} does not divide the {n_neurons} "
+                          "neurons (F)")
     n_t = n_neurons // cfg.tile
     caps = cfg.k_cap if isinstance(cfg.k_cap, tuple) else (cfg.k_cap,)
     if layer is not None:

@@ -105,7 +105,7 @@ class Quant(Section):
     enabled: bool = True
     dtype: Literal["int8", "int4", "fp8"] = "int8"
     group_size: int | None = Field(
-        128, ge=1, description="channels sharing an activation scale (the layout-sensitive "
+        None, ge=1, description="channels sharing an activation scale (the layout-sensitive "
         "part: the channel order decides the groups). None: per token (dynamic) or per "
         "tensor (static). int8 static groups fold into the weights (one int8 matmul); "
         "dynamic groups and int4 run grouped int8 arithmetic")
