@@ -14,8 +14,18 @@ batch. Rows, timed in interleaved rounds in one process on the same sentences:
                              batches mix lengths.
 
 Prints tokens/s (real tokens, ``[CLS]``/``[SEP]`` included) and the ratios, and how far
-our embeddings are from ST's (min cosine). Install the peer with
-``pip install sentence-transformers==6.2.0 transformers`` (it keeps torch 2.13.0).
+our embeddings are from ST's (min cosine). Our rows are labelled with the attention
+backend that ran, read from the encoder (``auto`` resolved: ``bucketed`` on CPU).
+Install the peer with ``pip install sentence-transformers==6.2.0 transformers`` (it keeps
+torch 2.13.0).
+
+``--ort`` (default on) adds ONNX Runtime as a peer (``experiments/ort_peer.py``): our
+fp32 and ``minilm.load(quant=...)`` encoders against the same weights exported to ONNX,
+run by ORT in fp32 and dynamic int8, timed interleaved on ``--ort_n`` unseen corpus
+sentences (outside the labelled quality set): tokens/s, cosine and nearest-neighbour
+agreement with our fp32, and our/ORT ratios. Ours there are ``minilm.load()`` and
+``minilm.load(quant=...)`` with the library's defaults (``--backend`` is not applied).
+``--rows=`` runs that section alone.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from absl import app, flags
 
 flags.DEFINE_integer("n", 2000, "Corpus sentences to embed.")
 flags.DEFINE_integer("batch_size", 32, "Sentences per batch (every row).")
-flags.DEFINE_integer("threads", 2, "torch threads for sentence-transformers.")
+flags.DEFINE_integer("threads", 2, "torch threads for sentence-transformers; ORT intra-op "
+                     "threads.")
 flags.DEFINE_integer("repeats", 3, "Timed rounds kept.")
 flags.DEFINE_float("max_foreign", 0.1, "Rounds during which other processes took more than "
                    "this share of the CPUs are discarded and rerun.")
@@ -36,14 +47,19 @@ flags.DEFINE_integer("max_rounds", 0, "Most rounds to run (0: 4 * repeats).")
 flags.DEFINE_string("backend", "auto", "vs.attention backend of our model.")
 flags.DEFINE_list("rows", ["st", "packed", "padded"], "Rows to time.")
 flags.DEFINE_bool("unsorted", True, "Also time packed and padded on input-order batches.")
+flags.DEFINE_bool("ort", True, "Compare with ONNX Runtime fp32 and dynamic int8 (skipped, "
+                  "with the reason, when torch/onnxruntime are not importable).")
+flags.DEFINE_integer("ort_n", 0, "Unseen distinct corpus sentences for the ORT section (0: "
+                     "all).")
+flags.DEFINE_integer("ort_repeats", 3, "Timed rounds kept in the ORT section.")
+flags.DEFINE_bool("ort_per_channel", True, "ORT int8 weights per output channel (as ours).")
 flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    import numpy as np
-    from common import sentence_transformers_model, timed_clean, write_json_atomic
+    from common import sentence_transformers_model, write_json_atomic
 
     from icd_jax import corpus
     from icd_jax.models import minilm
@@ -67,8 +83,52 @@ def main(argv):
         for label, enc in list(models.items()):
             fns[f"{label}, input order"] = lambda enc=enc: enc.encode(
                 sentences, batch_size=bs, sort=False)
-    enc = next(iter(models.values()))
+    out = {"n": len(sentences), "batch_size": bs, "rows": {}}
+    if fns:
+        main_section(sentences, fns, models, st, out)
+    if FLAGS.ort:
+        out["ort"] = ort_section(minilm.load())  # the library's defaults, not --backend
+    if FLAGS.json_out:
+        write_json_atomic(FLAGS.json_out, out)
+
+
+def ort_section(enc):
+    """Our fp32 and int8 encoders against ONNX Runtime on unseen sentences."""
+    import ort_peer
+    from common import timed_clean, unseen_sentences
+
+    reason = ort_peer.unavailable()
+    if reason:
+        print(f"ONNX Runtime peer: skipped ({reason})")
+        return {"skipped": reason}
+    models, info = ort_peer.build(enc, FLAGS.threads, FLAGS.ort_per_channel)
+    res = ort_peer.section(unseen_sentences(FLAGS.ort_n), enc, models, timed_clean,
+                           FLAGS.ort_repeats, FLAGS.max_foreign, FLAGS.max_rounds,
+                           FLAGS.batch_size)
+    return dict(res, build=info)
+
+
+def attention_label(enc) -> str:
+    """The ``vs.attention`` backend ``enc`` runs: its ``backend``, with ``auto`` resolved
+    to what ``vsla_jax.attention.choose_backend`` picks on this machine."""
+    from vsla_jax.attention import choose_backend
+
+    return f"auto: {choose_backend(None, None)}" if enc.backend == "auto" else enc.backend
+
+
+def main_section(sentences, fns, models, st, out):
+    """The sentence-transformers / packed / padded rows."""
+    import numpy as np
+    from common import timed_clean
+
+    from icd_jax.models import minilm
+
+    bs = FLAGS.batch_size
+    enc = next(iter(models.values()), None) or minilm.load()
     tokens = int(sum(map(len, enc.tokenize(sentences))))
+    out["tokens"] = tokens
+    att = attention_label(enc)
+    out["attention_backend"] = att
     print(f"{len(sentences)} sentences, {tokens} tokens, batch_size {bs}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     t0 = time.perf_counter()
@@ -76,12 +136,12 @@ def main(argv):
     print(f"timed in {time.perf_counter() - t0:.0f} s; foreign load {load or 0:.1%} of the "
           f"CPUs in kept rounds, {dropped} rounds discarded")
     ref = "sentence-transformers" if st is not None else None
-    print(f"{'row':24s} {'first s':>8s} {'median s':>9s} {'tokens/s':>9s} {'ratio':>7s}")
-    out = {"n": len(sentences), "tokens": tokens, "batch_size": bs, "rows": {}}
+    print(f"{'row':40s} {'first s':>8s} {'median s':>9s} {'tokens/s':>9s} {'ratio':>7s}")
     for label, (first, med) in res.items():
         tps = tokens / med
         ratio = res[ref][1] / med if ref else float("nan")
-        print(f"{label:24s} {first:8.2f} {med:9.2f} {tps:9.0f} {ratio:6.2f}x")
+        shown = f"{label} [attention {att}]" if label.startswith("vsla") else label
+        print(f"{shown:40s} {first:8.2f} {med:9.2f} {tps:9.0f} {ratio:6.2f}x")
         out["rows"][label] = dict(first_s=first, median_s=med, tokens_per_s=tps,
                                   ratio_vs_st=ratio if ref else None)
     if st is not None and models:
@@ -91,8 +151,6 @@ def main(argv):
             cos = float(np.min((e * ref_emb).sum(1)))
             print(f"{label}: min cosine to sentence-transformers {cos:.7f}")
             out["rows"][label]["min_cosine_vs_st"] = cos
-    if FLAGS.json_out:
-        write_json_atomic(FLAGS.json_out, out)
 
 
 if __name__ == "__main__":

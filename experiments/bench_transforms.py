@@ -30,6 +30,12 @@ micro-benchmarks: the FFN down projection at decode-like batches (dense vs tile-
 at the k_cap each layout needs; on a GPU also the Pallas kernel, with no change to the
 script) and attention time with key blocks dropped.
 
+``--ort`` (default on) adds ONNX Runtime peers (``experiments/ort_peer.py``): the same
+weights exported to ONNX, run in fp32 and dynamic int8 (``ort-fp32``, ``ort-int8``
+rows: quality on the labelled set, figure = nearest-neighbour agreement with dense fp32,
+tokens/s in the speed rounds), then the ORT section on unseen sentences against our fp32
+and ``minilm.load(quant=...)`` encoders.
+
 The Mamba section applies the weight transforms to a random-init byte-level Mamba and
 reports relative logit error, next-token agreement and the perplexity ratio against its
 dense self (random weights: only the ratio means anything).
@@ -48,7 +54,7 @@ flags.DEFINE_integer("speed_n", 2000, "Corpus sentences timed per row.")
 flags.DEFINE_integer("calib_n", 256, "Held-out sentences calibrating activation ranges.")
 flags.DEFINE_integer("w_n", 1200, "Held-out sentences the co-activation W is built from.")
 flags.DEFINE_integer("repeats", 1, "Timed rounds kept.")
-flags.DEFINE_integer("threads", 2, "torch threads of the peers.")
+flags.DEFINE_integer("threads", 2, "torch threads of the peers; ORT intra-op threads.")
 flags.DEFINE_integer("tile", 16, "FFN tile (neurons).")
 flags.DEFINE_float("ffn_top_frac", 0.1, "FFN neurons active per token.")
 flags.DEFINE_integer("block", 4, "Key-block size (tokens).")
@@ -60,6 +66,11 @@ flags.DEFINE_list("rows", ["2:4", "unstructured", "ffn", "int8", "int8-sq", "int
 flags.DEFINE_bool("speed", True, "Time the rows (tokens/s).")
 flags.DEFINE_bool("mamba", True, "Run the Mamba section.")
 flags.DEFINE_bool("mamba_only", False, "Run only the Mamba section.")
+flags.DEFINE_bool("ort", True, "Add ONNX Runtime fp32 / dynamic int8 peers (skipped, with "
+                  "the reason, when torch/onnxruntime are not importable).")
+flags.DEFINE_integer("ort_n", 0, "Unseen distinct corpus sentences for the ORT section (0: "
+                     "all).")
+flags.DEFINE_bool("ort_per_channel", True, "ORT int8 weights per output channel (as ours).")
 flags.DEFINE_string("json_out", "", "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -269,6 +280,9 @@ def main(argv):
             if permute_tokens:
                 speed_models[row] = e
 
+    # -- ONNX Runtime peers ------------------------------------------------------------
+    ort_models, ort_info = ort_rows(enc, texts, labels, dense_emb, results, speed_models, f32_mb)
+
     print(f"quality phase: {time.perf_counter() - t_start:.0f} s", flush=True)
     out = dict(dense_accuracy=dense_acc, n_quality=len(texts), rows=results)
     print_table(results, {}, dense_acc)
@@ -287,12 +301,54 @@ def main(argv):
                              sentence_transformers_model, timed_clean)
         if FLAGS.json_out:
             write_json_atomic(FLAGS.json_out, out)
+    if ort_models:
+        import ort_peer
+        from common import unseen_sentences
+
+        out["ort"] = ort_peer.section(unseen_sentences(FLAGS.ort_n), enc, ort_models,
+                                      timed_clean, max(FLAGS.repeats, 2), 0.1,
+                                      3 * max(FLAGS.repeats, 2))
+        out["ort"]["build"] = ort_info
+        if FLAGS.json_out:
+            write_json_atomic(FLAGS.json_out, out)
     if FLAGS.mamba:
         out["mamba"] = mamba_section()
     print_table(results, out.get("speed", {}), dense_acc)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if FLAGS.json_out:
         write_json_atomic(FLAGS.json_out, out)
+
+
+def ort_rows(enc, texts, labels, dense_emb, results, speed_models, f32_mb):
+    """ORT fp32 / dynamic int8 quality rows and speed models: ``(models, build info)``,
+    ``({}, None)`` when skipped."""
+    import ort_peer
+
+    from icd_jax import quality
+
+    if not FLAGS.ort:
+        return {}, None
+    reason = ort_peer.unavailable()
+    if reason:
+        print(f"ONNX Runtime peers: skipped ({reason})", flush=True)
+        return {}, None
+    models, info = ort_peer.build(enc, FLAGS.threads, FLAGS.ort_per_channel)
+    for label, e in models.items():
+        row = label.lower().replace(" ", "-")
+        t = time.perf_counter()
+        q = quality.compare(dense_emb, e.encode(texts), labels)
+        note = f"onnxruntime {info['onnxruntime']}" + (
+            f"; quantize_dynamic QInt8, per_channel={info['per_channel']}, MatMul only"
+            if "int8" in row else "")
+        results.append(dict(row=row, layout="identity", drop_pp=q["drop_pp"],
+                            cos_mean=q["cos_mean"], accuracy=q["accuracy"],
+                            figure=q["nn_agreement"], figure_name="nn_agreement",
+                            memory_mb=info["kernel_mb"].get(label, f32_mb), note=note))
+        print(f"  {row:13s} {'identity':9s} drop {q['drop_pp']:6.2f} pp  cos "
+              f"{q['cos_mean']:.4f}  nn_agreement {q['nn_agreement']:.4f}  "
+              f"({time.perf_counter() - t:.0f} s) {note}", flush=True)
+        speed_models[row] = e
+    return models, info
 
 
 def ffn_micro(enc, spec, ffn_perms, held, top_k, timed_clean):

