@@ -731,10 +731,11 @@ def effects(m: dict, active: str) -> dict:
             continue
         d, d0, p = r["drop_pp"], layout["identity"]["drop_pp"], r.get("p_vs_identity")
         sig = p is not None and p < 0.05
-        notes.append(f"{label}: drop {d:.2f} pp vs identity order {d0:.2f} pp; "
-                     + ("significantly " if sig else "NOT significantly ")
-                     + ("lower" if d < d0 else "different" if d != d0 else "equal")
-                     + f" (paired p={fmt_p(p)})")
+        how = ("equal: the order changed no item's outcome" if d == d0 else
+               ("lower" if d < d0 else "higher")
+               + (", significantly" if sig else ", NOT significantly"))
+        notes.append(f"{label}: drop {d:.2f} pp vs identity order {d0:.2f} pp; {how} "
+                     f"(paired p={fmt_p(p)})")
     return dict(transform=transform, layout=layout, layout_verdict="; ".join(notes) or
                 "no layout comparison (a stage failed or quality was not measured)")
 
