@@ -113,16 +113,59 @@ def test_permutations_and_costs_match_independent_recomputation(full):
     assert all(np.array_equal(active[k], ref[k]) for k in ref)
 
 
-def test_tiles_per_token_match_a_naive_count(full, target):
-    m = artifacts.read_json(full.path("metrics"))
-    perms, _ = artifacts.load_perms(full.path("perm_before"))
-    arm = target.arm("before", perms, config.load(TINY).transform)
-    act = target.activity(arm, 48)
+# A run whose FFN down projections really skip tiles: small calls (2 sentences, 64 packed
+# rows at most) and tiles of 4 of the tiny BERT's 128 neurons.
+SKIP = {"model": {"batch_size": 2},
+        "transform": {"sparsity": {"enabled": True, "kind": "ffn", "mode": "skip",
+                                   "tile": 4, "top_frac": 0.02, "max_rows": 64}}}
+
+
+@pytest.fixture(scope="module")
+def skip_target():
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    for k, v in SKIP.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return targets.make(config.load(cfg))
+
+
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory, skip_target):
+    d = tmp_path_factory.mktemp("skip")
+    cfg = tiny(d, report={"stablehlo": False}, **SKIP)
+    cfg["transform"] = {**cfg["transform"], **SKIP["transform"]}
+    return orchestrator.run(cfg, str(d / "out"), target=skip_target)
+
+
+def test_tiles_per_call_match_a_naive_count_of_what_the_skip_kernel_reads(skip_run,
+                                                                          skip_target):
+    m = artifacts.read_json(skip_run.path("metrics"))
+    skips = skip_target.skipping_calls(skip_target.cfg.transform.sparsity)
+    assert m["transforms"]["sparsity"]["skips_tiles"] and sum(skips) >= len(skips) // 2
+    # a call too long to skip runs masked: a loud fallback, and it reads every tile
+    assert (m["fallbacks"] == []) == all(skips)
+    perms, _ = artifacts.load_perms(skip_run.path("perm_before"))
+    arm = skip_target.arm("before", perms, skip_target.cfg.transform)
+    calls = np.cumsum([0, *skip_target.call_tokens()])
+    act = skip_target.activity(arm, int(calls[-1]))
     tile = m["tiles_per_token"]["tile"]
-    naive = [sum(len({int(j) // tile for j in np.flatnonzero(a[t])}) for a in act)
-             for t in range(act[0].shape[0])]
+    naive = [sum(len({int(j) // tile for t in range(s, e) for j in np.flatnonzero(a[t])})
+                 if k else a.shape[1] // tile for a in act)
+             for s, e, k in zip(calls[:-1], calls[1:], skips)]
     assert np.isclose(m["tiles_per_token"]["before"], np.mean(naive))
     assert m["tiles_per_token_samples"]["before"] == naive
+    assert m["tiles_per_token"]["calls"] == len(naive) and "union" in m["tiles_per_token"]["unit"]
+    assert m["l2_hit_pct_sim"]["what"].startswith("simulated")
+    assert "paired" in orchestrator.compare_modes(m) and "tiles_per_token" in (
+        orchestrator.compare_modes(m)["paired"])
+
+
+def test_skip_mode_on_calls_too_large_is_a_loud_fallback(target, tmp_path):
+    t = config.load(tiny(tmp_path, transform={"sparsity": {
+        "enabled": True, "kind": "ffn", "mode": "skip", "max_rows": 8}})).transform
+    arm = target.arm("identity", target.identity(), t)
+    s = arm.meta["sparsity"]
+    assert s["skips_tiles"] is False and "ran masked" in s["fallbacks"][0]
+    assert orchestrator.fallbacks(arm.meta) == s["fallbacks"]
 
 
 def test_linear_mode_skips_repermuted(tmp_path, target):
@@ -193,14 +236,14 @@ def test_solver_timeout_keeps_best_order_and_is_flagged(tmp_path, target):
     assert all(s["J"] <= s["J_identity"] + 1e-12 for s in stats.values())
 
 
-def test_measurement_failure_degrades_to_wall_clock(tmp_path, target, monkeypatch):
+def test_measurement_failure_degrades_to_wall_clock(tmp_path, skip_target, monkeypatch):
     def broken(*a, **k):
         raise OSError("perf counters unavailable")
 
     monkeypatch.setattr(cachesim, "replay", broken)
-    res = orchestrator.run(tiny(tmp_path, pipeline={"mode": "linear"},
-                                report={"stablehlo": False}), str(tmp_path / "m"),
-                           target=target)
+    cfg = tiny(tmp_path, pipeline={"mode": "linear"}, report={"stablehlo": False}, **SKIP)
+    cfg["transform"] = {**cfg["transform"], **SKIP["transform"]}
+    res = orchestrator.run(cfg, str(tmp_path / "m"), target=skip_target)
     m = artifacts.read_json(res.path("metrics"))
     assert res.ok and m["l2_hit_pct_sim"] is None and m["latency"]["before"]["mean_ms"] > 0
     assert any("cache simulation" in d for d in m["degraded"])
@@ -333,7 +376,7 @@ def test_pair_mode_writes_comparison(tmp_path, target):
     d = (np.array(m["latency"]["after"]["samples_ms"])
          - np.array(m["latency"]["before"]["samples_ms"]))
     assert np.isclose(lat["mean_diff"], d.mean())
-    assert "tiles_per_token" in saved["paired"] and comp["verdict"]
+    assert "tiles_per_token" not in saved["paired"] and comp["verdict"]  # nothing skipped
     qual = saved["paired"]["quality"]
     lin, it = (np.array(m["quality_samples"][a]) for a in ("before", "after"))
     assert qual["n"] == 48 and np.isclose(qual["mean_diff"], (it - lin).mean())

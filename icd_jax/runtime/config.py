@@ -96,8 +96,15 @@ class Sparsity(Section):
     kind: Literal["ffn", "2:4", "unstructured"] = Field(
         "ffn", description="ffn: activation-sparse FFN tile skipping (layout-sensitive, "
         "driven by W); 2:4 / unstructured: weight pruning of every kernel")
-    top_frac: float = Field(0.1, gt=0, le=1, description="ffn: neurons kept per token")
+    top_frac: float = Field(0.1, gt=0, le=1, description="ffn: share of neurons active "
+                            "(per-layer |f| thresholds calibrated on held-out sentences)")
     tile: int = Field(16, ge=1, description="ffn: neurons per tile")
+    mode: Literal["mask", "skip"] = Field(
+        "mask", description="ffn: mask = zero inactive activations, one dense matmul "
+        "(quality only, nothing skipped); skip = on calls of at most max_rows packed rows, "
+        "skip the tiles no row of the call needs (a call with more rows runs masked, "
+        "reported as a fallback)")
+    max_rows: int = Field(32, ge=1, description="ffn skip: largest call that skips tiles")
     rate: float = Field(0.5, gt=0, lt=1, description="unstructured: weights pruned")
 
 

@@ -157,20 +157,6 @@ def tiles_per_token(active: list[np.ndarray], tile: int) -> np.ndarray:
                           for a in active))
 
 
-def layer_major_replay(active: list[np.ndarray], tile: int, row_bytes: int,
-                       cache: cachesim.CacheLevel) -> tuple[float | None, float]:
-    """Simulated hit rate (%) and lines per token of the tile reads of ``active`` (per
-    layer ``bool [tokens, D]``, stored order) in the order a batched encoder runs them:
-    layer after layer, and within a layer token after token."""
-    hits = accesses = 0
-    lines = 0.0
-    for a in active:
-        r = cachesim.replay([a], [np.arange(a.shape[1])], tile, row_bytes, cache)
-        hits, accesses = hits + r["hits"], accesses + r["accesses"]
-        lines += r["lines_per_token"]
-    return (100.0 * hits / accesses if accesses else None), lines
-
-
 class Run:
     """One pipeline run in ``out_dir`` (see ``run``)."""
 
@@ -408,24 +394,34 @@ class Run:
         def run():
             cache = cachesim.cache_for(cfg.measure.sim_level)
             tiles, lines, sim, per_token = {}, {}, {}, {}
+            calls = np.cumsum([0, *t.call_tokens()])
+            skips = t.skipping_calls(cfg.transform.sparsity)
             for a in layout_arms:
-                act = t.activity(self.arms[a], cfg.measure.sim_tokens)
+                act = t.activity(self.arms[a], int(calls[-1]))
+                # what ran: per call, the union of its rows' tiles where the call skips,
+                # every tile where it ran masked
+                act = [np.stack([x[s:e].any(axis=0) if k else np.ones(x.shape[1], bool)
+                                 for s, e, k in zip(calls[:-1], calls[1:], skips)])
+                       for x in act]
                 per_token[a] = tiles_per_token(act, tile)
                 tiles[a] = float(per_token[a].mean())
                 if cfg.measure.sim:
-                    sim[a], lines[a] = layer_major_replay(act, tile,
-                                                          t.row_bytes(self.arms[a]), cache)
+                    r = cachesim.replay(act, [np.arange(x.shape[1]) for x in act], tile,
+                                        t.row_bytes(self.arms[a]), cache)
+                    sim[a] = 100.0 * r["hits"] / r["accesses"] if r["accesses"] else None
+                    lines[a] = r["lines_per_token"]
             m["tiles_per_token"] = dict(tile=tile, of=len(t.axes) * -(-t.size // tile),
-                                        tokens=int(len(next(iter(per_token.values())))),
-                                        **tiles)
+                                        calls=int(len(next(iter(per_token.values())))),
+                                        unit="tiles the skip kernel read per call (union of "
+                                        "the call's rows), summed over layers", **tiles)
             m["tiles_per_token_samples"] = {a: v.tolist() for a, v in per_token.items()}
             if cfg.measure.sim:
                 m["lines_per_token"] = dict(line_bytes=cache.line_bytes, **lines)
                 m["l2_hit_pct_sim"] = dict(sim, cache=cache.as_dict(), what=(
                     f"simulated: LRU {cache.ways}-way set-associative L{cache.level} "
                     f"({cache.size_bytes // 1024} KiB, {cache.line_bytes} B lines) replaying "
-                    f"the down-projection tile reads of an activation-sparse kernel in "
-                    f"execution order (layer by layer, token by token within a layer)"))
+                    f"the union tile-skip kernel's down-projection reads in execution "
+                    f"order (call by call; within a call layer by layer)"))
 
         self.guard("cache simulation", run, m)
 

@@ -73,7 +73,8 @@ def weight_sparsity(params, paths: list[str], s, strict: bool, ffn_meta: dict
         return guarded("sparsity", lambda: tree.sparsify(params, paths, s.kind, s.rate),
                        params, strict)
     return params, dict(transform="sparsity", ok=True, settings=dict(
-        kind="ffn", tile=s.tile, top_frac=s.top_frac), **ffn_meta)
+        kind="ffn", tile=s.tile, top_frac=s.top_frac, mode=s.mode, max_rows=s.max_rows),
+        **ffn_meta)
 
 
 def quant_fallbacks(q, meta: dict, n_kernels: int) -> list[str]:
@@ -153,6 +154,7 @@ class MiniLMTarget:
                                                              self.bs)]
         self.tokens = int(sum(int(b.lengths.sum()) for b in self.time_batches))
         self._runners = {}
+        self._ffn = {}
 
     # identity of the model (cache keys)
     def model_id(self) -> dict:
@@ -178,8 +180,7 @@ class MiniLMTarget:
         ffn = kv = None
         s = t.sparsity
         if s.enabled and s.kind == "ffn":
-            ffn = lib.FFNSparsity(tile=s.tile,
-                                  top_k=max(1, round(s.top_frac * self.config.intermediate)))
+            ffn = self.ffn_sparsity(s)
         if t.kv.enabled:
             kv = lib.KeyBlockDrop(block=t.kv.block, drop=t.kv.drop,
                                   permute_tokens=t.kv.permute_tokens)
@@ -187,6 +188,49 @@ class MiniLMTarget:
         if key not in self._runners:
             self._runners[key] = self.enc.with_transforms(lib.Transforms(ffn=ffn, kv=kv))
         return self._runners[key]
+
+    def ffn_sparsity(self, s):
+        """``FFNSparsity`` of a ``Sparsity`` section: per-layer thresholds keeping a
+        ``top_frac`` share of the FFN activations of the calibration sentences; for
+        ``mode="skip"`` per-layer ``k_cap`` rungs above the most tiles a calibration call
+        of at most ``max_rows`` rows kept (every tile when no such call exists)."""
+        from icd_jax.adapters import ffn as ffn_lib
+
+        key = (s.top_frac, s.tile, s.mode, s.max_rows)
+        if key in self._ffn:
+            return self._ffn[key]
+        calls = []
+        for b in self.enc.packed_batches(self.calib_texts, self.bs):
+            cap = self.enc.capture_batch(b)
+            calls.append([np.asarray(cap[f"layer_{i}/ffn"][0])[cap[f"layer_{i}/ffn"][1]]
+                          for i in range(self.config.layers)])
+        acts = [np.concatenate([c[i] for c in calls]) for i in range(self.config.layers)]
+        thr = ffn_lib.calibrate_thresholds(acts, s.top_frac)
+        n_tiles = self.config.intermediate // s.tile
+        k_cap = None
+        if s.mode == "skip":
+            small = [c for c, b in zip(calls, self.enc.packed_batches(self.calib_texts,
+                                                                        self.bs))
+                     if b.shape[0] <= s.max_rows]
+            k_cap = tuple(ffn_lib.k_cap_rung(max(ffn_lib.union_count(c[i], thr[i], s.tile)
+                                                 for c in small), n_tiles)
+                          if small else n_tiles for i in range(self.config.layers))
+        out = ffn_lib.FFNSparsity(threshold=thr, tile=s.tile, mode=s.mode, k_cap=k_cap,
+                                  max_rows=s.max_rows)
+        self._ffn[key] = out
+        return out
+
+    def skipping_calls(self, s) -> list[bool]:
+        """Per timed call, whether its down projections really skip tiles."""
+        from icd_jax.adapters import ffn as ffn_lib
+
+        cfg = self.ffn_sparsity(s)
+        return [ffn_lib.skips_tiles(cfg, b.shape[0], self.config.intermediate)
+                for b in self.time_batches]
+
+    def call_tokens(self) -> list[int]:
+        """Real tokens of each timed call, in the order ``activity`` returns them."""
+        return [int(b.n_tokens) for b in self.time_batches]
 
     def grouped(self, q) -> list[str] | None:
         """Kernels ``q.group_size`` applies to: with ``groups_on="permuted"``, those whose
@@ -212,8 +256,19 @@ class MiniLMTarget:
         params = permute.apply(self.spec, self.enc.params, perms)
         meta: dict[str, dict] = {}
         s = t.sparsity
-        params, meta["sparsity"] = weight_sparsity(params, self.paths, s, strict, dict(
-            delta_layout=dict(repermute=True, reason="co-active neurons in few tiles")))
+        ffn_meta = dict(delta_layout=dict(repermute=True,
+                                          reason="co-active neurons in few tiles"))
+        if s.enabled and s.kind == "ffn":
+            skips = self.skipping_calls(s)
+            ffn_meta.update(mode=s.mode, skips_tiles=any(skips),
+                            skipping_calls=f"{sum(skips)} of {len(skips)}", fallbacks=[])
+            if s.mode == "skip" and not all(skips):
+                ffn_meta["fallbacks"].append(
+                    f"sparsity: mode skip, but {len(skips) - sum(skips)} of {len(skips)} "
+                    f"timed calls have more than max_rows={s.max_rows} packed rows or a "
+                    "k_cap covering every tile, so their down projections ran masked "
+                    "(every tile read)")
+        params, meta["sparsity"] = weight_sparsity(params, self.paths, s, strict, ffn_meta)
         if not s.enabled:
             del meta["sparsity"]
         q = t.quant
@@ -273,14 +328,16 @@ class MiniLMTarget:
     quality_metric = "topic_accuracy"
 
     def activity(self, arm: Arm, tokens: int) -> list[np.ndarray]:
-        """Per layer, the FFN neurons an activation-sparse kernel reads per token
-        (``bool [tokens, intermediate]``, stored order): top ``sparsity.top_frac``."""
-        top = self.cfg.transform.sparsity.top_frac
-        cap = capture.capture(arm.runner, arm.params,
-                              arm.runner.packed_batches(self.time_texts, self.bs),
-                              what=("ffn",), top_frac=top)
-        return [active_positions(cap.acts(i), self.size)[:tokens]
-                for i in range(self.config.layers)]
+        """Per layer, the FFN neurons over the sparse kernel's threshold per token of the
+        timed calls (``bool [tokens, intermediate]``, stored order, calls in order)."""
+        thr = self.ffn_sparsity(self.cfg.transform.sparsity).threshold
+        out = [[] for _ in range(self.config.layers)]
+        for b in self.time_batches:
+            cap = arm.runner.capture_batch(b, arm.params)
+            for i in range(self.config.layers):
+                f, rows = cap[f"layer_{i}/ffn"]
+                out[i].append(np.abs(np.asarray(f)[rows]) > thr[i])
+        return [np.concatenate(a)[:tokens] for a in out]
 
     def gemm_shapes(self) -> list[tuple[int, int, int]]:
         """The ``(m, k, n)`` of the encoder's matmuls on one timed batch (fused Q/K/V,
