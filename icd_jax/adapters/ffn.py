@@ -278,12 +278,17 @@ def top_tiles(counts: jax.Array, k_cap: int, max_count: int) -> tuple[jax.Array,
     fills the remaining slots from the lower index up.
     """
     k_cap = _positive_int("k_cap", k_cap)
-    levels = jnp.arange(1, max_count + 1, dtype=counts.dtype)
-    at_least = (counts[None, :] >= levels[:, None]).sum(axis=1)  # nonincreasing in level
-    level = 1 + (at_least > k_cap).sum()  # the lowest level whose tiles all fit
-    above = counts >= level
-    tie = (counts == level - 1) & (level > 1)
-    keep = above | (tie & (jnp.cumsum(tie) <= k_cap - above.sum()))
+
+    def overflow(_):
+        levels = jnp.arange(1, max_count + 1, dtype=counts.dtype)
+        at_least = (counts[None, :] >= levels[:, None]).sum(axis=1)  # nonincreasing
+        level = 1 + (at_least > k_cap).sum()  # the lowest level whose tiles all fit
+        above = counts >= level
+        tie = (counts == level - 1) & (level > 1)
+        return above | (tie & (jnp.cumsum(tie) <= k_cap - above.sum()))
+
+    on = counts > 0  # the common case (k_cap from a calibrated rung): every tile fits
+    keep = jax.lax.cond(on.sum() <= k_cap, lambda _: on, overflow, None)
     n = counts.shape[0]
     tiles = jnp.nonzero(keep, size=k_cap, fill_value=n - 1)[0].astype(jnp.int32)
     return tiles, jnp.arange(k_cap) < keep.sum()

@@ -14,10 +14,10 @@ executes:
 
 - ``"int8"``: per-channel int8/int4 weights with ``act="dynamic"`` (per-token scales) or
   ``act="static"`` (a calibrated per-tensor scale): one ``int8 x int8 -> int32``
-  ``dot_general``, rescaled after. Static per-channel or per-group activation scales
-  ``d [in]`` are folded into the weights (``W' = diag(d) W``, stored in ``q`` with
-  ``smooth = d``), so they run at per-channel speed: the call only multiplies the input
-  by ``1 / d`` before rounding.
+  ``dot_general``, rescaled after. Per-input-channel divisors ``d [in]`` (SmoothQuant
+  factors, times a static per-tensor scale) are folded into the weights
+  (``W' = diag(d) W``, stored in ``q`` with ``smooth = d``), so they run at per-channel
+  speed: the call only multiplies the input by ``1 / d`` before rounding.
 - ``"int8-grouped"``: group-wise weights (int8 or int4) with per-token-per-group
   (``act="dynamic"``) or static per-group activation scales: a real grouped int8
   ``dot_general`` (batch over the ``in / g`` groups, ``int32`` partial sums), each group

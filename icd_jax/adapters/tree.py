@@ -140,10 +140,12 @@ def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int 
     per-token (dynamic) or per-tensor (static) activation scales and per-channel weights.
 
     - ``act="static"`` (needs ``act_absmax``, ``{path: absmax [in]}``): int8 activations
-      with calibrated scales shared per group of ``group_size`` input channels (None: per
-      tensor). For int8 weights the scales fold into the weights (per-output-channel int8
-      of ``diag(d) W``, see ``static_divisors``): one int8 matmul per kernel. For int4 they
-      stay per group (grouped int8 arithmetic with ``group_size`` weight groups).
+      with calibrated scales. Per tensor (``group_size`` None) the scale and any
+      SmoothQuant factors fold into the weights (per-output-channel int8 of ``diag(d) W``,
+      see ``static_divisors``): one int8 matmul per kernel. Per group of ``group_size``
+      input channels, weights and activations share the groups (grouped int8 arithmetic;
+      folding per-group scales into per-output-channel weights measured far less
+      accurate on MiniLM).
     - ``act="dynamic"``: per-token (``group_size`` None) or per-token-per-group int8
       activations; group-wise weights run grouped int8 arithmetic.
     - ``act=None``: weight-only (float32 compute).
@@ -175,7 +177,7 @@ def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int 
             fallback.append(p)
         w_group, scale, sm = g, None, smooth.get(p)
         if act == "static":
-            if dtype == "int8" or g is None:  # fold the activation scales into W
+            if g is None:  # one scale (after smoothing): fold it into W
                 sm = static_divisors(act_absmax[p], g, sm)
                 w_group, scale = None, np.float32(1.0 / 127.0)
             else:
