@@ -217,7 +217,15 @@ def main(argv):
                 perms[f"ffn_{i}"] = np.asarray(base[f"ffn_{i}"])[pi]  # base o pi
             return perms
 
-        cfg = minilm.FFNSparsity(tile=FLAGS.tile, top_k=top_k)
+        # masking at per-layer thresholds keeping ffn_top_frac of the activations (the
+        # mask skips no tile; where a skip pays is experiments/bench_ffn_sparse.py)
+        from icd_jax.adapters import ffn as ffn_lib
+
+        f_in = [enc.kernel_inputs(b) for b in enc.packed_batches(w_set[:128])]
+        thr = ffn_lib.calibrate_thresholds(
+            [np.concatenate([x[f"layer_{i}/output/kernel"] for x in f_in])
+             for i in range(n_layers)], FLAGS.ffn_top_frac)
+        cfg = minilm.FFNSparsity(tile=FLAGS.tile, threshold=thr)
         trans = minilm.Transforms(ffn=cfg)
         t = time.perf_counter()
         p_lin = fit_ffn(enc, ident())
@@ -229,7 +237,8 @@ def main(argv):
         for layout, perms in ffn_perms.items():
             e = enc.with_params(permute.apply(spec, enc.params, perms)).with_transforms(trans)
             record("ffn", layout, e, 0.0, "tiles_per_token", f32_mb,
-                   f"top {top_k}/token, tile {FLAGS.tile}", want=("tiles",), perms=perms)
+                   f"mask at top {top_k}/token (tiles: analysis only, none skipped), "
+                   f"tile {FLAGS.tile}", want=("tiles",), perms=perms)
             speed_models.setdefault("ffn", e)
 
     # -- Q: quantisation --------------------------------------------------------------
@@ -291,7 +300,7 @@ def main(argv):
 
     # -- micro: FFN down projection at decode-like batches ----------------------------
     if "ffn" in FLAGS.rows:
-        out["ffn_micro"] = ffn_micro(enc, spec, ffn_perms, held, top_k, timed_clean)
+        print("FFN down projection timings per call size: experiments/bench_ffn_sparse.py")
     if any(r in KV_ROWS for r in FLAGS.rows):
         out["attention_micro"] = attention_micro(enc, batches, timed_clean)
 
@@ -349,58 +358,6 @@ def ort_rows(enc, texts, labels, dense_emb, results, speed_models, f32_mb):
               f"({time.perf_counter() - t:.0f} s) {note}", flush=True)
         speed_models[row] = e
     return models, info
-
-
-def ffn_micro(enc, spec, ffn_perms, held, top_k, timed_clean):
-    """Layer 3's down projection on real held-out activations: dense vs tile-skipping at
-    the k_cap each layout needs, for 1 token (group 1) and 8 tokens (group 8)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from icd_jax import permute
-    from icd_jax.adapters import ffn, ffn_pallas
-
-    layer, tile = 3, FLAGS.tile
-    batch = next(iter(enc.packed_batches(held[-64:], 64)))
-    res = {}
-    print(f"\nFFN down projection, layer {layer}, real activations, tile {tile}, "
-          f"top {top_k} neurons/token:")
-    dense = jax.jit(lambda f, w, b: f @ w + b)
-    for t_tokens in (1, 8):
-        fns = {}
-        for layout, perms in ffn_perms.items():
-            p = permute.apply(spec, enc.params, perms)
-            x = enc.kernel_inputs(batch, p)[f"layer_{layer}/output/kernel"][:t_tokens]
-            w2 = jnp.asarray(p[f"layer_{layer}"]["output"]["kernel"])
-            b2 = jnp.asarray(p[f"layer_{layer}"]["output"]["bias"])
-            f = jnp.asarray(x)
-            act = ffn.active_mask(f, top_k=top_k)
-            k_cap = ffn.choose_k_cap(np.asarray(
-                ffn.active_mask(jnp.asarray(enc.kernel_inputs(batch, p)[
-                    f"layer_{layer}/output/kernel"]), top_k=top_k)), tile, t_tokens)
-            fns[f"sparse {layout} (k_cap {k_cap})"] = (
-                lambda f=f, w2=w2, b2=b2, act=act, k=k_cap, g=t_tokens: ffn.sparse_down(
-                    f, w2, b2, act, tile=tile, group=g, k_cap=k).block_until_ready())
-            if jax.default_backend() == "gpu":  # the Pallas kernel compiles only there
-                tiles_, valid_, _ = ffn.plan_tiles(act, tile=tile, group=t_tokens, k_cap=k_cap)
-                fns[f"pallas {layout} (k_cap {k_cap})"] = (
-                    lambda f=f, w2=w2, b2=b2, t_=tiles_, v_=valid_, g=t_tokens:
-                    ffn_pallas.pallas_sparse_down(f, w2, b2, t_, v_, tile=tile,
-                                                  group=g).block_until_ready())
-            if layout == "identity":
-                fns["dense"] = lambda f=f, w2=w2, b2=b2: dense(f, w2, b2).block_until_ready()
-
-        def many(fn):
-            return lambda: [fn() for _ in range(200)]
-
-        timed, _, _ = timed_clean({k: many(v) for k, v in fns.items()}, 3)
-        base = timed["dense"][1]
-        print(f"  {t_tokens} token(s): " + ", ".join(
-            f"{k} {1e6 * v[1] / 200:.0f} us ({base / v[1]:.2f}x dense)" for k, v in
-            timed.items()))
-        res[t_tokens] = {k: 1e6 * v[1] / 200 for k, v in timed.items()}
-    return res
 
 
 def attention_micro(enc, batches, timed_clean):
