@@ -64,11 +64,7 @@ def test_energy_is_null_with_reason_without_nvml(monkeypatch):
 
 
 def test_energy_per_token_with_a_fake_nvml(monkeypatch):
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1,
-        nvmlDeviceGetHandleByIndex=lambda i: i,
-        nvmlDeviceGetPowerUsage=lambda h: 200_000)  # mW
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    fake_nvml(monkeypatch)
     import time
     out, reason = measure.energy_per_token({"a": lambda: time.sleep(0.05)}, tokens=10,
                                            calls=2, interval_s=0.005, min_samples=5)
