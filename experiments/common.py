@@ -125,14 +125,11 @@ def sentence_transformers_model(threads: int):
 # -- peers on the real MiniLM ---------------------------------------------------------
 def cpu_flags(names: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
                                         "amx_int8")) -> dict[str, bool]:
-    """Which of the int8-relevant CPU flags ``/proc/cpuinfo`` lists (Linux; else {})."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        return {}
-    return {n: n in flags for n in names}
+    """Which of the int8-relevant CPU flags ``/proc/cpuinfo`` lists
+    (``icd_jax.runtime.hostprobe.cpu_flags``; all False off Linux)."""
+    from icd_jax.runtime.hostprobe import cpu_flags as read_flags
+
+    return read_flags(names)
 
 
 def unseen_sentences(n: int = 0, calibration: int = 128) -> list[str]:

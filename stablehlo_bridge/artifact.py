@@ -28,10 +28,10 @@ import jax
 from jax import export as jax_export
 from jaxlib.mlir import ir
 
-from icd_jax.runtime.artifacts import write_bytes
 from stablehlo_bridge import mlir_io
 from stablehlo_bridge import tags as icd_tags
 from stablehlo_bridge.errors import ArtifactError
+from vsla_jax.util import atomic_write_bytes
 
 FORMAT = "icd.bridge.artifact.v1"
 KINDS = ("stablehlo", "mlir", "jax")
@@ -43,8 +43,8 @@ def sha256(data: bytes) -> str:
 
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in its folder and a rename
-    (``icd_jax.runtime.artifacts.write_bytes``)."""
-    write_bytes(path, data)
+    (``vsla_jax.util.atomic_write_bytes``)."""
+    atomic_write_bytes(path, data)
 
 
 def tag_diff(want: dict, got: dict, limit: int = 3) -> str:

@@ -132,20 +132,37 @@ def best_time(fn: Callable, *args, repeats: int = 5) -> float:
     return best
 
 
-def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsynced, with
+    the mode ``open()`` would give, then renamed over ``path``. The one atomic writer of
+    the project (the runtime's artefacts and the StableHLO bridge use it too)."""
     path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what open() would give
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (``atomic_write_bytes``)."""
+    atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
 
 # -- appended for vsla_jax.attention ----------------------------------------------------

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ArtifactError, ConfigError
+from vsla_jax.util import atomic_write_bytes
 
 #: The file names of a run directory (see docs/pipeline.md).
 FILES = dict(lock="config.lock.json", events="events.jsonl", w="W.npz", w_after="W_after.npz",
@@ -30,29 +31,8 @@ FILES = dict(lock="config.lock.json", events="events.jsonl", w="W.npz", w_after=
              run_lock=".icd.lock")
 
 
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what open() would give
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+#: Atomic write (temp file, fsync, rename) of bytes: the project's one writer.
+write_bytes = atomic_write_bytes
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -24,7 +22,6 @@ import numpy as np
 import scipy.sparse as sp
 from filelock import FileLock, Timeout
 
-import icd_jax
 from icd_jax import cost as cost_lib
 from icd_jax import graph as graph_lib
 from icd_jax import permute, solver
@@ -32,6 +29,18 @@ from icd_jax.errors import ICDError, RunLockedError, StageError, TraceError
 from icd_jax.runtime import artifacts, cachesim, hostprobe, measure, targets
 from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.artifacts import FILES
+from icd_jax.runtime.compare import arm_summary, compare_modes  # noqa: F401 (public here too)
+from icd_jax.runtime.environment import environment
+from icd_jax.runtime.gates import (  # noqa: F401 (public here too)
+    effects,
+    fallback_gates,
+    fallbacks,
+    fmt_p,
+    gate,
+    quality_p_value,
+    verdict,
+)
+from icd_jax.runtime.permcache import PermCache
 
 log = logging.getLogger("icd")
 
@@ -58,33 +67,6 @@ class RunArtifacts:
         return os.path.join(self.out_dir, FILES[key])
 
 
-def environment() -> dict:
-    """Versions, CPU model and the commit, for ``config.lock.json`` (hashed as env_hash)."""
-    import jax
-    import jaxlib
-    import scipy
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    root = os.path.dirname(os.path.dirname(os.path.abspath(icd_jax.__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=False).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
-    return dict(python=sys.version.split()[0], platform=platform.platform(), cpu=cpu,
-                cpu_count=os.cpu_count(), jax=jax.__version__, jaxlib=jaxlib.__version__,
-                numpy=np.__version__, scipy=scipy.__version__, backend=jax.default_backend(),
-                devices=[str(d) for d in jax.devices()], commit=commit)
-
-
 class EventLog:
     """Appends stage events to ``events.jsonl`` and times its own cost."""
 
@@ -97,41 +79,6 @@ class EventLog:
                                                ok=ok, meta=meta))
         self.overhead_s += time.perf_counter() - t0
         self.count += 1
-
-
-class PermCache:
-    """Permutations on disk keyed by a hash of what determines them; a ``FileLock`` per
-    key makes a concurrent run wait and then reuse instead of fitting twice."""
-
-    def __init__(self, cfg: config_lib.Cache, reuse: bool):
-        self.enabled, self.reuse = cfg.enabled, reuse
-        self.dir = os.path.expanduser(cfg.dir)
-        self.timeout = cfg.lock_timeout_s
-
-    def get_or_fit(self, key_payload: dict, fit: Callable[[], tuple[np.ndarray, dict]]
-                   ) -> tuple[np.ndarray, dict, bool]:
-        """``(perm, stats, hit)``."""
-        if not self.enabled:
-            pi, st = fit()
-            return pi, st, False
-        key = config_lib.digest(key_payload)
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, f"{key}.json")
-        try:
-            with FileLock(path + ".lock", timeout=self.timeout):
-                if self.reuse and os.path.exists(path):
-                    try:
-                        perms, meta = artifacts.load_perms(path)
-                        return perms["pi"], dict(meta.get("stats", {}), cache="hit"), True
-                    except ICDError as e:
-                        log.warning("permutation cache entry %s is corrupt (%s); refitting",
-                                    path, e)
-                pi, st = fit()
-                artifacts.save_perms(path, {"pi": pi}, {"stats": st, "key": key_payload})
-                return pi, dict(st, cache="miss"), False
-        except Timeout as e:
-            raise RunLockedError(f"permutation cache entry {path} is locked by another run "
-                                 f"for more than {self.timeout} s") from e
 
 
 def fit(csr: sp.csr_matrix, cfg: config_lib.Config, pi_prev=None) -> tuple[np.ndarray, dict]:
@@ -656,97 +603,6 @@ class Run:
         return out
 
 
-def quality_p_value(prev, cand) -> float | None:
-    """Paired p-value of per-item quality samples: exact McNemar for binary outcomes,
-    else Wilcoxon; None without samples."""
-    if prev is None or cand is None or len(prev) != len(cand) or len(prev) < 2:
-        return None
-    exact = measure.mcnemar(prev, cand)
-    return exact["p_value"] if exact is not None else measure.paired(prev, cand)["p_value"]
-
-
-def gate(value: float | None, target: float, unit: str, lower: bool,
-         reason: str | None) -> dict:
-    """A gate's record: ``met`` / ``not met`` / ``not measured`` (missing is never met)."""
-    if value is None:
-        return dict(target=target, value=None, unit=unit, status="not measured",
-                    reason=reason or "not measured")
-    ok = value <= target if lower else value >= target
-    return dict(target=target, value=value, unit=unit, status="met" if ok else "not met",
-                reason=None)
-
-
-def fallbacks(transforms: Mapping[str, dict]) -> list[str]:
-    """Every way the active arm's transforms did not run as configured (from their
-    meta): failed adapters (applied as no-ops) and each transform's ``fallbacks``."""
-    out = []
-    for name, meta in transforms.items():
-        if not meta.get("ok", True):
-            out.append(f"{name}: {meta.get('warning') or 'failed; applied as a no-op'}")
-        out += [f for f in meta.get("fallbacks") or [] if f not in out]
-    return out
-
-
-def fallback_gates(gates: dict, falls: list[str]) -> dict:
-    """Measured gates of a run whose transforms fell back read ``not met (transform fell
-    back: ...)``: what was measured is not the configured co-design."""
-    if not falls:
-        return gates
-    why = "transform fell back: " + "; ".join(falls)
-    return {k: (dict(g, status="not met", measured_status=g["status"], reason=why)
-                if g["status"] != "not measured" else g) for k, g in gates.items()}
-
-
-def effects(m: dict, active: str) -> dict:
-    """The two effects a run separates: what the transform bought (the active arm
-    against dense fp32: latency, quality drop) and what the layout bought at a fixed
-    transform (identity order vs pi0 vs pi0 o pi1: quality, and tiles per token where a
-    kernel skips tiles), with the paired quality test of each order against identity."""
-    lat, q = m.get("latency") or {}, m.get("quality") or {}
-    qs, tiles = m.get("quality_samples") or {}, m.get("tiles_per_token") or {}
-    transform = dict(
-        arm=active,
-        latency_pct=(measure.change_pct(lat[active]["mean_ms"], lat["dense"]["mean_ms"])
-                     if active in lat and "dense" in lat else None),
-        quality_drop_pp=(q.get(active) or {}).get("drop_pp"))
-    layout = {}
-    for a in ("identity", "before", "after"):
-        if a not in q and a not in lat:
-            continue
-        row = dict(quality=(q.get(a) or {}).get("value"),
-                   drop_pp=(q.get(a) or {}).get("drop_pp"),
-                   latency_ms=(lat.get(a) or {}).get("mean_ms"),
-                   tiles_per_token=tiles.get(a))
-        if a != "identity":
-            row["p_vs_identity"] = quality_p_value(qs.get("identity"), qs.get(a))
-        layout[a] = row
-    notes = []
-    for a, label in (("before", "pi0"), ("after", "pi0 o pi1")):
-        r = layout.get(a)
-        if not r or r.get("drop_pp") is None or layout["identity"].get("drop_pp") is None:
-            continue
-        d, d0, p = r["drop_pp"], layout["identity"]["drop_pp"], r.get("p_vs_identity")
-        sig = p is not None and p < 0.05
-        how = ("equal: the order changed no item's outcome" if d == d0 else
-               ("lower" if d < d0 else "higher")
-               + (", significantly" if sig else ", NOT significantly"))
-        notes.append(f"{label}: drop {d:.2f} pp vs identity order {d0:.2f} pp; {how} "
-                     f"(paired p={fmt_p(p)})")
-    return dict(transform=transform, layout=layout, layout_verdict="; ".join(notes) or
-                "no layout comparison (a stage failed or quality was not measured)")
-
-
-def verdict(gates: dict) -> dict:
-    out = {s: [k for k, g in gates.items() if g["status"] == s]
-           for s in ("met", "not met", "not measured")}
-    summary = (f"{len(out['met'])} of {len(gates)} gates met"
-               + (f"; not met: {', '.join(out['not met'])}" if out["not met"] else "")
-               + (f"; not measured: {', '.join(out['not measured'])}"
-                  if out["not measured"] else ""))
-    return dict(met=out["met"], not_met=out["not met"], not_measured=out["not measured"],
-                summary=summary)
-
-
 def mean_cost(stats: dict) -> dict:
     """Mean C and Q over axes, for the pi and for the identity order."""
     if not stats:
@@ -804,67 +660,6 @@ def export_saved(run_dir: str, to: str | None = None) -> dict:
     metrics = artifacts.read_json(metrics_path) if os.path.exists(metrics_path) else None
     return export_run(targets.make(cfg), os.path.join(run_dir, FILES["perm_active"]),
                       to or os.path.join(run_dir, FILES["stablehlo"]), metrics)
-
-
-def arm_summary(m: dict, arm: str) -> dict:
-    """One arm's headline figures from ``metrics.json``."""
-    lat = (m.get("latency") or {}).get(arm) or {}
-    q = (m.get("quality") or {}).get(arm) or {}
-    return dict(arm=arm, mean_ms=lat.get("mean_ms"), ci95_ms=lat.get("ci95_ms"),
-                p50_ms=lat.get("p50_ms"), tokens_per_s=lat.get("tokens_per_s"),
-                quality=q.get("value"), drop_pp=q.get("drop_pp"),
-                tiles_per_token=(m.get("tiles_per_token") or {}).get(arm),
-                l2_hit_pct_sim=(m.get("l2_hit_pct_sim") or {}).get(arm))
-
-
-def compare_modes(m: dict) -> dict:
-    """``compare.json`` from an iterative run's metrics: linear (= arm ``before``, pi0)
-    against iterative (= arm ``after``, pi0 o pi1), measured on the same inputs in the
-    same interleaved rounds; paired tests on latency and on per-token tiles."""
-    lin, it = arm_summary(m, "before"), arm_summary(m, "after")
-    paired = {}
-    lat = m.get("latency") or {}
-    if "before" in lat and "after" in lat:
-        paired["latency_ms"] = dict(measure.paired(lat["before"]["samples_ms"],
-                                                   lat["after"]["samples_ms"]),
-                                    a="linear", b="iterative")
-    qs = m.get("quality_samples") or {}
-    if qs.get("before") is not None and qs.get("after") is not None:
-        paired["quality"] = dict(measure.paired(qs["before"], qs["after"]), a="linear",
-                                 b="iterative", exact=measure.mcnemar(qs["before"],
-                                                                      qs["after"]))
-    tiles = m.get("tiles_per_token_samples") or {}
-    if "before" in tiles and "after" in tiles:
-        paired["tiles_per_token"] = dict(measure.paired(tiles["before"], tiles["after"]),
-                                         a="linear", b="iterative")
-    notes = []
-    if lin["drop_pp"] is not None and it["drop_pp"] is not None:
-        better_q = it["drop_pp"] <= lin["drop_pp"]
-        note = (f"quality: iterative {'is' if better_q else 'is NOT'} at least as good as "
-                f"linear (drop {it['drop_pp']:.2f} vs {lin['drop_pp']:.2f} pp")
-        if "quality" in paired:
-            d = paired["quality"]
-            note += (f"; paired over {d['n']} items: {d['mean_diff']:+.2f} pp, CI95 "
-                     f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], p={fmt_p(d['p_value'])}")
-        notes.append(note + ")")
-    if "tiles_per_token" in paired:
-        d = paired["tiles_per_token"]
-        notes.append(f"tiles/token: iterative {'is' if d['mean_diff'] <= 0 else 'is NOT'} at "
-                     f"least as good as linear ({d['mean_diff']:+.2f} per token, CI95 "
-                     f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], p={fmt_p(d['p_value'])})")
-    if "latency_ms" in paired:
-        d = paired["latency_ms"]
-        notes.append(f"latency: iterative {d['rel_diff_pct']:+.1f}% vs linear (CI95 "
-                     f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ms, p={fmt_p(d['p_value'])}"
-                     f", n={d['n']})")
-    return dict(arms=dict(linear=lin, iterative=it), paired=paired,
-                samples_ms={"linear": (lat.get("before") or {}).get("samples_ms", []),
-                            "iterative": (lat.get("after") or {}).get("samples_ms", [])},
-                verdict="; ".join(notes) or "nothing to compare (a stage failed)")
-
-
-def fmt_p(p) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
 
 
 def pair(config, out_dir: str, *, repeats: int = 30, reuse_perm: bool = False,

@@ -199,8 +199,9 @@ class MiniLMTarget:
         key = (s.top_frac, s.tile, s.mode, s.max_rows)
         if key in self._ffn:
             return self._ffn[key]
+        batches = list(self.enc.packed_batches(self.calib_texts, self.bs))
         calls = []
-        for b in self.enc.packed_batches(self.calib_texts, self.bs):
+        for b in batches:
             cap = self.enc.capture_batch(b)
             calls.append([np.asarray(cap[f"layer_{i}/ffn"][0])[cap[f"layer_{i}/ffn"][1]]
                           for i in range(self.config.layers)])
@@ -209,9 +210,7 @@ class MiniLMTarget:
         n_tiles = self.config.intermediate // s.tile
         k_cap = None
         if s.mode == "skip":
-            small = [c for c, b in zip(calls, self.enc.packed_batches(self.calib_texts,
-                                                                        self.bs))
-                     if b.shape[0] <= s.max_rows]
+            small = [c for c, b in zip(calls, batches) if b.shape[0] <= s.max_rows]
             k_cap = tuple(ffn_lib.k_cap_rung(max(ffn_lib.union_count(c[i], thr[i], s.tile)
                                                  for c in small), n_tiles)
                           if small else n_tiles for i in range(self.config.layers))

@@ -1,0 +1,51 @@
+"""The permutation cache: fitted orders on disk, keyed by a hash of what determines them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from icd_jax.errors import ICDError, RunLockedError
+from icd_jax.runtime import artifacts
+from icd_jax.runtime import config as config_lib
+
+log = logging.getLogger("icd")
+
+
+class PermCache:
+    """Permutations on disk keyed by a hash of what determines them; a ``FileLock`` per
+    key makes a concurrent run wait and then reuse instead of fitting twice."""
+
+    def __init__(self, cfg: config_lib.Cache, reuse: bool):
+        self.enabled, self.reuse = cfg.enabled, reuse
+        self.dir = os.path.expanduser(cfg.dir)
+        self.timeout = cfg.lock_timeout_s
+
+    def get_or_fit(self, key_payload: dict, fit: Callable[[], tuple[np.ndarray, dict]]
+                   ) -> tuple[np.ndarray, dict, bool]:
+        """``(perm, stats, hit)``."""
+        if not self.enabled:
+            pi, st = fit()
+            return pi, st, False
+        key = config_lib.digest(key_payload)
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"{key}.json")
+        try:
+            with FileLock(path + ".lock", timeout=self.timeout):
+                if self.reuse and os.path.exists(path):
+                    try:
+                        perms, meta = artifacts.load_perms(path)
+                        return perms["pi"], dict(meta.get("stats", {}), cache="hit"), True
+                    except ICDError as e:
+                        log.warning("permutation cache entry %s is corrupt (%s); refitting",
+                                    path, e)
+                pi, st = fit()
+                artifacts.save_perms(path, {"pi": pi}, {"stats": st, "key": key_payload})
+                return pi, dict(st, cache="miss"), False
+        except Timeout as e:
+            raise RunLockedError(f"permutation cache entry {path} is locked by another run "
+                                 f"for more than {self.timeout} s") from e
