@@ -36,6 +36,11 @@ class ModelError(ICDError, ValueError):
     absent or mis-shaped parameter, token ids out of the vocabulary."""
 
 
+class TargetError(ConfigError):
+    """A user target (``model.target``) that is not importable or breaks the ``Target``
+    protocol (the message names the missing or inconsistent piece)."""
+
+
 class ShapeError(ICDError, ValueError):
     """An adapter input of the wrong rank, shape or dtype (the message names it)."""
 
