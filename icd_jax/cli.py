@@ -7,7 +7,8 @@
     icd report DIR                     # rebuild report.html / report.csv from artefacts
     icd run --print-schema             # the config's JSON schema
 
-With no ``-c`` the default MiniLM-L6 config runs. ``run`` and ``pair`` write a marker
+With no ``-c`` the default MiniLM-L6 config runs; ``-c examples/tiny_gpt.yaml`` runs your
+own model (``model.target: "file.py:factory"``, see docs/pipeline.md). ``run`` and ``pair`` write a marker
 file (``icd_run.json``) into their folder and refuse a non-empty ``--out`` without one
 (it holds files no run wrote) unless ``--force``. Exit status: 0 done, 1 a stage failed
 and the run rolled back (the report says which), 2 bad usage, config or ``--out``, 3 with
@@ -143,7 +144,9 @@ def dashed_flags(argv: list[str]) -> list[str]:
 
 
 def entry() -> None:
-    """Console script entry point (``icd``)."""
+    """Console script entry point (``icd``); ``--help`` shows this module's usage (absl
+    prints the ``__main__`` module's docstring, which a console script lacks)."""
+    sys.modules["__main__"].__doc__ = __doc__
     app.run(lambda argv: sys.exit(main(argv)), argv=dashed_flags(sys.argv))
 
 

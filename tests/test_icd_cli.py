@@ -150,3 +150,13 @@ def test_force_keeps_foreign_files_and_fail_on_gates_exits_3(tmp_path):
     assert all((out / n).read_text() == t for n, t in keep.items())
     marker = artifacts.read_json(out / artifacts.FILES["marker"])
     assert set(keep) <= set(marker["foreign"])
+
+
+def test_help_lists_every_command():
+    """``icd --help`` through the console-script entry (no module docstring of its own)."""
+    code = "import sys; sys.argv = ['icd', '--help']; from icd_jax.cli import entry; entry()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0
+    for cmd in ("icd run", "icd pair", "icd export", "icd report", "model.target"):
+        assert cmd in res.stdout, cmd

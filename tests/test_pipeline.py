@@ -16,7 +16,7 @@ from filelock import FileLock
 from icd_jax import cost as cost_lib
 from icd_jax.adapters import tree
 from icd_jax.errors import AdapterWarning, RunLockedError
-from icd_jax.runtime import artifacts, cachesim, config, orchestrator, targets
+from icd_jax.runtime import arms, artifacts, cachesim, config, gates, orchestrator, permcache, targets
 
 TINY = {"model": {"size": "tiny", "batch_size": 16, "max_tokens": 64},
         "graph": {"sentences": 32},
@@ -165,7 +165,7 @@ def test_skip_mode_on_calls_too_large_is_a_loud_fallback(target, tmp_path):
     arm = target.arm("identity", target.identity(), t)
     s = arm.meta["sparsity"]
     assert s["skips_tiles"] is False and "ran masked" in s["fallbacks"][0]
-    assert orchestrator.fallbacks(arm.meta) == s["fallbacks"]
+    assert gates.fallbacks(arm.meta) == s["fallbacks"]
 
 
 def test_linear_mode_skips_repermuted(tmp_path, target):
@@ -336,7 +336,7 @@ def test_permutation_cache_hit_and_miss(tmp_path, target):
 
 
 def test_concurrent_runs_share_one_fit_under_the_lock(tmp_path):
-    cache = orchestrator.PermCache(config.Cache(dir=str(tmp_path), reuse=True), reuse=True)
+    cache = permcache.PermCache(config.Cache(dir=str(tmp_path), reuse=True), reuse=True)
     calls, results = [], []
 
     def fit():
@@ -542,16 +542,16 @@ def test_an_injected_fallback_is_loud_in_metrics_gates_report_and_summary(tmp_pa
 def test_quant_fallbacks_name_what_did_not_run():
     q = config.load({"transform": {"quant": {"group_size": 32}}}).transform.quant
     ok = dict(ok=True, compute={"int8": 4}, per_channel_fallback=[])
-    assert targets.quant_fallbacks(q, ok, 4) == []
+    assert arms.quant_fallbacks(q, ok, 4) == []
     slow = dict(ok=True, compute={"int8": 2, "float32-weight-only": 2},
                 per_channel_fallback=["a/kernel"])
-    falls = targets.quant_fallbacks(q, slow, 5)
+    falls = arms.quant_fallbacks(q, slow, 5)
     assert any("1 of 5 kernels not quantised" in f for f in falls)
     assert any("2 kernels ran weight-only" in f for f in falls)
     assert any("group_size 32 does not divide" in f for f in falls)
-    assert targets.quant_fallbacks(q, dict(ok=False, warning="boom"), 4) == ["quant: boom"]
+    assert arms.quant_fallbacks(q, dict(ok=False, warning="boom"), 4) == ["quant: boom"]
     weight_only = config.load({"transform": {"quant": {"act": "none"}}}).transform.quant
-    assert targets.quant_fallbacks(weight_only, dict(ok=True, compute={
+    assert arms.quant_fallbacks(weight_only, dict(ok=True, compute={
         "float32-weight-only": 4}), 4) == []
 
 

@@ -8,15 +8,26 @@ raise ``ConfigError`` naming the key path (``transform.quant.group_size: ...``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
+from icd_jax import cost as cost_lib
 from icd_jax.errors import ConfigError
+from icd_jax.runtime import gates as gates_lib
 
 
 class Section(BaseModel):
@@ -36,23 +47,40 @@ class Pipeline(Section):
 
 
 class Model(Section):
-    name: Literal["minilm", "mamba"] = "minilm"
+    name: Literal["minilm", "mamba", "custom"] = Field(
+        "minilm", description="a built-in model, or custom (set by model.target)")
     size: Literal["L6", "tiny", "small"] = Field(
         "L6", description="default L6 for minilm, tiny for mamba. minilm: L6 (real "
         "all-MiniLM-L6-v2 weights) or tiny (random init, for tests); mamba: tiny or small "
-        "(random init, byte-level)")
+        "(random init, byte-level); ignored by a custom target")
+    target: str | None = Field(
+        None, description="your own model: 'package.module:factory' or "
+        "'path/to/file.py:factory' returning a icd_jax.runtime.Target (see docs/pipeline.md, "
+        "'Bring your own model'); a relative .py path is looked up from the working "
+        "directory, then from the config file's folder")
+    kwargs: dict[str, typing.Any] = Field(
+        default_factory=dict, description="keyword arguments of the target's factory")
     batch_size: int = Field(32, ge=1, description="sentences (sequences) per batch")
     max_tokens: int = Field(128, ge=8, description="truncation length of each item")
 
     @model_validator(mode="before")
     @classmethod
     def _default_size(cls, data):
+        if isinstance(data, dict) and data.get("target") is not None and "name" not in data:
+            data = {**data, "name": "custom"}
         if isinstance(data, dict) and data.get("name") == "mamba" and "size" not in data:
             data = {**data, "size": "tiny"}
         return data
 
     @model_validator(mode="after")
     def _size_fits(self):
+        if (self.name == "custom") != (self.target is not None):
+            raise ValueError("model.target names a custom model: set it (and leave model.name "
+                             "unset or 'custom'), or choose a built-in model.name without it")
+        if self.kwargs and self.target is None:
+            raise ValueError("model.kwargs is only for a custom model.target")
+        if self.name == "custom":
+            return self
         ok = {"minilm": ("L6", "tiny"), "mamba": ("tiny", "small")}[self.name]
         if self.size not in ok:
             raise ValueError(f"size {self.size!r} is not available for model {self.name!r}; "
@@ -81,14 +109,23 @@ class Solver(Section):
     k_blocks: int | None = Field(None, ge=1, description="modularity blocks (None: cost)")
 
 
-class Cost(Section):
-    g: int = Field(64, ge=1)
-    lam: float = Field(3.0, ge=0)
-    tau: float = Field(0.25, ge=0)
-    k_blocks: int = Field(4, ge=1)
-    alpha: float = 1.0
-    mu: float = 0.5
-    beta: float = 0.0
+class CostSection(Section):
+    """Base of ``Cost``: its fields are ``cost.CostConfig``'s, built from it below."""
+
+    @model_validator(mode="after")
+    def _valid(self):
+        self.cost_config()  # CostConfig's own checks (ConfigError is a ValueError)
+        return self
+
+    def cost_config(self) -> cost_lib.CostConfig:
+        """The solver's ``CostConfig`` with these values."""
+        return cost_lib.CostConfig(**self.model_dump())
+
+
+#: The cost settings: one field per ``cost.CostConfig`` field, same defaults.
+Cost = create_model("Cost", __base__=CostSection, __module__=__name__, **{
+    f.name: (typing.get_type_hints(cost_lib.CostConfig)[f.name], Field(f.default))
+    for f in dataclasses.fields(cost_lib.CostConfig)})
 
 
 class Sparsity(Section):
@@ -178,11 +215,9 @@ class Quality(Section):
     sentences: int = Field(600, ge=2, description="labelled items quality is measured on")
 
 
-class Gates(Section):
-    latency_pct: float = Field(-20.0, description="active vs dense fp32 latency change, at most")
-    l2_hit_pp: float = Field(10.0, description="L2 hit rate gain over identity, at least")
-    ept_pct: float = Field(-15.0, description="energy per token change vs dense, at most")
-    quality_drop_pp: float = Field(0.1, description="quality drop vs dense, at most")
+#: The gate targets, one field per ``gates.DEFINITIONS`` entry (the one definition).
+Gates = create_model("Gates", __base__=Section, __module__=__name__, **{
+    g.field: (float, Field(g.default, description=g.doc)) for g in gates_lib.DEFINITIONS})
 
 
 class Report(Section):
@@ -218,16 +253,22 @@ class Config(Section):
 
 def unsupported_transforms(cfg: Config) -> list[str]:
     """``"key.path: why"`` for each enabled transform the model's kernels do not run."""
-    if cfg.model.name != "mamba":
-        return []
-    t, out = cfg.transform, []
+    name, t, out = cfg.model.name, cfg.transform, []
+    if name == "minilm":
+        return out
+    what = {"mamba": "mamba is a state-space model with no attention KV cache",
+            "custom": "a custom target runs the generic adapter, which has no KV cache "
+                      "transform"}[name]
     if t.kv.enabled:
-        out.append("transform.kv.enabled: mamba is a state-space model with no attention "
-                   "KV cache; set it to false")
+        out.append(f"transform.kv.enabled: {what}; set it to false")
     if t.sparsity.enabled and t.sparsity.kind == "ffn":
-        out.append("transform.sparsity.kind: 'ffn' (activation-sparse FFN tile skipping) "
-                   "is not executed by mamba's kernels; choose '2:4' or 'unstructured', or "
+        out.append(f"transform.sparsity.kind: 'ffn' (activation-sparse FFN tile skipping) "
+                   f"is not executed by {name}'s kernels; choose '2:4' or 'unstructured', or "
                    "set transform.sparsity.enabled to false")
+    if name == "custom" and t.quant.enabled and t.quant.act != "none":
+        out.append("transform.quant.act: a custom target's forward takes float parameters, "
+                   "so its quantisation is weight-only; set act to none (and smooth_alpha "
+                   "to null)")
     return out
 
 
@@ -324,8 +365,24 @@ def load(source: str | os.PathLike | Mapping | None = None,
     elif isinstance(source, Mapping):
         data = dict(source)
     else:
-        data = read(source)
+        data = anchored(read(source), os.path.dirname(os.path.abspath(source)))
     return validate(with_overrides(data, overrides))
+
+
+def anchored(data: dict, folder: str) -> dict:
+    """``data`` with a relative ``model.target`` file path that is not found from the
+    working directory but is from ``folder`` (the config file's) made absolute."""
+    model = data.get("model")
+    ref = model.get("target") if isinstance(model, dict) else None
+    if not isinstance(ref, str) or ":" not in ref:
+        return data
+    file, factory = ref.rsplit(":", 1)
+    if not file.endswith(".py") or os.path.isabs(file) or os.path.exists(file):
+        return data
+    there = os.path.join(folder, file)
+    if not os.path.exists(there):
+        return data
+    return {**data, "model": {**model, "target": f"{there}:{factory}"}}
 
 
 def resolved(cfg: Config) -> dict:

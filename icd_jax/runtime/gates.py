@@ -7,9 +7,39 @@ transform bought from what the layout bought.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
-from icd_jax.runtime import measure
+from icd_jax.runtime import hostprobe, measure
+
+
+@dataclasses.dataclass(frozen=True)
+class GateDef:
+    """One gate: its name, the ``gates.<field>`` config key holding its target, whether
+    lower is better, its default target, its unit and what it compares."""
+
+    name: str
+    field: str
+    lower: bool
+    default: float
+    unit: str
+    doc: str
+
+
+#: The gates, the one definition the config schema, the run and the report share.
+DEFINITIONS = (
+    GateDef("latency", "latency_pct", True, -20.0, "% vs dense fp32",
+            "active vs dense fp32 latency change, at most"),
+    GateDef("l2_hit", "l2_hit_pp", False, 10.0, "pp vs identity",
+            "L2 hit rate gain over identity, at least"),
+    GateDef("ept", "ept_pct", True, -15.0, "% vs dense fp32",
+            "energy per token change vs dense, at most"),
+    GateDef("quality", "quality_drop_pp", True, 0.1, "pp drop vs dense fp32",
+            "quality drop vs dense, at most"),
+)
+GATES = tuple(g.name for g in DEFINITIONS)
+#: ``≤`` where the value must stay at or below its target, ``≥`` at or above.
+SENSE = {g.name: "≤" if g.lower else "≥" for g in DEFINITIONS}
 
 
 def quality_p_value(prev, cand) -> float | None:
@@ -30,6 +60,86 @@ def gate(value: float | None, target: float, unit: str, lower: bool,
     ok = value <= target if lower else value >= target
     return dict(target=target, value=value, unit=unit, status="met" if ok else "not met",
                 reason=None)
+
+
+def evaluate(targets, m: Mapping, active: str) -> dict:
+    """Every gate of ``DEFINITIONS`` for the ``active`` arm of metrics ``m``, against
+    ``targets`` (the config's ``Gates``); a fallback turns measured gates ``not met``."""
+    t = {g.name: getattr(targets, g.field) for g in DEFINITIONS}
+    units = {g.name: g.unit for g in DEFINITIONS}
+    lower = {g.name: g.lower for g in DEFINITIONS}
+
+    def make(name, value, reason):
+        return gate(value, t[name], units[name], lower[name], reason)
+
+    out = {}
+    lat = m.get("latency") or {}
+    v = (measure.change_pct(lat[active]["mean_ms"], lat["dense"]["mean_ms"])
+         if active in lat and "dense" in lat else None)
+    out["latency"] = make("latency", v, None if v is not None else "latency not measured")
+    hw = m.get("l2_hit_pct")
+    v = (hw[active] - hw["identity"] if isinstance(hw, dict) and active in hw
+         and "identity" in hw else None)
+    out["l2_hit"] = make("l2_hit", v, m.get("l2_hit_pct_reason") or "not measured")
+    sim = m.get("l2_hit_pct_sim") or {}
+    if hw is None and active in sim and "identity" in sim:
+        out["l2_hit"]["simulated_value"] = sim[active] - sim["identity"]
+    ept = m.get("ept_j_per_tok")
+    v = (measure.change_pct(ept[active], ept["dense"]) if isinstance(ept, dict)
+         and active in ept else None)
+    out["ept"] = make("ept", v, m.get("ept_reason"))
+    q = m.get("quality") or {}
+    v = q[active]["drop_pp"] if active in q else None
+    out["quality"] = make("quality", v, None if v is not None else "quality not measured")
+    qs = m.get("quality_samples") or {}
+    p = quality_p_value(qs.get("dense"), qs.get(active))
+    out["quality"]["p_vs_dense"] = p
+    if p is not None and v is not None:
+        out["quality"]["significant_loss"] = bool(v > 0 and p < 0.05)
+    probe = m.get("host_probe")
+    if out["latency"]["status"] == "not met" and probe and not probe.get("fast_int8"):
+        out["latency"]["reason"] = ("this host has no fast int8 (W8A8 layer "
+                                    f"{probe['w8a8_speedup']:.2f}x float32); "
+                                    + hostprobe.describe(probe))
+    return fallback_gates(out, m.get("fallbacks") or [])
+
+
+def regressions(tol, m: Mapping, cand: str, prev: str) -> tuple[list[str], list[str]]:
+    """Why arm ``cand`` regressed against ``prev`` beyond the rollback tolerances ``tol``
+    (the config's ``Rollback``): significant quality loss, slower with disjoint CI95s.
+    Returns ``(reasons, notes)``; ``notes`` are losses kept as not significant."""
+    reasons, notes = [], []
+    q = m.get("quality") or {}
+    if cand in q and prev in q:
+        loss = q[prev]["value"] - q[cand]["value"]
+        p = quality_p_value((m.get("quality_samples") or {}).get(prev),
+                            (m.get("quality_samples") or {}).get(cand))
+        significant = tol.alpha is None or p is None or p < tol.alpha
+        if loss > tol.quality_pp and significant:
+            reasons.append(f"quality {loss:.2f} pp below {prev} (tolerance "
+                           f"{tol.quality_pp} pp" + ("" if p is None else
+                                                     f", paired p={p:.3g}") + ")")
+        elif loss > tol.quality_pp:
+            notes.append(f"quality {loss:.2f} pp below {prev}, but not significant "
+                         f"(paired p={p:.3g} >= {tol.alpha}); kept")
+    lat = m.get("latency") or {}
+    if cand in lat and prev in lat:
+        a, b = lat[prev], lat[cand]
+        slower = measure.change_pct(b["mean_ms"], a["mean_ms"])
+        if slower > tol.latency_pct and b["ci95_ms"][0] > a["ci95_ms"][1]:
+            reasons.append(f"latency {slower:+.1f}% vs {prev} (tolerance "
+                           f"{tol.latency_pct}%, CI95s disjoint)")
+    return reasons, notes
+
+
+def headline(m: Mapping) -> dict[str, float]:
+    """The active arm's numeric figures, for the exported module's ``icd.metrics`` tag."""
+    a = m.get("active")
+    picks = {"latency_ms": ((m.get("latency") or {}).get(a) or {}).get("mean_ms"),
+             "quality_drop_pp": ((m.get("quality") or {}).get(a) or {}).get("drop_pp"),
+             "tiles_per_token": (m.get("tiles_per_token") or {}).get(a),
+             "l2_hit_pct_sim": (m.get("l2_hit_pct_sim") or {}).get(a)}
+    return {k: float(v) for k, v in picks.items() if isinstance(v, (int, float))}
 
 
 def fallbacks(transforms: Mapping[str, dict]) -> list[str]:

@@ -39,8 +39,12 @@ naming the missing piece (``TargetError``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -80,12 +84,13 @@ class Target(Protocol):
 def resolve(ref: str):
     """The callable ``"package.module:factory"`` names; ``TargetError`` if it is not
     importable or not callable."""
-    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+    if not isinstance(ref, str) or ":" not in ref or not all(ref.rsplit(":", 1)):
         raise TargetError(f"model.target {ref!r}: expected 'package.module:factory'")
-    mod_name, attr = ref.split(":")
+    mod_name, attr = ref.rsplit(":", 1)
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
+        mod = import_file(mod_name) if mod_name.endswith(".py") else \
+            importlib.import_module(mod_name)
+    except (ImportError, OSError) as e:
         raise TargetError(f"model.target {ref!r}: module {mod_name!r} is not importable "
                           f"({type(e).__name__}: {e})") from e
     obj = mod
@@ -96,6 +101,25 @@ def resolve(ref: str):
     if not callable(obj):
         raise TargetError(f"model.target {ref!r}: {attr!r} is not callable")
     return obj
+
+
+def import_file(path: str):
+    """The module in the file ``path`` (imported under its stem, once per path)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ImportError(f"no such file {path}")
+    name = "icd_target_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
 
 
 def load(ref: str, kwargs: Mapping[str, Any] | None = None, seed: int | None = None) -> Target:

@@ -9,9 +9,6 @@ Mamba ships in a package, so only ratios against its dense self mean anything).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,95 +19,18 @@ import scipy.sparse as sp
 
 from icd_jax import capture, corpus, permute, quality
 from icd_jax.adapters import tree
-from icd_jax.errors import AdapterWarning, ConfigError
+from icd_jax.errors import ConfigError
+from icd_jax.runtime.arms import (
+    Arm,
+    active_positions,
+    guarded,
+    params_hash,
+    quant_fallbacks,
+    subsample,
+    weight_only_quant,
+    weight_sparsity,
+)
 from icd_jax.runtime.config import Config, Transform
-
-
-@dataclasses.dataclass
-class Arm:
-    """One layout of the model: ``perms`` (named axes), the params to run and the
-    runner that runs them (an encoder or a config), plus per-transform meta."""
-
-    name: str
-    perms: dict[str, np.ndarray]
-    params: Any
-    runner: Any
-    meta: dict
-
-
-def params_hash(params) -> str:
-    """SHA-256 over every leaf's bytes, in path order (a model's identity for the cache)."""
-    h = hashlib.sha256()
-    for path, leaf in sorted(permute.flat(params).items()):
-        h.update(path.encode())
-        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return h.hexdigest()
-
-
-def guarded(name: str, fn: Callable[[], tuple[Any, dict]], fallback: Any,
-            strict: bool = False) -> tuple[Any, dict]:
-    """``fn()`` -> ``(out, meta)``; a raising adapter becomes a no-op (``fallback``) with
-    an ``AdapterWarning`` and ``meta["ok"] = False`` (``strict`` re-raises)."""
-    try:
-        out, meta = fn()
-        return out, {**meta, "ok": bool(meta.get("ok", True))}
-    except Exception as e:  # noqa: BLE001 - the rollback rule: adapter failure = no-op
-        if strict:
-            raise
-        msg = f"transform {name} failed ({type(e).__name__}: {e}); applied as a no-op"
-        warnings.warn(msg, AdapterWarning, stacklevel=2)
-        return fallback, {"transform": name, "ok": False, "warning": msg}
-
-
-def weight_sparsity(params, paths: list[str], s, strict: bool, ffn_meta: dict
-                    ) -> tuple[Any, dict]:
-    """Apply ``s`` (a ``Sparsity`` section): N:M or unstructured pruning of ``paths``
-    (guarded), or, for ``kind="ffn"``, nothing to the weights and ``ffn_meta`` (the
-    activation-sparse FFN is an execution-time transform)."""
-    if not s.enabled:
-        return params, {}
-    if s.kind in ("2:4", "unstructured"):
-        return guarded("sparsity", lambda: tree.sparsify(params, paths, s.kind, s.rate),
-                       params, strict)
-    return params, dict(transform="sparsity", ok=True, settings=dict(
-        kind="ffn", tile=s.tile, top_frac=s.top_frac, mode=s.mode, max_rows=s.max_rows),
-        **ffn_meta)
-
-
-def quant_fallbacks(q, meta: dict, n_kernels: int) -> list[str]:
-    """What of a ``Quant`` section did not run as configured, from ``tree.quantize``'s
-    meta: kernels left in float, weight-only compute where int8 activations were asked
-    for, group scales that fell back to per-channel/per-tensor."""
-    out = []
-    if not meta.get("ok", True):
-        return [f"quant: {meta.get('warning', 'failed; kernels left in float32')}"]
-    kinds = meta.get("compute") or {}
-    done = sum(kinds.values())
-    if done < n_kernels:
-        out.append(f"quant: {n_kernels - done} of {n_kernels} kernels not quantised")
-    wants_int8 = q.act != "none" and q.dtype in ("int8", "int4")
-    slow = kinds.get("float32-weight-only", 0)
-    if wants_int8 and slow:
-        out.append(f"quant: {slow} kernels ran weight-only float32 instead of int8")
-    if meta.get("per_channel_fallback"):
-        out.append(f"quant: group_size {q.group_size} does not divide the inputs of "
-                   f"{len(meta['per_channel_fallback'])} kernels; they use one scale")
-    return out
-
-
-def subsample(n_have: int, n: int, seed: int) -> np.ndarray:
-    """``min(n, n_have)`` sorted distinct indices, seeded."""
-    if n >= n_have:
-        return np.arange(n_have)
-    return np.sort(np.random.default_rng(seed).choice(n_have, n, replace=False))
-
-
-def active_positions(acts: sp.csr_matrix, d: int) -> np.ndarray:
-    """Boolean ``[tokens, d]`` of the captured top-k channels (stored positions)."""
-    out = np.zeros((acts.shape[0], d), bool)
-    rows = np.repeat(np.arange(acts.shape[0]), np.diff(acts.indptr))
-    out[rows, acts.indices] = True
-    return out
 
 
 # -- MiniLM -------------------------------------------------------------------------------
@@ -293,7 +213,7 @@ class MiniLMTarget:
 
     def call(self, arm: Arm) -> Callable[[], Any]:
         """A no-argument call running the timed batch set (results to block on)."""
-        fwd, params, arrays = arm.runner._forward, arm.params, [
+        fwd, params, arrays = arm.runner.forward, arm.params, [
             b.arrays() for b in self.time_batches]
         return lambda: [fwd(params, *a) for a in arrays]
 
@@ -306,7 +226,7 @@ class MiniLMTarget:
                        desc=f"quality {arm.name}", unit="batch", leave=False,
                        disable=len(ids) < 256)
         for idx, b in batches:
-            emb[idx] = np.asarray(arm.runner._forward(arm.params, *b.arrays()))[: len(idx)]
+            emb[idx] = np.asarray(arm.runner.forward(arm.params, *b.arrays()))[: len(idx)]
         if "residual" in arm.perms:  # back to the shipped residual order
             emb = np.asarray(permute.permute_output(self.spec, "embedding", emb,
                                                     permute.invert(arm.perms)))
@@ -351,17 +271,16 @@ class MiniLMTarget:
             return int(np.asarray(k.q).nbytes // self.size)
         return int(self.config.hidden * np.dtype(np.asarray(k).dtype).itemsize)
 
-    def export_case(self, perms: dict[str, np.ndarray]):
-        """A ``stablehlo_bridge`` case of the dense encoder on one timed batch."""
-        from stablehlo_bridge.models import Case
-
+    def export_fn(self, perms: dict[str, np.ndarray]) -> tuple:
+        """``(name, fn, params, args, output)`` of the dense encoder on one timed batch,
+        for ``runtime.export`` (``output``: the ``spec.outputs`` name of the result)."""
         module = self.enc.module
 
         def minilm_forward(params, *arrays):
             return module.apply({"params": params}, *arrays)
 
-        return Case("minilm", minilm_forward, jax.tree.map(np.asarray, self.enc.params),
-                    self.time_batches[0].arrays(), self.spec, "embedding")
+        return ("minilm", minilm_forward, jax.tree.map(np.asarray, self.enc.params),
+                self.time_batches[0].arrays(), "embedding")
 
 
 def tiny_bert(max_tokens: int, seed: int = 0):
@@ -448,15 +367,8 @@ class MambaTarget:
             del meta["sparsity"]
         q = t.quant
         if q.enabled:
-            def quantize():
-                qp, m = tree.quantize(params, self.paths, q.dtype, q.group_size)
-                return tree.dequantized(qp), {**m, "note": "weight-only (dequantised "
-                                              "float32 compute)"}
-            params, meta["quant"] = guarded("quant", quantize, params, strict)
-            meta["quant"]["fallbacks"] = quant_fallbacks(q, meta["quant"], len(self.paths)) + (
-                [f"quant: mamba's dense layers run the {q.dtype} weights dequantised to "
-                 "float32 once (weight-only), not int8 arithmetic"]
-                if q.act != "none" and meta["quant"].get("ok", True) else [])
+            params, meta["quant"] = weight_only_quant(params, self.paths, q, strict,
+                                                      "mamba's dense layers")
         if t.kv.enabled:
             meta["kv"] = dict(transform="kv", ok=True, applicable=False,
                               note="a state-space model has no KV cache")
@@ -513,9 +425,8 @@ class MambaTarget:
         m = self.bs * self.cfg.model.max_tokens
         return [(m, c.d_model, 2 * c.d_inner), (m, c.d_inner, c.d_model)]
 
-    def export_case(self, perms: dict[str, np.ndarray]):
-        from stablehlo_bridge.models import Case
-
+    def export_fn(self, perms: dict[str, np.ndarray]) -> tuple:
+        """``(name, fn, params, args, output)`` of the dense model on one timed batch."""
         module = self.lib.module(self.config)
         x = next(iter(self.batches(self.t_toks)))
 
@@ -523,11 +434,18 @@ class MambaTarget:
             logits, _ = module.apply({"params": params}, ids, lengths)
             return logits
 
-        return Case("mamba", mamba_forward, self.params,
-                    (np.asarray(x.data), np.asarray(x.lengths[:, 0])), self.spec, None)
+        return ("mamba", mamba_forward, self.params,
+                (np.asarray(x.data), np.asarray(x.lengths[:, 0])), None)
 
 
 def make(cfg: Config):
-    """The target of ``cfg.model``."""
+    """The target of ``cfg.model``: a built-in, or ``model.target`` through the generic
+    adapter (``usertarget.UserTarget``)."""
+    if cfg.model.name == "custom":
+        from icd_jax.runtime import target as target_lib
+        from icd_jax.runtime.usertarget import UserTarget
+
+        user = target_lib.load(cfg.model.target, cfg.model.kwargs, seed=cfg.pipeline.seed)
+        return UserTarget(cfg, user)
     return {"minilm": MiniLMTarget, "mamba": MambaTarget}[cfg.model.name](cfg)
 
