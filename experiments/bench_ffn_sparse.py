@@ -266,7 +266,7 @@ def main(argv):
             batch = minilm.pack(call, policy)
             for name, (e, p) in encs.items():
                 out, rec = record_fn(e)(p, *batch.arrays()) if name.startswith("skip") else (
-                    e._forward(p, *batch.arrays()), None)
+                    e.forward(p, *batch.arrays()), None)
                 emb = np.asarray(out)[: batch.n_items]
                 if name == "dense":
                     ref_emb[ci] = emb
@@ -323,7 +323,7 @@ def main(argv):
         ffn_t, load_f, _ = timed_clean(fns, FLAGS.repeats, FLAGS.max_foreign)
         batches = [minilm.pack(calls[c], policy) for c in range(n_tc)]
         enc_fns = {name: functools.partial(run_all, [functools.partial(
-            e._forward, p, *b.arrays()) for b in batches]) for name, (e, p) in encs.items()}
+            e.forward, p, *b.arrays()) for b in batches]) for name, (e, p) in encs.items()}
         enc_t, load_e, _ = timed_clean(enc_fns, FLAGS.repeats, FLAGS.max_foreign)
         loads.append(max(load_f or 0.0, load_e or 0.0))
         d_ffn = ffn_t["dense"][1] / inner["dense"] / n_tc

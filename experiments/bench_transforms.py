@@ -116,7 +116,7 @@ def main(argv):
 
     def run(e, want=()):
         """Embeddings in input order, FFN tiles/token and KV mass kept (means)."""
-        fn = minilm.capture_fn(e) if want else e._forward
+        fn = minilm.capture_fn(e) if want else e.forward
         emb = np.zeros((len(ids), enc.config.hidden), np.float32)
         tiles, mass = [], []
         for idx, b in batches:

@@ -158,7 +158,7 @@ def load_torch_bert(folder: str | None = None):
 
     folder = folder or minilm.package_dir()
     t = weights.read(os.path.join(folder, "model.safetensors"))
-    model = torch_bert(minilm.config_from_weights(t, minilm._heads(
+    model = torch_bert(minilm.config_from_weights(t, minilm.config_heads(
         os.path.join(folder, "config.json"))))
     want = model.state_dict()
     missing = sorted(set(want) - set(t))

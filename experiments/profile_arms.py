@@ -382,7 +382,7 @@ def main(argv):
         big = max(target.time_batches, key=lambda b: np.asarray(b.arrays()[0]).shape[0])
         counts = {}
         for n, a in arms.items():
-            hlo = a.runner._forward.lower(a.params, *big.arrays()).compile().as_text()
+            hlo = a.runner.forward.lower(a.params, *big.arrays()).compile().as_text()
             counts[n] = op_census(hlo)
             if FLAGS.hlo_dir:
                 os.makedirs(FLAGS.hlo_dir, exist_ok=True)

@@ -17,7 +17,8 @@ import dataclasses
 import numpy as np
 import scipy.sparse as sp
 
-from icd_jax.errors import ConfigError, PermutationError
+from icd_jax.errors import ConfigError
+from icd_jax.permute import invert_order, validate_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,26 +42,15 @@ class CostConfig:
 
 
 def check_permutation(pi, n: int | None = None) -> np.ndarray:
-    """``pi`` as int64 if it is a permutation of ``range(n)``; else ``PermutationError``."""
-    p = np.asarray(pi)
-    if p.ndim != 1:
-        raise PermutationError(f"permutation must be 1-D, got shape {p.shape}")
-    if not np.issubdtype(p.dtype, np.integer):
-        raise PermutationError(f"permutation must be integers, got dtype {p.dtype}")
-    n = p.size if n is None else n
-    if p.size != n:
-        raise PermutationError(f"permutation has {p.size} entries, expected {n}")
-    if n and (p.min() < 0 or p.max() >= n or np.bincount(p, minlength=n).max() != 1):
-        raise PermutationError("array is not a permutation of range(n): "
-                               "values repeat or fall outside [0, n)")
-    return p.astype(np.int64)
+    """``pi`` as ``int64[n]`` if it is a permutation of ``range(n)`` (``n`` defaults to its
+    length); else ``PermutationError`` (``permute.validate_order``)."""
+    return validate_order(pi, n, "permutation")
 
 
 def inverse(pi: np.ndarray) -> np.ndarray:
-    """Positions of an order: ``inverse(pi)[c]`` is the position of channel ``c``."""
-    pos = np.empty_like(pi)
-    pos[pi] = np.arange(pi.size, dtype=pi.dtype)
-    return pos
+    """Positions of an order: ``inverse(pi)[c]`` is the position of channel ``c``
+    (``permute.invert_order``: same integer dtype, validated)."""
+    return invert_order(pi)
 
 
 def phi(d, lam: float, tau: float):

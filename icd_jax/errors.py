@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vsla_jax import errors as vsla_errors
+
 
 class ICDError(Exception):
     """Base class of every icd_jax error."""
@@ -41,8 +43,11 @@ class TargetError(ConfigError):
     protocol (the message names the missing or inconsistent piece)."""
 
 
-class ShapeError(ICDError, ValueError):
-    """An adapter input of the wrong rank, shape or dtype (the message names it)."""
+class ShapeError(ICDError, vsla_errors.ShapeError):
+    """An adapter input of the wrong rank, shape or dtype (the message names it).
+
+    A subclass of ``vsla_jax.ShapeError`` (one hierarchy per concept): ``except
+    vsla_jax.ShapeError`` catches the shape errors of both packages."""
 
 
 class ArtifactError(ICDError, ValueError):

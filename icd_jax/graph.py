@@ -49,6 +49,9 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: share of channel pairs is stored and the coefficient of variation of the weights is
 #: below ``UNIFORM_CV``.
 UNIFORM_DENSITY = 0.9
+#: Largest channel count a trace may imply when ``D`` is not given (``read_trace``'s
+#: ``max_D``): an index beyond it is a bad line, not a request for a huge matrix.
+MAX_TRACE_D = 1 << 24
 UNIFORM_CV = 0.05
 #: A co-activation graph carries no information when channels are active on more than
 #: this share of tokens on average.
@@ -228,27 +231,54 @@ def planted_blocks(
 
 
 # -- traces -----------------------------------------------------------------------------
+def check_trace_size(D, max_D: int = MAX_TRACE_D) -> int | None:
+    """``D`` as an int in ``[1, max_D]`` (or ``None``); else ``ConfigError``."""
+    if isinstance(max_D, bool) or not isinstance(max_D, int | np.integer) or max_D < 1:
+        raise ConfigError(f"max_D must be an integer >= 1, got max_D={max_D!r}")
+    if D is None:
+        return None
+    if isinstance(D, bool) or not isinstance(D, int | np.integer) or not 1 <= D <= max_D:
+        raise ConfigError(f"trace D must be an integer in [1, max_D={max_D}], got D={D!r}")
+    return int(D)
+
+
+def _open_trace(path: str):
+    """The trace file opened for reading text; ``TraceError`` naming ``path`` when it is
+    missing, a directory or unreadable."""
+    if not os.path.exists(path):
+        raise TraceError(f"trace file not found: {path}")
+    if os.path.isdir(path):
+        raise TraceError(f"trace path is a directory, not a file: {path}")
+    try:
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise TraceError(f"cannot read trace file {path}: {e.strerror or e}") from None
+
+
 def read_trace(path: str | os.PathLike, D: int | None = None, strict: bool = True,
-               fmt: str | None = None) -> tuple[sp.csr_matrix, dict]:
+               fmt: str | None = None, max_D: int = MAX_TRACE_D
+               ) -> tuple[sp.csr_matrix, dict]:
     """Parse a JSONL (``{"src", "dst", "w"}``) or CSV (``i,j,w``) trace into a symmetric W.
 
-    Bad lines (unparseable, missing fields, non-integer or out-of-range indices,
-    NaN/inf/negative weights, weights beyond float32, edges whose summed weight
-    overflows float32) raise ``TraceError`` naming every bad line in strict mode; in
-    lenient mode they are skipped with a ``TraceWarning`` and counted in the report.
+    Bad lines (unparseable, missing fields, non-integer indices, indices outside
+    ``[0, D)`` (or ``[0, max_D)`` when ``D`` is inferred), NaN/inf/negative weights,
+    weights beyond float32, edges whose summed weight overflows float32) raise
+    ``TraceError`` naming every bad line in strict mode; in lenient mode they are skipped
+    with a ``TraceWarning`` and counted in the report. A missing, unreadable or directory
+    ``path`` and a trace with no valid events raise ``TraceError``.
     """
     try:
         path = os.fsdecode(path)
     except TypeError:
         raise ConfigError(f"trace path must be a str or os.PathLike, got "
                           f"{type(path).__name__} {path!r}") from None
-    if not os.path.exists(path):
-        raise TraceError(f"trace file not found: {path}")
+    D = check_trace_size(D, max_D)
     fmt = fmt or ("csv" if path.endswith(".csv") else "jsonl")
     if fmt not in ("csv", "jsonl"):
         raise ConfigError(f"trace format must be 'csv' or 'jsonl', got {fmt!r}")
+    bound = D if D is not None else max_D
     src, dst, wts, lines, problems = [], [], [], [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_trace(path) as f:
         for ln, line in enumerate(f, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -279,8 +309,9 @@ def read_trace(path: str | os.PathLike, D: int | None = None, strict: bool = Tru
             if w > FLOAT32_MAX:
                 problems.append((ln, f"weight {w:.6g} overflows float32 (max {FLOAT32_MAX:.6g})"))
                 continue
-            if i < 0 or j < 0 or (D is not None and (i >= D or j >= D)):
-                problems.append((ln, f"index out of range: ({i}, {j}) for D={D}"))
+            if i < 0 or j < 0 or i >= bound or j >= bound:
+                limit = f"D={D}" if D is not None else f"max_D={max_D} (pass D= or max_D=)"
+                problems.append((ln, f"index out of range: ({i}, {j}) for {limit}"))
                 continue
             src.append(i)
             dst.append(j)
@@ -300,7 +331,11 @@ def read_trace(path: str | os.PathLike, D: int | None = None, strict: bool = Tru
             raise TraceError(f"{path}: {len(problems)} bad lines: {shown}{more}", problems)
         warnings.warn(TraceWarning(f"{path}: skipped {len(problems)} bad lines: {shown}{more}"),
                       stacklevel=2)
-    n = D if D is not None else (int(max(src.max(), dst.max())) + 1 if src.size else 0)
+    if not src.size:
+        raise TraceError(f"{path}: trace holds no accesses (no valid event lines"
+                         f"{f'; {len(problems)} bad lines skipped' if problems else ''})",
+                         problems)
+    n = D if D is not None else int(max(src.max(), dst.max())) + 1
     w = sp.coo_matrix((wts, (src, dst)), shape=(n, n)).tocsr()
     w = w + w.T
     return w, dict(path=os.path.abspath(path), events=int(src.size), skipped=len(problems),
@@ -522,7 +557,7 @@ def _hub_correct(joint: np.ndarray, p_rows: np.ndarray, p: np.ndarray, hub: str)
 
 # -- entry point ------------------------------------------------------------------------
 _MOCK_KEYS = frozenset(inspect.signature(planted_blocks).parameters)
-_TRACE_KEYS = frozenset({"path", "D", "strict", "fmt"})
+_TRACE_KEYS = frozenset({"path", "D", "strict", "fmt", "max_D"})
 _ACT_KEYS = frozenset(inspect.signature(from_activations).parameters)
 _COMMON = frozenset({"normalisation", "nnz_cap"})
 
@@ -556,7 +591,8 @@ def build_w(source: str, **cfg: Any) -> CoAccessGraph:
     if source == "trace":
         if "path" not in cfg:
             raise ConfigError("build_w('trace') needs path=")
-        w, report = read_trace(cfg["path"], cfg.get("D"), cfg.get("strict", True), cfg.get("fmt"))
+        w, report = read_trace(cfg["path"], cfg.get("D"), cfg.get("strict", True), cfg.get("fmt"),
+                               cfg.get("max_D", MAX_TRACE_D))
         return _finish(w, "trace", norm, nnz_cap, None, dict(trace=report))
     if "acts" not in cfg:
         raise ConfigError("build_w('activations') needs acts=")

@@ -112,23 +112,49 @@ def _describe(names: tuple[str, ...]) -> str:
     return ", ".join(names) if len(names) <= 12 else ", ".join(names[:12]) + ", ..."
 
 
-def check_order(name: str, order, size: int) -> np.ndarray:
-    """``order`` as ``int32[size]``, or a ``PermutationError`` naming axis ``name``."""
+def validate_order(order, size: int | None = None, what: str = "order") -> np.ndarray:
+    """``order`` as ``int64[size]`` if it is a permutation of ``range(size)`` (``size``
+    defaults to its length); else a ``PermutationError`` whose message starts with
+    ``what``. This is the one permutation validator of icd_jax."""
     a = np.asarray(order)
+    size = a.size if size is None else int(size)
     if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
-        raise PermutationError(f"order for axis {name!r} must be an integer array, got dtype "
-                               f"{a.dtype}")
+        raise PermutationError(f"{what} must be an integer array, got dtype {a.dtype}")
     if a.shape != (size,):
-        raise PermutationError(f"order for axis {name!r} must have shape ({size},), got "
-                               f"{a.shape}")
+        raise PermutationError(f"{what} must have shape ({size},), got {a.shape}")
     if size and (a.min() < 0 or a.max() >= size):
-        raise PermutationError(f"order for axis {name!r} has entries outside [0, {size})")
+        raise PermutationError(f"{what} has entries outside [0, {size})")
     counts = np.bincount(a, minlength=size)
     if np.any(counts != 1):
         dup = np.flatnonzero(counts > 1)[:5].tolist()
-        raise PermutationError(f"order for axis {name!r} is not a permutation: "
+        raise PermutationError(f"{what} is not a permutation of range({size}): "
                                f"{dup} repeated")
-    return a.astype(np.int32)
+    return a.astype(np.int64)
+
+
+def check_order(name: str, order, size: int) -> np.ndarray:
+    """``order`` as ``int32[size]``, or a ``PermutationError`` naming axis ``name``."""
+    return validate_order(order, size, f"order for axis {name!r}").astype(np.int32)
+
+
+def invert_order(order) -> np.ndarray:
+    """The positions of an order (same integer dtype, ``[n]``): ``invert_order(p)[c]`` is
+    the position of channel ``c``, so ``p[invert_order(p)] == arange(n)``. ``order`` is
+    validated (``PermutationError``)."""
+    a = np.asarray(order)
+    validate_order(a)
+    pos = np.empty_like(a)
+    pos[a] = np.arange(a.size, dtype=a.dtype)
+    return pos
+
+
+def compose_orders(first, then) -> np.ndarray:
+    """One order doing ``first`` then ``then`` (``first[then]``, ``first``'s dtype):
+    ``take(take(x, first), then) == take(x, compose_orders(first, then))``. Both are
+    validated and must have the same length (``PermutationError``)."""
+    a = np.asarray(first)
+    validate_order(a, what="first order")
+    return a[validate_order(then, a.size, "second order")]
 
 
 def check_perms(spec: ModelSpec, perms: Mapping[str, object]) -> dict[str, np.ndarray]:
@@ -199,11 +225,8 @@ def apply(spec: ModelSpec, params, perms: Mapping[str, object]):
 def invert(perms: Mapping[str, object]) -> dict[str, np.ndarray]:
     """The orders that undo ``perms``: ``apply(spec, apply(spec, p, perms), invert(perms))``
     returns ``p`` bit for bit. Each order must be a permutation."""
-    out = {}
-    for name, order in perms.items():
-        a = check_order(name, order, int(np.size(order)))
-        out[name] = np.argsort(a).astype(np.int32)
-    return out
+    return {name: invert_order(check_order(name, order, int(np.size(order))))
+            for name, order in perms.items()}
 
 
 def compose(first: Mapping[str, object], then: Mapping[str, object]) -> dict[str, np.ndarray]:
@@ -214,7 +237,7 @@ def compose(first: Mapping[str, object], then: Mapping[str, object]) -> dict[str
     for name in {**first, **then}:
         if name in first and name in then:
             a = check_order(name, first[name], int(np.size(first[name])))
-            out[name] = a[check_order(name, then[name], a.shape[0])]
+            out[name] = compose_orders(a, check_order(name, then[name], a.shape[0]))
         else:
             order = first[name] if name in first else then[name]
             out[name] = check_order(name, order, int(np.size(order)))

@@ -1,12 +1,16 @@
 """Permutation solver: spectral order, Louvain clusters, local search; baselines; N:M search.
 
 ``fit_permutation(W, ...)`` returns ``(pi, stats)``; ``pi[p]`` is the original channel at
-position ``p`` (int32), ``stats`` has ``C, Q, J, method, improved, elapsed_s, iters``.
+position ``p`` (int32), ``stats`` has ``C, Q, J, method, improved, elapsed_s, iters,
+start_J, spectral_method, budget_cut``. Every step counts against ``time_budget_s``: the
+eigensolver is stopped at its share of the budget (reverse Cuthill-McKee orders what is
+left), Louvain is skipped once the budget is spent, the local search gets the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import time
 
@@ -15,9 +19,10 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
-from icd_jax.cost import CostConfig, check_permutation, inverse, objective, phi
+from icd_jax.cost import CostConfig, objective, phi
 from icd_jax.errors import ConfigError, WeightError
 from icd_jax.graph import CoAccessGraph, validate
+from icd_jax.permute import check_order, invert_order, validate_order
 
 
 def _as_csr(W) -> sp.csr_matrix:
@@ -32,27 +37,77 @@ def _as_csr(W) -> sp.csr_matrix:
 
 
 # -- spectral ordering ------------------------------------------------------------------
-def fiedler_vector(w: sp.csr_matrix, seed: int = 0) -> np.ndarray:
-    """Fiedler vector of the normalised Laplacian of a connected graph (``D^-1/2 v``)."""
+#: Components of fewer nodes get a dense eigendecomposition (cheap, exact).
+DENSE_EIGH_MAX = 200
+#: Share of ``fit_permutation``'s time budget the spectral step may use before the
+#: remaining components fall back to reverse Cuthill-McKee.
+SPECTRAL_SHARE = 0.5
+
+
+class _OutOfTime(Exception):
+    """Raised inside the eigensolver's matvec when the deadline has passed."""
+
+
+def _deadline(time_budget_s: float | None) -> float | None:
+    """Absolute ``time.perf_counter()`` deadline of a budget (``None``: no limit)."""
+    return None if time_budget_s is None else time.perf_counter() + max(time_budget_s, 0.0)
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (``None``: no limit; never negative)."""
+    return None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
+def check_budget(time_budget_s) -> float | None:
+    """``time_budget_s`` as a float (seconds, ``>= 0``) or ``None``; else ``ConfigError``."""
+    if time_budget_s is None:
+        return None
+    try:
+        b = float(time_budget_s)
+    except (TypeError, ValueError):
+        raise ConfigError(f"time_budget_s must be a number of seconds or None, got "
+                          f"{time_budget_s!r}") from None
+    if isinstance(time_budget_s, bool) or not b >= 0:
+        raise ConfigError(f"time_budget_s must be >= 0 seconds or None, got {time_budget_s!r}")
+    return None if math.isinf(b) else b
+
+
+def fiedler_vector(w: sp.csr_matrix, seed: int = 0,
+                   time_budget_s: float | None = None) -> np.ndarray | None:
+    """Fiedler vector (``float64[n]``) of the normalised Laplacian of a connected graph
+    (``D^-1/2 v``), or ``None`` when ``time_budget_s`` ran out before the sparse
+    eigensolver converged (graphs of fewer than ``DENSE_EIGH_MAX`` nodes use a dense
+    solver and always finish) or the solver did not converge."""
     n = w.shape[0]
     if n <= 2:
         return np.arange(n, dtype=np.float64)
+    deadline = _deadline(time_budget_s)
     deg = np.asarray(w.sum(axis=1)).ravel()
     dinv = 1.0 / np.sqrt(np.maximum(deg, 1e-300))
     a = sp.diags(dinv) @ w @ sp.diags(dinv)
-    m = sp.identity(n) + a  # = 2I - L_norm, eigenvalues in [0, 2]
+    m = sp.csr_matrix(sp.identity(n) + a)  # = 2I - L_norm, eigenvalues in [0, 2]
     trivial = np.sqrt(deg) / np.linalg.norm(np.sqrt(deg))
     rng = np.random.default_rng(seed)
-    if n < 200:
+    if n < DENSE_EIGH_MAX:
         vals, vecs = np.linalg.eigh(m.toarray())
         v = vecs[:, -2]
     else:
-        # deflate the trivial eigenvector (eigenvalue 2) and take the top of the rest
-        op = spla.LinearOperator(
-            (n, n), dtype=np.float64,
-            matvec=lambda x: m @ x - 2.0 * trivial * (trivial @ x))
-        vals, vecs = spla.eigsh(op, k=1, which="LA", tol=1e-6, maxiter=5000,
-                                v0=rng.standard_normal(n))
+        def matvec(x):
+            if _expired(deadline):
+                raise _OutOfTime
+            # deflate the trivial eigenvector (eigenvalue 2) and take the top of the rest
+            return m @ x - 2.0 * trivial * (trivial @ x)
+
+        op = spla.LinearOperator((n, n), dtype=np.float64, matvec=matvec)
+        try:
+            vals, vecs = spla.eigsh(op, k=1, which="LA", tol=1e-6, maxiter=5000,
+                                    v0=rng.standard_normal(n))
+        except (_OutOfTime, spla.ArpackNoConvergence):
+            return None
         v = vecs[:, 0]
     f = v * dinv
     if f[np.argmax(np.abs(f))] < 0:  # fix the sign for determinism
@@ -60,19 +115,44 @@ def fiedler_vector(w: sp.csr_matrix, seed: int = 0) -> np.ndarray:
     return f
 
 
-def spectral_order(W, seed: int = 0) -> np.ndarray:
-    """Order by the Fiedler vector, component by component (largest component first)."""
+def spectral_order_report(W, seed: int = 0, time_budget_s: float | None = None
+                          ) -> tuple[np.ndarray, dict]:
+    """``spectral_order`` within a time budget: ``(order int32[D], report)``.
+
+    Components are ordered largest first; each by its Fiedler vector while the budget
+    lasts, by reverse Cuthill-McKee (``O(nnz)``) once it is spent or when the
+    eigensolver does not converge. ``report``: ``method`` (``"spectral"``,
+    ``"spectral+rcm"`` or ``"rcm"``: what ordered the components of more than two
+    nodes), ``components``, ``components_rcm`` and ``cut`` (the budget cut the step).
+    """
     w = _as_csr(W)
+    deadline = _deadline(time_budget_s)
     n_comp, labels = csgraph.connected_components(w, directed=False)
     sizes = np.bincount(labels, minlength=n_comp)
-    out = []
+    out, n_spectral, n_rcm, cut = [], 0, 0, False
     for c in sorted(range(n_comp), key=lambda c: (-sizes[c], c)):
         idx = np.flatnonzero(labels == c)
         if idx.size > 2:
-            f = fiedler_vector(w[idx][:, idx], seed)
-            idx = idx[np.argsort(f, kind="stable")]
+            sub = w[idx][:, idx]
+            f = None if _expired(deadline) else fiedler_vector(sub, seed, _left(deadline))
+            if f is None:
+                cut = cut or _expired(deadline)
+                n_rcm += 1
+                idx = idx[csgraph.reverse_cuthill_mckee(sub, symmetric_mode=True)]
+            else:
+                n_spectral += 1
+                idx = idx[np.argsort(f, kind="stable")]
         out.append(idx)
-    return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
+    method = "rcm" if n_rcm and not n_spectral else "spectral+rcm" if n_rcm else "spectral"
+    order = np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
+    return order, dict(method=method, components=int(n_comp), components_rcm=n_rcm, cut=cut)
+
+
+def spectral_order(W, seed: int = 0, time_budget_s: float | None = None) -> np.ndarray:
+    """Order by the Fiedler vector, component by component (largest component first);
+    ``int32[D]``. With ``time_budget_s``, components left when it runs out are ordered by
+    reverse Cuthill-McKee (see ``spectral_order_report``)."""
+    return spectral_order_report(W, seed, time_budget_s)[0]
 
 
 def louvain_clusters(W, seed: int = 0, resolution: float = 1.0) -> np.ndarray:
@@ -86,32 +166,62 @@ def louvain_clusters(W, seed: int = 0, resolution: float = 1.0) -> np.ndarray:
     return np.asarray(algo.fit_predict(w.astype(np.float64)), np.int32)
 
 
-def _group_order(w: sp.csr_matrix, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+def check_clusters(clusters, n: int) -> np.ndarray:
+    """Cluster labels as ``int64[n]`` (non-negative integers); else ``ConfigError`` naming
+    the expected and the given length, dtype or bad value."""
+    a = np.asarray(clusters)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ConfigError(f"clusters must be one label per channel: expected shape ({n},), "
+                          f"got shape {a.shape}")
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or (
+            np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a))
+            and np.all(a == np.round(a)))):
+        raise ConfigError(f"clusters must be integer labels, got dtype {a.dtype}")
+    if a.size and a.min() < 0:
+        raise ConfigError(f"clusters must be labels >= 0, got {a.min()}")
+    return a.astype(np.int64)
+
+
+def _group_order(w: sp.csr_matrix, labels: np.ndarray, k: int, seed: int,
+                 time_budget_s: float | None = None) -> tuple[np.ndarray, dict]:
     """Spectral order of ``k`` groups on the quotient graph ``Z^T W Z`` (no self loops)."""
     z = sp.csr_matrix((np.ones(labels.size), (np.arange(labels.size), labels)),
                       shape=(labels.size, k))
     q = sp.csr_matrix(z.T @ w @ z)
     q.setdiag(0)
     q.eliminate_zeros()
-    return spectral_order(q, seed) if k > 2 else np.arange(k)
+    if k <= 2:
+        return np.arange(k), dict(method="spectral", components=k, components_rcm=0, cut=False)
+    return spectral_order_report(q, seed, time_budget_s)
 
 
-def cluster_order(W, clusters: np.ndarray, seed: int = 0,
-                  global_order: np.ndarray | None = None) -> np.ndarray:
-    """Clusters kept contiguous, ordered spectrally on the cluster graph; nodes inside a
-    cluster ordered by the global spectral order."""
+def cluster_order_report(W, clusters, seed: int = 0, global_order: np.ndarray | None = None,
+                         time_budget_s: float | None = None) -> tuple[np.ndarray, dict]:
+    """``cluster_order`` within a time budget: ``(order int32[D], report)``; the report is
+    that of the spectral order of the cluster graph (see ``spectral_order_report``)."""
     w = _as_csr(W)
-    clusters = np.asarray(clusters, np.int64)
+    clusters = check_clusters(clusters, w.shape[0])
+    deadline = _deadline(time_budget_s)
     k = int(clusters.max()) + 1 if clusters.size else 0
-    corder = _group_order(w, clusters, k, seed)
+    corder, report = _group_order(w, clusters, k, seed, time_budget_s)
     if global_order is None:
-        global_order = spectral_order(w, seed)
-    rank_in_global = inverse(np.asarray(global_order, np.int64))
-    out = []
+        global_order, rep = spectral_order_report(w, seed, _left(deadline))
+        report = dict(report, cut=report["cut"] or rep["cut"])
+    rank_in_global = invert_order(check_order("global_order", global_order, w.shape[0]))
+    out = [np.zeros(0, np.int64)]
     for c in corder:
         idx = np.flatnonzero(clusters == c)
         out.append(idx[np.argsort(rank_in_global[idx], kind="stable")])
-    return np.concatenate(out).astype(np.int32)
+    return np.concatenate(out).astype(np.int32), report
+
+
+def cluster_order(W, clusters: np.ndarray, seed: int = 0,
+                  global_order: np.ndarray | None = None,
+                  time_budget_s: float | None = None) -> np.ndarray:
+    """Clusters kept contiguous, ordered spectrally on the cluster graph; nodes inside a
+    cluster ordered by the global spectral order. ``clusters``: ``int[D]`` labels (a wrong
+    length raises ``ConfigError``); returns ``int32[D]``."""
+    return cluster_order_report(W, clusters, seed, global_order, time_budget_s)[0]
 
 
 # -- baselines --------------------------------------------------------------------------
@@ -148,7 +258,7 @@ class LocalSearch:
         self.n = n = w.shape[0]
         self.indptr, self.indices, self.data = w.indptr, w.indices.astype(np.int64), w.data
         self.perm = pi.astype(np.int64).copy()
-        self.pos = inverse(self.perm)
+        self.pos = invert_order(self.perm)
         self.deg = np.asarray(w.sum(axis=1)).ravel()
         self.two_m = float(self.data.sum())
         n_blocks = -(-n // cfg.g)
@@ -252,7 +362,7 @@ def local_search(W, pi, cfg: CostConfig | None = None, steps: int = 20000,
     Deterministic for a given seed and step count; the time budget only truncates.
     """
     w = _as_csr(W)
-    ls = LocalSearch(w, check_permutation(pi, w.shape[0]), cfg or CostConfig())
+    ls = LocalSearch(w, validate_order(pi, w.shape[0], "pi"), cfg or CostConfig())
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     it = 0
@@ -272,42 +382,81 @@ def local_search(W, pi, cfg: CostConfig | None = None, steps: int = 20000,
 
 
 # -- the solver -------------------------------------------------------------------------
+def _candidates(w: sp.csr_matrix, seed: int, clusters, deadline: float | None,
+                spectral_share: float, t0: float) -> tuple[dict, dict]:
+    """Spectral and cluster candidate orders within the budget: ``(candidates, report)``.
+
+    The spectral step may use ``spectral_share`` of the budget (from ``t0``); Louvain runs
+    only if time is left (given ``clusters`` are always used)."""
+    cands: dict[str, np.ndarray] = {}
+    cut: list[str] = []
+    share = None if deadline is None else t0 + spectral_share * (deadline - t0)
+    spec, rep = spectral_order_report(w, seed, _left(share))
+    cands[rep["method"]] = spec
+    if rep["cut"]:
+        cut.append("spectral")
+    if clusters is None and _expired(deadline):
+        cut.append("louvain")
+        return cands, dict(spectral_method=rep["method"], budget_cut=cut)
+    labels = louvain_clusters(w, seed) if clusters is None else clusters
+    name = "louvain" if clusters is None else "clusters"
+    order, crep = cluster_order_report(w, labels, seed, spec, _left(deadline))
+    cands[f"{name}+{crep['method']}"] = order
+    if crep["cut"]:
+        cut.append("cluster_order")
+    return cands, dict(spectral_method=rep["method"], budget_cut=cut)
+
+
 def fit_permutation(
-    W, time_budget_s: float = 5.0, refine_steps: int = 20000, k_blocks: int | None = None,
-    seed: int = 0, init=None, clusters=None, cfg: CostConfig | None = None, pi_prev=None,
+    W, time_budget_s: float | None = 5.0, refine_steps: int = 20000,
+    k_blocks: int | None = None, seed: int = 0, init=None, clusters=None,
+    cfg: CostConfig | None = None, pi_prev=None, spectral_share: float = SPECTRAL_SHARE,
 ) -> tuple[np.ndarray, dict]:
     """Find an order of channels minimising ``J = alpha C - mu Q``.
 
-    Candidates: identity, the spectral (Fiedler) order, Louvain clusters ordered
-    spectrally (or ``clusters=`` given), and ``init`` if given; the best by J seeds a
-    local search of ``refine_steps`` moves. The result is never worse than its start
-    or the identity. ``time_budget_s`` only truncates the search.
+    Candidates: identity, the spectral (Fiedler) order, Louvain clusters (or
+    ``clusters=``, ``int[D]`` labels) ordered spectrally, and ``init`` if given; the best
+    by J seeds a local search of ``refine_steps`` moves. The result is never worse than
+    its start or the identity.
+
+    ``time_budget_s`` (``None``: unlimited) is counted from the call: the spectral step
+    may use ``spectral_share`` of it (components left when it runs out are ordered by
+    reverse Cuthill-McKee), Louvain is skipped once it is spent, and the local search
+    gets what is left. ``stats``: ``C, Q, J, method`` (start candidate + ``"local"``),
+    ``improved, elapsed_s, iters, start_J`` (J of every candidate), ``spectral_method``
+    (``"spectral"``, ``"spectral+rcm"``, ``"rcm"`` or ``None`` for D <= 2) and
+    ``budget_cut`` (the steps the budget cut short: ``"spectral"``, ``"louvain"``,
+    ``"cluster_order"``, ``"local"``).
     """
     t0 = time.perf_counter()
+    budget = check_budget(time_budget_s)
+    if not 0 <= spectral_share <= 1:
+        raise ConfigError(f"spectral_share must be in [0, 1], got {spectral_share!r}")
+    deadline = None if budget is None else t0 + budget
     w = _as_csr(W)
     n = w.shape[0]
+    labels = None if clusters is None else check_clusters(clusters, n)
     cfg = cfg or CostConfig()
     if k_blocks is not None:
         cfg = dataclasses.replace(cfg, k_blocks=int(k_blocks))
-    score = lambda p: objective(w, p, cfg, pi_prev)["J"]
     cands = {"identity": np.arange(n, dtype=np.int32)}
     if init is not None:
-        cands["init"] = check_permutation(init, n).astype(np.int32)
+        cands["init"] = validate_order(init, n, "init").astype(np.int32)
+    report = dict(spectral_method=None, budget_cut=[])
     if n > 2:
-        cands["spectral"] = spectral_order(w, seed)
-        labels = louvain_clusters(w, seed) if clusters is None else np.asarray(clusters)
-        cands["louvain+spectral"] = cluster_order(w, labels, seed, cands["spectral"])
-    scores = {k: score(p) for k, p in cands.items()}
+        found, report = _candidates(w, seed, labels, deadline, spectral_share, t0)
+        cands.update(found)
+    scores = {k: objective(w, p, cfg, pi_prev)["J"] for k, p in cands.items()}
     start = min(scores, key=scores.get)
-    remaining = None if time_budget_s is None else max(
-        time_budget_s - (time.perf_counter() - t0), 0.0)
-    pi, iters = local_search(w, cands[start], cfg, refine_steps, seed, remaining)
+    pi, iters = local_search(w, cands[start], cfg, refine_steps, seed, _left(deadline))
+    if n >= 2 and iters < refine_steps:
+        report["budget_cut"].append("local")
     final = objective(w, pi, cfg, pi_prev)
     if final["J"] > scores[start]:  # cannot happen with greedy moves; guard anyway
         pi, final = cands[start], objective(w, cands[start], cfg, pi_prev)
     stats = dict(final, method=f"{start}+local", improved=bool(final["J"] < scores["identity"]),
                  elapsed_s=time.perf_counter() - t0, iters=int(iters),
-                 start_J={k: float(v) for k, v in scores.items()})
+                 start_J={k: float(v) for k, v in scores.items()}, **report)
     return pi.astype(np.int32), stats
 
 
@@ -350,7 +499,7 @@ def nm_kept(weight, perm=None, n: int = 2, m: int = 4) -> float:
     a = abs_weight(weight)
     n, m = check_nm(n, m, a.shape[1])
     if perm is not None:
-        a = a[:, check_permutation(perm, a.shape[1])]
+        a = a[:, validate_order(perm, a.shape[1], "perm")]
     rows, cols = a.shape
     g = np.sort(a.reshape(rows, cols // m, m), axis=-1)
     return float(g[..., m - n :].sum())
@@ -507,5 +656,5 @@ def _order_stripes(perm: np.ndarray, coaccess, m: int, seed: int) -> np.ndarray:
     stripes = perm.size // m
     member = np.empty(perm.size, np.int64)
     member[perm] = np.arange(perm.size) // m  # stripe of each original column
-    order = _group_order(w, member, stripes, seed)
+    order, _ = _group_order(w, member, stripes, seed)
     return perm.reshape(stripes, m)[order].reshape(-1)

@@ -113,6 +113,18 @@ def test_bad_input(enc):
     with pytest.raises(ModelError, match="not found"):
         minilm.load(path="/nonexistent")
     assert enc.encode([]).shape == (0, 384)
+    with pytest.raises(ModelError, match=r"sentence 1 is not valid Unicode.*\\udc80"):
+        enc.encode(["ok", "bad\udc80"])
+    with pytest.raises(ModelError, match="sentence 0"):
+        enc.tokenize(["\ud800 lone high surrogate"])
+
+
+def test_public_forward_is_the_jitted_encoder(enc):
+    batch = next(iter(enc.packed_batches(["a short sentence", "another one"])))
+    out = np.asarray(enc.forward(enc.params, *batch.arrays()))
+    assert out.shape == (batch.shape[1], 384)
+    np.testing.assert_array_equal(out, np.asarray(enc.embed_packed(batch)))
+    assert "_forward" not in vars(enc)
 
 
 def test_permuted_encoder_is_the_same_function(enc, golden):

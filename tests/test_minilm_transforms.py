@@ -54,7 +54,7 @@ def test_int8_runs_int8_matmuls_on_every_linear_layer(enc, dense, mode):
     # what stays float is attention itself: the dense model's dots minus the 4 linears
     assert len(dots) - len(int8) == len(ref) - 4 * c.layers
     assert all(d in (("int8", "int8"), ("float32", "float32")) for d in dots)
-    hlo = e8._forward.lower(e8.params, *batch.arrays()).as_text()
+    hlo = e8.forward.lower(e8.params, *batch.arrays()).as_text()
     assert "xi8>" in hlo and "i32" in hlo
     assert cosines(e8.encode(SENTENCES), dense).min() > 0.99
     with pytest.raises(ConfigError, match="quant"):

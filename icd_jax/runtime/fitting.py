@@ -19,7 +19,8 @@ def fit(csr: sp.csr_matrix, cfg: config_lib.Config, pi_prev=None) -> tuple[np.nd
                                     refine_steps=s.refine_steps, k_blocks=s.k_blocks,
                                     seed=cfg.pipeline.seed, cfg=cost_cfg, pi_prev=pi_prev)
     ident = cost_lib.objective(csr, np.arange(csr.shape[0]), cost_cfg)
-    st = dict(st, timed_out=bool(st["iters"] < s.refine_steps), C_identity=ident["C"],
+    st = dict(st, timed_out=bool(st["iters"] < s.refine_steps or st.get("budget_cut")),
+              C_identity=ident["C"],
               Q_identity=ident["Q"], J_identity=ident["J"])
     return pi, st
 

@@ -367,7 +367,8 @@ class Run:
         elapsed = time.perf_counter() - t_run
         lock = artifacts.read_json(self.file("lock")) if os.path.exists(self.file("lock")) \
             else {}
-        m["run"] = dict(model=self.cfg.model.name, size=self.cfg.model.size,
+        m["run"] = dict(model=self.cfg.model.name, size=None if self.cfg.model.target
+                        else self.cfg.model.size, target=self.cfg.model.target,
                         mode=self.cfg.pipeline.mode, seed=self.cfg.pipeline.seed,
                         config_hash=lock.get("config_hash"), env_hash=lock.get("env_hash"),
                         elapsed_s=elapsed, tokens=self.t.tokens if self.t else None,

@@ -133,11 +133,16 @@ def load(ref: str, kwargs: Mapping[str, Any] | None = None, seed: int | None = N
         params = {}
     if seed is not None and "seed" in params and "seed" not in kw:
         kw["seed"] = seed
+    unknown = [k for k in kw if params and k not in params and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())]
+    if unknown:
+        raise TargetError(f"model.target {ref!r}: the factory rejected model.kwargs "
+                          f"{unknown} (it takes {sorted(params)})")
     try:
         target = factory(**kw)
-    except TypeError as e:
-        raise TargetError(f"model.target {ref!r}: the factory rejected model.kwargs "
-                          f"{sorted(kw)} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - whatever the user's factory raises
+        raise TargetError(f"model.target {ref!r}: the factory failed with model.kwargs "
+                          f"{sorted(kw)} ({type(e).__name__}: {e})") from e
     check(target, ref)
     return target
 
