@@ -36,8 +36,9 @@ import numpy as np
 from absl import app, flags
 from common import timed_interleaved, write_json_atomic
 
-from icd_jax import corpus, permute
-from stablehlo_bridge import models, passes
+from icd_jax import permute
+from icd_jax.runtime import export as run_export
+from stablehlo_bridge import passes
 from stablehlo_bridge.artifact import export_artifacts, roundtrip
 from stablehlo_bridge.export import export
 
@@ -71,9 +72,9 @@ def rel_err(got, want) -> float:
 def main(argv):
     del argv
     if FLAGS.model == "minilm":
-        case = models.minilm(corpus.sentences(FLAGS.batch_size))
+        case = run_export.minilm_case(batch_size=FLAGS.batch_size)
     else:
-        case = models.mamba_tiny(seed=FLAGS.seed)
+        case = run_export.mamba_case(seed=FLAGS.seed)
     perms = permute.random_perms(case.spec, seed=FLAGS.seed)
     meta, metrics = {"S": {}, "Q": {}, "K": {}}, {"C": 0.0, "Q": 0.0}
     shape = tuple(tuple(np.shape(a)) for a in case.args)

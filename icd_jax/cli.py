@@ -8,22 +8,24 @@
     icd run --print-schema             # the config's JSON schema
 
 With no ``-c`` the default MiniLM-L6 config runs; ``-c examples/tiny_gpt.yaml`` runs your
-own model (``model.target: "file.py:factory"``, see docs/pipeline.md). ``run`` and ``pair`` write a marker
-file (``icd_run.json``) into their folder and refuse a non-empty ``--out`` without one
-(it holds files no run wrote) unless ``--force``. Exit status: 0 done, 1 a stage failed
-and the run rolled back (the report says which), 2 bad usage, config or ``--out``, 3 with
-``--fail-on-gates`` a measured gate is ``not met`` (``not measured`` gates never are).
+own model (``model.target: "file.py:factory"``, see docs/pipeline.md). ``run`` and
+``pair`` write a marker file (``icd_run.json``) into their folder and refuse a non-empty
+``--out`` without one (it holds files no run wrote) unless ``--force``. Exit status: 0
+done, 1 a stage failed and the run rolled back (the report says which), 2 bad usage,
+config or ``--out``, 3 with ``--fail-on-gates`` a measured gate is ``not met`` (``not
+measured`` gates never are).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Mapping
 
 from absl import app, flags
+
+from vsla_jax.util import underscored_flags
 
 COMMANDS = ("run", "pair", "export", "report")
 
@@ -105,12 +107,13 @@ def main(argv):
             say(f"icd {cmd}: --force: writing into {FLAGS.out}, which holds files no icd "
                 f"run wrote; files of the run's names are overwritten, no other is removed")
         from icd_jax.runtime import orchestrator
+        from icd_jax.runtime.runfiles import file_path
         if cmd == "pair":
             res, comp = orchestrator.pair(cfg, FLAGS.out, repeats=FLAGS.pair_repeats,
                                           reuse_perm=FLAGS.reuse_perm, log_fn=say)
             print(summary_text(res.metrics, res.out_dir))
             print(f"pair: {comp['verdict']}")
-            print(f"compare: {os.path.join(res.out_dir, 'compare.html')}")
+            print(f"compare: {file_path(res.out_dir, 'compare_html')}")
         else:
             res = orchestrator.Run(cfg, FLAGS.out, reuse_perm=FLAGS.reuse_perm,
                                    log_fn=say).execute()
@@ -131,23 +134,16 @@ def main(argv):
         return 2
 
 
-def dashed_flags(argv: list[str]) -> list[str]:
-    """``--dry-run`` -> ``--dry_run`` (absl flag names use underscores); values and
-    positional arguments are left alone."""
-    out = []
-    for a in argv:
-        if a.startswith("--") and len(a) > 2:
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
-    return out
-
-
 def entry() -> None:
-    """Console script entry point (``icd``); ``--help`` shows this module's usage (absl
-    prints the ``__main__`` module's docstring, which a console script lacks)."""
+    """Console script entry point (``icd``); ``--help`` prints this module's usage and
+    its flags and exits 0 (absl's own prints the ``__main__`` docstring, which a console
+    script lacks, and exits 1)."""
     sys.modules["__main__"].__doc__ = __doc__
-    app.run(lambda argv: sys.exit(main(argv)), argv=dashed_flags(sys.argv))
+    if any(a in ("--help", "-h", "--helpshort") for a in sys.argv[1:]):
+        print(__doc__)
+        print(FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
+    app.run(lambda argv: sys.exit(main(argv)), argv=underscored_flags(sys.argv))
 
 
 if __name__ == "__main__":

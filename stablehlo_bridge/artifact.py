@@ -35,6 +35,8 @@ from vsla_jax.util import atomic_write_bytes
 
 FORMAT = "icd.bridge.artifact.v1"
 KINDS = ("stablehlo", "mlir", "jax")
+#: The file kinds of an artefact and their suffixes.
+SUFFIXES = {"stablehlo": ".stablehlo", "mlir": ".mlir", "jax": ".jax", "sidecar": ".json"}
 
 
 def sha256(data: bytes) -> str:
@@ -82,12 +84,14 @@ def roundtrip(exported: jax_export.Exported, target_version: str = "current"
 
 
 def paths_for(out_path: str | os.PathLike) -> dict[str, str]:
-    """The files of an artefact: ``DIR/model.stablehlo`` -> its ``.mlir``, ``.jax`` and
-    ``.json`` siblings."""
+    """The files of an artefact from any one of them: ``DIR/model.stablehlo`` (or its
+    ``.mlir``, ``.jax`` or ``.json``) -> ``{"stablehlo", "mlir", "jax", "sidecar"}``
+    paths. Any other name is taken as the portable artefact itself."""
     out = os.fspath(out_path)
-    stem = out[:-len(".stablehlo")] if out.endswith(".stablehlo") else out
-    return {"stablehlo": out, "mlir": stem + ".mlir", "jax": stem + ".jax",
-            "sidecar": stem + ".json"}
+    stem, ext = os.path.splitext(out)
+    if ext not in SUFFIXES.values():
+        return {k: out if k == "stablehlo" else out + v for k, v in SUFFIXES.items()}
+    return {k: stem + v for k, v in SUFFIXES.items()}
 
 
 def describe(avals) -> list[dict[str, Any]]:
@@ -136,25 +140,38 @@ def export_artifacts(exported: jax_export.Exported, out_path: str | os.PathLike,
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:
-    """The sidecar of an artefact (``path``: the ``.json`` or its ``.stablehlo``)."""
-    p = os.fspath(path)
-    side = p if p.endswith(".json") else paths_for(p)["sidecar"]
+    """The sidecar of an artefact (``path``: the ``.json`` or any file of the artefact);
+    ``ArtifactError`` naming the file unless it is a sidecar ``export_artifacts``
+    wrote."""
+    side = paths_for(path)["sidecar"]
+    expected = (f"expected the UTF-8 JSON sidecar ({FORMAT}) that export_artifacts writes "
+                f"next to DIR/model.stablehlo")
     try:
         with open(side, "rb") as f:
-            out = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read the sidecar {side}: {e}") from e
+            data = f.read()
+    except OSError as e:
+        raise ArtifactError(f"cannot read the sidecar {side} of {os.fspath(path)}: "
+                            f"{e.strerror or e} ({expected})") from e
+    try:
+        out = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{side} is not a sidecar: its bytes are not UTF-8 text "
+                            f"({expected})") from None
+    except ValueError as e:
+        raise ArtifactError(f"{side} is not a sidecar: not JSON ({e}; {expected})") from None
     if not isinstance(out, dict) or out.get("format") != FORMAT:
-        raise ArtifactError(f"{side} is not a {FORMAT} sidecar")
+        raise ArtifactError(f"{side} is not a {FORMAT} sidecar ({expected})")
     return out
 
 
 def checked_bytes(sidecar_path: str, sidecar: dict, kind: str) -> bytes:
     """The bytes of file ``kind``, after checking its size and SHA-256."""
-    entry = sidecar.get("files", {}).get(kind)
-    if entry is None:
-        raise ArtifactError(f"the sidecar {sidecar_path} lists no {kind!r} file")
-    path = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), entry["name"])
+    files = sidecar.get("files")
+    entry = files.get(kind) if isinstance(files, dict) else None
+    if not isinstance(entry, dict) or not {"name", "bytes", "sha256"} <= set(entry):
+        raise ArtifactError(f"the sidecar {sidecar_path} lists no {kind!r} file (name, "
+                            f"bytes, sha256)")
+    path = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), str(entry["name"]))
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -176,11 +193,16 @@ def load_module(path: str | os.PathLike, *, checksum: bool = True,
     if not checksum:
         try:
             with open(p, "rb") as f:
-                return mlir_io.from_portable(f.read(), ctx)
+                data = f.read()
         except OSError as e:
             raise ArtifactError(f"cannot read {p}: {e}") from e
+        try:
+            return mlir_io.from_portable(data, ctx)
+        except ArtifactError as e:
+            raise ArtifactError(f"{p}: {e} (expected a portable artefact, "
+                                f"DIR/model.stablehlo)") from e
     side = paths_for(p)["sidecar"]
-    sidecar = read_sidecar(side)
+    sidecar = read_sidecar(p)
     module = mlir_io.from_portable(checked_bytes(side, sidecar, "stablehlo"), ctx)
     want = (sidecar.get("tags") or {}) if sidecar.get("tags_in_module", True) else {}
     got = icd_tags.read(module)
@@ -190,12 +212,14 @@ def load_module(path: str | os.PathLike, *, checksum: bool = True,
 
 
 def load_exported(path: str | os.PathLike) -> jax_export.Exported:
-    """The ``jax.export.Exported`` of an artefact (``path``: its ``.stablehlo`` or
-    ``.json``), checked against the sidecar before it is deserialised."""
+    """The ``jax.export.Exported`` of an artefact (``path``: any of its files, e.g. its
+    ``.stablehlo`` or ``.json``), checked against the sidecar before it is
+    deserialised; ``ArtifactError`` naming the file otherwise."""
     p = os.fspath(path)
-    side = p if p.endswith(".json") else paths_for(p)["sidecar"]
-    data = checked_bytes(side, read_sidecar(side), "jax")
+    side = paths_for(p)["sidecar"]
+    data = checked_bytes(side, read_sidecar(p), "jax")
     try:
         return jax_export.deserialize(bytearray(data))
     except Exception as e:
-        raise ArtifactError(f"jax.export could not deserialise {p}: {e}") from e
+        raise ArtifactError(f"jax.export could not deserialise {paths_for(p)['jax']} "
+                            f"(the artefact of {p}): {e}") from e

@@ -1,6 +1,15 @@
-"""Typed errors raised by stablehlo_bridge; each message names the offending input."""
+"""Typed errors raised by stablehlo_bridge; each message names the offending input.
+
+``BridgeError`` is the common base. Where a bridge error is one of ``icd_jax``'s concepts
+it is also that ``icd_jax.errors`` class, so one ``except`` catches both packages':
+``OrderError`` is an ``icd_jax.errors.PermutationError`` (an order that is not a
+permutation, or names no axis of the spec) and ``ArtifactError`` an
+``icd_jax.errors.ArtifactError``.
+"""
 
 from __future__ import annotations
+
+from icd_jax import errors as icd_errors
 
 
 class BridgeError(Exception):
@@ -9,7 +18,13 @@ class BridgeError(Exception):
 
 class SpecError(BridgeError, ValueError):
     """A permutation spec or export input that does not fit the model: an unknown
-    parameter path, an axis out of range, an order that is not a permutation."""
+    parameter path, an axis out of range, an order of the wrong length, an export
+    case or factory that cannot be built."""
+
+
+class OrderError(SpecError, icd_errors.PermutationError):
+    """An order of a permutation spec that is not a permutation of ``range(n)``, or an
+    axis name the ``ModelSpec`` does not have (``icd_jax.permute.check_perms``)."""
 
 
 class TagError(BridgeError, ValueError):
@@ -22,9 +37,10 @@ class ModuleError(BridgeError, ValueError):
     something a pass cannot rewrite (a constant of an unsupported dtype)."""
 
 
-class ArtifactError(BridgeError, ValueError):
+class ArtifactError(BridgeError, icd_errors.ArtifactError):
     """An artefact that cannot be trusted: a checksum mismatch (tampered or truncated
-    file), bytes that do not deserialise, or tags lost on the way."""
+    file), bytes that do not deserialise, a file that is no artefact, or tags lost on
+    the way. Also an ``icd_jax.errors.ArtifactError``."""
 
 
 class BackendError(BridgeError, RuntimeError):

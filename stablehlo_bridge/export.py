@@ -16,12 +16,16 @@ specs such as ``"b, 16"``) where the model allows it: through JAX, MiniLM's pack
 ``(T, B, C)`` and Mamba's batch can all be symbolic (Mamba's capacity cannot: its scan's
 chunk count needs it static). IREE 3.13 rejects the dynamic gathers of those modules, so
 for IREE export once per bucket (``export_buckets``). See docs/bridge.md.
+
+``build(case, perms)`` is the library entry that makes a deployable export of a
+``models.Case``: export with the unpermuted weights embedded, permute and tag them
+(``passes.apply_permutation``), verify.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -29,9 +33,10 @@ from jax import export as jax_export
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import func, stablehlo
 
-from stablehlo_bridge import mlir_io, tags
+from stablehlo_bridge import mlir_io, passes, tags
 from stablehlo_bridge.constants import dense_attr
 from stablehlo_bridge.errors import SpecError
+from stablehlo_bridge.models import Case
 
 #: The per-input fields of ``jax.export.Exported`` (one entry per flat input). Dropping
 #: the embedded weights from the inputs slices each of them alike.
@@ -172,3 +177,29 @@ def export_buckets(fn: Callable, params, arg_sets: Iterable[Sequence], **kwargs
         if key not in out:
             out[key] = export(fn, params, *args, **kwargs)
     return out
+
+
+def build(case: Case, perms, *, embed_params: bool = True,
+          transform_meta: Mapping | None = None, metrics: Mapping[str, float] | None = None
+          ) -> jax_export.Exported:
+    """Export ``case`` with its weights permuted by ``perms``, tagged and verified.
+
+    Args:
+      case: the model (its weights unpermuted).
+      perms: named axes of ``case.spec`` (``{axis_name: int[n] order}``), parameter
+        axes (``{param path: (axis, order)}`` or ``{"path:axis": order}``), or a
+        ``layout.Layout`` (parameter axes are taken as such, ``case.spec`` unused).
+      embed_params: weights as tagged constants (called ``exp.call(*case.args)``), or
+        as tagged arguments (``exp.call(permute.apply(case.spec, case.params, perms),
+        *case.args)`` for named axes).
+      transform_meta: ``icd.transform_meta`` (default ``{}``).
+      metrics: ``icd.metrics`` numbers (``pi_hash`` is computed); default none.
+    Returns:
+      the permuted, tagged, verified ``jax.export.Exported``.
+    """
+    exp = export(case.fn, case.params, *case.args, embed_params=embed_params,
+                 name=case.name.replace("-", "_"))
+    exp = passes.apply_permutation(exp, perms, dict(transform_meta or {}), metrics,
+                                   spec=case.spec)
+    passes.verify(exp)
+    return exp

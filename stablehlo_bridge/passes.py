@@ -21,6 +21,8 @@ import numpy as np
 from jax import export as jax_export
 from jaxlib.mlir import ir
 
+from icd_jax import permute
+from icd_jax.errors import PermutationError
 from icd_jax.permute import ModelSpec
 from stablehlo_bridge import attrs, layout, mlir_io, tags
 from stablehlo_bridge.constants import dense_attr, dense_value
@@ -217,25 +219,54 @@ def apply_permutation(target: mlir_io.Target, perms, transform_meta: Mapping | N
                     for axis, index in axes.items():
                         value = np.take(value, index, axis=axis)
                     w.op.attributes["value"] = dense_attr(value, w.type)
-                composed.append((w, {a: layout.then(held[a], i) if a in held else i
-                                     for a, i in axes.items()}))
+                composed.append((w, then_axes(held, axes, w.describe())))
             old = function_orders(mlir_io.entry(module, entry))
-            orders = {k: layout.then(old[k], v) if k in old and len(old[k]) == len(v) else v
-                      for k, v in plan.orders.items()}
+            common = {k: old[k] for k, v in plan.orders.items()
+                      if k in old and len(old[k]) == len(v)}
+            orders = compose(common, plan.orders, f"{tags.LAYOUT_PERM} of @{entry}")
             tag_layout(module, composed, plan, orders, transform_meta, metrics, entry)
 
     return rewrite(target, change)
 
 
-def check_permutation(index: np.ndarray, what: str) -> None:
-    """``TagError`` naming ``what`` unless ``index`` is a permutation of its length."""
-    n = index.shape[0]
-    if n and (index.min() < 0 or index.max() >= n):
-        raise TagError(f"{what} has entries outside [0, {n})")
-    counts = np.bincount(index, minlength=n)
-    if np.any(counts != 1):
-        raise TagError(f"{what} is not a permutation: {np.flatnonzero(counts > 1)[:5].tolist()}"
-                       f" repeated")
+def compose(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray],
+            what: str) -> dict[str, np.ndarray]:
+    """``permute.compose``: per key ``first[second]`` (``take`` by ``first``, then by
+    ``second``); a ``TagError`` naming ``what`` when a held order is no permutation."""
+    try:
+        return permute.compose(first, second)
+    except PermutationError as e:
+        raise TagError(f"{what}: {e}") from e
+
+
+def then_axes(held: Mapping[int, np.ndarray], axes: Mapping[int, np.ndarray],
+              what: str) -> dict[int, np.ndarray]:
+    """The gather index per axis of ``axes`` after the ``held`` one (axis -> index)."""
+    got = compose({str(a): held[a] for a in axes if a in held},
+                  {str(a): i for a, i in axes.items()}, f"{tags.LAYOUT_PERM} of {what}")
+    return {int(a): i for a, i in got.items()}
+
+
+def tag_order(index: np.ndarray, what: str, key: str) -> np.ndarray:
+    """``index`` if it is a permutation of its length (``permute.check_order``); else
+    a ``TagError`` naming ``what`` and ``key``."""
+    try:
+        return permute.check_order(key, index, index.shape[0])
+    except PermutationError as e:
+        raise TagError(f"{what}: {e}") from e
+
+
+def expands(order: np.ndarray, index: np.ndarray) -> bool:
+    """Whether ``index`` (``int32[dim]``) is ``AxisUse.index(order)`` for some ``group``
+    and ``parts`` with ``dim == len(order) * group * parts``."""
+    n, dim = order.shape[0], index.shape[0]
+    if n == 0 or dim % n:
+        return False
+    for group in (g for g in range(1, dim // n + 1) if (dim // n) % g == 0):
+        use = permute.AxisUse("", 0, group=group, parts=dim // (n * group))
+        if np.array_equal(use.index(order), index):
+            return True
+    return False
 
 
 def verify(target: mlir_io.Target, entry: str = "main") -> None:
@@ -243,7 +274,9 @@ def verify(target: mlir_io.Target, entry: str = "main") -> None:
     and consistent (``TagError`` naming it): each order a permutation, each weight's
     axis within its rank and its index as long as that dimension, each named axis
     known at function level and dividing the dimension, each consumer's operand the
-    weight it names, ``pi_hash`` matching the function-level orders."""
+    weight it names, ``pi_hash`` matching the function-level orders, and each weight's
+    gather index the function-level order its ``icd.layout_axes`` names, expanded to
+    the axis (``AxisUse.index`` for some group and parts)."""
     module = mlir_io.load(target)
     with module.context:
         try:
@@ -261,7 +294,7 @@ def verify(target: mlir_io.Target, entry: str = "main") -> None:
                                        f"bridge reads {tags.SCHEMA!r}")
         orders = function_orders(main)
         for key, order in orders.items():
-            check_permutation(order, f"{tags.LAYOUT_PERM}[{key!r}] of @{entry}")
+            tag_order(order, f"{tags.LAYOUT_PERM} of @{entry}", key)
         fa = main.attributes
         if tags.TRANSFORM_META in fa:
             dict_attr(fa[tags.TRANSFORM_META], f"{tags.TRANSFORM_META} of @{entry}")
@@ -289,6 +322,7 @@ def verify_weight(w: tags.Weight, orders: Mapping[str, np.ndarray]) -> None:
     """The tags of one weight against its type and the function-level orders."""
     a = w.get()
     perm = dict_attr(a.get(tags.LAYOUT_PERM), f"{tags.LAYOUT_PERM} of {w.describe()}")
+    indexes: dict[str, np.ndarray] = {}
     for key, value in perm.items():
         what = f"{tags.LAYOUT_PERM} of {w.describe()} axis {key}"
         try:
@@ -301,11 +335,11 @@ def verify_weight(w: tags.Weight, orders: Mapping[str, np.ndarray]) -> None:
         if not w.type.is_dynamic_dim(axis) and index.shape[0] != w.type.shape[axis]:
             raise TagError(f"{what}: {index.shape[0]} entries, but axis {axis} of {w.type} "
                            f"has {w.type.shape[axis]}")
-        check_permutation(index, what)
+        indexes[key] = tag_order(index, f"{tags.LAYOUT_PERM} of {w.describe()}", key)
     names = dict_attr(a.get(tags.LAYOUT_AXES), f"{tags.LAYOUT_AXES} of {w.describe()}")
     for key, value in names.items():
         what = f"{tags.LAYOUT_AXES} of {w.describe()} axis {key}"
-        if key not in perm:
+        if key not in indexes:
             raise TagError(f"{what}: that axis has no {tags.LAYOUT_PERM}")
         name = tags.string(value, what)
         if name not in orders:
@@ -314,6 +348,10 @@ def verify_weight(w: tags.Weight, orders: Mapping[str, np.ndarray]) -> None:
         if n == 0 or dim % n:
             raise TagError(f"{what}: order {name!r} has {n} entries, which does not divide "
                            f"the {dim} of axis {key}")
+        if not expands(orders[name], indexes[key]):
+            raise TagError(f"{tags.LAYOUT_PERM} of {w.describe()} axis {key} disagrees with "
+                           f"@main's order {name!r} (its {tags.LAYOUT_AXES}): the weight's "
+                           f"gather index is not that order expanded to the axis")
 
 
 def verify_consumer(op: ir.Operation, ws: Mapping[str, tags.Weight]) -> None:
@@ -334,4 +372,9 @@ def verify_consumer(op: ir.Operation, ws: Mapping[str, tags.Weight]) -> None:
 def strip_tags(target: mlir_io.Target) -> mlir_io.Target:
     """``target`` without any ``icd.*`` attribute (``icd.param_path`` included), for
     consumers that reject unknown attributes; keep the tags in the JSON sidecar."""
-    return rewrite(target, lambda module: tags.strip(module))
+
+    def change(module: ir.Module) -> None:
+        with module.context:
+            tags.strip(module)
+
+    return rewrite(target, change)

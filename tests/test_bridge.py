@@ -6,23 +6,32 @@ Every numerical check compares with the JAX model on the *unpermuted* parameters
 ``rel_err <= 1e-5`` (max abs difference over max abs value).
 """
 
+import ast
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 from jaxlib.mlir import ir
 
+from icd_jax import errors as icd_errors
 from icd_jax import permute
+from icd_jax.runtime import artifacts as run_artifacts
+from icd_jax.runtime import export as run_export
+from icd_jax.runtime import gates as run_gates
 from stablehlo_bridge import (
     ArtifactError,
+    Case,
     ModuleError,
+    OrderError,
     SpecError,
     TagError,
     apply_permutation,
     artifact,
     attach_layout_tags,
+    build,
     cli,
     export,
     export_artifacts,
@@ -199,6 +208,53 @@ def test_axis_use_group_and_parts_expand_like_permute():
     np.testing.assert_array_equal(w[got], permute.apply(spec, {"w": w}, {"h": order})["w"])
 
 
+def hidden_spec(group: int = 1) -> permute.ModelSpec:
+    """The toy MLP's hidden axis as a ``ModelSpec`` (``4 // group`` entries)."""
+    uses = (permute.AxisUse("w1", 1, group), permute.AxisUse("b1", 0, group),
+            permute.AxisUse("w2", 0, group))
+    return permute.ModelSpec("toy", (permute.PermAxis("hidden", 4 // group, uses),))
+
+
+def test_param_axis_pairs_are_the_path_axis_form(toy):
+    params, x, perms, want = toy
+    p = perms["w1:1"]
+    pairs = {"w1": (1, p), "b1": (0, p), "w2": (0, p)}
+    got = layout.resolve(pairs)
+    assert set(got.orders) == {"w1:1", "b1:0", "w2:0"} and not got.named
+    np.testing.assert_array_equal(got.params["w1"][1], p)
+    exp = apply_permutation(export(mlp, params, x), pairs, spec=hidden_spec())  # spec unused
+    verify(exp)
+    ref = apply_permutation(export(mlp, params, x), perms)
+    assert tags.read(mlir_io.load(exp)) == tags.read(mlir_io.load(ref))
+    assert rel_err(exp.call(x), want) <= TOL
+
+
+def test_a_list_of_pairs_permutes_several_axes_of_one_param():
+    p0, p1 = np.array([2, 0, 1]), np.array([1, 0])
+    got = layout.resolve({"w": [(0, p0), (1, p1)]})
+    assert sorted(got.params["w"]) == [0, 1] and set(got.orders) == {"w:0", "w:1"}
+    with pytest.raises(SpecError, match="twice"):
+        layout.resolve({"w": (0, p0), "w:0": p0})
+
+
+def test_named_and_param_axis_entries_do_not_mix():
+    with pytest.raises(SpecError, match="mix named axes"):
+        layout.resolve({"hidden": np.arange(4), "w1": (1, np.arange(4))}, hidden_spec())
+
+
+@pytest.mark.parametrize("perms, spec", [
+    ({"w1": (1, [0, 0, 1, 2])}, None),
+    ({"w1:1": [3, 1, 2, 0, 9]}, None),
+    ({"hidden": [0, 0, 1, 2]}, "toy"),
+    ({"nope": [0, 1, 2, 3]}, "toy"),
+])
+def test_a_bad_order_is_a_permutation_error(perms, spec):
+    with pytest.raises(OrderError) as info:
+        layout.resolve(perms, hidden_spec() if spec else None)
+    assert isinstance(info.value, icd_errors.PermutationError)
+    assert isinstance(info.value, SpecError)
+
+
 # -- verify: each broken tag is named ---------------------------------------------------
 @pytest.fixture
 def tagged(toy):
@@ -216,8 +272,8 @@ def set_weight_perm(module, path, axis, index):
 
 def test_verify_rejects_a_duplicate_in_pi(tagged):
     set_weight_perm(tagged, "w1", 1, [0, 1, 1, 3])
-    with pytest.raises(TagError, match=r"icd.layout_perm of stablehlo.constant 'w1' axis 1 "
-                                       r"is not a permutation: \[1\] repeated"):
+    with pytest.raises(TagError, match=r"icd.layout_perm of stablehlo.constant 'w1': order "
+                                       r"for axis '1' is not a permutation.*: \[1\] repeated"):
         verify(tagged)
 
 
@@ -227,8 +283,8 @@ def test_verify_rejects_a_duplicate_in_the_function_pi(tagged):
         orders = {na.name: na.attr for na in ir.DictAttr(main.attributes[tags.LAYOUT_PERM])}
         orders["w2:0"] = ir.DenseIntElementsAttr.get(np.array([3, 3, 0, 1], np.int32))
         main.attributes[tags.LAYOUT_PERM] = ir.DictAttr.get(orders)
-    with pytest.raises(TagError, match=r"icd.layout_perm\['w2:0'\] of @main is not a "
-                                       r"permutation"):
+    with pytest.raises(TagError, match=r"icd.layout_perm of @main: order for axis 'w2:0' is "
+                                       r"not a permutation"):
         verify(tagged)
 
 
@@ -258,6 +314,45 @@ def test_verify_rejects_a_named_axis_that_does_not_fit(tagged):
     with pytest.raises(TagError, match=r"icd.layout_axes of stablehlo.constant 'w1' axis 1: "
                                        r"order 'w1:1' has 3 entries, which does not divide"):
         verify(tagged)
+
+
+def set_weight_perm_only(module, path, axis, index):
+    """Replace one axis of a weight's ``icd.layout_perm``, keeping its ``icd.layout_axes``."""
+    w = tags.weights(module)[path]
+    with module.context:
+        perm = {na.name: na.attr for na in ir.DictAttr(w.get()[tags.LAYOUT_PERM])}
+        perm[str(axis)] = ir.DenseIntElementsAttr.get(np.asarray(index, np.int32))
+        w.set(tags.LAYOUT_PERM, ir.DictAttr.get(perm))
+
+
+def test_verify_rejects_a_weight_order_that_disagrees_with_main(tagged):
+    verify(tagged)
+    set_weight_perm_only(tagged, "w2", 0, [0, 1, 2, 3])  # valid, but @main says [2, 0, 3, 1]
+    with pytest.raises(TagError, match=r"icd.layout_perm of stablehlo.constant 'w2' axis 0 "
+                                       r"disagrees with @main's order 'w2:0'"):
+        verify(tagged)
+
+
+def test_verify_rejects_a_disagreeing_order_on_a_grouped_named_axis(toy):
+    params, x, _, want = toy
+    module = apply_permutation(mlir_io.load(export(mlp, params, x)),
+                               {"hidden": np.array([1, 0])}, spec=hidden_spec(group=2))
+    verify(module)  # index [2, 3, 0, 1]: the order expanded by blocks of 2
+    assert tags.read(module)["@main"][tags.LAYOUT_PERM] == {"hidden": [1, 0]}
+    set_weight_perm_only(module, "w1", 1, [3, 2, 0, 1])
+    with pytest.raises(TagError, match=r"'w1' axis 1 disagrees with @main's order 'hidden'"):
+        verify(module)
+
+
+def test_verify_rejects_an_edited_attribute_in_the_mlir_text(tagged):
+    """The weight tag edited in the module's text, parsed back, re-verified."""
+    text = mlir_io.text(tagged)
+    old = 'icd.layout_perm = {"1" = dense<[2, 0, 3, 1]> : tensor<4xi32>}'
+    assert old in text
+    edited = text.replace(old, old.replace("[2, 0, 3, 1]", "[1, 3, 0, 2]"), 1)
+    module = ir.Module.parse(edited, mlir_io.context())
+    with pytest.raises(TagError, match=r"axis 1 disagrees with @main's order 'w1:1'"):
+        verify(module)
 
 
 def test_verify_rejects_a_stale_pi_hash(tagged):
@@ -304,6 +399,8 @@ def test_strip_tags_removes_every_icd_attribute(toy):
     assert "icd." not in mlir_io.text(module)
     verify(stripped)
     assert rel_err(stripped.call(x), want) <= TOL
+    args = strip_tags(apply_permutation(export(mlp, params, x, embed_params=False), perms))
+    assert tags.read(mlir_io.load(args)) == {}
 
 
 def test_with_module_keeps_the_calling_convention(toy):
@@ -372,6 +469,34 @@ def test_artifacts_write_load_and_detect_tampering(toy, tmp_path):
         load_exported(paths["sidecar"])
 
 
+def test_loading_a_file_that_is_no_artefact_names_it(toy, tmp_path):
+    params, x, perms, want = toy
+    paths = export_artifacts(apply_permutation(export(mlp, params, x), perms),
+                             tmp_path / "model.stablehlo")
+    for any_file in paths.values():  # any file of the artefact finds the others
+        assert rel_err(load_exported(any_file).call(x), want) <= TOL
+        assert tags.read(load_module(any_file)) == tags.read(load_module(paths["stablehlo"]))
+    binary = tmp_path / "weights.json"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ArtifactError, match=r"weights.json is not a sidecar: its bytes are "
+                                            r"not UTF-8 text \(expected the UTF-8 JSON"):
+        load_exported(binary)
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(ArtifactError, match=r"other.json is not a icd.bridge.artifact.v1"):
+        load_exported(tmp_path / "other.json")
+    with pytest.raises(ArtifactError, match=r"cannot read the sidecar .*nothing.bin.json of "
+                                            r".*nothing.bin: No such file.*expected"):
+        load_exported(tmp_path / "nothing.bin")
+    with pytest.raises(ArtifactError, match=r"weights.json: .*expected a portable artefact"):
+        load_module(binary, checksum=False)
+
+
+def test_bridge_artifact_errors_are_icd_artifact_errors(tmp_path):
+    with pytest.raises(icd_errors.ArtifactError):
+        load_exported(tmp_path / "missing.stablehlo")
+    assert issubclass(ArtifactError, icd_errors.ICDError)
+
+
 def test_stripped_artifact_keeps_tags_in_the_sidecar(toy, tmp_path):
     params, x, perms, _ = toy
     exp = apply_permutation(export(mlp, params, x), perms)
@@ -386,7 +511,7 @@ def test_stripped_artifact_keeps_tags_in_the_sidecar(toy, tmp_path):
 # -- real models ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cases():
-    return {"mamba": models.mamba_tiny(), "minilm": models.minilm()}
+    return {"mamba": run_export.mamba_case(), "minilm": run_export.minilm_case()}
 
 
 @pytest.fixture(scope="module")
@@ -503,3 +628,114 @@ def test_cli_writes_the_artifacts(cases, tmp_path, capsys):
     exp = load_exported(paths["sidecar"])
     ref = np.asarray(jax.jit(case.fn)(case.params, *case.args))
     assert rel_err(exp.call(*case.args), ref) <= TOL
+
+
+# -- the library entry, the runtime's export and the layering -----------------------------
+def toy_case(seed: int = 0, batch_size: int | None = None) -> Case:
+    """The toy MLP as a ``Case`` (a ``--model tests.test_bridge:toy_case`` factory)."""
+    rng = np.random.default_rng(seed)
+    params = {"w1": rng.standard_normal((3, 4)).astype(np.float32),
+              "b1": rng.standard_normal(4).astype(np.float32),
+              "w2": rng.standard_normal((4, 2)).astype(np.float32)}
+    x = rng.standard_normal((batch_size or 6, 3)).astype(np.float32)
+    return Case("toy-mlp", mlp, params, (x,), hidden_spec())
+
+
+@pytest.mark.parametrize("form", ["named", "pairs"])
+def test_build_exports_permutes_and_verifies(form):
+    case = toy_case()
+    p = np.array([3, 1, 0, 2], np.int32)
+    perms = {"hidden": p} if form == "named" else {"w1": (1, p), "b1": (0, p), "w2": (0, p)}
+    exp = build(case, perms, transform_meta={"S": {"n": 2}}, metrics={"C": 2.0})
+    found = tags.read(mlir_io.load(exp))["@main"]
+    assert found[tags.TRANSFORM_META] == {"S": {"n": 2}} and found[tags.METRICS]["C"] == 2.0
+    assert exp.fun_name == "toy_mlp"
+    assert rel_err(exp.call(*case.args), mlp(case.params, *case.args)) <= TOL
+    args = build(case, {"hidden": p}, embed_params=False)
+    got = args.call(permute.apply(case.spec, case.params, {"hidden": p}), *case.args)
+    assert rel_err(got, mlp(case.params, *case.args)) <= TOL
+
+
+def test_model_factories_resolve_by_name_or_reference():
+    assert models.factory_ref("minilm") == "icd_jax.runtime.export:minilm_case"
+    assert models.factory("mamba-tiny") is run_export.mamba_case
+    case = models.case("tests.test_bridge:toy_case", seed=1, batch_size=2)
+    assert case.args[0].shape == (2, 3)
+    for bad, match in [("banana", "neither one of"), ("no_such_pkg.x:f", "cannot import"),
+                       ("tests.test_bridge:nope", "has no 'nope'"),
+                       ("tests.test_bridge:TOL", "not callable"),
+                       ("tests.test_bridge:hidden_spec", "returned a ModelSpec")]:
+        with pytest.raises(SpecError, match=match):
+            models.case(bad)
+
+
+class FakeTarget:
+    """What ``icd_jax.runtime.export`` needs of a target: ``spec`` and ``export_fn``."""
+
+    def __init__(self):
+        self.case = toy_case()
+        self.spec = self.case.spec
+        self.calls = 0
+
+    def export_fn(self):
+        self.calls += 1
+        c = self.case
+        return c.name, c.fn, c.params, c.args, None
+
+
+def test_export_run_builds_from_the_targets_export_fn(tmp_path):
+    target = FakeTarget()
+    perm_path = tmp_path / "perm_active.json"
+    order = np.array([1, 3, 0, 2], np.int32)
+    run_artifacts.save_perms(perm_path, {"hidden": order}, {"arm": "after"})
+    metrics = {"active": "after", "latency": {"after": {"mean_ms": 1.5}},
+               "transforms": {"S": {}, "Q": {}}, "tiles_per_token": {"after": 3}}
+    paths = run_export.export_run(target, str(perm_path), str(tmp_path / "m.stablehlo"),
+                                  metrics)
+    assert target.calls == 1
+    found = tags.read(load_module(paths["stablehlo"]))["@main"]
+    assert found[tags.LAYOUT_PERM] == {"hidden": order.tolist()}
+    assert found[tags.TRANSFORM_META] == {"arm": "after", "transforms": ["Q", "S"]}
+    assert found[tags.METRICS]["latency_ms"] == 1.5
+    assert found[tags.METRICS]["tiles_per_token"] == 3.0
+    c = target.case
+    assert rel_err(load_exported(paths["sidecar"]).call(*c.args), mlp(c.params, *c.args)) <= TOL
+    assert run_gates.headline(metrics) == {"latency_ms": 1.5, "tiles_per_token": 3.0}
+
+
+def test_the_bridge_imports_only_permute_and_errors_from_icd_jax():
+    root = pathlib.Path(__file__).parents[1] / "stablehlo_bridge"
+    allowed = {"icd_jax.permute", "icd_jax.errors"}
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{a.name}" if node.module == "icd_jax" else node.module
+                         for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            bad += [f"{path.name}: {n}" for n in names
+                    if n.split(".")[0] == "icd_jax" and n not in allowed]
+    assert not bad, bad
+
+
+def test_export_saved_rebuilds_the_target_of_a_run_folder(tmp_path):
+    files = run_artifacts.FILES
+    order = np.array([2, 3, 1, 0], np.int32)
+    run_artifacts.write_json(tmp_path / files["lock"], {"config": {}})
+    run_artifacts.save_perms(tmp_path / files["perm_active"], {"hidden": order})
+    made = []
+
+    def make_target(cfg):
+        made.append(cfg)
+        return FakeTarget()
+
+    paths = run_export.export_saved(str(tmp_path), make_target=make_target)
+    assert len(made) == 1 and paths["stablehlo"] == str(tmp_path / files["stablehlo"])
+    found = tags.read(load_module(paths["stablehlo"]))["@main"]
+    assert found[tags.LAYOUT_PERM] == {"hidden": order.tolist()}
+    to = tmp_path / "elsewhere" / "x.stablehlo"
+    assert run_export.export_saved(str(tmp_path), str(to), make_target)["sidecar"] == str(
+        to.with_suffix(".json"))

@@ -196,6 +196,31 @@ def test_corrupt_artefacts_raise_naming_the_file(tmp_path):
         artifacts.read_json(tmp_path / "missing.json")
 
 
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9])
+def test_truncated_or_bit_flipped_graphs_raise_naming_the_file(tmp_path, cut):
+    path = tmp_path / "W.npz"
+    w = sp.random(50, 50, density=0.2, random_state=0, format="csr")
+    artifacts.save_graphs(path, {"a": w, "b": w})
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ArtifactError, match="W.npz"):
+        artifacts.load_graphs(path)
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match="W.npz"):
+        artifacts.load_graphs(path)
+
+
+def test_perms_of_the_wrong_type_and_unreadable_events_raise_naming_the_file(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"perms": {"x": [[0], "a"]}}))
+    with pytest.raises(ArtifactError, match="p.json"):
+        artifacts.load_perms(tmp_path / "p.json")
+    (tmp_path / "e.jsonl").write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(ArtifactError, match="e.jsonl"):
+        artifacts.read_events(tmp_path / "e.jsonl")
+
 def test_pickled_npz_is_refused(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, names=np.array([{"a": 1}], dtype=object))

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from icd_jax.errors import ArtifactError
-from icd_jax.runtime import artifacts, report
+from icd_jax.runtime import artifacts, figures, gates, report
 from tests.run_fixture import make_run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +159,7 @@ def test_gates_table_statuses_and_reasons(iterative):
         assert rows, name
         row = rows[0]
         assert g["status"] in row
-        sense = report.GATE_SENSE[name]
+        sense = gates.SENSE[name]
         assert row[1].startswith(sense + " ") and row[1].endswith(g["unit"])
         assert float(row[1].split()[1]) == g["target"]
         if g["status"] == "not measured":
@@ -343,12 +343,12 @@ def test_blocksum_downsamples_and_reorders():
     dense = rng.random((600, 600)) * (rng.random((600, 600)) < 0.05)
     w = sp.csr_matrix(dense)
     perm = rng.permutation(600)
-    g = report._blocksum(w, perm, 256)
+    g = figures.blocksum(w, perm, 256)
     assert g.shape == (256, 256)
     assert np.isclose(g.sum(), dense.sum())
     small = sp.csr_matrix(dense[:64, :64])
     p64 = rng.permutation(64)
-    np.testing.assert_allclose(report._blocksum(small, p64, 256),
+    np.testing.assert_allclose(figures.blocksum(small, p64, 256),
                                dense[:64, :64][np.ix_(p64, p64)])
 
 

@@ -179,3 +179,15 @@ def float0_zeros(x) -> np.ndarray:
 def host_or_none(x) -> np.ndarray | None:
     """A host (NumPy) copy of a concrete array, or None when ``x`` is traced."""
     return None if is_traced(x) else np.asarray(x)
+
+
+def underscored_flags(argv: Sequence[str]) -> list[str]:
+    """``--dry-run=1`` -> ``--dry_run=1`` (absl flag names use underscores), for the
+    command lines of the project; values and positional arguments are left alone."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out

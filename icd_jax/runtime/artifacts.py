@@ -1,4 +1,4 @@
-"""Run artefacts on disk: atomic writes, graphs (npz), permutations and events (JSON).
+"""Artefact IO: atomic writes, graphs (npz), permutations and events (JSON).
 
 Every writer goes through ``write_bytes``: a temp file in the target folder, flushed and
 fsynced, then ``os.replace``d into place, so a killed process leaves either the old file
@@ -12,6 +12,8 @@ import json
 import os
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,17 +21,8 @@ import scipy.sparse as sp
 
 from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ArtifactError, ConfigError
+from icd_jax.runtime.runfiles import FILES  # noqa: F401 (re-exported: the run's file names)
 from vsla_jax.util import atomic_write_bytes
-
-#: The file names of a run directory (see docs/pipeline.md).
-FILES = dict(lock="config.lock.json", events="events.jsonl", w="W.npz", w_after="W_after.npz",
-             w_meta="w.meta.json", perm_before="perm_before.json",
-             perm_after="perm_after.json", perm_active="perm_active.json",
-             metrics="metrics.json", html="report.html", csv="report.csv",
-             stablehlo="model.stablehlo", compare="compare.json",
-             compare_html="compare.html", state="state.json", marker="icd_run.json",
-             run_lock=".icd.lock")
-
 
 #: Atomic write (temp file, fsync, rename) of bytes: the project's one writer.
 write_bytes = atomic_write_bytes
@@ -155,7 +148,7 @@ def load_graphs(path: str | os.PathLike) -> dict[str, sp.csr_matrix]:
                                        shape=shape)
     except FileNotFoundError as e:
         raise ArtifactError(f"{path}: no such artefact") from e
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ArtifactError(f"{path}: corrupt graph file ({e})") from e
     return out
 
@@ -177,7 +170,11 @@ def load_perms(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
         raise ArtifactError(f"{os.fspath(path)}: no 'perms' object")
     out = {}
     for k, v in perms.items():
-        a = np.asarray(v, np.int64)
+        try:
+            a = np.asarray(v, np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a list of "
+                                "integers") from None
         if a.ndim != 1 or not np.array_equal(np.sort(a), np.arange(a.size)):
             raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a permutation")
         out[k] = a.astype(np.int32)
@@ -200,8 +197,11 @@ def read_events(path: str | os.PathLike) -> list[dict]:
     path = os.fspath(path)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable event log ({e})") from e
     out = []
     for i, line in enumerate(lines):
         if not line.strip():

@@ -7,13 +7,12 @@ mean (gates, rollback, effects) in ``gates``, the linear-vs-iterative comparison
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 
 from icd_jax.runtime import artifacts, targets
 from icd_jax.runtime import config as config_lib
-from icd_jax.runtime.artifacts import FILES
 from icd_jax.runtime.compare import compare_modes
+from icd_jax.runtime.runfiles import file_path
 from icd_jax.runtime.stages import STAGES, Run, RunArtifacts
 
 __all__ = ["STAGES", "Run", "RunArtifacts", "export_saved", "pair", "run"]
@@ -45,7 +44,7 @@ def pair(config, out_dir: str, *, repeats: int = 30, reuse_perm: bool = False,
     res = Run(cfg, out_dir, reuse_perm=reuse_perm, pair_repeats=max(30, repeats),
               log_fn=log_fn, target=target).execute()
     comp = compare_modes(res.metrics)
-    artifacts.write_json(os.path.join(res.out_dir, FILES["compare"]), comp)
+    artifacts.write_json(file_path(res.out_dir, "compare"), comp)
     from icd_jax.runtime import report
 
     report.compare(res.out_dir, comp)
@@ -57,9 +56,4 @@ def export_saved(run_dir: str, to: str | None = None) -> dict:
     under ``perm_active.json`` (default output ``RUN/model.stablehlo``)."""
     from icd_jax.runtime import export
 
-    lock = artifacts.read_json(os.path.join(run_dir, FILES["lock"]))
-    cfg = config_lib.load(lock.get("config", {}))
-    metrics_path = os.path.join(run_dir, FILES["metrics"])
-    metrics = artifacts.read_json(metrics_path) if os.path.exists(metrics_path) else None
-    return export.export_run(targets.make(cfg), os.path.join(run_dir, FILES["perm_active"]),
-                             to or os.path.join(run_dir, FILES["stablehlo"]), metrics)
+    return export.export_saved(run_dir, to, targets.make)

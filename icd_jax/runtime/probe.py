@@ -23,8 +23,8 @@ from collections.abc import Callable
 import jax
 
 from icd_jax.errors import ConfigError
-from icd_jax.runtime import artifacts, config, targets
-from icd_jax.runtime.artifacts import FILES
+from icd_jax.runtime import config, targets
+from icd_jax.runtime.rundir import RunDir
 
 PERM_FILES = {"before": "perm_before", "after": "perm_after"}
 CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
@@ -32,8 +32,8 @@ CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart
 
 def arm_of(run_dir: str, arm: str):
     """``(target, Arm)`` of ``arm`` in the run at ``run_dir``."""
-    lock = artifacts.read_json(os.path.join(run_dir, FILES["lock"]))
-    cfg = config.load(lock.get("config", {}))
+    rd = RunDir(run_dir)
+    cfg = config.load(rd.lock().get("config", {}))
     t = targets.make(cfg)
     if arm == "dense":
         return t, t.dense_arm()
@@ -41,7 +41,7 @@ def arm_of(run_dir: str, arm: str):
         return t, t.arm("identity", t.identity(), cfg.transform)
     if arm not in PERM_FILES:
         raise ConfigError(f"unknown arm {arm!r}; choose dense, identity, before, after")
-    perms, _ = artifacts.load_perms(os.path.join(run_dir, FILES[PERM_FILES[arm]]))
+    perms, _ = rd.perms(PERM_FILES[arm])
     return t, t.arm(arm, dict(t.identity(), **perms), cfg.transform)
 
 

@@ -23,15 +23,17 @@ from filelock import FileLock, Timeout
 
 from icd_jax import graph as graph_lib
 from icd_jax import permute
+from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ICDError, RunLockedError, StageError, TraceError
 from icd_jax.runtime import artifacts, gates, targets
 from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.arms import Arm
-from icd_jax.runtime.artifacts import FILES
 from icd_jax.runtime.environment import environment
 from icd_jax.runtime.fitting import fit, mean_cost
 from icd_jax.runtime.measurement import Measurement
 from icd_jax.runtime.permcache import PermCache
+from icd_jax.runtime.records import Metrics
+from icd_jax.runtime.runfiles import FILES, STATS, file_path
 
 log = logging.getLogger("icd")
 
@@ -56,7 +58,7 @@ class RunArtifacts:
     metrics: dict
 
     def path(self, key: str) -> str:
-        return os.path.join(self.out_dir, FILES[key])
+        return file_path(self.out_dir, key)
 
 
 class EventLog:
@@ -100,7 +102,7 @@ class Run:
 
     # -- plumbing ---------------------------------------------------------------------
     def file(self, key: str) -> str:
-        return os.path.join(self.out, FILES[key])
+        return file_path(self.out, key)
 
     def state(self, name: str, **extra) -> None:
         artifacts.write_json(self.file("state"), dict(state=name, t=time.time(), **extra))
@@ -213,7 +215,7 @@ class Run:
         self.perms[arm] = perms
         self.stats[stage] = info["stats"]
         artifacts.save_perms(self.file(f"perm_{arm}"), perms, dict(stage=stage.upper()))
-        artifacts.write_json(os.path.join(self.out, f"stats_{stage}.json"), info["stats"])
+        artifacts.write_json(self.file(STATS[stage]), info["stats"])
         self.good = arm
 
     def permuted(self) -> dict:
@@ -338,7 +340,7 @@ class Run:
             if os.path.exists(ev) and ours(ev) and ours(ev + ".prev"):
                 os.replace(ev, ev + ".prev")
         for stale in (self.file("perm_after"), self.file("w_after"),
-                      os.path.join(self.out, "stats_repermuted.json")):
+                      self.file("stats_repermuted")):
             if os.path.exists(stale) and ours(stale):
                 os.unlink(stale)
 
@@ -377,7 +379,9 @@ class Run:
         m["events"] = dict(count=self.events.count + 1, overhead_s=self.events.overhead_s,
                            overhead_pct=100.0 * self.events.overhead_s / max(elapsed, 1e-9))
         m["warnings"] = self.warnings
-        artifacts.write_json(self.file("metrics"), m)
+        # the typed record checks what is written (a bug here fails loudly, not the report)
+        self.metrics = Metrics.parse(jsonable(m)).dump()
+        artifacts.write_json(self.file("metrics"), self.metrics)
 
     def reported(self) -> dict:
         out: dict = {}

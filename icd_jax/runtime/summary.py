@@ -4,6 +4,10 @@ table a finished run prints."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+
+from icd_jax.runtime.records import Metrics
+from icd_jax.runtime.rundir import file_path
 
 
 def plan_text(cfg) -> str:
@@ -37,8 +41,11 @@ def plan_text(cfg) -> str:
     return "\n".join(lines)
 
 
-def summary_text(metrics: dict, out_dir: str) -> str:
-    """A short table of the arms, the gates and where the report is."""
+def summary_text(metrics: Metrics | Mapping, out_dir: str | os.PathLike) -> str:
+    """A short table of the arms, the gates and where the report is (``metrics``: the
+    run's ``Metrics`` or its ``metrics.json`` dict)."""
+    if isinstance(metrics, Metrics):
+        metrics = metrics.dump()
     lat, q = metrics.get("latency") or {}, metrics.get("quality") or {}
     tiles, sim = metrics.get("tiles_per_token") or {}, metrics.get("l2_hit_pct_sim") or {}
     active = metrics.get("active")
@@ -60,7 +67,9 @@ def summary_text(metrics: dict, out_dir: str) -> str:
     for name, g in (metrics.get("gates") or {}).items():
         val = "n/a" if g["value"] is None else f"{g['value']:+.2f}"
         why = f" ({g['reason']})" if g.get("reason") else ""
-        rows.append(f"  {name:8s} target {g['target']:+g} {g['unit']}: {val} -> "
+        target = g.get("target")
+        target = f"{target:+g}" if isinstance(target, (int, float)) else str(target)
+        rows.append(f"  {name:8s} target {target} {g.get('unit') or ''}: {val} -> "
                     f"{g['status']}{why}")
     rows.append(f"verdict: {metrics.get('verdict', {}).get('summary', 'n/a')}")
     for f in metrics.get("fallbacks") or []:
@@ -79,5 +88,5 @@ def summary_text(metrics: dict, out_dir: str) -> str:
     rb = metrics.get("rollback") or {}
     if rb.get("happened"):
         rows.append(f"ROLLBACK to {rb.get('to')}: {rb.get('reason')}")
-    rows.append(f"report: {os.path.join(out_dir, 'report.html')}")
+    rows.append(f"report: {file_path(out_dir, 'html')}")
     return "\n".join(rows)

@@ -271,7 +271,7 @@ class MiniLMTarget:
             return int(np.asarray(k.q).nbytes // self.size)
         return int(self.config.hidden * np.dtype(np.asarray(k).dtype).itemsize)
 
-    def export_fn(self, perms: dict[str, np.ndarray]) -> tuple:
+    def export_fn(self) -> tuple:
         """``(name, fn, params, args, output)`` of the dense encoder on one timed batch,
         for ``runtime.export`` (``output``: the ``spec.outputs`` name of the result)."""
         module = self.enc.module
@@ -425,7 +425,7 @@ class MambaTarget:
         m = self.bs * self.cfg.model.max_tokens
         return [(m, c.d_model, 2 * c.d_inner), (m, c.d_inner, c.d_model)]
 
-    def export_fn(self, perms: dict[str, np.ndarray]) -> tuple:
+    def export_fn(self) -> tuple:
         """``(name, fn, params, args, output)`` of the dense model on one timed batch."""
         module = self.lib.module(self.config)
         x = next(iter(self.batches(self.t_toks)))

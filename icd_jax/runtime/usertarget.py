@@ -124,7 +124,7 @@ class UserTarget:
         flat = permute.flat(self.params)
         return [(m, *np.shape(flat[p])) for p in self.paths]
 
-    def export_fn(self, perms: Mapping[str, np.ndarray]) -> tuple:
+    def export_fn(self) -> tuple:
         """``(name, fn, params, args, output)`` of the dense model on one timed batch."""
         forward = self.user.forward
         batch = tuple(np.asarray(x) for x in self.split["time"][0])
