@@ -724,6 +724,7 @@ def test_the_bridge_imports_only_permute_and_errors_from_icd_jax():
 def test_export_saved_rebuilds_the_target_of_a_run_folder(tmp_path):
     files = run_artifacts.FILES
     order = np.array([2, 3, 1, 0], np.int32)
+    run_artifacts.prepare_run_dir(tmp_path)  # the run marker: an icd run folder
     run_artifacts.write_json(tmp_path / files["lock"], {"config": {}})
     run_artifacts.save_perms(tmp_path / files["perm_active"], {"hidden": order})
     made = []

@@ -37,7 +37,7 @@ def cosines(a, b):
 
 def forward_dots(e, batch) -> list[tuple[str, ...]]:
     """Operand dtypes of every dot_general in the encoder's forward jaxpr."""
-    return dot_dtypes(e._apply, e.params, *batch.arrays())
+    return dot_dtypes(e.apply, e.params, *batch.arrays())
 
 @pytest.mark.parametrize("mode", minilm.QUANT_MODES)
 def test_int8_runs_int8_matmuls_on_every_linear_layer(enc, dense, mode):

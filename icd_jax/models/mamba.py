@@ -80,7 +80,8 @@ __all__ = [
     "Mamba", "MambaConfig", "MambaLM", "Mixer", "RMSNorm", "State", "a_log_init",
     "as_tokens", "causal_conv", "config_from_hf", "conv_tail", "decode", "dt_bias_init",
     "embedding_name", "forward", "generate", "hf_from_params", "hf_shapes", "init",
-    "init_params", "last_logits", "linear_combine", "load", "load_hf", "module", "np_dtype",
+    "init_params", "last_logits", "linear_combine", "load", "load_hf", "logits_padded",
+    "module", "np_dtype",
     "params_from_hf", "permute_spec", "pick", "prefill", "rms_norm", "run_padded",
     "save_hf", "scan_chunk", "selective_scan", "step", "torch_linear", "uniform",
     "zero_state",
@@ -312,6 +313,12 @@ def run_padded(config: MambaConfig, params, ids, lengths,
         out, mut = m.apply({"params": params}, ids, lengths, mutable=["intermediates"])
         return out, mut["intermediates"]
     return m.apply({"params": params}, ids, lengths)
+
+
+def logits_padded(config: MambaConfig, params, ids, lengths) -> jax.Array:
+    """The model on padded arrays, logits only: ``ids int32[B, C]``, ``lengths int32[B]``
+    -> ``float32[B, C, vocab]`` (the function a StableHLO export of Mamba holds)."""
+    return run_padded(config, params, ids, lengths)[0]
 
 
 def forward(config: MambaConfig, params, tokens, *, capture: bool = False,

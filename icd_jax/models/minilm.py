@@ -224,11 +224,13 @@ class MiniLM:
         self.transforms = transforms
         self.module = Encoder(config, backend, weights.as_dtype(dtype, DTYPES),
                               transforms=transforms)
-        self.forward = jax.jit(self._apply)
+        self.forward = jax.jit(self.apply)
         self._capture = None
         self._inputs = None
 
-    def _apply(self, params, *arrays):
+    def apply(self, params, *arrays):
+        """The encoder, unjitted (for export and jaxpr inspection): ``params`` and a packed
+        batch's ``arrays()`` -> ``float32[B, hidden]`` embeddings; ``forward`` is its jit."""
         return self.module.apply({"params": params}, *arrays)
 
     def with_params(self, params) -> MiniLM:

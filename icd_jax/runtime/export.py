@@ -16,6 +16,7 @@ arrays; the bridge applies ``perms``), ``args`` a tuple of NumPy example inputs,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -57,12 +58,7 @@ def minilm_case(seed: int = 0, batch_size: int | None = None,
     n = len(texts) if batch_size is None else min(batch_size, len(texts))
     enc = model.load()
     batch = next(iter(enc.packed_batches(texts[:n], n)))
-    module = enc.module
-
-    def minilm_forward(params, *arrays):
-        return module.apply({"params": params}, *arrays)
-
-    return Case("minilm", minilm_forward, jax.tree.map(np.asarray, enc.params),
+    return Case("minilm", enc.apply, jax.tree.map(np.asarray, enc.params),
                 batch.arrays(), model.permute_spec(enc.config), "embedding")
 
 
@@ -83,14 +79,8 @@ def mamba_case(seed: int = 0, batch_size: int | None = None, length: int = 8,
     ids = rng.integers(0, vocab_size, (batch, length)).astype(np.int32)
     lengths = np.full(batch, length, np.int32)
     lengths[-1] = max(1, length // 2)
-    module = model.module(config)
-
-    def mamba_forward(params, ids, lengths):
-        logits, _ = module.apply({"params": params}, ids, lengths)
-        return logits
-
-    return Case("mamba-tiny", mamba_forward, params, (ids, lengths),
-                model.permute_spec(config), None)
+    return Case("mamba-tiny", functools.partial(model.logits_padded, config), params,
+                (ids, lengths), model.permute_spec(config), None)
 
 
 def target_case(target):

@@ -9,6 +9,7 @@ Mamba ships in a package, so only ratios against its dense self mean anything).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -274,12 +275,7 @@ class MiniLMTarget:
     def export_fn(self) -> tuple:
         """``(name, fn, params, args, output)`` of the dense encoder on one timed batch,
         for ``runtime.export`` (``output``: the ``spec.outputs`` name of the result)."""
-        module = self.enc.module
-
-        def minilm_forward(params, *arrays):
-            return module.apply({"params": params}, *arrays)
-
-        return ("minilm", minilm_forward, jax.tree.map(np.asarray, self.enc.params),
+        return ("minilm", self.enc.apply, jax.tree.map(np.asarray, self.enc.params),
                 self.time_batches[0].arrays(), "embedding")
 
 
@@ -427,14 +423,8 @@ class MambaTarget:
 
     def export_fn(self) -> tuple:
         """``(name, fn, params, args, output)`` of the dense model on one timed batch."""
-        module = self.lib.module(self.config)
         x = next(iter(self.batches(self.t_toks)))
-
-        def mamba_forward(params, ids, lengths):
-            logits, _ = module.apply({"params": params}, ids, lengths)
-            return logits
-
-        return ("mamba", mamba_forward, self.params,
+        return ("mamba", functools.partial(self.lib.logits_padded, self.config), self.params,
                 (np.asarray(x.data), np.asarray(x.lengths[:, 0])), None)
 
 
