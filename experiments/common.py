@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from icd_jax.runtime.measure import once
+from vsla_jax.util import atomic_write_bytes
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -20,18 +20,10 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to a temp file in the target folder, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (``vsla_jax.util.atomic_write_bytes``); NumPy scalars as
+    floats."""
+    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True,
+                                        default=float).encode())
 
 
 def timed_interleaved(fns: dict[str, Callable[[], object]],

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import scipy.sparse as sp
 
-from icd_jax.runtime import artifacts
+from icd_jax.runtime import artifacts, runfiles
 
 AXES = ("ffn_0", "ffn_1")
 D = 64
@@ -94,7 +94,7 @@ def make_run_dir(path, mode: str = "iterative", rollback: bool = False,
                         "quality_drop_pp": 0.1}}
     env = {"python": "3.11.9", "jax": "0.10.2", "jaxlib": "0.10.2", "numpy": "2.1.0",
            "cpu": "x86_64 (2 cores)", "commit": "0123abc", "gpu": None}
-    artifacts.write_json(os.path.join(path, artifacts.FILES["lock"]),
+    artifacts.write_json(os.path.join(path, runfiles.FILES["lock"]),
                          {"config": config, "config_hash": "c0ffee" * 10 + "abcd",
                           "env": env, "env_hash": "beef" * 16})
 
@@ -102,7 +102,7 @@ def make_run_dir(path, mode: str = "iterative", rollback: bool = False,
     stages = ["READY", "W_BUILT", "PERMUTED", "TRANSFORMED"]
     stages += ["REPERMUTED"] if iterative else []
     stages += ["MEASURED"]
-    ev_path = os.path.join(path, artifacts.FILES["events"])
+    ev_path = os.path.join(path, runfiles.FILES["events"])
     if os.path.exists(ev_path):
         os.unlink(ev_path)
     t = T0
@@ -118,22 +118,22 @@ def make_run_dir(path, mode: str = "iterative", rollback: bool = False,
     # graphs, perms, stats
     hidden = {ax: rng.integers(0, 4, D) for ax in AXES}
     w = {ax: _graph(rng, hidden[ax]) for ax in AXES}
-    artifacts.save_graphs(os.path.join(path, artifacts.FILES["w"]), w)
+    artifacts.save_graphs(os.path.join(path, runfiles.FILES["w"]), w)
     p0 = {ax: np.argsort(hidden[ax], kind="stable") for ax in AXES}
-    artifacts.save_perms(os.path.join(path, artifacts.FILES["perm_before"]), p0,
+    artifacts.save_perms(os.path.join(path, runfiles.FILES["perm_before"]), p0,
                          {"arm": "before", "source": "W.npz"})
     w_meta = {ax: {"sentences": 400, "tokens": 9000, "top_frac": 0.1, "topk": 32,
                    "nnz": int(w[ax].nnz), "source": "capture"} for ax in AXES}
-    artifacts.write_json(os.path.join(path, artifacts.FILES["w_meta"]), w_meta)
+    artifacts.write_json(os.path.join(path, runfiles.FILES["w_meta"]), w_meta)
     s_perm = _stats(rng, 0.35)
     artifacts.write_json(os.path.join(path, "stats_permuted.json"), s_perm)
     perm_active = p0
     s_reperm = None
     if iterative:
         w_after = {ax: _graph(rng, hidden[ax][p0[ax]]) for ax in AXES}
-        artifacts.save_graphs(os.path.join(path, artifacts.FILES["w_after"]), w_after)
+        artifacts.save_graphs(os.path.join(path, runfiles.FILES["w_after"]), w_after)
         p1 = {ax: np.argsort(hidden[ax][p0[ax]], kind="stable") for ax in AXES}
-        artifacts.save_perms(os.path.join(path, artifacts.FILES["perm_after"]), p1,
+        artifacts.save_perms(os.path.join(path, runfiles.FILES["perm_after"]), p1,
                              {"arm": "after", "source": "W_after.npz"})
         s_reperm = _stats(rng, 0.42)
         artifacts.write_json(os.path.join(path, "stats_repermuted.json"), s_reperm)
@@ -141,7 +141,7 @@ def make_run_dir(path, mode: str = "iterative", rollback: bool = False,
             perm_active = {ax: p0[ax][p1[ax]] for ax in AXES}
     if rollback and not iterative:
         perm_active = {ax: np.arange(D) for ax in AXES}
-    artifacts.save_perms(os.path.join(path, artifacts.FILES["perm_active"]), perm_active,
+    artifacts.save_perms(os.path.join(path, runfiles.FILES["perm_active"]), perm_active,
                          {"arm": active})
 
     # metrics.json
@@ -230,5 +230,5 @@ def make_run_dir(path, mode: str = "iterative", rollback: bool = False,
         "events": {"count": len(stages) + int(rollback), "overhead_pct": 0.4},
         "warnings": (["latency degraded to wall clock"] if not iterative else []),
     }
-    artifacts.write_json(os.path.join(path, artifacts.FILES["metrics"]), metrics)
+    artifacts.write_json(os.path.join(path, runfiles.FILES["metrics"]), metrics)
     return path

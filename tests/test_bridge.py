@@ -21,6 +21,7 @@ from icd_jax import permute
 from icd_jax.runtime import artifacts as run_artifacts
 from icd_jax.runtime import export as run_export
 from icd_jax.runtime import gates as run_gates
+from icd_jax.runtime import runfiles
 from stablehlo_bridge import (
     ArtifactError,
     Case,
@@ -722,7 +723,7 @@ def test_the_bridge_imports_only_permute_and_errors_from_icd_jax():
 
 
 def test_export_saved_rebuilds_the_target_of_a_run_folder(tmp_path):
-    files = run_artifacts.FILES
+    files = runfiles.FILES
     order = np.array([2, 3, 1, 0], np.int32)
     run_artifacts.prepare_run_dir(tmp_path)  # the run marker: an icd run folder
     run_artifacts.write_json(tmp_path / files["lock"], {"config": {}})

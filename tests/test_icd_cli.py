@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from icd_jax.runtime import artifacts
+from icd_jax.runtime import artifacts, runfiles
 
 TINY_MAMBA = {"model": {"name": "mamba", "size": "tiny", "batch_size": 8, "max_tokens": 32},
               "graph": {"sentences": 16},
@@ -148,7 +148,7 @@ def test_force_keeps_foreign_files_and_fail_on_gates_exits_3(tmp_path):
     assert "l2_hit" not in failed and "ept" not in failed
     # a linear run removes a stale perm_after.json / W_after.npz only if a run wrote it
     assert all((out / n).read_text() == t for n, t in keep.items())
-    marker = artifacts.read_json(out / artifacts.FILES["marker"])
+    marker = artifacts.read_json(out / runfiles.FILES["marker"])
     assert set(keep) <= set(marker["foreign"])
 
 

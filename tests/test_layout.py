@@ -251,6 +251,13 @@ def test_no_module_over_700_lines():
     assert not long, long
 
 
+def test_the_stage_machine_stays_small():
+    """The module holding the pipeline's stages (the Run state machine) stays under 400
+    lines: measurement, gates, fitting and export live in their own modules."""
+    n = len((ROOT / "icd_jax" / "runtime" / "stages.py").read_text().splitlines())
+    assert n < 400, n
+
+
 def test_split_model_modules_keep_their_public_names():
     from icd_jax.models import bert, mamba, mamba_model, minilm, packing
 

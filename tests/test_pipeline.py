@@ -24,6 +24,7 @@ from icd_jax.runtime import (
     gates,
     orchestrator,
     permcache,
+    runfiles,
     targets,
 )
 
@@ -439,7 +440,7 @@ def test_probe_rebuilds_an_arm_of_a_finished_run(full):
 def test_prepare_run_dir_states_and_refusals(tmp_path, monkeypatch):
     from icd_jax.errors import ArtifactError, ConfigError
 
-    marker = artifacts.FILES["marker"]
+    marker = runfiles.FILES["marker"]
     new = tmp_path / "new"
     assert artifacts.prepare_run_dir(new) == "absent" and (new / marker).exists()
     assert artifacts.prepare_run_dir(new) == "run"  # a run folder is reused

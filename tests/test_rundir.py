@@ -36,7 +36,6 @@ def rewrite_metrics(folder: str, change) -> None:
 
 
 def test_files_registry_is_the_one_list_of_names():
-    assert artifacts.FILES is rundir.FILES  # re-exported while callers switch
     assert artifacts.prepare_run_dir is rundir.prepare_run_dir
     assert len(set(FILES.values())) == len(FILES)
     for key in ("stats_permuted", "stats_repermuted", "compare", "events_prev", "marker"):

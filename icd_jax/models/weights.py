@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from icd_jax.errors import ConfigError, ModelError
+from vsla_jax.util import atomic_write_bytes
 
 
 def as_dtype(dtype, allowed: tuple[str, ...]) -> np.dtype:
@@ -54,16 +54,6 @@ def take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...] | 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
           metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically (a temp file in the same folder, renamed)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                  metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``tensors`` to ``path`` atomically (``vsla_jax.util.atomic_write_bytes``)."""
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                  metadata=dict(metadata) if metadata else None))

@@ -8,9 +8,9 @@ raise ``ArtifactError`` naming the file on anything malformed.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 import time
 import zipfile
 import zlib
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ArtifactError, ConfigError
-from icd_jax.runtime.runfiles import FILES  # noqa: F401 (re-exported: the run's file names)
+from icd_jax.runtime.runfiles import FILES, file_path
 from vsla_jax.util import atomic_write_bytes
 
 #: Atomic write (temp file, fsync, rename) of bytes: the project's one writer.
@@ -109,6 +109,33 @@ def foreign_files(path: str | os.PathLike) -> frozenset[str] | None:
     return frozenset(str(n) for n in names) if isinstance(names, list) else None
 
 
+def archive_unfinished(path: str | os.PathLike, say=print) -> None:
+    """Before a run starts in ``path``: a previous run that did not reach REPORTED has its
+    ``events.jsonl`` archived as ``.prev``, and the files only an iterative run writes are
+    removed; only known run files, only in a folder carrying the run marker, never one its
+    marker lists as there before a run claimed the folder (``--force``). ``say`` reports."""
+    foreign = foreign_files(path)
+    if foreign is None:
+        return
+    folder = os.fspath(path)
+    ours = lambda p: os.path.basename(p) not in foreign  # noqa: E731
+    st, ev = file_path(folder, "state"), file_path(folder, "events")
+    if os.path.exists(st) and ours(st):
+        try:
+            prev = read_json(st).get("state")
+        except ArtifactError:
+            prev = "corrupt"
+        if prev != "REPORTED":
+            say(f"previous run in {folder} stopped at {prev}; restarting")
+        prev_ev = file_path(folder, "events_prev")
+        if os.path.exists(ev) and ours(ev) and ours(prev_ev):
+            os.replace(ev, prev_ev)
+    for key in ("perm_after", "w_after", "stats_repermuted"):
+        stale = file_path(folder, key)
+        if os.path.exists(stale) and ours(stale):
+            os.unlink(stale)
+
+
 # -- graphs -------------------------------------------------------------------------------
 def save_graphs(path: str | os.PathLike, graphs: Mapping[str, sp.spmatrix]) -> None:
     """Write ``{name: sparse [D, D]}`` to one ``.npz``: ``names`` plus ``{name}.data``,
@@ -122,17 +149,9 @@ def save_graphs(path: str | os.PathLike, graphs: Mapping[str, sp.spmatrix]) -> N
         arrays[f"{name}.indices"] = w.indices.astype(np.int32)
         arrays[f"{name}.indptr"] = w.indptr.astype(np.int64)
         arrays[f"{name}.shape"] = np.array(w.shape, np.int64)
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        with open(tmp, "rb") as f:
-            data = f.read()
-    finally:
-        os.unlink(tmp)
-    write_bytes(path, data)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(path, buf.getvalue())
 
 
 def load_graphs(path: str | os.PathLike) -> dict[str, sp.csr_matrix]:

@@ -321,28 +321,8 @@ class Run:
                             self.metrics)
 
     def restart_cleanly(self) -> None:
-        """A previous run in this folder that did not reach REPORTED is archived, and the
-        files only an iterative run writes are removed; only known run files, only in a
-        folder carrying the run marker, never one its marker lists as there before a run
-        claimed the folder (``--force``)."""
-        foreign = artifacts.foreign_files(self.out)
-        if foreign is None:
-            return
-        ours = lambda path: os.path.basename(path) not in foreign  # noqa: E731
-        st, ev = self.file("state"), self.file("events")
-        if os.path.exists(st) and ours(st):
-            try:
-                prev = artifacts.read_json(st).get("state")
-            except ICDError:
-                prev = "corrupt"
-            if prev != "REPORTED":
-                self.say(f"previous run in {self.out} stopped at {prev}; restarting")
-            if os.path.exists(ev) and ours(ev) and ours(ev + ".prev"):
-                os.replace(ev, ev + ".prev")
-        for stale in (self.file("perm_after"), self.file("w_after"),
-                      self.file("stats_repermuted")):
-            if os.path.exists(stale) and ours(stale):
-                os.unlink(stale)
+        """Archive an unfinished previous run here (``artifacts.archive_unfinished``)."""
+        artifacts.archive_unfinished(self.out, self.say)
 
     def finish(self, active: str, t_run: float) -> None:
         """Complete and write ``metrics.json``: gates, verdict, fallbacks, run facts."""
