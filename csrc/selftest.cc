@@ -1,0 +1,19 @@
+// A tiny handler the build and the loader are tested with: y = x * 2 (f32).
+#include "common.h"
+
+namespace vsla {
+
+static ffi::Error Twice(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n = x.element_count();
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  for (int64_t i = 0; i < n; ++i) out[i] = 2.0f * in[i];
+  return ffi::Error::Success();
+}
+
+}  // namespace vsla
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_selftest_twice, vsla::Twice,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());

@@ -1,0 +1,77 @@
+"""The C++ CPU kernels: the optional extension ``vsla_jax.cpu_kernels``, its XLA FFI
+handlers and the fallback.
+
+The extension (built from ``csrc/*.cc`` by ``pip install``, see setup.py) exports each
+handler as a C symbol; ``target(name)`` registers it once with
+``jax.ffi.register_ffi_target`` and returns its FFI target name, or None where the
+kernels cannot run (no extension, or a non-CPU backend), after one
+``KernelFallbackWarning`` that names why. Callers then take their XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+
+import jax
+
+from vsla_jax.errors import KernelFallbackWarning
+
+#: The ABI version ``csrc/module.cc`` reports; a stale build is not used.
+ABI_VERSION = 1
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded extension, or None (with one warning) if it is missing or stale."""
+    try:
+        from vsla_jax import cpu_kernels
+    except ImportError as e:
+        warnings.warn(f"vsla_jax C++ CPU kernels unavailable ({e}); using the XLA path. "
+                      "Reinstall with a C++17 compiler (pip install -e .) to build them.",
+                      KernelFallbackWarning, stacklevel=3)
+        return None
+    lib = ctypes.CDLL(cpu_kernels.__file__)
+    version = lib.vsla_kernels_abi_version()
+    if version != ABI_VERSION:
+        warnings.warn(f"vsla_jax C++ CPU kernels are a stale build (ABI {version}, expected "
+                      f"{ABI_VERSION}); using the XLA path. Rebuild: pip install -e .",
+                      KernelFallbackWarning, stacklevel=3)
+        return None
+    return lib
+
+
+@functools.cache
+def registered(symbol: str) -> bool:
+    """Register handler ``symbol`` of the extension as an FFI target of the same name
+    (once); False if the extension or the symbol is missing."""
+    lib = library()
+    if lib is None:
+        return False
+    try:
+        fn = getattr(lib, symbol)
+    except AttributeError:
+        warnings.warn(f"vsla_jax C++ CPU kernels lack {symbol} (a stale build); using the "
+                      "XLA path. Rebuild: pip install -e .", KernelFallbackWarning,
+                      stacklevel=3)
+        return False
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(fn), platform="cpu")
+    return True
+
+
+def on_cpu(*arrays) -> bool:
+    """Whether ``arrays`` (or, for tracers and none, the default backend) live on CPU."""
+    for a in arrays:
+        devices = getattr(a, "devices", None)
+        if devices is not None and not isinstance(a, jax.core.Tracer):
+            return all(d.platform == "cpu" for d in a.devices())
+    return jax.default_backend() == "cpu"
+
+
+def target(symbol: str, *arrays) -> str | None:
+    """The FFI target ``symbol`` when the kernels can run on ``arrays`` here, else None
+    (the caller takes its XLA path)."""
+    if not on_cpu(*arrays):
+        return None
+    return symbol if registered(symbol) else None
