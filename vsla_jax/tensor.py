@@ -12,7 +12,7 @@ import numpy as np
 
 from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLATypeError
-from vsla_jax.util import as_array, default_float, is_traced
+from vsla_jax.util import as_array, default_float, host_or_none, is_traced
 
 MODELS = ("A", "B")
 
@@ -47,6 +47,7 @@ class VarTensor:
             if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
                 raise VSLATypeError(f"VarTensor lengths must be integers, got dtype "
                                     f"{lengths.dtype}")
+            check_int32(lengths, "VarTensor")
             lengths = lengths.astype(np.int32)
         if isinstance(data, (list, tuple, np.ndarray)):
             data = default_float(as_array(data, "VarTensor data"))
@@ -134,28 +135,23 @@ class VarTensor:
     def to_padded(self, width: int | Sequence[int] | None = None) -> jax.Array:
         """Data zero-padded (or cropped) to ``width`` per variable axis.
 
-        ``width=None`` pads to the largest length per axis in the batch (pad-to-max).
-        Cropping below a logical length raises ``LengthError``.
+        ``width=None`` pads to the largest length per axis in the batch (pad-to-max),
+        which needs concrete lengths. Cropping below a concrete logical length raises
+        ``LengthError``; traced lengths (under ``jit``) cannot be checked, and entries at
+        or past each item's length are masked to zero with ``jnp`` ops.
         """
-        lengths = np.asarray(self.lengths).reshape(-1, self.rank)
-        maxlen = lengths.max(axis=0) if lengths.size else np.zeros(self.rank, np.int64)
-        if width is None:
-            width = tuple(int(m) for m in maxlen)
-        elif isinstance(width, (int, np.integer)):
-            width = (int(width),) * self.rank
-        elif not isinstance(width, (list, tuple)) or not all(
-                isinstance(w, (int, np.integer)) for w in width):
-            raise VSLATypeError(f"to_padded width must be an int or a sequence of ints "
-                                f"(one per variable axis), got {width!r}")
-        width = tuple(int(w) for w in width)
-        if any(w < 0 for w in width):
-            raise LengthError(f"to_padded width must be non-negative, got {width}")
-        if len(width) != self.rank:
-            raise ShapeError(f"width {width} has {len(width)} axes, tensor rank is {self.rank}")
-        for ax, (w, m) in enumerate(zip(width, maxlen)):
-            if w < m:
-                raise LengthError(f"width {w} on variable axis {ax} would crop length {m}")
-        return resize_capacity(self.data, self.batch_ndim, self.capacity, width)
+        lengths = host_or_none(self.lengths)
+        if width is None and lengths is None:
+            raise ShapeError(
+                "to_padded() without a width pads to the largest length, which needs "
+                "concrete lengths; under jit the lengths are traced, so pass a static "
+                f"width (the capacity is {self.capacity})")
+        width = _padded_width(width, self.rank, lengths)
+        out = resize_capacity(self.data, self.batch_ndim, self.capacity, width)
+        if lengths is not None:
+            return out  # concrete lengths within width: the zero slack is already there
+        m = expand_mask(extent_mask(self.lengths, width), len(self.features))
+        return jnp.where(m, out, jnp.zeros((), out.dtype))
 
     def to_dlpack(self) -> tuple[jax.Array, jax.Array]:
         """``(data, lengths)``, both DLPack producers (zero-copy on CPU and GPU)."""
@@ -185,14 +181,8 @@ class VarTensor:
             raise ShapeError(
                 f"index {index} must address at most the {self.batch_ndim} batch axes"
             )
-        for ax, i in enumerate(index):
-            n = self.batch_shape[ax]
-            if isinstance(i, (int, np.integer)) and not -n <= i < n:
-                raise IndexError(f"index {i} is out of range for batch axis {ax} of size {n}")
-            if isinstance(i, np.ndarray) and i.dtype.kind in "iu" and i.size and (
-                    i.min() < -n or i.max() >= n):
-                raise IndexError(f"indices {i.min()}..{i.max()} are out of range for batch "
-                                 f"axis {ax} of size {n}")
+        index = tuple(_check_batch_index(i, ax, self.batch_shape[ax])
+                      for ax, i in enumerate(index))
         return VarTensor.trusted(self.data[index], self.lengths[index], self.model)
 
     # ``+``, ``-``, unary ``-`` and ``*`` are attached by ``vsla_jax.ops`` (which
@@ -246,6 +236,70 @@ def validate_lengths(data_shape, lengths, who: str) -> None:
         raise LengthError(
             f"{who}: lengths exceed capacity on variable axis {ax}: max length "
             f"{ln[..., ax].max()} > capacity {cap[ax]} (first at {item})")
+
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def check_int32(lengths: np.ndarray, who: str) -> None:
+    """Raise ``LengthError`` naming the first integer length that int32 cannot hold
+    (casting would silently wrap it: ``2**32 + 5`` would become 5)."""
+    if not lengths.size or lengths.dtype.itemsize < 4 or lengths.dtype == np.int32:
+        return
+    bad = (lengths > INT32_MAX) | (lengths < np.iinfo(np.int32).min)
+    if bad.any():
+        item = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise LengthError(f"{who}: length {int(lengths[item])} (at {item}) does not fit "
+                          f"int32 (max {INT32_MAX})")
+
+
+def _check_batch_index(i, ax: int, n: int):
+    """One batch-axis index, checked like NumPy: an integer (or integer list/array) out
+    of ``[-n, n)`` raises ``IndexError`` naming it and the axis size (JAX would clamp
+    it). Lists become arrays; traced indices are trusted."""
+    if isinstance(i, bool) or is_traced(i):
+        return i
+    if isinstance(i, (int, np.integer)):
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for batch axis {ax} of size {n}")
+        return i
+    if isinstance(i, (list, np.ndarray, jax.Array)):
+        arr = np.asarray(i)
+        if arr.dtype.kind in "iu" and arr.size:
+            bad = (arr < -n) | (arr >= n)
+            if bad.any():
+                raise IndexError(f"index {int(arr[bad][0])} in {arr.tolist()} is out of "
+                                 f"range for batch axis {ax} of size {n}")
+        if isinstance(i, list):
+            return arr if arr.size else np.zeros(0, np.intp)
+        return i
+    return i
+
+
+def _padded_width(width, rank: int, lengths: np.ndarray | None) -> tuple[int, ...]:
+    """``to_padded``'s width as one int per variable axis, checked against the concrete
+    ``lengths`` (None when traced: nothing to check)."""
+    if lengths is not None:
+        lengths = lengths.reshape(-1, rank)
+        maxlen = lengths.max(axis=0) if lengths.size else np.zeros(rank, np.int64)
+    if width is None:
+        width = tuple(int(m) for m in maxlen)
+    elif isinstance(width, (int, np.integer)) and not isinstance(width, bool):
+        width = (int(width),) * rank
+    elif not isinstance(width, (list, tuple)) or not all(
+            isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in width):
+        raise VSLATypeError(f"to_padded width must be an int or a sequence of ints "
+                            f"(one per variable axis), got {width!r}")
+    width = tuple(int(w) for w in width)
+    if any(w < 0 for w in width):
+        raise LengthError(f"to_padded width must be non-negative, got {width}")
+    if len(width) != rank:
+        raise ShapeError(f"width {width} has {len(width)} axes, tensor rank is {rank}")
+    if lengths is not None:
+        for ax, (w, m) in enumerate(zip(width, maxlen)):
+            if w < m:
+                raise LengthError(f"width {w} on variable axis {ax} would crop length {m}")
+    return width
 
 
 # -- helpers shared by ops --------------------------------------------------------------
@@ -478,7 +532,9 @@ def stack(
     if traced:
         return _stack_traced(arrays, lengths, item_rank, feats, policy, model, dtype)
     len_arr = np.asarray(lengths if not models else [np.asarray(n) for n in lengths],
-                         np.int32).reshape(k, item_rank)
+                         np.int64).reshape(k, item_rank)
+    check_int32(len_arr, "stack")
+    len_arr = len_arr.astype(np.int32)
     maxlen = len_arr.max(axis=0) if k else np.zeros(item_rank, np.int32)
     cap = policy.capacity(maxlen)
     out = np.zeros((k, *cap, *feats), dtype=dtype)
@@ -520,6 +576,7 @@ def _stack_traced(arrays, lengths, rank: int, feats, policy, model, dtype) -> Va
                         for a in arrays], axis=0)
     else:
         bound = np.max(np.asarray(static, np.int64).reshape(len(arrays), rank), axis=0)
+        check_int32(bound, "stack")
     cap = policy.capacity(bound)
     rows, lens = [], []
     for a, n in zip(arrays, lengths):
@@ -573,6 +630,8 @@ def from_padded(
         if rank != 1:
             raise LengthError(f"lengths shape {lengths.shape} does not end in rank {rank}")
         lengths = lengths[..., None]
+    if not traced and not isinstance(lengths, jax.Array):
+        check_int32(lengths, "from_padded")
     validate_lengths(data.shape, lengths, "from_padded")
     if not traced:
         lengths = jax.device_put(np.asarray(lengths).astype(np.int32, copy=False))

@@ -31,10 +31,13 @@ def is_traced(x) -> bool:
 
 # -- array conversion -------------------------------------------------------------------
 def check_numeric(arr, what: str) -> None:
-    """Raise ``VSLATypeError`` unless ``arr`` has a numeric or bool dtype."""
+    """Raise ``VSLATypeError`` unless ``arr`` has a numeric or bool dtype (bfloat16, a
+    NumPy extension dtype that ``np.number`` misses, included)."""
     dt = np.dtype(arr.dtype)
-    if not (np.issubdtype(dt, np.number) or np.issubdtype(dt, np.bool_)):
-        raise VSLATypeError(f"{what} must be numeric, got dtype {dt}")
+    if not (np.issubdtype(dt, np.number) or np.issubdtype(dt, np.bool_)
+            or dt == jnp.bfloat16):
+        raise VSLATypeError(f"{what} must be numeric (bool, integer, float16, bfloat16, "
+                            f"float32, float64 or complex), got dtype {dt}")
 
 
 def as_array(values, what: str) -> np.ndarray | jax.Array:

@@ -2,8 +2,9 @@
 
 ``attention(q, k, v, *, causal=False, scale=None, backend="auto", tile=None,
 config=None)`` takes VarTensors with ``rank=1`` and ``features=(H, D)`` (K/V may have
-fewer heads: grouped-query attention when ``H % H_kv == 0``) and returns a VarTensor
-shaped like ``q`` with zero slack. Query ``i`` of item ``b`` attends to keys
+fewer heads: grouped-query attention when ``H % H_kv == 0``; V's head size ``Dv`` may
+differ from ``D``) and returns a VarTensor shaped like ``q`` (features ``(H, Dv)``) with
+zero slack. Query ``i`` of item ``b`` attends to keys
 ``j < lk[b]`` (and ``j <= i`` when causal, positions aligned at the start); items with
 no keys return zeros. Batches stacked with every axis variable (``vs.stack(items)`` of
 ``[n, H, D]`` arrays) are accepted when the trailing axes have the same concrete lengths
@@ -41,6 +42,11 @@ BACKENDS = ("xla", "bucketed", "tiled", "pallas")
 
 class UnknownBackendError(VSLAError, ValueError):
     """A ``backend`` name that is neither ``"auto"`` nor one of ``BACKENDS``."""
+
+
+class AttentionArgumentError(VSLAError, ValueError):
+    """An attention argument of the right type but an invalid value (a ``scale`` that is
+    zero, negative, infinite or NaN)."""
 
 
 # -- configuration ----------------------------------------------------------------------
@@ -151,6 +157,12 @@ def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor) -> tuple[VarTensor, .
                                 f"{type(x).__name__}")
         if x.batch_ndim == 1 and x.rank > 1 and x.rank + len(x.features) == 3:
             x = _as_heads(x, name)
+        if x.batch_shape == (0,) and not x.features:
+            raise ShapeError(
+                f"attention: {name} is an empty batch without (H, D) features (vs.stack of "
+                "no items cannot know them); attention needs at least one item, or an empty "
+                "batch built with its features: vs.from_padded(np.zeros((0, C, H, D)), "
+                "np.zeros((0, 1), int), rank=1)")
         if x.rank != 1 or len(x.features) != 2 or x.batch_ndim != 1:
             raise ShapeError(
                 f"attention: {name} must be a batch (B,) of rank-1 items with features (H, D); "
@@ -166,7 +178,8 @@ def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor) -> tuple[VarTensor, .
     (h, d), (hk, dk), (hv, _) = q.features, k.features, v.features
     if dk != d or hk != hv or k.capacity != v.capacity:
         raise ShapeError(f"attention: k/v features {k.features}/{v.features} or capacities "
-                         f"{k.capacity}/{v.capacity} do not match q head size {d}")
+                         f"{k.capacity}/{v.capacity} do not match q head size {d} (k needs "
+                         "q's head size, v k's heads; v's head size may differ)")
     if h % hk:
         raise ShapeError(f"attention: {h} query heads are not a multiple of {hk} K/V heads")
     if k.lengths is not v.lengths:
@@ -174,6 +187,35 @@ def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor) -> tuple[VarTensor, .
         if lk is not None and lv is not None and not np.array_equal(lk, lv):
             raise LengthError("attention: k and v lengths differ")
     return q, k, v
+
+
+def check_causal(causal) -> bool:
+    """``causal`` as a bool: only ``bool`` and NumPy bools are accepted (a string such as
+    ``"no"`` is truthy and would silently mean causal)."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise VSLATypeError(f"attention: causal must be a bool (True or False), got "
+                            f"{causal!r} of type {type(causal).__name__}")
+    return bool(causal)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """``scale`` as a Python float: ``None`` gives ``1 / sqrt(head_dim)``; otherwise a
+    positive finite real number (static: it keys the compiled programs)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, np.bool_, str, bytes)) or is_traced(scale):
+        kind = "a traced array" if is_traced(scale) else f"{scale!r}"
+        raise VSLATypeError(f"attention: scale must be a positive finite number or None, "
+                            f"got {kind}")
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise VSLATypeError(f"attention: scale must be a positive finite number or None, "
+                            f"got {scale!r} of type {type(scale).__name__}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise AttentionArgumentError(f"attention: scale must be a positive finite number "
+                                     f"or None, got {scale!r}")
+    return value
 
 
 def check_tile(tile) -> tuple[int, int] | None:
@@ -214,9 +256,11 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     """Exact variable-length attention. See the module docstring for semantics.
 
     Args:
-      q: ``[B, Cq, H, D]`` VarTensor; k, v: ``[B, Ck, H_kv, D]`` with equal lengths.
-      causal: query ``i`` sees keys ``j <= i``.
-      scale: score scale, default ``1 / sqrt(D)``.
+      q: ``[B, Cq, H, D]`` VarTensor; k: ``[B, Ck, H_kv, D]``; v: ``[B, Ck, H_kv, Dv]``
+        (the value head size may differ), lengths equal to k's. The output is ``[B, Cq,
+        H, Dv]``.
+      causal: a bool; query ``i`` sees keys ``j <= i``.
+      scale: a positive finite score scale, default ``1 / sqrt(D)``.
       backend: ``"auto"`` (see ``choose_backend``), ``"xla"``, ``"bucketed"``,
         ``"tiled"``, ``"pallas"``, or an ``AttentionBackend`` object.
       tile: ``tiled``/``pallas``: one tile size or ``(tq, tk)`` (positive integers);
@@ -231,10 +275,11 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     elif not isinstance(config, AttentionConfig):
         raise VSLATypeError(f"attention: config must be an AttentionConfig, got "
                             f"{type(config).__name__}")
-    scale = 1.0 / math.sqrt(q.features[1]) if scale is None else float(scale)
+    causal = check_causal(causal)
+    scale = check_scale(scale, q.features[1])
     impl = _backend(backend, config, q, k)
     if tiles is not None and isinstance(impl, TiledBackend):
         plan = dict(tq=tiles[0], tk=tiles[1])
     else:
         plan = impl.prepare(q, k, v)
-    return impl.compute(q, k, v, bool(causal), scale, plan)
+    return impl.compute(q, k, v, causal, scale, plan)

@@ -208,8 +208,8 @@ def _row_valid(lq, lk, q0, qc):
 
 
 def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
-    """q ``[n, cq, H, D]``, k/v ``[n, ck, Hkv, D]`` -> out ``[n, cq, H, D]`` (compute
-    dtype) and, when ``with_lse``, lse ``[n, Hkv, g, cq]``."""
+    """q ``[n, cq, H, D]``, k ``[n, ck, Hkv, D]``, v ``[n, ck, Hkv, Dv]`` -> out ``[n, cq,
+    H, Dv]`` (compute dtype) and, when ``with_lse``, lse ``[n, Hkv, g, cq]``."""
     hk = k.shape[2]
     ct = jnp.promote_types(q.dtype, jnp.float32)
     qt = _heads_first(q.astype(ct), hk)
@@ -227,14 +227,14 @@ def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
         if with_lse:
             lses.append(jnp.where(valid, (m + jnp.log(den))[..., 0], neg_inf(ct)))
     cat = lambda xs: jnp.concatenate(xs, axis=3) if len(xs) > 1 else xs[0]
-    n, cq, h, d = q.shape
-    o = cat(outs).transpose(0, 3, 1, 2, 4).reshape(n, cq, h, d)
+    n, cq, h = q.shape[:3]
+    o = cat(outs).transpose(0, 3, 1, 2, 4).reshape(n, cq, h, v.shape[3])
     return (o, cat(lses)) if with_lse else (o, None)
 
 
 def _step_bwd(q, k, v, lq, lk, o, lse, do, causal, scale, qc):
-    """Recomputing backward of ``_step_fwd``: dq ``[n, cq, H, D]``, dk/dv ``[n, ck, Hkv,
-    D]`` in the compute dtype."""
+    """Recomputing backward of ``_step_fwd``: dq ``[n, cq, H, D]``, dk ``[n, ck, Hkv, D]``
+    and dv ``[n, ck, Hkv, Dv]`` in the compute dtype."""
     hk = k.shape[2]
     ct = jnp.promote_types(q.dtype, jnp.float32)
     qt, ot, dot = (_heads_first(x.astype(ct), hk) for x in (q, o, do))
@@ -285,7 +285,7 @@ def _step_inputs(s, idx, ips, lq, lk):
 
 
 def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc, with_lse):
-    """Write the group's rows into ``out [B, Cq, H, D]``; also return its log-sum-exp
+    """Write the group's rows into ``out [B, Cq, H, Dv]``; also return its log-sum-exp
     ``[n_pad, Hkv, g, cq]`` when ``with_lse`` (for the backward pass).
 
     ``meta``: the group's items and step count packed in one int32 vector (one host
@@ -294,11 +294,11 @@ def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc,
     slower on CPU)."""
     idx, steps = _unpack(meta)
     lq, lk = _flat(lq), _flat(lk)
-    h, d = qd.shape[2:]
+    h, dv = out.shape[2:]
     hk = kd.shape[2]
     ct = jnp.promote_types(qd.dtype, jnp.float32)
     n_pad = idx.shape[0]
-    o0 = jnp.zeros((n_pad, cq, h, d), out.dtype)
+    o0 = jnp.zeros((n_pad, cq, h, dv), out.dtype)
     lse0 = jnp.full((n_pad, hk, h // hk, cq) if with_lse else (), neg_inf(ct), ct)
 
     def body(s, carry):
@@ -364,7 +364,7 @@ def _static(shape: tuple[int, int, int, int]) -> dict:
 
 
 def _run_groups(qd, kd, vd, lq, lk, metas, shapes, causal, scale, with_lse, call):
-    out, lses = jnp.zeros(qd.shape, qd.dtype), []
+    out, lses = jnp.zeros(qd.shape[:3] + vd.shape[3:], qd.dtype), []
     for meta, shp in zip(metas, shapes):
         out, lse = call(out, qd, kd, vd, meta, lq, lk, causal=causal, scale=scale,
                         with_lse=with_lse, **_static(shp))
@@ -425,9 +425,10 @@ _bucketed.defvjp(_bucketed_fwd, _bucketed_bwd)
 
 def bucketed_attention(qd, kd, vd, lq, lk, groups: list[Group], causal: bool,
                        scale: float, fuse: bool = False) -> jax.Array:
-    """Run every group of ``plan_groups`` into one ``[B, Cq, H, D]`` output (zero slack).
+    """Run every group of ``plan_groups`` into one ``[B, Cq, H, Dv]`` output (zero slack).
 
-    qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv, D]``, lq/lk ``[B]`` or ``[B, 1]`` int32.
+    qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk ``[B]`` or
+    ``[B, 1]`` int32.
     ``fuse``: run the eager forward as one compiled program over all groups (keyed by
     the groups' static shapes) instead of one program per group. Differentiable in qd,
     kd, vd (custom VJP: scores are recomputed per step from the saved log-sum-exp;
@@ -499,7 +500,7 @@ def _branch_shape(c, cq_all, ck_all, heads, block_bytes, causal):
 def _switch_fwd(qd, kd, vd, lq, lk, causal, scale, caps, block_bytes):
     """``lax.map`` over items; each item runs dense attention at its bucket's capacity.
 
-    Returns out ``[B, Cq, H, D]`` and lse ``[B, Hkv, g, Cq]``."""
+    Returns out ``[B, Cq, H, Dv]`` and lse ``[B, Hkv, g, Cq]``."""
     cq_all, ck_all, h = qd.shape[1], kd.shape[1], qd.shape[2]
     ct = jnp.promote_types(qd.dtype, jnp.float32)
 

@@ -53,9 +53,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, caus
         corr = jnp.exp(m - m_new)
         return m_new, lsum * corr + p.sum(axis=1), acc * corr[:, None] + jnp.dot(p, vt)
 
-    d = q.shape[1]
+    dv = v_ref.shape[-1]  # the value head size (may differ from the query/key one)
     m, lsum, acc = jax.lax.fori_loop(
-        0, n_k, body, (jnp.full((tq,), neg), jnp.zeros((tq,)), jnp.zeros((tq, d))))
+        0, n_k, body, (jnp.full((tq,), neg), jnp.zeros((tq,)), jnp.zeros((tq, dv))))
     valid = (qpos < lq) & (lsum > 0)
     safe = jnp.where(lsum > 0, lsum, 1.0)
     o_ref[...] = jnp.where(valid[:, None], acc / safe[:, None], 0.0).astype(o_ref.dtype)
@@ -65,11 +65,15 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, caus
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk", "interpret"))
 def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int = 64,
                          tk: int = 64, interpret: bool = False):
-    """q ``[B, Cq, H, D]``, k/v ``[B, Ck, Hkv, D]``, lq/lk ``int32[B]``.
+    """q ``[B, Cq, H, D]``, k ``[B, Ck, Hkv, D]``, v ``[B, Ck, Hkv, Dv]``, lq/lk
+    ``int32[B]``.
 
-    Returns ``(out [B, Cq, H, D], lse [B, H, Cq] float32)``. ``tq``/``tk``: powers of two.
+    Returns ``(out [B, Cq, H, Dv], lse [B, H, Cq] float32)``. ``tq``/``tk``: powers of two.
     """
     b, cq, h, d = q.shape
+    dv = v.shape[3]
+    if b == 0:  # an empty batch: no program to run (a zero-size grid cannot index lengths)
+        return jnp.zeros((0, cq, h, dv), q.dtype), jnp.zeros((0, h, cq), jnp.float32)
     hk = k.shape[2]
     g = h // hk
     qp = pad_axis(q, tq, axis=1)
@@ -79,17 +83,17 @@ def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int
     n_q = qp.shape[1] // tq
     out, lse = pl.pallas_call(
         functools.partial(_kernel, tq=tq, tk=tk, scale=scale, causal=causal),
-        out_shape=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        out_shape=(jax.ShapeDtypeStruct(qp.shape[:3] + (dv,), q.dtype),
                    jax.ShapeDtypeStruct((b, h, qp.shape[1]), jnp.float32)),
         grid=(b, h, n_q),
         in_specs=[
             pl.BlockSpec((None, 8), lambda bi, hi, i: (bi, 0)),
             pl.BlockSpec((None, tq, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
             pl.BlockSpec((None, ck_pad, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0)),
-            pl.BlockSpec((None, ck_pad, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0)),
+            pl.BlockSpec((None, ck_pad, None, dv), lambda bi, hi, i: (bi, 0, hi // g, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, tq, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
+            pl.BlockSpec((None, tq, None, dv), lambda bi, hi, i: (bi, i, hi, 0)),
             pl.BlockSpec((None, None, tq), lambda bi, hi, i: (bi, hi, i)),
         ],
         interpret=interpret,

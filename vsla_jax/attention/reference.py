@@ -43,7 +43,8 @@ def safe_den(den: jax.Array) -> jax.Array:
 
 def dense_attention(qd, kd, vd, lq, lk, causal: bool, scale: float, *, key_mask=None,
                     key_bias=None):
-    """qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv, D]``, lq/lk ``[B]`` -> ``[B, Cq, H, D]``.
+    """qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk ``[B]``
+    -> ``[B, Cq, H, Dv]``.
 
     Query ``i`` of item ``b`` attends to keys ``j < lk[b]`` (and ``j <= i`` when causal);
     rows ``i >= lq[b]`` and rows without keys are 0. ``key_mask`` ``[B, Ck]`` bool

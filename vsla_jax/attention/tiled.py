@@ -48,11 +48,13 @@ def _tile_scores(qt, kt, j, tk: int, lk, qpos, causal: bool, scale: float):
 
 
 def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
-    """One item. q [Cq, H, D], k/v [Ck, Hkv, D] (padded to tile multiples).
+    """One item. q [Cq, H, D], k [Ck, Hkv, D], v [Ck, Hkv, Dv] (padded to tile
+    multiples).
 
-    Returns out [Cq, H, D] and lse [H, Cq] (log-sum-exp of the scaled scores).
+    Returns out [Cq, H, Dv] and lse [H, Cq] (log-sum-exp of the scaled scores).
     """
-    cq, h, d = q.shape
+    cq, h = q.shape[:2]
+    d = v.shape[-1]  # the value head size (may differ from the query/key one)
     g = h // k.shape[1]
     ct = jnp.promote_types(q.dtype, jnp.float32)  # compute dtype
     neg = neg_inf(ct)
@@ -93,7 +95,7 @@ def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
 
 def _flash_bwd_item(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk):
     """Gradients for one item, recomputing scores tile by tile (flash backward)."""
-    cq, h, d = q.shape
+    h, d = q.shape[1:]
     hk = k.shape[1]
     g = h // hk
     ct = jnp.promote_types(q.dtype, jnp.float32)
@@ -122,7 +124,7 @@ def _flash_bwd_item(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk):
             ds = p * (dp - dl_t[..., None]) * scale
             dq_t = dq_t + jnp.einsum("hqk,khd->qhd", ds, kt, precision="highest")
             dk_t = jnp.einsum("hqk,qhd->khd", ds, qt, precision="highest")
-            fold = lambda x: x.reshape(tk, hk, g, d).sum(axis=2)  # GQA: sum head groups
+            fold = lambda x: x.reshape(tk, hk, g, x.shape[-1]).sum(axis=2)  # GQA: sum groups
             dk = jax.lax.dynamic_update_slice_in_dim(
                 dk, jax.lax.dynamic_slice_in_dim(dk, j * tk, tk) + fold(dk_t), j * tk, axis=0)
             dv = jax.lax.dynamic_update_slice_in_dim(
@@ -154,7 +156,8 @@ def _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk):
 def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, ck):
     """Tile-by-tile recomputing backward for all items; pads to tile multiples first.
 
-    q/out/dout ``[B, *, H, D]``, k/v ``[B, *, Hkv, D]``, lse ``[B, H, *]``; ``cq``/``ck``
+    q ``[B, *, H, D]``, k ``[B, *, Hkv, D]``, v ``[B, *, Hkv, Dv]``, out/dout ``[B, *, H,
+    Dv]``, lse ``[B, H, *]``; ``cq``/``ck``
     the unpadded capacities of the gradients. Returns the cotangents of
     ``(q, k, v, lq, lk)``.
     """
@@ -170,8 +173,9 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def flash_attention(qd, kd, vd, lq, lk, causal, scale, tq, tk):
-    """Flash-style attention on padded arrays: qd ``[B, Cq, H, D]``, kd/vd ``[B, Ck, Hkv,
-    D]``, lq/lk ``[B]``; tiles ``tq``/``tk`` need not divide the capacities."""
+    """Flash-style attention on padded arrays: qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv,
+    D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk ``[B]`` -> ``[B, Cq, H, Dv]``; tiles ``tq``/``tk``
+    need not divide the capacities."""
     return _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk)[0]
 
 
