@@ -9,6 +9,7 @@ Front doors: ``vsla_jax.attention(...)`` and ``vsla_jax.approximate_attention(..
 
 from vsla_jax.attention.api import (
     BACKENDS,
+    AttentionArgumentError,
     AttentionBackend,
     AttentionConfig,
     UnknownBackendError,
@@ -24,8 +25,9 @@ from vsla_jax.attention.reference import XLABackend
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy
 
 __all__ = [
-    "BACKENDS", "ApproxConfig", "AttentionBackend", "AttentionConfig", "BucketPlan",
-    "BucketedBackend", "PallasBackend", "TiledBackend", "TilingStrategy",
+    "BACKENDS", "ApproxConfig", "AttentionArgumentError", "AttentionBackend",
+    "AttentionConfig", "BucketPlan", "BucketedBackend", "PallasBackend", "TiledBackend",
+    "TilingStrategy",
     "UnknownBackendError", "XLABackend", "approximate_attention", "attention",
     "backends_for", "check_inputs", "choose_backend",
 ]

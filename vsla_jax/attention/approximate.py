@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.attention.api import check_inputs
+from vsla_jax.attention.api import check_causal, check_inputs, check_scale
 from vsla_jax.attention.reference import dense_attention
 from vsla_jax.tensor import VarTensor
 from vsla_jax.util import pad_axis
@@ -93,6 +92,6 @@ def approximate_attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: b
     it shows the error, not a speed-up; a tiled kernel would skip the dropped keys.
     """
     q, k, v = check_inputs(q, k, v)
-    scale = 1.0 / math.sqrt(q.features[1]) if scale is None else float(scale)
-    out, kept, stride = _approx_call(q, k, v, causal, scale, config or ApproxConfig())
+    scale = check_scale(scale, q.features[1])
+    out, kept, stride = _approx_call(q, k, v, check_causal(causal), scale, config or ApproxConfig())
     return out, dict(kept_fraction=float(kept), tile_strides=np.asarray(stride))
