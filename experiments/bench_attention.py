@@ -11,7 +11,9 @@ Workloads (float32, H=8, D=64; each draws its lengths and data from its own seed
   ``lognormal``  B=40, heavy-tailed lengths ``exp(N(ln 64, 1))`` clipped to 8..640;
   ``fewlong``    4 items of 512..1024 among 60 of 8..64, shuffled.
 
-Rows: ``vsla auto`` (what ``vs.attention`` does by default), PyTorch
+Rows: ``vsla auto`` (what ``vs.attention`` does by default), ``vsla cpu`` (the C++
+flash kernels of ``csrc/attention.cc``, forward and backward; missing without a build
+of the extension), PyTorch
 ``scaled_dot_product_attention`` on each sequence in a Python loop (the peer to beat;
 when torch is installed) and ``jax.nn.dot_product_attention`` on the padded batch with
 sequence lengths. ``--all_rows`` adds the other vsla backends, the call under ``jit``
@@ -37,7 +39,10 @@ from absl import app, flags
 from common import timed_clean, write_json_atomic
 
 import vsla_jax as vs
+from vsla_jax import kernels
 from vsla_jax.attention import BucketedBackend, choose_backend
+from vsla_jax.attention.cpu import FWD as CPU_FWD
+from vsla_jax.attention.cpu import CPUBackend
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["spec", "corpus", "lognormal", "fewlong"], "Workloads to run.")
@@ -58,6 +63,7 @@ flags.DEFINE_integer("max_rounds", 0, "Give up discarding after this many rounds
 H, D = 8, 64
 OURS, TORCH, DPA = ("vsla auto", "torch SDPA per sequence",
                     "jax.nn.dot_product_attention (padded)")
+CPU = "vsla cpu (C++ kernels)"
 
 
 # -- workloads --------------------------------------------------------------------------
@@ -139,6 +145,11 @@ def run(name, lengths, rng) -> dict:
     for backend in backends:
         fwd[f"vsla {backend}"] = lambda b=backend: vs.attention(q, k, v, backend=b).data
         bwd[f"vsla {backend}"] = vs_grad(backend)
+    if kernels.target(CPU_FWD, q.data) is not None:
+        cpu = CPUBackend()
+        fwd[CPU] = lambda: vs.attention(q, k, v, backend=cpu).data
+        bwd[CPU] = vs_grad(cpu)
+        notes[CPU] = "one custom call per batch, 64x64 tiles"
     groups = BucketedBackend().prepare(q, k, v)["groups"]
     notes[OURS] = (f"picks {choose_backend(q, k)}: {len(groups)} groups, caps "
                    f"{[g.cq for g in groups]}")
@@ -167,8 +178,11 @@ def run(name, lengths, rng) -> dict:
     bwd[DPA] = lambda: gd(q.data, k.data, v.data)
     ref = np.asarray(dpa(q.data, k.data, v.data))
     ours = np.asarray(vs.attention(q, k, v).data)
-    mask = np.asarray(q.mask())
-    err = float(np.abs(np.where(mask[..., None, None], ours - ref, 0)).max())
+    mask = np.asarray(q.mask())[..., None, None]
+    err = float(np.abs(np.where(mask, ours - ref, 0)).max())
+    if CPU in fwd:
+        cpu_err = float(np.abs(np.where(mask, np.asarray(fwd[CPU]()) - ref, 0)).max())
+        notes[CPU] += f"; max |diff| vs jax.nn {cpu_err:.1e}"
     unavailable = {}
     try:
         _torch_rows(q, k, v, lengths, fwd, bwd)
@@ -289,6 +303,12 @@ def report(name, res):
               f"vsla auto at {gf:.1f} is {res['roofline'] / gf:.2f}x below it")
         print(f"- allocating one padded output ({res['output_bytes'] / 2**20:.1f} MiB, "
               f"jnp.zeros) costs {res['output_alloc_s'] * 1e3:.1f} ms in this process")
+    if "fwd_s" in rows.get(TORCH, {}) and "fwd_s" in rows.get(CPU, {}):
+        c, t = rows[CPU], rows[TORCH]
+        print(f"- vsla cpu vs PyTorch SDPA per sequence: forward {t['fwd_s'] / c['fwd_s']:.2f}x"
+              f" (target >= 1.2x)" + (f", forward+backward {t['bwd_s'] / c['bwd_s']:.2f}x "
+                                      f"(target >= 1.0x)" if c.get("bwd_s") and
+                                      t.get("bwd_s") else ""))
     ours_b = rows[OURS].get("bwd_s")
     peers_b = {k: r["bwd_s"] for k, r in rows.items()
                if not k.startswith("vsla") and r.get("bwd_s")}
@@ -301,8 +321,9 @@ def report(name, res):
 def summary(out: dict):
     print("\n## summary (forward; ratio = peer time / vsla auto time, > 1: vsla faster)")
     print("| workload | vsla auto ms | torch SDPA per seq ms | vs torch | jax.nn padded ms | "
-          "vs jax.nn | other processes' CPU |")
-    print("|---|---|---|---|---|---|---|")
+          "vs jax.nn | vsla cpu ms | cpu vs torch | cpu fwd+bwd ms | cpu fwd+bwd vs torch | "
+          "other processes' CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, res in out.items():
         rows = res["rows"]
         ours, dpa = rows[OURS]["fwd_s"], rows[DPA]["fwd_s"]
@@ -310,7 +331,18 @@ def summary(out: dict):
         tcol = f"{tor * 1e3:.1f} | {tor / ours:.2f}x" if tor else "– | –"
         load = res["foreign_load"]
         print(f"| {name} | {ours * 1e3:.1f} | {tcol} | {dpa * 1e3:.1f} | {dpa / ours:.2f}x | "
-              f"{'n/a' if load is None else f'{100 * load:.0f}%'} |")
+              f"{_cpu_cols(rows)} | {'n/a' if load is None else f'{100 * load:.0f}%'} |")
+
+
+def _cpu_cols(rows: dict) -> str:
+    """Summary columns of the ``vsla cpu`` row: forward and forward+backward ms and
+    their ratios to torch per sequence (> 1: vsla cpu faster)."""
+    c, t = rows.get(CPU, {}), rows.get(TORCH, {})
+    if "fwd_s" not in c:
+        return "– | – | – | –"
+    ratio = lambda key: f"{t[key] / c[key]:.2f}x" if t.get(key) and c.get(key) else "–"
+    bwd = f"{c['bwd_s'] * 1e3:.1f}" if c.get("bwd_s") else "–"
+    return f"{c['fwd_s'] * 1e3:.1f} | {ratio('fwd_s')} | {bwd} | {ratio('bwd_s')}"
 
 
 def main(argv):

@@ -20,14 +20,15 @@ from vsla_jax.attention.api import (
 )
 from vsla_jax.attention.approximate import ApproxConfig, approximate_attention
 from vsla_jax.attention.bucketed import BucketedBackend, BucketPlan
+from vsla_jax.attention.cpu import CPUBackend
 from vsla_jax.attention.pallas import PallasBackend
 from vsla_jax.attention.reference import XLABackend
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy
 
 __all__ = [
     "BACKENDS", "ApproxConfig", "AttentionArgumentError", "AttentionBackend",
-    "AttentionConfig", "BucketPlan", "BucketedBackend", "PallasBackend", "TiledBackend",
-    "TilingStrategy",
+    "AttentionConfig", "BucketPlan", "BucketedBackend", "CPUBackend", "PallasBackend",
+    "TiledBackend", "TilingStrategy",
     "UnknownBackendError", "XLABackend", "approximate_attention", "attention",
     "backends_for", "check_inputs", "choose_backend",
 ]

@@ -16,6 +16,11 @@ Backends (all exact), one module each:
   ``tiled``     ``tiled``: flash-style online softmax that never computes padded tiles;
   ``pallas``    ``pallas``: a Pallas kernel with per-item trip counts (GPU; the Pallas
                 interpreter elsewhere, slow, meant for tests).
+  ``cpu``       ``cpu``: C++ flash kernels through XLA's FFI (``vsla_jax.kernels``), one
+                custom call per batch, forward and backward; ``bucketed`` where the
+                extension is missing or the backend is not a CPU. Opt-in: on the
+                measured workloads it beats ``bucketed`` on some and not others
+                (BENCHMARKS.md), so ``auto`` does not pick it yet.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsla_jax.attention.bucketed import BucketedBackend, BucketPlan
+from vsla_jax.attention.cpu import CPUBackend
 from vsla_jax.attention.pallas import PallasBackend
 from vsla_jax.attention.reference import XLABackend
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy
@@ -37,7 +43,7 @@ from vsla_jax.errors import LengthError, ShapeError, VSLAError, VSLATypeError
 from vsla_jax.tensor import VarTensor
 from vsla_jax.util import host_or_none, is_traced
 
-BACKENDS = ("xla", "bucketed", "tiled", "pallas")
+BACKENDS = ("xla", "bucketed", "tiled", "pallas", "cpu")
 
 
 class UnknownBackendError(VSLAError, ValueError):
@@ -106,7 +112,8 @@ def backends_for(config: AttentionConfig = DEFAULT_CONFIG) -> dict[str, Attentio
     """The backend objects for ``config``, built once per distinct config."""
     return {"xla": XLABackend(), "bucketed": BucketedBackend(config.bucket),
             "tiled": TiledBackend(config.tiling),
-            "pallas": PallasBackend(config.pallas_interpret, config.tiling)}
+            "pallas": PallasBackend(config.pallas_interpret, config.tiling),
+            "cpu": CPUBackend(BucketedBackend(config.bucket))}
 
 
 def choose_backend(q: VarTensor, k: VarTensor) -> str:

@@ -1,0 +1,183 @@
+"""The ``cpu`` attention backend (C++ kernels of csrc/attention.cc) against NumPy and the
+``xla`` backend: values, gradients, jit with traced lengths, threads, bad input and the
+fallback when the kernels cannot run."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vsla_jax as vs
+from vsla_jax import kernels
+from vsla_jax.attention.cpu import CPUBackend, cpu_attention
+
+pytestmark = pytest.mark.skipif(kernels.target("vsla_attention_fwd") is None,
+                                reason="vsla_jax.cpu_kernels not built")
+
+
+def numpy_attention(q, k, v, lq, lk, causal: bool, scale: float) -> np.ndarray:
+    """q ``[B, Cq, H, D]``, k ``[B, Ck, Hkv, D]``, v ``[B, Ck, Hkv, Dv]`` -> ``[B, Cq, H,
+    Dv]`` in float64, item by item over the valid rows only."""
+    b, cq, h, _ = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, cq, h, v.shape[-1]))
+    for i in range(b):
+        if lq[i] == 0 or lk[i] == 0:
+            continue
+        kk = np.repeat(k[i, :lk[i]], g, axis=1).astype(np.float64)
+        vv = np.repeat(v[i, :lk[i]], g, axis=1).astype(np.float64)
+        s = np.einsum("qhd,khd->hqk", q[i, :lq[i]].astype(np.float64), kk) * scale
+        if causal:
+            allowed = np.arange(lk[i])[None, :] <= np.arange(lq[i])[:, None]
+            s = np.where(allowed[None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[i, :lq[i]] = np.einsum("hqk,khd->qhd", p, vv)
+    return out
+
+
+def batch(rng, lengths, cap, heads, dim, dtype=np.float32) -> vs.VarTensor:
+    """A VarTensor ``[B, cap, heads, dim]`` with random data (garbage in the padding)."""
+    data = rng.standard_normal((len(lengths), cap, heads, dim)).astype(dtype)
+    return vs.VarTensor(jnp.asarray(data), jnp.asarray(np.asarray(lengths)[:, None], jnp.int32))
+
+
+def qkv(rng, lq, lk, cq, ck, h=4, hkv=2, d=8, dv=8, dtype=np.float32):
+    q = batch(rng, lq, cq, h, d, dtype)
+    k = batch(rng, lk, ck, hkv, d, dtype)
+    v = vs.VarTensor(batch(rng, lk, ck, hkv, dv, dtype).data, k.lengths)
+    return q, k, v
+
+
+def check_forward(q, k, v, causal, tol):
+    scale = 1 / np.sqrt(q.features[1])
+    out = vs.attention(q, k, v, causal=causal, backend=CPUBackend())
+    lq, lk = np.asarray(q.lengths[:, 0]), np.asarray(k.lengths[:, 0])
+    ref = numpy_attention(*(np.asarray(x.data) for x in (q, k, v)), lq, lk, causal, scale)
+    np.testing.assert_allclose(np.asarray(out.data), ref, atol=tol, rtol=tol)
+    xla = vs.attention(q, k, v, causal=causal, backend="xla")
+    np.testing.assert_allclose(np.asarray(out.data), np.asarray(xla.data), atol=tol, rtol=tol)
+
+
+lengths = st.integers(1, 4).flatmap(
+    lambda b: st.tuples(st.lists(st.integers(0, 70), min_size=b, max_size=b),
+                        st.lists(st.integers(0, 70), min_size=b, max_size=b)))
+
+
+@given(lens=lengths, causal=st.booleans(), gqa=st.sampled_from([(2, 2), (4, 1), (4, 2)]),
+       dv=st.sampled_from([3, 8, 17]), exact=st.booleans())
+def test_forward_matches_numpy_and_xla(lens, causal, gqa, dv, exact):
+    lq, lk = lens
+    cq = max(max(lq), 1) if exact else max(lq) + 5
+    ck = max(max(lk), 1) if exact else max(lk) + 3
+    q, k, v = qkv(np.random.default_rng(len(lq)), lq, lk, cq, ck, h=gqa[0], hkv=gqa[1], d=5,
+                  dv=dv)
+    check_forward(q, k, v, causal, 2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_items_cross_several_tiles_in_float64(causal):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        q, k, v = qkv(rng, [200, 64, 1, 0], [130, 65, 200, 7], 200, 200, h=4, hkv=2, d=16,
+                      dv=24, dtype=np.float64)
+        check_forward(q, k, v, causal, 1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_pass_check_grads_in_float64(causal):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(2)
+        q, k, v = qkv(rng, [5, 0, 9, 1], [7, 3, 9, 0], 9, 10, h=4, hkv=2, d=3, dv=5,
+                      dtype=np.float64)
+
+        def f(qd, kd, vd):
+            return cpu_attention(qd, kd, vd, q.lengths[:, 0], k.lengths[:, 0], causal, 0.7)
+
+        jax.test_util.check_grads(f, (q.data, k.data, v.data), order=1, modes=("rev",))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_gradients_match_the_xla_backend(causal):
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng, [70, 0, 33, 1, 64], [66, 5, 130, 0, 64], 70, 130, h=4, hkv=1, d=8,
+                  dv=6)
+
+    def grads(backend):
+        def loss(qd, kd, vd):
+            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                             vs.VarTensor(vd, k.lengths), causal=causal, backend=backend)
+            return jnp.sum(jnp.sin(o.data))
+        return jax.grad(loss, argnums=(0, 1, 2))(q.data, k.data, v.data)
+
+    for ours, ref in zip(grads(CPUBackend()), grads("xla")):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-4)
+
+
+def test_jit_with_traced_lengths_and_two_threads():
+    cpu = CPUBackend()
+    f = jax.jit(lambda q, k, v: vs.attention(q, k, v, causal=True, backend=cpu).data)
+    cases = [qkv(np.random.default_rng(i), [i + 1, 40 - i], [50 - i, i], 40, 50)
+             for i in range(6)]
+    expected = [np.asarray(vs.attention(*c, causal=True, backend="xla").data) for c in cases]
+    out = [None] * len(cases)
+
+    def work(i):
+        for _ in range(3):
+            out[i] = np.asarray(f(*cases[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(out, expected):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_vmap_runs_the_kernel_per_element():
+    rng = np.random.default_rng(5)
+    q, k, v = qkv(rng, [3, 6], [6, 2], 6, 6)
+    lq, lk = q.lengths[:, 0], k.lengths[:, 0]
+    stacked = [jnp.stack([x.data, 2 * x.data]) for x in (q, k, v)]
+    out = jax.vmap(lambda a, b, c: cpu_attention(a, b, c, lq, lk, False, 0.5))(*stacked)
+    for i in range(2):
+        want = cpu_attention(stacked[0][i], stacked[1][i], stacked[2][i], lq, lk, False, 0.5)
+        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [[3, 9], [-1, 2]])
+def test_bad_lengths_raise_before_the_kernel_runs(bad):
+    rng = np.random.default_rng(6)
+    q, k, v = qkv(rng, [3, 4], [3, 4], 8, 8)
+    f = jax.jit(lambda lq: cpu_attention(q.data, k.data, v.data, lq, k.lengths[:, 0], False,
+                                         1.0))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="query length .* outside"):
+        jax.block_until_ready(f(jnp.asarray(bad, jnp.int32)))
+    with pytest.raises(vs.LengthError):
+        vs.VarTensor(q.data, jnp.asarray(np.asarray(bad)[:, None], jnp.int32))
+
+
+def test_bad_shapes_raise_a_clear_error():
+    x = jnp.ones((2, 4, 3, 8), jnp.float32)
+    lens = jnp.asarray([4, 4], jnp.int32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="not a multiple"):
+        jax.block_until_ready(cpu_attention(x, x[:, :, :2], x[:, :, :2], lens, lens, False, 1.))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="lengths must be int32"):
+        jax.block_until_ready(cpu_attention(x, x, x, lens[:1], lens[:1], False, 1.0))
+
+
+def test_fallback_when_the_target_is_missing(monkeypatch):
+    rng = np.random.default_rng(7)
+    q, k, v = qkv(rng, [5, 0, 12], [9, 4, 12], 12, 12)
+    monkeypatch.setattr(kernels, "target", lambda *a, **kw: None)
+    out = vs.attention(q, k, v, causal=True, backend=CPUBackend())
+    ref = vs.attention(q, k, v, causal=True, backend="xla")
+    np.testing.assert_allclose(np.asarray(out.data), np.asarray(ref.data), atol=2e-5)

@@ -1,0 +1,126 @@
+"""The ``cpu`` backend: variable-length attention in the C++ kernels of ``csrc/attention.cc``.
+
+One XLA FFI custom call per batch runs the flash-style forward (online softmax over key
+tiles clipped to each item's lengths; padding is never computed) and one runs the
+FlashAttention-2 style backward (scores recomputed from the saved log-sum-exp); a
+``jax.custom_vjp`` ties them together. Lengths are arguments of the custom call, so the
+backend works under ``jit`` with traced lengths and never reads them on the host; under
+``vmap`` the call runs once per mapped element (``vmap_method="sequential"``).
+
+Where the kernels cannot run (no extension build, or not on CPU; ``kernels.target``
+returns None after one ``KernelFallbackWarning``), ``compute`` runs the ``fallback``
+backend (``bucketed`` by default) instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsla_jax import kernels
+from vsla_jax.attention.bucketed import BucketedBackend
+from vsla_jax.errors import VSLAError, VSLATypeError
+from vsla_jax.tensor import VarTensor
+from vsla_jax.util import float0_zeros
+
+FWD, BWD = "vsla_attention_fwd", "vsla_attention_bwd"
+DTYPES = (jnp.float32, jnp.float64)
+
+
+def _kernel_dtype(dtype) -> jnp.dtype:
+    """The dtype the kernels run in: float32/float64 as is, narrower floats in float32."""
+    return jnp.dtype(dtype) if jnp.dtype(dtype) in DTYPES else jnp.dtype(jnp.float32)
+
+
+def _target(symbol: str, *arrays) -> str:
+    """The registered FFI target ``symbol``; VSLAError where the kernels cannot run."""
+    name = kernels.target(symbol, *arrays)
+    if name is None:
+        raise VSLAError(f"cpu attention: the C++ kernel {symbol} cannot run here (no build "
+                        "of vsla_jax.cpu_kernels, or not on CPU); use CPUBackend, which "
+                        "falls back to the XLA path")
+    return name
+
+
+def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float):
+    """qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]`` (one float
+    dtype), lq/lk int32 ``[B]`` -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``)."""
+    b, cq, h, _ = qd.shape
+    out = (jax.ShapeDtypeStruct((b, cq, h, vd.shape[-1]), qd.dtype),
+           jax.ShapeDtypeStruct((b, h, cq), qd.dtype))
+    return jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
+        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale))
+
+
+def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float):
+    """The cotangents (dq, dk, dv), shaped like (qd, kd, vd)."""
+    out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qd, kd, vd))
+    return jax.ffi.ffi_call(_target(BWD, qd), out, vmap_method="sequential")(
+        qd, kd, vd, lq, lk, o, lse, do, causal=bool(causal), scale=np.float64(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
+    """Varlen attention on padded arrays through the C++ kernels (float32/float64).
+
+    qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk int32
+    ``[B]`` -> ``[B, Cq, H, Dv]``, zero at rows ``>= lq`` and for items without keys.
+    """
+    return _fwd_call(qd, kd, vd, lq, lk, causal, scale)[0]
+
+
+def _cpu_fwd_rule(qd, kd, vd, lq, lk, causal, scale):
+    o, lse = _fwd_call(qd, kd, vd, lq, lk, causal, scale)
+    return o, (qd, kd, vd, lq, lk, o, lse)
+
+
+def _cpu_bwd_rule(causal, scale, saved, do):
+    qd, kd, vd, lq, lk, o, lse = saved
+    dq, dk, dv = _bwd_call(qd, kd, vd, lq, lk, o, lse, do.astype(o.dtype), causal, scale)
+    return dq, dk, dv, float0_zeros(lq), float0_zeros(lk)
+
+
+cpu_attention.defvjp(_cpu_fwd_rule, _cpu_bwd_rule)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale"))
+def _cpu_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale: float):
+    dtype = q.data.dtype
+    ct = _kernel_dtype(jnp.result_type(q.data, k.data, v.data))
+    out = cpu_attention(q.data.astype(ct), k.data.astype(ct), v.data.astype(ct),
+                        q.lengths[:, 0].astype(jnp.int32), k.lengths[:, 0].astype(jnp.int32),
+                        causal, scale)
+    return VarTensor.trusted(out.astype(dtype), q.lengths, q.model)
+
+
+class CPUBackend:
+    """The C++ flash kernels (``cpu_attention``); ``fallback`` (default ``bucketed``)
+    where ``kernels.target`` says they cannot run. Kernel tiles are fixed (64 x 64), so
+    there is nothing to plan: ``prepare``/``optimize_tiling`` return ``{}``."""
+
+    name = "cpu"
+
+    def __init__(self, fallback=None):
+        self.fallback = fallback if fallback is not None else BucketedBackend()
+
+    def available(self, *arrays) -> bool:
+        """Whether both kernels can run on ``arrays`` here."""
+        return (kernels.target(FWD, *arrays) is not None
+                and kernels.target(BWD, *arrays) is not None)
+
+    def prepare(self, q, k, v) -> dict:
+        return {}
+
+    def optimize_tiling(self, q, k) -> dict:
+        return {}
+
+    def compute(self, q, k, v, causal, scale, plan) -> VarTensor:
+        if not jnp.issubdtype(q.dtype, jnp.floating):
+            raise VSLATypeError(f"cpu attention: q must be floating, got {q.dtype}")
+        if not self.available(q.data, k.data, v.data):
+            return self.fallback.compute(q, k, v, causal, scale,
+                                         self.fallback.prepare(q, k, v))
+        return _cpu_call(q, k, v, bool(causal), float(scale))
