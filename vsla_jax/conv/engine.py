@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
-from vsla_jax.conv import blocked, bucketed
+from vsla_jax.conv import blocked, bucketed, cpu
 from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel, calibrate, calibrated_or_none
 from vsla_jax.conv.kernels import conv_output_lengths
 from vsla_jax.conv.padded import all_finite, check_dtypes, conv_arrays, conv_padded
@@ -86,6 +86,11 @@ class ConvPolicy:
       merge_groups: merge neighbouring bucketed groups while the cost model predicts
         a saving.
       accumulate_f64: compute f32 inputs in f64 (needs ``jax_enable_x64``), return f32.
+      cpu_kernels: with ``plan="auto"`` and method ``auto``/``direct``, run rank-1
+        batches through the C++ direct kernels on CPU (``conv.cpu.ragged_conv``: one
+        custom call per batch, forward and backward; exact on non-finite values); the
+        XLA engine where they cannot run. Reverse-mode only: ``jax.jvp`` needs
+        ``cpu_kernels=False``.
       pallas: ``"auto"`` (the Pallas kernel for rank-1 direct convolution on GPU),
         ``"off"`` or ``"interpret"`` (the Pallas interpreter, for CPU tests).
       layouts: the ``LayoutBudget`` that bounds how many bucketed/blocked programs
@@ -103,6 +108,7 @@ class ConvPolicy:
     merge_groups: bool = True
     accumulate_f64: bool = False
     pallas: str = "auto"
+    cpu_kernels: bool = True
     layouts: LayoutBudget = dataclasses.field(default=DEFAULT_LAYOUT_BUDGET, compare=False,
                                               hash=False)
     direct_max_min_ratio: float = 100.0
@@ -228,7 +234,11 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
             raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
         a = VarTensor.trusted(a.data.astype(jnp.float64), a.lengths, a.model)
         b = VarTensor.trusted(b.data.astype(jnp.float64), b.lengths, b.model)
-    out = _dispatch(a, b, method, policy)
+    out = None
+    if policy.cpu_kernels and policy.plan == "auto" and method in ("auto", "direct"):
+        out = cpu.ragged_conv(a, b)
+    if out is None:
+        out = _dispatch(a, b, method, policy)
     if out.dtype != out_dtype:
         out = VarTensor.trusted(out.data.astype(out_dtype), out.lengths, out.model)
     return out

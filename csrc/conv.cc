@@ -1,0 +1,468 @@
+// Ragged Model A convolution of rank-1 items on capacity-padded batches: forward and
+// backward, one XLA FFI custom call per batch each.
+//
+// Layout (row-major, as XLA hands the buffers over; `...` is any batch shape, the same
+// for every operand, flattened to B items):
+//   a [..., Ca], b [..., Cb], la/lb int32 [...], out [..., Ca + Cb - 1]
+//   backward: g [..., Ca + Cb - 1] -> ga [..., Ca], gb [..., Cb]
+// Item i: out[n] = sum_j a[n - j] * b[j] over the pairs with 0 <= n - j < la and
+// 0 <= j < lb, for n < la + lb - 1; everything past that (and the whole row when la or
+// lb is 0) is zero. Only products of two logical values are ever formed, so inf/nan
+// reach exactly the outputs numpy.convolve gives them, and the slack is never read.
+// Backward: ga[p] = sum_j g[p + j] b[j] (p < la), gb[j] = sum_p g[j + p] a[p] (j < lb),
+// zero past the lengths.
+//
+// Algorithm: direct summation, output-stationary in tiles of kTile outputs; inside a
+// tile the taps of the shorter operand go in blocks of kTaps fused into one pass (one
+// load and one store of the output per kTaps multiply-adds, the loop over outputs
+// vectorised by the compiler). A block's taps are all valid on an interior range of
+// outputs; the at most kTaps - 1 outputs on each side run a bounds-checked scalar loop.
+// Long pairs take the same path: the tiles keep the output in L1 and stream the long
+// operand once per tile (the blocked direct path; no FFT, which would spread inf/nan).
+// Correlations with few outputs (backward of a short operand) run as dot products over
+// a fixed number of lanes.
+//
+// Threads: each item's output range is cut into pieces of similar work; pieces are
+// sorted by work (largest first) and pulled from an atomic counter by the caller and
+// XLA's intra-op thread pool (ffi::ThreadPool). Small batches run on the caller only.
+// The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
+// load time (target_clones).
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define VSLA_CONV_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define VSLA_CONV_CLONES
+#endif
+#define VSLA_CONV_INLINE inline __attribute__((always_inline))
+
+namespace vsla {
+namespace rconv {
+
+constexpr int64_t kTaps = 8;            // taps fused into one pass over the outputs
+static_assert(kTaps == 8, "partial blocks are split into 4 + 2 + 1 taps");
+constexpr int64_t kTile = 512;          // outputs per tile (stays in L1)
+constexpr int64_t kLanes = 16;          // partial sums of the dot-product form
+constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product form
+constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs
+constexpr double kMinPieceWork = 1 << 15;
+
+// ------------------------------------------------------------------ inner loops -------
+// out[n] += sum_{k<K} w[j0 + k] * x[n - j0 - k] for n in [lo, hi); every x index valid.
+template <class T, int K>
+VSLA_CONV_INLINE void conv_fused(const T* __restrict x, const T* __restrict w, int64_t j0,
+                                 int64_t lo, int64_t hi, T* __restrict out) {
+  T wk[K];
+  for (int k = 0; k < K; ++k) wk[k] = w[j0 + k];
+  const T* xs = x - j0;
+  for (int64_t n = lo; n < hi; ++n) {
+    T s = out[n];
+    for (int k = 0; k < K; ++k) s += wk[k] * xs[n - k];
+    out[n] = s;
+  }
+}
+
+// The same sum for n in [lo, hi) with every x index checked against [0, nx).
+template <class T>
+VSLA_CONV_INLINE void conv_edge(const T* x, int64_t nx, const T* w, int64_t j0, int64_t kk,
+                                int64_t lo, int64_t hi, T* out) {
+  for (int64_t n = lo; n < hi; ++n) {
+    T s = out[n];
+    for (int64_t k = 0; k < kk; ++k) {
+      const int64_t i = n - j0 - k;
+      if (i >= 0 && i < nx) s += w[j0 + k] * x[i];
+    }
+    out[n] = s;
+  }
+}
+
+// Accumulates outputs [n0, n1) of x * w (nx >= nw >= 1, n1 <= nx + nw - 1) into out.
+template <class T>
+VSLA_CONV_INLINE void conv_range(const T* x, int64_t nx, const T* w, int64_t nw, int64_t n0,
+                                 int64_t n1, T* out) {
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t t1 = std::min(n1, t0 + kTile);
+    const int64_t jlo = std::max<int64_t>(0, t0 - nx + 1);  // taps touching this tile
+    const int64_t jhi = std::min(nw, t1);
+    for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps) {
+      const int64_t kk = std::min(kTaps, nw - j0);
+      // every tap of the block is valid for n in [j0 + kk - 1, j0 + nx)
+      const int64_t lo = std::clamp(j0 + kk - 1, t0, t1);
+      const int64_t hi = std::clamp(j0 + nx, lo, t1);
+      conv_edge(x, nx, w, j0, kk, std::max(t0, j0), lo, out);
+      if (kk == kTaps) {
+        conv_fused<T, kTaps>(x, w, j0, lo, hi, out);
+      } else {  // the last, partial block: sub-blocks of 4, 2 and 1 taps
+        int64_t j = j0;
+        if (kk & 4) conv_fused<T, 4>(x, w, j, lo, hi, out), j += 4;
+        if (kk & 2) conv_fused<T, 2>(x, w, j, lo, hi, out), j += 2;
+        if (kk & 1) conv_fused<T, 1>(x, w, j, lo, hi, out);
+      }
+      conv_edge(x, nx, w, j0, kk, hi, std::min(t1, j0 + kk - 1 + nx), out);
+    }
+  }
+}
+
+// out[p] += sum_{k<K} w[j0 + k] * g[p + j0 + k] for p in [lo, hi).
+template <class T, int K>
+VSLA_CONV_INLINE void corr_fused(const T* __restrict g, const T* __restrict w, int64_t j0,
+                                 int64_t lo, int64_t hi, T* __restrict out) {
+  T wk[K];
+  for (int k = 0; k < K; ++k) wk[k] = w[j0 + k];
+  const T* gs = g + j0;
+  for (int64_t p = lo; p < hi; ++p) {
+    T s = out[p];
+    for (int k = 0; k < K; ++k) s += wk[k] * gs[p + k];
+    out[p] = s;
+  }
+}
+
+// out[p] = sum_{j<nw} g[p + j] * w[j] for p in [p0, p1) (g holds p1 + nw - 1 values).
+template <class T>
+VSLA_CONV_INLINE void corr_range(const T* g, const T* w, int64_t nw, int64_t p0, int64_t p1,
+                                 T* out) {
+  if (p1 - p0 < kDotOutputs && nw >= kDotOutputs) {  // few outputs: dot products
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* gp = g + p;
+      T acc[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= nw; j += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) acc[l] += gp[j + l] * w[j + l];
+      T s = 0;
+      for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+      for (; j < nw; ++j) s += gp[j] * w[j];
+      out[p] = s;
+    }
+    return;
+  }
+  for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
+    const int64_t t1 = std::min(p1, t0 + kTile);
+    int64_t j0 = 0;
+    for (; j0 + kTaps <= nw; j0 += kTaps) corr_fused<T, kTaps>(g, w, j0, t0, t1, out);
+    const int64_t rest = nw - j0;  // fewer than kTaps: sub-blocks of 4, 2 and 1 taps
+    if (rest & 4) corr_fused<T, 4>(g, w, j0, t0, t1, out), j0 += 4;
+    if (rest & 2) corr_fused<T, 2>(g, w, j0, t0, t1, out), j0 += 2;
+    if (rest & 1) corr_fused<T, 1>(g, w, j0, t0, t1, out);
+  }
+}
+
+VSLA_CONV_CLONES void conv_range_f32(const float* x, int64_t nx, const float* w, int64_t nw,
+                                     int64_t n0, int64_t n1, float* out) {
+  conv_range(x, nx, w, nw, n0, n1, out);
+}
+VSLA_CONV_CLONES void conv_range_f64(const double* x, int64_t nx, const double* w, int64_t nw,
+                                     int64_t n0, int64_t n1, double* out) {
+  conv_range(x, nx, w, nw, n0, n1, out);
+}
+VSLA_CONV_CLONES void corr_range_f32(const float* g, const float* w, int64_t nw, int64_t p0,
+                                     int64_t p1, float* out) {
+  corr_range(g, w, nw, p0, p1, out);
+}
+VSLA_CONV_CLONES void corr_range_f64(const double* g, const double* w, int64_t nw, int64_t p0,
+                                     int64_t p1, double* out) {
+  corr_range(g, w, nw, p0, p1, out);
+}
+
+inline void conv_kernel(const float* x, int64_t nx, const float* w, int64_t nw, int64_t n0,
+                        int64_t n1, float* out) {
+  conv_range_f32(x, nx, w, nw, n0, n1, out);
+}
+inline void conv_kernel(const double* x, int64_t nx, const double* w, int64_t nw, int64_t n0,
+                        int64_t n1, double* out) {
+  conv_range_f64(x, nx, w, nw, n0, n1, out);
+}
+inline void corr_kernel(const float* g, const float* w, int64_t nw, int64_t p0, int64_t p1,
+                        float* out) {
+  corr_range_f32(g, w, nw, p0, p1, out);
+}
+inline void corr_kernel(const double* g, const double* w, int64_t nw, int64_t p0, int64_t p1,
+                        double* out) {
+  corr_range_f64(g, w, nw, p0, p1, out);
+}
+
+// ------------------------------------------------------------------ threading ---------
+// A piece of work: item, which output (0: out or ga, 1: gb), output range [lo, hi)
+// (hi may reach into the slack, which the piece zeroes), and its cost.
+struct Piece {
+  int64_t item, which, lo, hi;
+  double cost;
+};
+
+struct Job {
+  std::vector<Piece> pieces;
+  std::function<void(const Piece&)> fn;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void drain() {
+    const int64_t n = static_cast<int64_t>(pieces.size());
+    for (int64_t u; (u = next.fetch_add(1)) < n;) {
+      fn(pieces[u]);
+      if (done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+// Runs fn on every piece, largest first, on up to `threads` threads (caller included).
+template <class Fn>
+void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t threads, Fn&& fn) {
+  if (pieces.empty()) return;
+  double total = 0;
+  for (const Piece& p : pieces) total += p.cost;
+  const int64_t n = static_cast<int64_t>(pieces.size());
+  const int64_t extra = total < kSerialWork ? 0 : std::min(threads, n) - 1;
+  if (extra <= 0) {
+    for (const Piece& p : pieces) fn(p);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->pieces = std::move(pieces);
+  std::stable_sort(job->pieces.begin(), job->pieces.end(),
+                   [](const Piece& x, const Piece& y) { return x.cost > y.cost; });
+  job->fn = std::forward<Fn>(fn);
+  // Late-starting tasks find the counter exhausted and touch nothing but the job.
+  for (int64_t w = 0; w < extra; ++w) pool.Schedule([job] { job->drain(); });
+  job->drain();
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done.load() == n; });
+}
+
+// Cuts outputs [0, valid) of one item (work `work`) into pieces of about `piece_work`;
+// the last piece also covers the slack [valid, cap).
+inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t which, int64_t valid,
+                       int64_t cap, double work, double piece_work) {
+  int64_t k = 1;
+  if (valid > 0 && work > piece_work) {
+    k = std::min<int64_t>(static_cast<int64_t>(work / piece_work) + 1,
+                          (valid + kTile - 1) / kTile);
+  }
+  k = std::max<int64_t>(k, 1);
+  const double per = work / static_cast<double>(k);
+  for (int64_t q = 0; q < k; ++q) {
+    const int64_t lo = valid * q / k;
+    const int64_t hi = q + 1 == k ? cap : valid * (q + 1) / k;
+    out->push_back({item, which, lo, hi, per + static_cast<double>(hi - lo)});
+  }
+}
+
+inline int64_t thread_count(ffi::ThreadPool& pool, int64_t max_threads) {
+  int64_t n = std::max<int64_t>(1, pool.num_threads());
+  if (max_threads > 0) n = std::min(n, max_threads);
+  return n;
+}
+
+inline double piece_work_for(double total, int64_t threads) {
+  return std::max(kMinPieceWork, total / static_cast<double>(4 * threads));
+}
+
+// ------------------------------------------------------------------ drivers -----------
+struct Dims {
+  int64_t B, Ca, Cb, Co;
+};
+
+template <class T>
+void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
+             const int32_t* lb, T* out, int64_t max_threads) {
+  const int64_t threads = thread_count(pool, max_threads);
+  double total = 0;
+  for (int64_t i = 0; i < d.B; ++i) total += static_cast<double>(la[i]) * lb[i];
+  const double piece_work = piece_work_for(total, threads);
+  std::vector<Piece> pieces;
+  pieces.reserve(static_cast<size_t>(d.B));
+  for (int64_t i = 0; i < d.B; ++i) {
+    const int64_t valid = la[i] > 0 && lb[i] > 0 ? int64_t{la[i]} + lb[i] - 1 : 0;
+    add_pieces(&pieces, i, 0, valid, d.Co, static_cast<double>(la[i]) * lb[i], piece_work);
+  }
+  run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
+    T* o = out + p.item * d.Co;
+    std::fill(o + p.lo, o + p.hi, T(0));
+    const int64_t na = la[p.item], nb = lb[p.item];
+    if (na == 0 || nb == 0) return;
+    const T* x = a + p.item * d.Ca;
+    const T* w = b + p.item * d.Cb;
+    const int64_t hi = std::min(p.hi, na + nb - 1);
+    if (p.lo >= hi) return;
+    if (na >= nb) {
+      conv_kernel(x, na, w, nb, p.lo, hi, o);
+    } else {
+      conv_kernel(w, nb, x, na, p.lo, hi, o);
+    }
+  });
+}
+
+template <class T>
+void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
+              const int32_t* lb, const T* g, T* ga, T* gb, int64_t max_threads) {
+  const int64_t threads = thread_count(pool, max_threads);
+  double total = 0;
+  for (int64_t i = 0; i < d.B; ++i) total += 2.0 * la[i] * lb[i];
+  const double piece_work = piece_work_for(total, threads);
+  std::vector<Piece> pieces;
+  pieces.reserve(static_cast<size_t>(2 * d.B));
+  for (int64_t i = 0; i < d.B; ++i) {
+    const bool any = la[i] > 0 && lb[i] > 0;
+    const double work = static_cast<double>(la[i]) * lb[i];
+    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work);
+    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work);
+  }
+  run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
+    const int64_t na = la[p.item], nb = lb[p.item];
+    const T* gi = g + p.item * d.Co;
+    // ga = corr(g, b) over la outputs; gb = corr(g, a) over lb outputs
+    const int64_t cap = p.which == 0 ? d.Ca : d.Cb;
+    T* o = (p.which == 0 ? ga : gb) + p.item * cap;
+    std::fill(o + p.lo, o + p.hi, T(0));
+    if (na == 0 || nb == 0) return;
+    const int64_t valid = p.which == 0 ? na : nb;
+    const int64_t hi = std::min(p.hi, valid);
+    if (p.lo >= hi) return;
+    if (p.which == 0) {
+      corr_kernel(gi, b + p.item * d.Cb, nb, p.lo, hi, o);
+    } else {
+      corr_kernel(gi, a + p.item * d.Ca, na, p.lo, hi, o);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ validation --------
+inline ffi::Error bad(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vsla conv kernel: " + what);
+}
+
+inline std::string dims_str(ffi::AnyBuffer::Dimensions d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+// Batch dims of x (all but the last) equal `batch`, last dim `last`.
+inline bool fits(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions batch,
+                 int64_t last) {
+  if (x.size() != batch.size() + 1 || x.back() != last) return false;
+  return std::equal(batch.begin(), batch.end(), x.begin());
+}
+
+inline ffi::Error check_lengths(const char* name, ffi::Buffer<ffi::S32> l, int64_t cap) {
+  const int32_t* p = l.typed_data();
+  const int64_t n = static_cast<int64_t>(l.element_count());
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] < 0 || p[i] > cap)
+      return bad(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(p[i]) +
+                 " is outside [0, capacity " + std::to_string(cap) + "]");
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error check_inputs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> la,
+                               ffi::Buffer<ffi::S32> lb, Dims* d) {
+  const auto da = a.dimensions(), db = b.dimensions();
+  if (a.element_type() != ffi::F32 && a.element_type() != ffi::F64)
+    return bad("a must be float32 or float64");
+  if (b.element_type() != a.element_type()) return bad("a and b must have one dtype");
+  if (da.size() < 1) return bad("a must have a capacity axis, got dims " + dims_str(da));
+  const auto batch = la.dimensions();
+  if (!std::equal(batch.begin(), batch.end(), lb.dimensions().begin(),
+                  lb.dimensions().end()))
+    return bad("la " + dims_str(batch) + " and lb " + dims_str(lb.dimensions()) +
+               " must have one shape");
+  d->Ca = da.back();
+  d->Cb = db.size() == 0 ? -1 : db.back();
+  if (!fits(da, batch, d->Ca) || !fits(db, batch, d->Cb))
+    return bad("a " + dims_str(da) + " and b " + dims_str(db) +
+               " must be [*batch, capacity] with batch " + dims_str(batch));
+  if (d->Ca < 1 || d->Cb < 1) return bad("capacities must be >= 1, got a " + dims_str(da) +
+                                         ", b " + dims_str(db));
+  d->Co = d->Ca + d->Cb - 1;
+  d->B = static_cast<int64_t>(la.element_count());
+  if (ffi::Error e = check_lengths("la", la, d->Ca); e.failure()) return e;
+  return check_lengths("lb", lb, d->Cb);
+}
+
+inline ffi::Error check_out(const char* name, ffi::AnyBuffer x, ffi::DataType t,
+                            ffi::AnyBuffer::Dimensions batch, int64_t last) {
+  if (x.element_type() != t) return bad(std::string(name) + " has the wrong dtype");
+  if (!fits(x.dimensions(), batch, last))
+    return bad(std::string(name) + " " + dims_str(x.dimensions()) + " must be [*batch, " +
+               std::to_string(last) + "] with batch " + dims_str(batch));
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                   ffi::Buffer<ffi::S32> la, ffi::Buffer<ffi::S32> lb,
+                   ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+  Dims d;
+  if (ffi::Error e = check_inputs(a, b, la, lb, &d); e.failure()) return e;
+  const auto t = a.element_type();
+  if (ffi::Error e = check_out("out", *out, t, la.dimensions(), d.Co); e.failure()) return e;
+  if (t == ffi::F32) {
+    forward(pool, d, a.typed_data<float>(), b.typed_data<float>(), la.typed_data(),
+            lb.typed_data(), out->typed_data<float>(), max_threads);
+  } else {
+    forward(pool, d, a.typed_data<double>(), b.typed_data<double>(), la.typed_data(),
+            lb.typed_data(), out->typed_data<double>(), max_threads);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                    ffi::Buffer<ffi::S32> la, ffi::Buffer<ffi::S32> lb, ffi::AnyBuffer g,
+                    ffi::Result<ffi::AnyBuffer> ga, ffi::Result<ffi::AnyBuffer> gb,
+                    int64_t max_threads) {
+  Dims d;
+  if (ffi::Error e = check_inputs(a, b, la, lb, &d); e.failure()) return e;
+  const auto t = a.element_type();
+  const auto batch = la.dimensions();
+  if (ffi::Error e = check_out("g", g, t, batch, d.Co); e.failure()) return e;
+  if (ffi::Error e = check_out("ga", *ga, t, batch, d.Ca); e.failure()) return e;
+  if (ffi::Error e = check_out("gb", *gb, t, batch, d.Cb); e.failure()) return e;
+  if (t == ffi::F32) {
+    backward(pool, d, a.typed_data<float>(), b.typed_data<float>(), la.typed_data(),
+             lb.typed_data(), g.typed_data<float>(), ga->typed_data<float>(),
+             gb->typed_data<float>(), max_threads);
+  } else {
+    backward(pool, d, a.typed_data<double>(), b.typed_data<double>(), la.typed_data(),
+             lb.typed_data(), g.typed_data<double>(), ga->typed_data<double>(),
+             gb->typed_data<double>(), max_threads);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace rconv
+}  // namespace vsla
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_fwd, vsla::rconv::Forward,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_bwd, vsla::rconv::Backward,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("max_threads"));

@@ -1,0 +1,243 @@
+"""The C++ ragged convolution kernels (``vsla_jax.conv.cpu``, ``csrc/conv.cc``) against
+NumPy per item and the XLA engine: values, lengths, shapes, non-finite input, gradients,
+``jit`` with traced lengths, threads, bad lengths and the fallback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import vsla_jax as vs
+from vsla_jax import kernels
+from vsla_jax.conv import cpu
+from vsla_jax.errors import LengthError
+
+pytestmark = pytest.mark.skipif(kernels.target(cpu.FWD) is None,
+                                reason="C++ CPU kernels not built")
+
+CAPS = (1, 4, 16, 37)  # few capacities: few compiled programs
+
+
+def batch(lengths, cap: int, dtype=np.float32, seed: int = 0) -> vs.VarTensor:
+    """A ``[len(lengths), cap]`` VarTensor of standard normal values, zero slack."""
+    rng = np.random.default_rng(seed)
+    data = np.zeros((len(lengths), cap), dtype)
+    for i, n in enumerate(lengths):
+        data[i, :n] = rng.standard_normal(n)
+    return vs.VarTensor(jnp.asarray(data), np.asarray(lengths, np.int32).reshape(-1, 1))
+
+
+def numpy_conv(a: vs.VarTensor, b: vs.VarTensor) -> list[np.ndarray]:
+    out = []
+    for x, k in zip(a.to_list(), b.to_list()):
+        out.append(np.convolve(x, k) if len(x) and len(k) else np.zeros(0, x.dtype))
+    return out
+
+
+def check_against_numpy(out: vs.VarTensor, a: vs.VarTensor, b: vs.VarTensor, tol: float):
+    data, lengths = np.asarray(out.data), np.asarray(out.lengths)[:, 0]
+    for i, ref in enumerate(numpy_conv(a, b)):
+        assert lengths[i] == len(ref)
+        np.testing.assert_allclose(data[i, : len(ref)], ref, rtol=tol, atol=tol)
+        assert not data[i, len(ref):].any(), "slack must be zero"
+
+
+@st.composite
+def pairs(draw):
+    n = draw(st.integers(1, 5))
+    ca, cb = draw(st.sampled_from(CAPS)), draw(st.sampled_from(CAPS))
+    ends = lambda c: st.one_of(st.just(0), st.just(1), st.just(c), st.integers(0, c))
+    la = draw(st.lists(ends(ca), min_size=n, max_size=n))
+    lb = draw(st.lists(ends(cb), min_size=n, max_size=n))
+    return la, ca, lb, cb
+
+
+@settings(max_examples=20, deadline=None)
+@given(pairs())
+def test_matches_numpy_and_engine_f32(p):
+    la, ca, lb, cb = p
+    a, b = batch(la, ca, seed=1), batch(lb, cb, seed=2)
+    out = cpu.ragged_conv(a, b)
+    check_against_numpy(out, a, b, 1e-5)
+    ref = vs.conv(a, b, method="direct")
+    assert out.data.shape == ref.data.shape and out.dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+    np.testing.assert_allclose(np.asarray(out.data), np.asarray(ref.data), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_matches_numpy_f64_long_pairs():
+    """Lengths past one tile (512 outputs) and past 8 taps, every tap remainder."""
+    with jax.enable_x64(True):
+        a = batch([700, 1500, 9, 1, 1500, 0], 1500, np.float64, seed=3)
+        b = batch([13, 300, 1500, 1500, 7, 5], 1500, np.float64, seed=4)
+        out = cpu.ragged_conv(a, b)
+        assert out.dtype == jnp.float64
+        check_against_numpy(out, a, b, 1e-12)
+
+
+def test_shapes_and_engine_on_natural_call(rng):
+    xs = [rng.standard_normal(n).astype(np.float32) for n in (3, 100, 1, 57)]
+    ks = [rng.standard_normal(n).astype(np.float32) for n in (5, 2, 9, 1)]
+    a, b = vs.stack(xs), vs.stack(ks)
+    out, ref = cpu.ragged_conv(a, b), vs.conv(a, b)
+    assert out.data.shape == ref.data.shape and out.lengths.shape == ref.lengths.shape
+    np.testing.assert_allclose(np.asarray(out.data), np.asarray(ref.data), atol=1e-4)
+
+
+def test_one_kernel_broadcast_over_batch(rng):
+    a = batch([5, 0, 16, 3], 16, seed=5)
+    k = vs.tensor(rng.standard_normal(3).astype(np.float32))
+    out, ref = cpu.ragged_conv(a, k), vs.conv(a, k, method="direct")
+    assert out.data.shape == ref.data.shape
+    np.testing.assert_allclose(np.asarray(out.data), np.asarray(ref.data), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+
+
+@pytest.mark.parametrize("where", ["a", "b"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_non_finite_like_numpy(where, value):
+    """Only products of two logical values are formed: inf reaches exactly the outputs
+    numpy.convolve gives it and never turns other entries into nan (conv_engine.md)."""
+    a, b = batch([6, 4, 1], 16, seed=6), batch([3, 5, 2], 5, seed=7)
+    x = a if where == "a" else b
+    data = np.asarray(x.data).copy()
+    data[0, 1] = value
+    data[2, 0] = value
+    x = vs.VarTensor(jnp.asarray(data), x.lengths)
+    a, b = (x, b) if where == "a" else (a, x)
+    out = cpu.ragged_conv(a, b)
+    ref = vs.conv(a, b, method="direct")
+    got = np.asarray(out.data)
+    for i, want in enumerate(numpy_conv(a, b)):
+        # inf/nan positions (and signs) exactly; finite values up to rounding
+        np.testing.assert_allclose(got[i, : len(want)], want, rtol=1e-5, atol=1e-6)
+        assert not got[i, len(want):].any()
+    np.testing.assert_allclose(got, np.asarray(ref.data), atol=1e-5)
+
+
+def test_grads_check_grads_f64():
+    with jax.enable_x64(True):
+        a = batch([5, 0, 12, 1], 12, np.float64, seed=8)
+        b = batch([3, 4, 12, 1], 12, np.float64, seed=9)
+        la, lb = a.lengths[:, 0], b.lengths[:, 0]
+        f = lambda x, y: cpu.conv_arrays(x, y, la, lb)
+        check_grads(f, (a.data, b.data), order=1, modes=("rev",))
+
+
+def test_grads_match_engine_autodiff_and_vanish_in_slack(rng):
+    a, b = batch([7, 0, 16, 2], 16, seed=10), batch([3, 4, 1, 4], 4, seed=11)
+    w = jnp.asarray(rng.standard_normal((4, 19)).astype(np.float32))
+
+    def loss(fn, x, y):
+        out = fn(vs.VarTensor.trusted(x, a.lengths), vs.VarTensor.trusted(y, b.lengths))
+        return jnp.sum(out.data * w)
+
+    ours = jax.grad(lambda x, y: loss(cpu.ragged_conv, x, y), (0, 1))(a.data, b.data)
+    engine = lambda x, y: vs.conv(x, y, method="direct")
+    ref = jax.grad(lambda x, y: loss(engine, x, y), (0, 1))(a.data, b.data)
+    for g, r, x in zip(ours, ref, (a, b)):
+        m = np.asarray(x.mask())
+        np.testing.assert_allclose(np.asarray(g) * m, np.asarray(r) * m, atol=1e-5)
+        assert not np.asarray(g)[~m].any(), "gradient in the slack must be zero"
+
+
+def test_jit_traced_lengths_and_jit_grad():
+    a, b = batch([5, 16, 0], 16, seed=12), batch([4, 1, 3], 4, seed=13)
+    f = jax.jit(lambda x, y: cpu.ragged_conv(x, y))
+    out, ref = f(a, b), cpu.ragged_conv(a, b)
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(ref.data))
+    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+    a2 = batch([1, 2, 3], 16, seed=14)  # new lengths, same program
+    check_against_numpy(f(a2, b), a2, b, 1e-5)
+
+    @jax.jit
+    def grad(x, y):
+        return jax.grad(lambda d: jnp.sum(cpu.ragged_conv(
+            vs.VarTensor.trusted(d, x.lengths), y).data ** 2))(x.data)
+
+    g = grad(a, b)
+    eager = jax.grad(lambda d: jnp.sum(vs.conv(vs.VarTensor.trusted(d, a.lengths), b,
+                                                method="direct").data ** 2))(a.data)
+    m = np.asarray(a.mask())
+    np.testing.assert_allclose(np.asarray(g) * m, np.asarray(eager) * m, rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_vmap_adds_a_batch_axis():
+    a = batch([5, 16, 0, 3], 16, seed=15)
+    b = batch([4, 1, 3, 2], 4, seed=16)
+    stacked = lambda x: jax.tree.map(lambda v: v.reshape((2, 2) + v.shape[1:]), x)
+    out = jax.vmap(lambda x, y: cpu.ragged_conv(x, y).data)(stacked(a), stacked(b))
+    ref = cpu.ragged_conv(a, b).data
+    np.testing.assert_array_equal(np.asarray(out).reshape(ref.shape), np.asarray(ref))
+
+
+def test_two_threads_same_jitted_function():
+    a, b = batch([300, 2, 37, 0] * 8, 300, seed=17), batch([30, 5, 1, 7] * 8, 37, seed=18)
+    f = jax.jit(lambda x, y: cpu.ragged_conv(x, y).data)
+    want = np.asarray(f(a, b))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: np.asarray(f(a, b)), range(8)))
+    for o in outs:
+        np.testing.assert_array_equal(o, want)
+
+
+@pytest.mark.parametrize("bad", [17, -1])
+def test_bad_concrete_lengths_raise_length_error(bad):
+    a = batch([3, 4], 16, seed=19)
+    wrong = vs.VarTensor.trusted(a.data, jnp.asarray([[3], [bad]], jnp.int32))
+    with pytest.raises(LengthError, match="capacity 16"):
+        cpu.ragged_conv(wrong, batch([2, 2], 4))
+    with pytest.raises(LengthError, match="lengths of b"):
+        cpu.ragged_conv(batch([2, 2], 4), wrong)
+
+
+@pytest.mark.parametrize("bad", [17, -1])
+def test_bad_traced_lengths_kernel_error(bad):
+    a, b = batch([3, 4], 16, seed=20), batch([2, 2], 4)
+    f = jax.jit(lambda x, la: cpu.ragged_conv(vs.VarTensor.trusted(x, la), b).data)
+    with pytest.raises(Exception, match=r"vsla conv kernel: la\[1\] = .* outside"):
+        jax.block_until_ready(f(a.data, jnp.asarray([[3], [bad]], jnp.int32)))
+    g = jax.jit(jax.grad(lambda x, la: jnp.sum(cpu.ragged_conv(
+        vs.VarTensor.trusted(x, la), b).data)))
+    with pytest.raises(Exception, match="vsla conv kernel"):
+        jax.block_until_ready(g(a.data, jnp.asarray([[3], [bad]], jnp.int32)))
+
+
+def test_kernel_rejects_mismatched_dims():
+    x = jnp.zeros((2, 8), jnp.float32)
+    with pytest.raises(Exception, match="must be \\[\\*batch, capacity\\]"):
+        jax.block_until_ready(cpu._fwd_call(x, jnp.zeros((3, 4), jnp.float32),
+                                            jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32),
+                                            0))
+
+
+def test_fallback_and_unsupported_return_none(monkeypatch):
+    a, b = batch([3, 4], 16), batch([2, 2], 4)
+    rank2 = vs.stack([np.ones((2, 3), np.float32)])
+    assert cpu.ragged_conv(rank2, rank2) is None
+    half = vs.VarTensor(a.data.astype(jnp.bfloat16), a.lengths)
+    assert cpu.ragged_conv(half, b.__class__(b.data.astype(jnp.bfloat16), b.lengths)) is None
+    feat = vs.VarTensor(jnp.zeros((2, 16, 3)), a.lengths)
+    assert cpu.ragged_conv(feat, vs.VarTensor(jnp.zeros((2, 4, 3)), b.lengths)) is None
+    monkeypatch.setattr(kernels, "target", lambda *args: None)
+    assert cpu.ragged_conv(a, b) is None
+
+
+def test_threads_agree_with_one_thread():
+    """Pieces of big items split across threads give the single-thread result."""
+    a = batch([4000, 3000, 5, 2000] * 4, 4000, seed=21)
+    b = batch([300, 1, 200, 64] * 4, 300, seed=22)
+    one = cpu._cpu_call(a, b, max_threads=1)
+    many = cpu._cpu_call(a, b)
+    np.testing.assert_allclose(np.asarray(one.data), np.asarray(many.data), rtol=1e-5,
+                               atol=1e-5)
+    check_against_numpy(many, a, b, 1e-3)

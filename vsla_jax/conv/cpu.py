@@ -1,0 +1,129 @@
+"""The CPU path of ``vs.conv``: ragged Model A convolution of rank-1 items in the C++
+kernels of ``csrc/conv.cc``.
+
+One XLA FFI custom call per batch runs the forward (direct summation over each item's
+logical extent only, tiled and threaded over items; see ``docs/kernels.md``) and one
+runs the backward (both correlations, ``grad_a`` and ``grad_b``); a ``jax.custom_vjp``
+ties them together. The lengths are arguments of the custom call, so the path works
+under ``jit`` with traced lengths, never reads them on the host there and never builds
+a padded copy. Under ``vmap`` the mapped axis becomes one more batch axis of the call.
+
+``ragged_conv(a, b)`` returns the engine's result shape exactly: data
+``[*batch, cap_a + cap_b - 1]`` with zero slack, lengths ``la + lb - 1`` (0 when either
+is 0). It returns None where it cannot run (no extension build or not on CPU, after one
+``KernelFallbackWarning``; rank > 1, feature axes, a zero capacity, or a dtype other
+than float32/float64), and the caller takes the XLA engine.
+
+Gradients are zero in the operands' slack (the kernels never read it), like the
+engine's blocked plan; on the logical extents they equal the engine's. Forward-mode
+autodiff (``jax.jvp``) is not defined through a ``custom_vjp``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsla_jax import kernels
+from vsla_jax.conv.kernels import conv_output_lengths
+from vsla_jax.errors import LengthError
+from vsla_jax.tensor import VarTensor, check_pair
+from vsla_jax.util import float0_zeros, host_or_none
+
+FWD, BWD = "vsla_conv_fwd", "vsla_conv_bwd"
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
+def _fwd_call(da, db, la, lb, max_threads: int):
+    """da ``[*batch, Ca]``, db ``[*batch, Cb]`` (one float dtype), la/lb int32 ``[*batch]``
+    -> ``[*batch, Ca + Cb - 1]``."""
+    out = jax.ShapeDtypeStruct(da.shape[:-1] + (da.shape[-1] + db.shape[-1] - 1,), da.dtype)
+    return jax.ffi.ffi_call(FWD, out, vmap_method="broadcast_all")(
+        da, db, la, lb, max_threads=np.int64(max_threads))
+
+
+def _bwd_call(da, db, la, lb, g, max_threads: int):
+    """The cotangents ``(ga, gb)`` shaped like ``(da, db)``, zero past the lengths."""
+    out = (jax.ShapeDtypeStruct(da.shape, da.dtype), jax.ShapeDtypeStruct(db.shape, db.dtype))
+    return jax.ffi.ffi_call(BWD, out, vmap_method="broadcast_all")(
+        da, db, la, lb, g, max_threads=np.int64(max_threads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def conv_arrays(da, db, la, lb, max_threads: int = 0):
+    """Full convolution of each item's logical extent (the slack is never read).
+
+    da ``[*batch, Ca]``, db ``[*batch, Cb]`` (float32 or float64, one dtype), la/lb int32
+    ``[*batch]`` -> ``[*batch, Ca + Cb - 1]``, zero from ``la + lb - 1`` on (all zero when
+    ``la`` or ``lb`` is 0). ``max_threads=0`` uses XLA's whole intra-op pool.
+    """
+    return _fwd_call(da, db, la, lb, max_threads)
+
+
+def _conv_fwd_rule(da, db, la, lb, max_threads):
+    return _fwd_call(da, db, la, lb, max_threads), (da, db, la, lb)
+
+
+def _conv_bwd_rule(max_threads, saved, g):
+    da, db, la, lb = saved
+    ga, gb = _bwd_call(da, db, la, lb, g.astype(da.dtype), max_threads)
+    return ga, gb, float0_zeros(la), float0_zeros(lb)
+
+
+conv_arrays.defvjp(_conv_fwd_rule, _conv_bwd_rule)
+
+
+def supported(a: VarTensor, b: VarTensor) -> bool:
+    """Whether the kernels take this pair: rank-1 items without features, nonzero
+    capacities, float32/float64 data (the target itself is checked separately)."""
+    dt = jnp.result_type(a.dtype, b.dtype)
+    return (a.rank == 1 and not a.features and not b.features and dt in DTYPES
+            and a.capacity[0] > 0 and b.capacity[0] > 0)
+
+
+def check_lengths(x: VarTensor, name: str) -> None:
+    """Raise ``LengthError`` when concrete lengths leave ``[0, capacity]`` (traced lengths
+    are checked by the kernel, which returns InvalidArgument)."""
+    lengths = host_or_none(x.lengths)
+    if lengths is None or lengths.size == 0:
+        return
+    cap = x.capacity[0]
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 0 or hi > cap:
+        raise LengthError(f"conv: lengths of {name} must lie in [0, capacity {cap}], got "
+                          f"min {lo}, max {hi}")
+
+
+@functools.partial(jax.jit, static_argnames=("max_threads",))
+def _cpu_call(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor:
+    batch = tuple(np.broadcast_shapes(a.batch_shape, b.batch_shape))
+    dt = jnp.result_type(a.dtype, b.dtype)
+    da = jnp.broadcast_to(a.data.astype(dt), batch + a.capacity)
+    db = jnp.broadcast_to(b.data.astype(dt), batch + b.capacity)
+    la = jnp.broadcast_to(a.lengths[..., 0], batch).astype(jnp.int32)
+    lb = jnp.broadcast_to(b.lengths[..., 0], batch).astype(jnp.int32)
+    out = conv_arrays(da, db, la, lb, max_threads)
+    return VarTensor.trusted(out, conv_output_lengths(la, lb)[..., None], a.model)
+
+
+def ragged_conv(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor | None:
+    """Model A product of rank-1 batches through the C++ kernels, or None.
+
+    ``a``: data ``[*batch_a, Ca]``, ``b``: ``[*batch_b, Cb]`` (batch shapes broadcast;
+    float32/float64) -> VarTensor ``[*batch, Ca + Cb - 1]`` of dtype
+    ``result_type(a, b)``, lengths ``la + lb - 1`` (0 when either is 0), exactly the
+    shape ``vs.conv`` returns. None when the kernels cannot run here or do not take the
+    pair (the caller then runs the XLA engine). Concrete lengths outside
+    ``[0, capacity]`` raise ``LengthError``. Differentiable (reverse mode) in the data.
+    """
+    a, b = check_pair(a, b, "conv")
+    if not supported(a, b) or kernels.target(FWD, a.data, b.data) is None:
+        return None
+    if kernels.target(BWD, a.data, b.data) is None:
+        return None
+    check_lengths(a, "a")
+    check_lengths(b, "b")
+    return _cpu_call(a, b, max_threads=int(max_threads))
