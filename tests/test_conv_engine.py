@@ -346,7 +346,8 @@ def test_no_measurement_while_tracing(monkeypatch):
 
     monkeypatch.setattr(cost, "measure", boom)
     a = vs.stack([np.ones(n, np.float32) for n in (3, 9)])
-    pol = vs.ConvPolicy(calibrate=True, cache_dir=None)
+    # the XLA engine's calibration (the C++ kernels plan nothing)
+    pol = vs.ConvPolicy(calibrate=True, cache_dir=None, cpu_kernels=False)
     jax.jit(lambda a: vs.conv(a, a, policy=pol))(a)  # traced lengths
     jax.jit(lambda d: vs.conv(vs.VarTensor(d, a.lengths), a, policy=pol).data)(a.data)
     with pytest.raises(AssertionError, match="calibration ran"):
@@ -377,7 +378,7 @@ def _stream(rng, n_batches):
 
 def test_layout_budget_bounds_compilations_of_auto():
     budget = engine.LayoutBudget(max_layouts=2)
-    pol = vs.ConvPolicy(calibrate=False, layouts=budget)
+    pol = vs.ConvPolicy(calibrate=False, layouts=budget, cpu_kernels=False)  # XLA engine
     batches = _stream(np.random.default_rng(12), 12)
     # warm the padded program of this capacity family
     vs.conv(batches[0][0], batches[0][1], policy=dataclasses.replace(pol, plan="padded"))

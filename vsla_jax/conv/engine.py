@@ -86,11 +86,11 @@ class ConvPolicy:
       merge_groups: merge neighbouring bucketed groups while the cost model predicts
         a saving.
       accumulate_f64: compute f32 inputs in f64 (needs ``jax_enable_x64``), return f32.
-      cpu_kernels: with ``plan="auto"`` and method ``auto``/``direct``, run rank-1
-        batches through the C++ direct kernels on CPU (``conv.cpu.ragged_conv``: one
-        custom call per batch, forward and backward; exact on non-finite values); the
-        XLA engine where they cannot run. Reverse-mode only: ``jax.jvp`` needs
-        ``cpu_kernels=False``.
+      cpu_kernels: with ``plan="auto"`` and ``method="auto"``, run rank-1 batches
+        through the C++ direct kernels on CPU (``conv.cpu.ragged_conv``: one custom call
+        per batch, forward and backward; exact on non-finite values); the XLA engine
+        where they cannot run. The kernels differentiate in reverse mode only: for
+        ``jax.jvp`` pass ``method="direct"`` or ``cpu_kernels=False`` (the XLA engine).
       pallas: ``"auto"`` (the Pallas kernel for rank-1 direct convolution on GPU),
         ``"off"`` or ``"interpret"`` (the Pallas interpreter, for CPU tests).
       layouts: the ``LayoutBudget`` that bounds how many bucketed/blocked programs
@@ -235,7 +235,7 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
         a = VarTensor.trusted(a.data.astype(jnp.float64), a.lengths, a.model)
         b = VarTensor.trusted(b.data.astype(jnp.float64), b.lengths, b.model)
     out = None
-    if policy.cpu_kernels and policy.plan == "auto" and method in ("auto", "direct"):
+    if policy.cpu_kernels and policy.plan == "auto" and method == "auto":
         out = cpu.ragged_conv(a, b)
     if out is None:
         out = _dispatch(a, b, method, policy)
