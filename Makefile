@@ -36,6 +36,7 @@ test: $(STAMP)
 SAN_TESTS := tests/test_kernels.py $(wildcard tests/test_cpu_*.py)
 sanitize: $(STAMP)
 	rm -rf build/sanitize
+	$(PY) -m pip install --quiet 'setuptools>=77'  # setup.py run directly reads pyproject.toml
 	VSLA_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/sanitize --build-temp build/sanitize/tmp
 	so=$$(ls vsla_jax/cpu_kernels*.so) && cp "$$so" build/sanitize/normal.so && \
 	cp build/sanitize/vsla_jax/cpu_kernels*.so "$$so" && \
