@@ -12,9 +12,11 @@
 // head, so that dk/dv of a group are owned by one unit), sorted longest first and
 // pulled from an atomic counter by the caller and the workers of XLA's intra-op
 // thread pool (ffi::ThreadPool), or std::threads when VSLA_ATTENTION_THREADS=std.
-// All arithmetic goes through one small register-blocked GEMM on packed tiles whose
-// row strides are padded to whole SIMD vectors; the hot functions are compiled for
-// AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (target_clones).
+// Tiles are held transposed (one column per query), so the softmax runs in whole
+// vectors across queries and K, V, Q and dO are read in place, never packed. All
+// products go through one register-blocked GEMM with strided A, built for AVX-512
+// (6 x 4 zmm accumulators), AVX2+FMA and baseline x86-64 and picked at run time; the
+// vector helpers are compiled for the same three (target_clones).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -40,9 +42,8 @@
 namespace vsla {
 namespace attn {
 
-constexpr int kTQ = 64;  // query rows per tile
+constexpr int kTQ = 64;  // queries per tile
 constexpr int kTK = 64;  // keys per tile
-constexpr int kMR = 4;   // GEMM rows per register block
 
 // One 64-byte SIMD vector of T (GCC vector extension: a zmm, two ymm or four xmm).
 template <class T>
@@ -51,124 +52,287 @@ struct Vec {
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
+template <class T>
+using VecT = typename Vec<T>::type;
+
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// C[M, N] (= or +=) A[M, K] . B[K, N]; M % kMR == 0, N % lanes == 0, row strides
-// lda/ldb/ldc in elements. B rows and C rows need not be aligned.
-template <class T, bool kAccumulate>
-VSLA_CLONES void gemm(int64_t m, int64_t n, int64_t kdim, const T* __restrict a,
-                      int64_t lda, const T* __restrict b, int64_t ldb, T* __restrict c,
-                      int64_t ldc) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::kLanes;
-  for (int64_t i0 = 0; i0 < m; i0 += kMR) {
-    int64_t j0 = 0;
-    for (; j0 + 2 * W <= n; j0 += 2 * W) {
-      V acc[kMR][2];
-      for (int r = 0; r < kMR; ++r)
-        for (int s = 0; s < 2; ++s) {
-          if (kAccumulate) std::memcpy(&acc[r][s], c + (i0 + r) * ldc + j0 + s * W, sizeof(V));
-          else acc[r][s] = V{};
-        }
-      for (int64_t k = 0; k < kdim; ++k) {
-        V b0, b1;
-        std::memcpy(&b0, b + k * ldb + j0, sizeof(V));
-        std::memcpy(&b1, b + k * ldb + j0 + W, sizeof(V));
-        for (int r = 0; r < kMR; ++r) {
-          const T x = a[(i0 + r) * lda + k];
-          acc[r][0] += x * b0;
-          acc[r][1] += x * b1;
-        }
-      }
-      for (int r = 0; r < kMR; ++r)
-        for (int s = 0; s < 2; ++s)
-          std::memcpy(c + (i0 + r) * ldc + j0 + s * W, &acc[r][s], sizeof(V));
-    }
-    for (; j0 < n; j0 += W) {
-      V acc[kMR];
-      for (int r = 0; r < kMR; ++r) {
-        if (kAccumulate) std::memcpy(&acc[r], c + (i0 + r) * ldc + j0, sizeof(V));
-        else acc[r] = V{};
-      }
-      for (int64_t k = 0; k < kdim; ++k) {
-        V b0;
-        std::memcpy(&b0, b + k * ldb + j0, sizeof(V));
-        for (int r = 0; r < kMR; ++r) acc[r] += a[(i0 + r) * lda + k] * b0;
-      }
-      for (int r = 0; r < kMR; ++r) std::memcpy(c + (i0 + r) * ldc + j0, &acc[r], sizeof(V));
-    }
-  }
+#define VSLA_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------- GEMM ---------------
+// C[m, n] (= or +=) A[m, k] . B[k, n]. A is read through strides (element (i, p) at
+// a[i * rsa + p * csa]), so a row-major matrix and a transposed one cost the same; B and
+// C are row-major with row strides ldb and ldc. Any n: a last partial vector goes through
+// a zero-padded copy, so nothing past n is read or written. K and V tiles are used where
+// XLA put them (never packed or transposed). Register blocks are R rows by NV vectors,
+// picked per instruction set in gemm() below.
+
+template <class T>
+VSLA_INLINE VecT<T> load_vec(const T* p, int cnt) {
+  VecT<T> v = VecT<T>{};
+  std::memcpy(&v, p, cnt * sizeof(T));
+  return v;
 }
 
-// exp over whole vectors, for arguments <= ~0 (scores minus a row maximum or a
-// log-sum-exp); exactly 0 below -87 (and for -inf). float: round-to-nearest range
+template <class T>
+VSLA_INLINE void store_vec(T* p, const VecT<T>& v, int cnt) {
+  std::memcpy(p, &v, cnt * sizeof(T));
+}
+
+// One R x NV-vector block of C over the whole k; kPart: one vector holding `cnt` columns.
+template <class T, int R, int NV, bool kAcc, bool kPart>
+VSLA_INLINE void gemm_block(int64_t kdim, const T* __restrict a, int64_t rsa, int64_t csa,
+                            const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc,
+                            int cnt) {
+  using V = VecT<T>;
+  constexpr int W = Vec<T>::kLanes;
+  const int width = kPart ? cnt : W;
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAcc ? load_vec(c + r * ldc + v * W, width) : V{};
+  for (int64_t p = 0; p < kdim; ++p) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = load_vec(b + p * ldb + v * W, width);
+    const T* ap = a + p * csa;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T x = ap[r * rsa];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store_vec(c + r * ldc + v * W, acc[r][v], width);
+}
+
+// All m rows of one column block: blocks of R rows, then one block of the rest.
+template <class T, int R, int NV, bool kAcc, bool kPart>
+VSLA_INLINE void gemm_rows(int64_t m, int64_t kdim, const T* a, int64_t rsa, int64_t csa,
+                           const T* b, int64_t ldb, T* c, int64_t ldc, int cnt) {
+  int64_t i = 0;
+  for (; i + R <= m; i += R)
+    gemm_block<T, R, NV, kAcc, kPart>(kdim, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc,
+                                      cnt);
+  const int64_t rest = m - i;
+  a += i * rsa;
+  c += i * ldc;
+  if constexpr (R > 1) if (rest == 1) gemm_block<T, 1, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+  if constexpr (R > 2) if (rest == 2) gemm_block<T, 2, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+  if constexpr (R > 3) if (rest == 3) gemm_block<T, 3, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+  if constexpr (R > 4) if (rest == 4) gemm_block<T, 4, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+  if constexpr (R > 5) if (rest == 5) gemm_block<T, 5, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+}
+
+template <class T, int R, int NV, bool kAcc>
+VSLA_INLINE void gemm_impl(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t rsa,
+                           int64_t csa, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  constexpr int W = Vec<T>::kLanes;
+  int64_t j = 0;
+  for (; j + NV * W <= n; j += NV * W)
+    gemm_rows<T, R, NV, kAcc, false>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc, W);
+  for (; j + W <= n; j += W)
+    gemm_rows<T, R, 1, kAcc, false>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc, W);
+  if (j < n)
+    gemm_rows<T, R, 1, kAcc, true>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc,
+                                   static_cast<int>(n - j));
+}
+
+#define VSLA_GEMM_ARGS                                                                  \
+  int64_t m, int64_t n, int64_t kdim, const T *a, int64_t rsa, int64_t csa, const T *b, \
+      int64_t ldb, T *c, int64_t ldc
+#define VSLA_GEMM_PASS m, n, kdim, a, rsa, csa, b, ldb, c, ldc
+
+// AVX-512: 6 rows x 4 zmm = 24 accumulators of 32 registers; AVX2: 6 x 2 ymm; else 2 x 4.
+#if defined(__x86_64__)
+template <class T, bool kAcc>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))) void gemm_avx512(
+    VSLA_GEMM_ARGS) {
+  gemm_impl<T, 6, 4, kAcc>(VSLA_GEMM_PASS);
+}
+
+template <class T, bool kAcc>
+__attribute__((target("avx2,fma"))) void gemm_avx2(VSLA_GEMM_ARGS) {
+  gemm_impl<T, 6, 1, kAcc>(VSLA_GEMM_PASS);
+}
+#endif
+
+template <class T, bool kAcc>
+void gemm_base(VSLA_GEMM_ARGS) {
+  gemm_impl<T, 2, 1, kAcc>(VSLA_GEMM_PASS);
+}
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+inline Isa host_isa() {
+  static const Isa isa = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+    return Isa::kBase;
+  }();
+  return isa;
+}
+
+template <class T, bool kAcc>
+void gemm(VSLA_GEMM_ARGS) {
+#if defined(__x86_64__)
+  switch (host_isa()) {
+    case Isa::kAvx512: return gemm_avx512<T, kAcc>(VSLA_GEMM_PASS);
+    case Isa::kAvx2: return gemm_avx2<T, kAcc>(VSLA_GEMM_PASS);
+    default: break;
+  }
+#endif
+  gemm_base<T, kAcc>(VSLA_GEMM_PASS);
+}
+
+// ---------------------------------------------------------------- vector helpers -----
+// exp over one vector, for arguments <= ~0 (scores minus a running maximum or a
+// log-sum-exp); exactly 0 below -87 (and for -inf), NaN stays NaN. Round-to-nearest range
 // reduction and Cephes' degree-6 polynomial (~2 ulp), all in vector registers.
-VSLA_CLONES static void exp_vectors(float* x, int64_t n) {
-  using V = Vec<float>::type;
+VSLA_INLINE VecT<float> exp_vec(VecT<float> v) {
+  using V = VecT<float>;
   typedef int32_t IV __attribute__((vector_size(64)));
-  constexpr int W = Vec<float>::kLanes;
-  for (int64_t i = 0; i + W <= n; i += W) {
-    V v;
-    std::memcpy(&v, x + i, sizeof(V));
-    const V lo = V{} - 87.0f, hi = V{} + 88.0f;
-    V vc = v < lo ? lo : v;
-    vc = vc > hi ? hi : vc;
-    const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const V fn = (vc * 1.44269504088896341f + magic) - magic;
-    const V r = vc - fn * 0.693359375f + fn * 2.12194440e-4f;
-    V p = V{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const IV bits = (__builtin_convertvector(fn, IV) + 127) << 23;
-    V y = p * reinterpret_cast<const V&>(bits);
-    y = v < lo ? V{} : y;
-    std::memcpy(x + i, &y, sizeof(V));
-  }
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  V vc = v < lo ? lo : v;
+  vc = vc > hi ? hi : vc;
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V fn = (vc * 1.44269504088896341f + magic) - magic;
+  const V r = vc - fn * 0.693359375f + fn * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IV bits = (__builtin_convertvector(fn, IV) + 127) << 23;
+  V y = p * reinterpret_cast<const V&>(bits);
+  return v < lo ? V{} : y;
 }
 
-static void exp_vectors(double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+VSLA_INLINE VecT<double> exp_vec(VecT<double> v) {
+  for (int l = 0; l < Vec<double>::kLanes; ++l) v[l] = std::exp(v[l]);
+  return v;
 }
 
-// Max and sum of x[0, n), n a multiple of the vector width.
+// The row helpers below work on `rows` rows of stride ld over columns [0, n), n a
+// multiple of the vector width; per-column operands are arrays of n.
+
+// m[c] = max(m[c], max_r s[r, c]) (NaN never wins: it reaches the output through exp).
 template <class T>
-VSLA_CLONES T max_vectors(const T* x, int64_t n) {
-  using V = typename Vec<T>::type;
+VSLA_CLONES void colmax_rows(const T* s, int64_t rows, int64_t ld, T* m, int64_t n) {
+  using V = VecT<T>;
   constexpr int W = Vec<T>::kLanes;
-  V m = V{} - std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i + W <= n; i += W) {
-    V v;
-    std::memcpy(&v, x + i, sizeof(V));
-    m = v > m ? v : m;
+  for (int64_t c = 0; c < n; c += W) {
+    V mv;
+    std::memcpy(&mv, m + c, sizeof(V));
+    for (int64_t r = 0; r < rows; ++r) {
+      V v;
+      std::memcpy(&v, s + r * ld + c, sizeof(V));
+      mv = v > mv ? v : mv;
+    }
+    std::memcpy(m + c, &mv, sizeof(V));
   }
-  T out = -std::numeric_limits<T>::infinity();
-  for (int l = 0; l < W; ++l) out = std::max(out, m[l]);
-  return out;
 }
 
+// s[r, c] = exp(s[r, c] - m[c]).
 template <class T>
-VSLA_CLONES T sum_vectors(const T* x, int64_t n) {
-  using V = typename Vec<T>::type;
+VSLA_CLONES void exp_sub_rows(T* s, int64_t rows, int64_t ld, const T* m, int64_t n) {
+  using V = VecT<T>;
   constexpr int W = Vec<T>::kLanes;
-  V s = V{};
-  for (int64_t i = 0; i + W <= n; i += W) {
-    V v;
-    std::memcpy(&v, x + i, sizeof(V));
-    s += v;
+  for (int64_t c = 0; c < n; c += W) {
+    V mv;
+    std::memcpy(&mv, m + c, sizeof(V));
+    for (int64_t r = 0; r < rows; ++r) {
+      V v;
+      std::memcpy(&v, s + r * ld + c, sizeof(V));
+      v = exp_vec(v - mv);
+      std::memcpy(s + r * ld + c, &v, sizeof(V));
+    }
   }
-  T out = 0;
-  for (int l = 0; l < W; ++l) out += s[l];
-  return out;
+}
+
+// Online-softmax bookkeeping of one key tile: corr[c] = exp(old[c] - m[c]) and
+// sum[c] = sum[c] * corr[c] + sum_r p[r, c].
+template <class T>
+VSLA_CLONES void rescale_sums(const T* p, int64_t rows, int64_t ld, const T* old, const T* m,
+                              T* corr, T* sum, int64_t n) {
+  using V = VecT<T>;
+  constexpr int W = Vec<T>::kLanes;
+  for (int64_t c = 0; c < n; c += W) {
+    V o, mv, sv;
+    std::memcpy(&o, old + c, sizeof(V));
+    std::memcpy(&mv, m + c, sizeof(V));
+    std::memcpy(&sv, sum + c, sizeof(V));
+    const V cv = exp_vec(o - mv);
+    sv *= cv;
+    for (int64_t r = 0; r < rows; ++r) {
+      V v;
+      std::memcpy(&v, p + r * ld + c, sizeof(V));
+      sv += v;
+    }
+    std::memcpy(corr + c, &cv, sizeof(V));
+    std::memcpy(sum + c, &sv, sizeof(V));
+  }
+}
+
+// x[r, c] *= f[c].
+template <class T>
+VSLA_CLONES void scale_rows(T* x, int64_t rows, int64_t ld, const T* f, int64_t n) {
+  using V = VecT<T>;
+  constexpr int W = Vec<T>::kLanes;
+  for (int64_t c = 0; c < n; c += W) {
+    V fv;
+    std::memcpy(&fv, f + c, sizeof(V));
+    for (int64_t r = 0; r < rows; ++r) {
+      V v;
+      std::memcpy(&v, x + r * ld + c, sizeof(V));
+      v *= fv;
+      std::memcpy(x + r * ld + c, &v, sizeof(V));
+    }
+  }
+}
+
+// dp[r, c] = p[r, c] * (dp[r, c] - di[c]): dS from P and dP (FlashAttention-2).
+template <class T>
+VSLA_CLONES void ds_rows(T* dp, const T* p, int64_t rows, int64_t ld, const T* di, int64_t n) {
+  using V = VecT<T>;
+  constexpr int W = Vec<T>::kLanes;
+  for (int64_t c = 0; c < n; c += W) {
+    V dv;
+    std::memcpy(&dv, di + c, sizeof(V));
+    for (int64_t r = 0; r < rows; ++r) {
+      V x, pv;
+      std::memcpy(&x, dp + r * ld + c, sizeof(V));
+      std::memcpy(&pv, p + r * ld + c, sizeof(V));
+      x = pv * (x - dv);
+      std::memcpy(dp + r * ld + c, &x, sizeof(V));
+    }
+  }
+}
+
+// Causal: s[j, q] = fill for the queries q < j0 + j - i0 that key j0 + j comes after.
+template <class T>
+void mask_future(T* s, int64_t rows, int64_t ld, int64_t i0, int64_t j0, int64_t n, T fill) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t upto = std::min<int64_t>(n, j0 + j - i0);
+    if (upto > 0) std::fill(s + j * ld, s + j * ld + upto, fill);
+  }
 }
 
 // Scratch buffers of one worker, reused across its units.
 template <class T>
 struct Scratch {
-  std::vector<T> a, b, c, d, e, f, g, h, i, j;
+  std::vector<T> a, b, c, d, e, f;
 };
 
 template <class T>
@@ -180,7 +344,6 @@ T* sized(std::vector<T>& v, int64_t n) {
 // Shapes of one call, checked.
 struct Dims {
   int64_t B, Cq, Ck, H, Hkv, D, Dv, G;
-  int64_t Dp, Dvp;  // D, Dv rounded up to whole vectors
 };
 
 // ---------------------------------------------------------------- threading ----------
@@ -278,69 +441,49 @@ struct FwdArgs {
   T scale;
 };
 
-// Rows [i0, i0 + n) of head h of item b (n <= kTQ), lk > 0.
+// Queries [i0, i0 + n) of head h of item b (n <= kTQ), lk > 0. Everything is held
+// transposed (one column per query), so the online softmax runs down columns in whole
+// vectors: S^T = K Q^T, then O^T += V^T P^T, with K and V read in place.
 template <class T>
 void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t i0,
               int64_t n, Scratch<T>& w) {
-  const int64_t lk = a.lk[b], hk = h / s.G;
-  const int64_t M = round_up(n, kMR);
-  const int64_t kend = a.causal ? std::min<int64_t>(lk, i0 + n) : lk;
-  T* qs = sized(w.a, M * s.D);        // scaled queries [M, D]
-  T* kt = sized(w.b, s.D * kTK);      // keys transposed [D, kTK]
-  T* vt = sized(w.c, kTK * s.Dvp);    // values [kTK, Dvp]
-  T* sc = sized(w.d, M * kTK);        // scores, then probabilities [M, kTK]
-  T* acc = sized(w.e, M * s.Dvp);     // output accumulator [M, Dvp]
-  T* mx = sized(w.f, M);
-  T* sum = sized(w.g, M);
-  std::fill(qs, qs + M * s.D, T(0));
-  for (int64_t r = 0; r < n; ++r) {
-    const T* src = a.q + ((b * s.Cq + i0 + r) * s.H + h) * s.D;
-    for (int64_t d = 0; d < s.D; ++d) qs[r * s.D + d] = src[d] * a.scale;
-  }
-  std::fill(acc, acc + M * s.Dvp, T(0));
-  std::fill(mx, mx + M, -std::numeric_limits<T>::infinity());
-  std::fill(sum, sum + M, T(0));
   constexpr int W = Vec<T>::kLanes;
   const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t lk = a.lk[b], hk = h / s.G, np = round_up(n, W);
+  const int64_t kend = a.causal ? std::min<int64_t>(lk, i0 + n) : lk;
+  const int64_t ldk = s.Hkv * s.D, ldv = s.Hkv * s.Dv;
+  const T* kb = a.k + b * s.Ck * ldk + hk * s.D;   // key j at kb + j * ldk
+  const T* vb = a.v + b * s.Ck * ldv + hk * s.Dv;
+  T* qt = sized(w.a, s.D * kTQ);    // scaled queries, transposed [D, kTQ]
+  T* st = sized(w.b, kTK * kTQ);    // scores, then probabilities, transposed [kTK, kTQ]
+  T* acc = sized(w.c, s.Dv * kTQ);  // output, transposed [Dv, kTQ]
+  T* mx = sized(w.d, 4 * kTQ);      // running maximum, sum, previous maximum, correction
+  T* sum = mx + kTQ;
+  T* old = sum + kTQ;
+  T* corr = old + kTQ;
+  std::fill(qt, qt + s.D * kTQ, T(0));
+  for (int64_t r = 0; r < n; ++r) {
+    const T* src = a.q + ((b * s.Cq + i0 + r) * s.H + h) * s.D;
+    for (int64_t d = 0; d < s.D; ++d) qt[d * kTQ + r] = src[d] * a.scale;
+  }
+  std::fill(acc, acc + s.Dv * kTQ, T(0));
+  std::fill(mx, mx + kTQ, ninf);
+  std::fill(sum, sum + kTQ, T(0));
   for (int64_t j0 = 0; j0 < kend; j0 += kTK) {
-    const int64_t nk = std::min<int64_t>(kTK, kend - j0), nkp = round_up(nk, W);
-    for (int64_t c = 0; c < nk; ++c) {
-      const T* ks = a.k + ((b * s.Ck + j0 + c) * s.Hkv + hk) * s.D;
-      const T* vs = a.v + ((b * s.Ck + j0 + c) * s.Hkv + hk) * s.Dv;
-      for (int64_t d = 0; d < s.D; ++d) kt[d * kTK + c] = ks[d];
-      std::memcpy(vt + c * s.Dvp, vs, s.Dv * sizeof(T));
-      std::fill(vt + c * s.Dvp + s.Dv, vt + (c + 1) * s.Dvp, T(0));
-    }
-    for (int64_t d = 0; d < s.D; ++d) std::fill(kt + d * kTK + nk, kt + d * kTK + nkp, T(0));
-    std::fill(vt + nk * s.Dvp, vt + nkp * s.Dvp, T(0));
-    gemm<T, false>(M, nkp, s.D, qs, s.D, kt, kTK, sc, kTK);
-    for (int64_t r = 0; r < M; ++r) {
-      T* row = sc + r * kTK;
-      // keys of this tile that row r sees: [0, lim)
-      int64_t lim = r < n ? nk : 0;
-      if (a.causal) lim = std::min<int64_t>(lim, i0 + r - j0 + 1);
-      if (lim <= 0) {
-        std::fill(row, row + nkp, T(0));
-        continue;
-      }
-      std::fill(row + lim, row + nkp, ninf);
-      const T m = std::max(mx[r], max_vectors(row, nkp));
-      const T corr = std::exp(mx[r] - m);  // 0 on the first tile (mx = -inf)
-      for (int64_t c = 0; c < nkp; ++c) row[c] -= m;
-      exp_vectors(row, nkp);
-      mx[r] = m;
-      sum[r] = sum[r] * corr + sum_vectors(row, nkp);
-      if (corr != T(1)) {
-        T* ar = acc + r * s.Dvp;
-        for (int64_t d = 0; d < s.Dvp; ++d) ar[d] *= corr;
-      }
-    }
-    gemm<T, true>(M, s.Dvp, nkp, sc, kTK, vt, s.Dvp, acc, s.Dvp);
+    const int64_t nk = std::min<int64_t>(kTK, kend - j0);
+    gemm<T, false>(nk, np, s.D, kb + j0 * ldk, ldk, 1, qt, kTQ, st, kTQ);
+    if (a.causal && j0 + nk - 1 > i0) mask_future(st, nk, kTQ, i0, j0, np, ninf);
+    std::copy(mx, mx + np, old);
+    colmax_rows(st, nk, kTQ, mx, np);  // key j0 <= every query: the maximum is finite
+    exp_sub_rows(st, nk, kTQ, mx, np);
+    rescale_sums(st, nk, kTQ, old, mx, corr, sum, np);  // corr = 0 on the first tile
+    if (j0 > 0) scale_rows(acc, s.Dv, kTQ, corr, np);
+    gemm<T, true>(s.Dv, np, nk, vb + j0 * ldv, 1, ldv, st, kTQ, acc, kTQ);
   }
   for (int64_t r = 0; r < n; ++r) {
     T* dst = a.o + ((b * s.Cq + i0 + r) * s.H + h) * s.Dv;
-    const T inv = T(1) / sum[r];  // sum >= 1: the row maximum contributes exp(0)
-    for (int64_t d = 0; d < s.Dv; ++d) dst[d] = acc[r * s.Dvp + d] * inv;
+    const T inv = T(1) / sum[r];  // sum >= 1: the column maximum contributes exp(0)
+    for (int64_t d = 0; d < s.Dv; ++d) dst[d] = acc[d * kTQ + r] * inv;
     a.lse[(b * s.H + h) * s.Cq + i0 + r] = mx[r] + std::log(sum[r]);
   }
 }
@@ -351,7 +494,7 @@ void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   // padding and items without keys: zeros and lse = -inf
   for (int64_t b = 0; b < s.B; ++b) {
     const int64_t from = a.lk[b] > 0 ? a.lq[b] : 0;
-    std::fill(a.o + (b * s.Cq + from) * s.H * s.Dv, a.o + (b + 1) * s.Cq * s.H * s.Dv, T(0));
+    zero_fill(a.o + (b * s.Cq + from) * s.H * s.Dv, a.o + (b + 1) * s.Cq * s.H * s.Dv);
     for (int64_t h = 0; h < s.H; ++h)
       std::fill(a.lse + (b * s.H + h) * s.Cq + from, a.lse + (b * s.H + h + 1) * s.Cq, ninf);
   }
@@ -366,7 +509,7 @@ void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
       const int64_t kend = a.causal ? std::min<int64_t>(lk, i0 + n) : lk;
       for (int64_t h = 0; h < s.H; ++h) {
         units.push_back({b, h, i0, n});
-        cost.push_back(static_cast<double>(round_up(n, kMR)) * round_up(kend, kTK) + 64.0);
+        cost.push_back(static_cast<double>(round_up(n, 16)) * kend + 256.0);
       }
     }
   }
@@ -386,112 +529,86 @@ struct BwdArgs {
   T scale;
 };
 
-// Transpose src [rows, cols] (stride lds) into dst [cols, rows] (stride ldd).
-template <class T>
-void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
-// Item b, K/V head hk: dq of its G query heads, dk and dv of hk; lq, lk > 0.
+// Item b, K/V head hk: dq of its G query heads, dk and dv of hk; lq, lk > 0. Per key
+// tile and query tile (FlashAttention-2, transposed like the forward): P^T = exp(K Q^T -
+// lse), dS^T = P^T (V dO^T - rowsum(dO O)), then dV += P^T dO, dK += dS^T Q and
+// dQ += dS K, with K, V, Q and dO rows read in place.
 template <class T>
 void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch<T>& w) {
+  constexpr int W = Vec<T>::kLanes;
   const int64_t lq = a.lq[b], lk = a.lk[b], G = s.G;
   const int64_t Mq = round_up(lq, kTQ);
-  T* qs = sized(w.a, G * Mq * s.Dp);      // scaled queries, per head [Mq, Dp]
-  T* dos = sized(w.b, G * Mq * s.Dvp);    // output cotangents, per head [Mq, Dvp]
-  T* dqa = sized(w.c, G * Mq * s.Dp);     // dq accumulators, per head [Mq, Dp]
-  T* di = sized(w.d, G * Mq);             // rowsum(dO * O)
-  T* lse = sized(w.e, G * Mq);
-  T* kt = sized(w.f, s.D * kTK + kTK * s.Dp);  // keys [D, kTK] and [kTK, Dp]
-  T* kr = kt + s.D * kTK;
-  T* vtt = sized(w.g, s.Dv * kTK);         // values transposed [Dv, kTK]
-  T* dka = sized(w.h, kTK * s.Dp + kTK * s.Dvp);  // dk [kTK, Dp], dv [kTK, Dvp]
-  T* dva = dka + kTK * s.Dp;
-  T* p = sized(w.i, 4 * kTQ * kTK);        // P, dS [kTQ, kTK] and their transposes
-  T* ds = p + kTQ * kTK;
-  T* pt = ds + kTQ * kTK;
-  T* dst = pt + kTQ * kTK;
-  T* dp = sized(w.j, kTQ * kTK);
-  std::fill(qs, qs + G * Mq * s.Dp, T(0));
-  std::fill(dos, dos + G * Mq * s.Dvp, T(0));
-  std::fill(dqa, dqa + G * Mq * s.Dp, T(0));
+  const int64_t ldq = s.H * s.D, ldo = s.H * s.Dv, ldk = s.Hkv * s.D, ldv = s.Hkv * s.Dv;
+  const T* kb = a.k + b * s.Ck * ldk + hk * s.D;
+  const T* vb = a.v + b * s.Ck * ldv + hk * s.Dv;
+  T* qt = sized(w.a, G * s.D * Mq);    // scaled queries, transposed, per head [D, Mq]
+  T* dot = sized(w.b, G * s.Dv * Mq);  // output cotangents, transposed, per head [Dv, Mq]
+  T* dqa = sized(w.c, G * Mq * s.D);   // dq accumulators, per head [Mq, D]
+  T* di = sized(w.d, 2 * G * Mq);      // rowsum(dO * O), then the saved lse, per head
+  T* lse = di + G * Mq;
+  T* pt = sized(w.e, 2 * kTK * kTQ);   // P^T and dP^T, then dS^T [kTK, kTQ]
+  T* dst = pt + kTK * kTQ;
+  T* dka = sized(w.f, kTK * (s.D + s.Dv));  // dk [kTK, D] and dv [kTK, Dv] of one key tile
+  T* dva = dka + kTK * s.D;
+  std::fill(qt, qt + G * s.D * Mq, T(0));
+  std::fill(dot, dot + G * s.Dv * Mq, T(0));
+  std::fill(dqa, dqa + G * Mq * s.D, T(0));
   std::fill(di, di + G * Mq, T(0));
-  std::fill(lse, lse + G * Mq, T(0));
+  // queries past lq: lse = +inf makes their probabilities exactly 0
+  std::fill(lse, lse + G * Mq, std::numeric_limits<T>::infinity());
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
+    T* qg = qt + g * s.D * Mq;
+    T* dog = dot + g * s.Dv * Mq;
     for (int64_t i = 0; i < lq; ++i) {
-      const T* qr = a.q + ((b * s.Cq + i) * s.H + h) * s.D;
-      const T* orow = a.o + ((b * s.Cq + i) * s.H + h) * s.Dv;
-      const T* dor = a.dout + ((b * s.Cq + i) * s.H + h) * s.Dv;
-      T* qd = qs + (g * Mq + i) * s.Dp;
-      T* dd = dos + (g * Mq + i) * s.Dvp;
-      for (int64_t d = 0; d < s.D; ++d) qd[d] = qr[d] * a.scale;
+      const T* qr = a.q + (b * s.Cq + i) * ldq + h * s.D;
+      const T* orow = a.o + (b * s.Cq + i) * ldo + h * s.Dv;
+      const T* dor = a.dout + (b * s.Cq + i) * ldo + h * s.Dv;
+      for (int64_t d = 0; d < s.D; ++d) qg[d * Mq + i] = qr[d] * a.scale;
       T acc = 0;
       for (int64_t d = 0; d < s.Dv; ++d) {
-        dd[d] = dor[d];
+        dog[d * Mq + i] = dor[d];
         acc += dor[d] * orow[d];
       }
       di[g * Mq + i] = acc;
       lse[g * Mq + i] = a.lse[(b * s.H + h) * s.Cq + i];
     }
   }
-  constexpr int W = Vec<T>::kLanes;
-  const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t j0 = 0; j0 < lk; j0 += kTK) {
-    const int64_t nk = std::min<int64_t>(kTK, lk - j0), nkp = round_up(nk, W);
-    std::fill(kt, kt + s.D * kTK + nkp * s.Dp, T(0));
-    std::fill(vtt, vtt + s.Dv * kTK, T(0));
-    std::fill(dka, dka + nkp * s.Dp, T(0));
-    std::fill(dva, dva + nkp * s.Dvp, T(0));
-    for (int64_t c = 0; c < nk; ++c) {
-      const T* ks = a.k + ((b * s.Ck + j0 + c) * s.Hkv + hk) * s.D;
-      const T* vs = a.v + ((b * s.Ck + j0 + c) * s.Hkv + hk) * s.Dv;
-      for (int64_t d = 0; d < s.D; ++d) kt[d * kTK + c] = ks[d];
-      std::memcpy(kr + c * s.Dp, ks, s.D * sizeof(T));
-      for (int64_t d = 0; d < s.Dv; ++d) vtt[d * kTK + c] = vs[d];
-    }
+    const int64_t nk = std::min<int64_t>(kTK, lk - j0);
+    std::fill(dka, dka + kTK * (s.D + s.Dv), T(0));
     const int64_t istart = a.causal ? j0 / kTQ * kTQ : 0;
     for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      const T* qrows = a.q + b * s.Cq * ldq + h * s.D;
+      const T* dorows = a.dout + b * s.Cq * ldo + h * s.Dv;
       for (int64_t i0 = istart; i0 < lq; i0 += kTQ) {
-        const int64_t n = std::min<int64_t>(kTQ, lq - i0), M = round_up(n, kMR);
-        const T* qg = qs + (g * Mq + i0) * s.Dp;
-        const T* dog = dos + (g * Mq + i0) * s.Dvp;
-        gemm<T, false>(M, nkp, s.D, qg, s.Dp, kt, kTK, p, kTK);         // S
-        gemm<T, false>(M, nkp, s.Dv, dog, s.Dvp, vtt, kTK, dp, kTK);    // dP = dO V^T
-        for (int64_t r = 0; r < M; ++r) {
-          T* pr = p + r * kTK;
-          T* dsr = ds + r * kTK;
-          int64_t lim = r < n ? nk : 0;
-          if (a.causal) lim = std::min<int64_t>(lim, i0 + r - j0 + 1);
-          lim = std::max<int64_t>(lim, 0);
-          const T l = lse[g * Mq + i0 + r], dr = di[g * Mq + i0 + r];
-          for (int64_t c = 0; c < lim; ++c) pr[c] -= l;
-          std::fill(pr + lim, pr + nkp, ninf);
-          exp_vectors(pr, nkp);
-          const T* dpr = dp + r * kTK;
-          for (int64_t c = 0; c < nkp; ++c) dsr[c] = pr[c] * (dpr[c] - dr);
-        }
-        transpose(p, M, nkp, kTK, pt, M);
-        transpose(ds, M, nkp, kTK, dst, M);
-        gemm<T, true>(nkp, s.Dvp, M, pt, M, dog, s.Dvp, dva, s.Dvp);     // dV += P^T dO
-        gemm<T, true>(nkp, s.Dp, M, dst, M, qg, s.Dp, dka, s.Dp);        // dK += dS^T Qs
-        gemm<T, true>(M, s.Dp, nkp, ds, kTK, kr, s.Dp,                   // dQ += dS K
-                      dqa + (g * Mq + i0) * s.Dp, s.Dp);
+        const int64_t n = std::min<int64_t>(kTQ, lq - i0), np = round_up(n, W);
+        gemm<T, false>(nk, np, s.D, kb + j0 * ldk, ldk, 1, qt + g * s.D * Mq + i0, Mq, pt,
+                       kTQ);                                                    // S^T
+        gemm<T, false>(nk, np, s.Dv, vb + j0 * ldv, ldv, 1, dot + g * s.Dv * Mq + i0, Mq,
+                       dst, kTQ);                                               // dP^T
+        exp_sub_rows(pt, nk, kTQ, lse + g * Mq + i0, np);                      // P^T
+        if (a.causal && j0 + nk - 1 > i0) mask_future(pt, nk, kTQ, i0, j0, np, T(0));
+        ds_rows(dst, pt, nk, kTQ, di + g * Mq + i0, np);                       // dS^T
+        gemm<T, true>(nk, s.Dv, n, pt, kTQ, 1, dorows + i0 * ldo, ldo, dva, s.Dv);  // dV
+        gemm<T, true>(nk, s.D, n, dst, kTQ, 1, qrows + i0 * ldq, ldq, dka, s.D);    // dK
+        gemm<T, true>(n, s.D, nk, dst, 1, kTQ, kb + j0 * ldk, ldk,                // dQ
+                      dqa + (g * Mq + i0) * s.D, s.D);
       }
     }
     for (int64_t c = 0; c < nk; ++c) {
-      std::memcpy(a.dk + ((b * s.Ck + j0 + c) * s.Hkv + hk) * s.D, dka + c * s.Dp,
-                  s.D * sizeof(T));
-      std::memcpy(a.dv + ((b * s.Ck + j0 + c) * s.Hkv + hk) * s.Dv, dva + c * s.Dvp,
+      T* dkr = a.dk + (b * s.Ck + j0 + c) * ldk + hk * s.D;
+      for (int64_t d = 0; d < s.D; ++d) dkr[d] = dka[c * s.D + d] * a.scale;
+      std::memcpy(a.dv + (b * s.Ck + j0 + c) * ldv + hk * s.Dv, dva + c * s.Dv,
                   s.Dv * sizeof(T));
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
     for (int64_t i = 0; i < lq; ++i) {
-      T* dst_row = a.dq + ((b * s.Cq + i) * s.H + h) * s.D;
-      const T* src = dqa + (g * Mq + i) * s.Dp;
+      T* dst_row = a.dq + (b * s.Cq + i) * ldq + h * s.D;
+      const T* src = dqa + (g * Mq + i) * s.D;
       for (int64_t d = 0; d < s.D; ++d) dst_row[d] = src[d] * a.scale;
     }
   }
@@ -503,17 +620,16 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   for (int64_t b = 0; b < s.B; ++b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
-    std::fill(a.dq + (b * s.Cq + fq) * s.H * s.D, a.dq + (b + 1) * s.Cq * s.H * s.D, T(0));
-    std::fill(a.dk + (b * s.Ck + fk) * s.Hkv * s.D, a.dk + (b + 1) * s.Ck * s.Hkv * s.D, T(0));
-    std::fill(a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv, a.dv + (b + 1) * s.Ck * s.Hkv * s.Dv,
-              T(0));
+    zero_fill(a.dq + (b * s.Cq + fq) * s.H * s.D, a.dq + (b + 1) * s.Cq * s.H * s.D);
+    zero_fill(a.dk + (b * s.Ck + fk) * s.Hkv * s.D, a.dk + (b + 1) * s.Ck * s.Hkv * s.D);
+    zero_fill(a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv, a.dv + (b + 1) * s.Ck * s.Hkv * s.Dv);
   }
   std::vector<std::pair<int64_t, int64_t>> units;
   std::vector<double> cost;
   for (int64_t b = 0; b < s.B; ++b) {
     const int64_t lq = a.lq[b], lk = a.lk[b];
     if (lq == 0 || lk == 0) continue;
-    const double work = static_cast<double>(round_up(lq, kTQ)) * round_up(lk, kTK) * s.G;
+    const double work = static_cast<double>(round_up(lq, 16)) * lk * s.G + 256.0;
     for (int64_t hk = 0; hk < s.Hkv; ++hk) {
       units.emplace_back(b, hk);
       cost.push_back(a.causal ? work / 2 : work);
@@ -554,7 +670,7 @@ inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     return bad("q, k, v must share one dtype");
   if (q.element_type() != ffi::F32 && q.element_type() != ffi::F64)
     return bad("q, k, v must be float32 or float64");
-  *s = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3], 1, 0, 0};
+  *s = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3], 1};
   if (kd[0] != s->B || vd[0] != s->B)
     return bad("batch sizes differ: q " + dims_str(qd) + ", k " + dims_str(kd) + ", v " +
                dims_str(vd));
@@ -567,10 +683,6 @@ inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     return bad(std::to_string(s->H) + " query heads are not a multiple of " +
                std::to_string(s->Hkv) + " K/V heads");
   s->G = s->H / s->Hkv;
-  const int64_t lanes = q.element_type() == ffi::F32 ? Vec<float>::kLanes
-                                                     : Vec<double>::kLanes;
-  s->Dp = round_up(s->D, lanes);
-  s->Dvp = round_up(s->Dv, lanes);
   if (lq.dimensions().size() != 1 || lq.dimensions()[0] != s->B || lk.dimensions().size() != 1 ||
       lk.dimensions()[0] != s->B)
     return bad("lengths must be int32 [B] with B = " + std::to_string(s->B));

@@ -1,7 +1,11 @@
 // Shared helpers of the CPU kernels: the export macro and argument checks.
 #pragma once
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
+#include <cstring>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -14,6 +18,36 @@ namespace ffi = xla::ffi;
 // An InvalidArgument error naming what is wrong (the message reaches Python).
 inline ffi::Error invalid(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+// Sets bytes [p, p + n) to zero. Large ranges hand their whole pages back to the OS
+// (madvise MADV_DONTNEED), which maps zero pages on the next access: a mostly padded
+// output that XLA has just mmapped then costs no page faults for its padding, and a
+// reused one no memory traffic. That is only zeroing for private anonymous memory (what
+// malloc, and so XLA:CPU, hands out); where a re-read first word is not zero (any other
+// mapping) the range is memset instead.
+inline void zero_bytes(void* p, size_t n) {
+  constexpr size_t kMinAdvise = size_t{1} << 18;  // below this, memset is as cheap
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  char* c = static_cast<char*>(p);
+  if (n >= kMinAdvise && page > 0) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(c);
+    const uintptr_t lo = (a + page - 1) / page * page, hi = (a + n) / page * page;
+    if (hi > lo && madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED) == 0) {
+      volatile const uint64_t* first = reinterpret_cast<const uint64_t*>(lo);
+      if (*first != 0) std::memset(reinterpret_cast<void*>(lo), 0, hi - lo);
+      std::memset(c, 0, lo - a);
+      std::memset(reinterpret_cast<void*>(hi), 0, a + n - hi);
+      return;
+    }
+  }
+  std::memset(c, 0, n);
+}
+
+// Typed form: elements [p, end) of a float type to +0.
+template <class T>
+inline void zero_fill(T* p, T* end) {
+  if (end > p) zero_bytes(p, static_cast<size_t>(end - p) * sizeof(T));
 }
 
 }  // namespace vsla

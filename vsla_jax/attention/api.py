@@ -18,9 +18,8 @@ Backends (all exact), one module each:
                 interpreter elsewhere, slow, meant for tests).
   ``cpu``       ``cpu``: C++ flash kernels through XLA's FFI (``vsla_jax.kernels``), one
                 custom call per batch, forward and backward; ``bucketed`` where the
-                extension is missing or the backend is not a CPU. Opt-in: on the
-                measured workloads it beats ``bucketed`` on some and not others
-                (BENCHMARKS.md), so ``auto`` does not pick it yet.
+                extension is missing or the backend is not a CPU. What ``auto``
+                runs on CPU.
 """
 
 from __future__ import annotations
@@ -117,14 +116,17 @@ def backends_for(config: AttentionConfig = DEFAULT_CONFIG) -> dict[str, Attentio
 
 
 def choose_backend(q: VarTensor, k: VarTensor) -> str:
-    """What ``backend="auto"`` runs: ``pallas`` on GPU, ``bucketed`` elsewhere.
+    """What ``backend="auto"`` runs: ``pallas`` on GPU, ``cpu`` (the C++ kernels, which
+    fall back to ``bucketed`` where the extension is missing) on CPU, ``bucketed``
+    elsewhere.
 
-    On CPU ``bucketed`` was the fastest backend on every workload measured (see
-    BENCHMARKS.md), eagerly (host-planned groups) and under ``jit`` with traced lengths
-    (the per-item bucket switch). ``q``/``k`` are accepted so that the choice may depend
-    on the length profile."""
+    On CPU the kernels beat ``bucketed`` and PyTorch's per-sequence SDPA on every length
+    distribution measured (BENCHMARKS.md), eagerly and under ``jit`` with traced
+    lengths. ``q``/``k`` are accepted so that the choice may depend on the length
+    profile."""
     del q, k
-    return "pallas" if jax.default_backend() == "gpu" else "bucketed"
+    platform = jax.default_backend()
+    return {"gpu": "pallas", "cpu": "cpu"}.get(platform, "bucketed")
 
 
 # -- validation -------------------------------------------------------------------------
