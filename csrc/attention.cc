@@ -111,6 +111,18 @@ VSLA_INLINE void gemm_block(int64_t kdim, const T* __restrict a, int64_t rsa, in
     for (int v = 0; v < NV; ++v) store_vec(c + r * ldc + v * W, acc[r][v], width);
 }
 
+// The last rest < R rows of a column block, as one block of exactly `rest` rows.
+template <class T, int R, int NV, bool kAcc, bool kPart>
+VSLA_INLINE void gemm_rest(int64_t rest, int64_t kdim, const T* a, int64_t rsa, int64_t csa,
+                           const T* b, int64_t ldb, T* c, int64_t ldc, int cnt) {
+  if constexpr (R > 1) {
+    if (rest == R - 1)
+      gemm_block<T, R - 1, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+    else
+      gemm_rest<T, R - 1, NV, kAcc, kPart>(rest, kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+  }
+}
+
 // All m rows of one column block: blocks of R rows, then one block of the rest.
 template <class T, int R, int NV, bool kAcc, bool kPart>
 VSLA_INLINE void gemm_rows(int64_t m, int64_t kdim, const T* a, int64_t rsa, int64_t csa,
@@ -119,28 +131,29 @@ VSLA_INLINE void gemm_rows(int64_t m, int64_t kdim, const T* a, int64_t rsa, int
   for (; i + R <= m; i += R)
     gemm_block<T, R, NV, kAcc, kPart>(kdim, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc,
                                       cnt);
-  const int64_t rest = m - i;
-  a += i * rsa;
-  c += i * ldc;
-  if constexpr (R > 1) if (rest == 1) gemm_block<T, 1, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
-  if constexpr (R > 2) if (rest == 2) gemm_block<T, 2, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
-  if constexpr (R > 3) if (rest == 3) gemm_block<T, 3, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
-  if constexpr (R > 4) if (rest == 4) gemm_block<T, 4, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
-  if constexpr (R > 5) if (rest == 5) gemm_block<T, 5, NV, kAcc, kPart>(kdim, a, rsa, csa, b, ldb, c, ldc, cnt);
+  if (i < m)
+    gemm_rest<T, R, NV, kAcc, kPart>(m - i, kdim, a + i * rsa, rsa, csa, b, ldb, c + i * ldc,
+                                     ldc, cnt);
 }
 
-template <class T, int R, int NV, bool kAcc>
+// Column blocks of NV vectors (R rows), then of 2 and 1 vectors (R1 rows: narrower blocks
+// get more rows, to keep enough accumulators in flight), then a partial vector.
+template <class T, int R, int NV, int R1, bool kAcc>
 VSLA_INLINE void gemm_impl(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t rsa,
                            int64_t csa, const T* b, int64_t ldb, T* c, int64_t ldc) {
   constexpr int W = Vec<T>::kLanes;
   int64_t j = 0;
   for (; j + NV * W <= n; j += NV * W)
     gemm_rows<T, R, NV, kAcc, false>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc, W);
+  if constexpr (NV > 2) {
+    for (; j + 2 * W <= n; j += 2 * W)
+      gemm_rows<T, R1, 2, kAcc, false>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc, W);
+  }
   for (; j + W <= n; j += W)
-    gemm_rows<T, R, 1, kAcc, false>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc, W);
+    gemm_rows<T, R1, 1, kAcc, false>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc, W);
   if (j < n)
-    gemm_rows<T, R, 1, kAcc, true>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc,
-                                   static_cast<int>(n - j));
+    gemm_rows<T, R1, 1, kAcc, true>(m, kdim, a, rsa, csa, b + j, ldb, c + j, ldc,
+                                    static_cast<int>(n - j));
 }
 
 #define VSLA_GEMM_ARGS                                                                  \
@@ -148,23 +161,24 @@ VSLA_INLINE void gemm_impl(int64_t m, int64_t n, int64_t kdim, const T* a, int64
       int64_t ldb, T *c, int64_t ldc
 #define VSLA_GEMM_PASS m, n, kdim, a, rsa, csa, b, ldb, c, ldc
 
-// AVX-512: 6 rows x 4 zmm = 24 accumulators of 32 registers; AVX2: 6 x 2 ymm; else 2 x 4.
+// AVX-512: 6 rows x 4 zmm = 24 accumulators of 32 registers (12 rows x 2 or x 1 zmm for
+// narrow blocks); AVX2: 6 x 2 ymm; else 2 x 4 xmm.
 #if defined(__x86_64__)
 template <class T, bool kAcc>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))) void gemm_avx512(
     VSLA_GEMM_ARGS) {
-  gemm_impl<T, 6, 4, kAcc>(VSLA_GEMM_PASS);
+  gemm_impl<T, 6, 4, 12, kAcc>(VSLA_GEMM_PASS);
 }
 
 template <class T, bool kAcc>
 __attribute__((target("avx2,fma"))) void gemm_avx2(VSLA_GEMM_ARGS) {
-  gemm_impl<T, 6, 1, kAcc>(VSLA_GEMM_PASS);
+  gemm_impl<T, 6, 1, 6, kAcc>(VSLA_GEMM_PASS);
 }
 #endif
 
 template <class T, bool kAcc>
 void gemm_base(VSLA_GEMM_ARGS) {
-  gemm_impl<T, 2, 1, kAcc>(VSLA_GEMM_PASS);
+  gemm_impl<T, 2, 1, 2, kAcc>(VSLA_GEMM_PASS);
 }
 
 enum class Isa { kBase, kAvx2, kAvx512 };

@@ -17,3 +17,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_selftest_twice, vsla::Twice,
                               xla::ffi::Ffi::Bind()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+
+// vsla::zero_bytes (csrc/common.h) on caller memory, for its tests.
+extern "C" VSLA_EXPORT void vsla_selftest_zero_bytes(void* p, size_t n) {
+  vsla::zero_bytes(p, n);
+}

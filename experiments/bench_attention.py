@@ -149,10 +149,13 @@ def run(name, lengths, rng) -> dict:
         cpu = CPUBackend()
         fwd[CPU] = lambda: vs.attention(q, k, v, backend=cpu).data
         bwd[CPU] = vs_grad(cpu)
-        notes[CPU] = "one custom call per batch, 64x64 tiles"
-    groups = BucketedBackend().prepare(q, k, v)["groups"]
-    notes[OURS] = (f"picks {choose_backend(q, k)}: {len(groups)} groups, caps "
-                   f"{[g.cq for g in groups]}")
+        notes[CPU] = "one custom call per batch, 64-key x 64-query tiles"
+    picked = choose_backend(q, k)
+    if picked == "bucketed":
+        groups = BucketedBackend().prepare(q, k, v)["groups"]
+        notes[OURS] = f"picks bucketed: {len(groups)} groups, caps {[g.cq for g in groups]}"
+    else:
+        notes[OURS] = f"picks {picked}"
     if FLAGS.all_rows:
         tiles = vs.TilingStrategy().compute_optimal_tile_size(
             lengths, constraints=dict(heads=H, head_dim=D))

@@ -181,3 +181,50 @@ def test_fallback_when_the_target_is_missing(monkeypatch):
     out = vs.attention(q, k, v, causal=True, backend=CPUBackend())
     ref = vs.attention(q, k, v, causal=True, backend="xla")
     np.testing.assert_allclose(np.asarray(out.data), np.asarray(ref.data), atol=2e-5)
+
+
+def test_padding_is_never_read_forward_and_backward():
+    """NaN in every padded row of q, k and v changes nothing: the kernels read only rows
+    below the lengths, and write zeros past them (output and gradients)."""
+    rng = np.random.default_rng(8)
+    lq, lk = [5, 0, 70, 1, 33], [9, 4, 65, 0, 70]
+    q, k, v = qkv(rng, lq, lk, 72, 70, h=4, hkv=2, d=8, dv=8)
+
+    def poisoned(x):
+        pad = ~np.asarray(x.mask())[:, :, None, None]
+        return vs.VarTensor(jnp.where(pad, jnp.nan, x.data), x.lengths)
+
+    def run(q, k, v):
+        def loss(qd, kd, vd):
+            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                             vs.VarTensor(vd, v.lengths), causal=True, backend=CPUBackend())
+            return jnp.sum(o.data * o.data), o.data
+        (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+            q.data, k.data, v.data)
+        return [np.asarray(x) for x in (o, *g)]
+
+    clean, dirty = run(q, k, v), run(poisoned(q), poisoned(k), poisoned(v))
+    for a, b in zip(clean, dirty):
+        assert np.isfinite(b).all()
+        np.testing.assert_array_equal(a, b)
+    qpad = ~np.asarray(q.mask())
+    kpad = ~np.asarray(k.mask())
+    assert not clean[0][qpad].any() and not clean[1][qpad].any()
+    assert not clean[2][kpad].any() and not clean[3][kpad].any()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_stay_in_their_item_and_match_numpy(value):
+    rng = np.random.default_rng(9)
+    q, k, v = qkv(rng, [20, 7, 70], [30, 7, 66], 70, 66, h=2, hkv=2, d=8, dv=8)
+    kd = np.asarray(k.data).copy()
+    kd[0, 3, 1, 2] = value  # one key of item 0, head 1
+    k = vs.VarTensor(jnp.asarray(kd), k.lengths)
+    out = np.asarray(vs.attention(q, k, v, backend=CPUBackend()).data)
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference, as in the kernel
+        ref = numpy_attention(np.asarray(q.data), kd, np.asarray(v.data), [20, 7, 70],
+                              [30, 7, 66], False, 1 / np.sqrt(8))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    fin = ~np.isnan(ref)
+    np.testing.assert_allclose(out[fin], ref[fin], atol=2e-5, rtol=2e-5)
+    assert np.isfinite(out[1:]).all()

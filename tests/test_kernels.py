@@ -3,6 +3,7 @@ inside jit, and a missing build falls back with one clear warning."""
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 
@@ -67,3 +68,31 @@ def test_a_missing_build_falls_back_with_one_warning(monkeypatch):
 def test_an_unknown_symbol_is_a_fallback_not_a_crash():
     with pytest.warns(KernelFallbackWarning, match="lack vsla_no_such_kernel"):
         assert kernels.target("vsla_no_such_kernel") is None
+
+
+@pytest.mark.parametrize("offset, size", [(0, 1 << 20), (52, (1 << 20) + 4100), (4096, 300),
+                                          (8, (1 << 18) + 12)])
+def test_zero_bytes_zeroes_exactly_its_range_of_dirty_memory(offset, size):
+    """csrc/common.h's zero_bytes returns whole pages to the OS: the range must read as
+    zeros afterwards, its neighbours must keep their bytes, on heap memory (malloc, as
+    XLA's buffers) whatever its alignment."""
+    lib = kernels.library()
+    buf = np.full(offset + size + 4096, 0xAB, np.uint8)
+    lib.vsla_selftest_zero_bytes(ctypes.c_void_p(buf.ctypes.data + offset),
+                                 ctypes.c_size_t(size))
+    assert not buf[offset:offset + size].any()
+    assert (buf[:offset] == 0xAB).all() and (buf[offset + size:] == 0xAB).all()
+    buf[offset:offset + size] = 7  # the pages are usable again
+    assert (buf[offset:offset + size] == 7).all()
+
+
+def test_zero_bytes_on_a_file_mapping_writes_zeros(tmp_path):
+    """MADV_DONTNEED does not zero a shared file mapping (the file's bytes come back);
+    zero_bytes must notice and memset instead."""
+    lib = kernels.library()
+    m = np.memmap(tmp_path / "f.bin", np.uint8, mode="w+", shape=(1 << 20) + 8192)
+    m[:] = 0x5A
+    lib.vsla_selftest_zero_bytes(ctypes.c_void_p(m.ctypes.data + 100),
+                                 ctypes.c_size_t(1 << 20))
+    assert not m[100:100 + (1 << 20)].any()
+    assert (m[:100] == 0x5A).all() and (m[100 + (1 << 20):] == 0x5A).all()
