@@ -89,25 +89,25 @@ VSLA_INLINE void gemm_block(int64_t kdim, const T* __restrict a, int64_t rsa, in
   constexpr int W = Vec<T>::kLanes;
   const int width = kPart ? cnt : W;
   V acc[R][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v] = kAcc ? load_vec(c + r * ldc + v * W, width) : V{};
   for (int64_t p = 0; p < kdim; ++p) {
     V bv[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) bv[v] = load_vec(b + p * ldb + v * W, width);
     const T* ap = a + p * csa;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const T x = ap[r * rsa];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) store_vec(c + r * ldc + v * W, acc[r][v], width);
 }
 

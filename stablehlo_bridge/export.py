@@ -35,7 +35,7 @@ from jaxlib.mlir.dialects import func, stablehlo
 
 from stablehlo_bridge import mlir_io, passes, tags
 from stablehlo_bridge.constants import dense_attr
-from stablehlo_bridge.errors import SpecError
+from stablehlo_bridge.errors import ModuleError, SpecError
 from stablehlo_bridge.models import Case
 
 #: The per-input fields of ``jax.export.Exported`` (one entry per flat input). Dropping
@@ -150,7 +150,16 @@ def export(fn: Callable, params, *example_args, embed_params: bool = True,
         return fn(p, *args)
 
     lowered.__name__ = name or getattr(fn, "__name__", "fn").strip("<>")
-    exp = jax_export.export(jax.jit(lowered), platforms=platforms)(params, *specs)
+    try:
+        exp = jax_export.export(jax.jit(lowered), platforms=platforms)(params, *specs)
+    except ValueError as e:
+        if "custom call" not in str(e) and "custom_call" not in str(e):
+            raise
+        raise ModuleError(
+            f"export: {lowered.__name__} calls a custom call that StableHLO cannot carry "
+            "(the C++ CPU kernels of vsla_jax run in this process only); build the model "
+            "with a portable backend, e.g. vs.attention(..., backend='xla') or "
+            "minilm.load(backend='xla')") from e
     module = mlir_io.load(exp)
     main = mlir_io.entry(module)
     prefix = mlir_io.entry_prefix(exp)

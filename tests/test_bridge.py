@@ -741,3 +741,24 @@ def test_export_saved_rebuilds_the_target_of_a_run_folder(tmp_path):
     to = tmp_path / "elsewhere" / "x.stablehlo"
     assert run_export.export_saved(str(tmp_path), str(to), make_target)["sidecar"] == str(
         to.with_suffix(".json"))
+
+
+def test_export_of_a_cpu_kernel_call_names_the_portable_backend():
+    """The C++ attention kernels are custom calls of this process; exporting a model that
+    uses them is a ModuleError that says which backend to build it with."""
+    import jax.numpy as jnp
+
+    import vsla_jax as vs
+    from vsla_jax import kernels
+
+    if kernels.target("vsla_attention_fwd") is None:
+        pytest.skip("vsla_jax.cpu_kernels not built")
+    lens = jnp.asarray([[3], [5]], jnp.int32)
+
+    def fn(params, x):
+        q = vs.VarTensor(x * params["w"], lens)
+        return vs.attention(q, q, q, backend="cpu").data
+
+    x = np.ones((2, 5, 2, 4), np.float32)
+    with pytest.raises(ModuleError, match="backend=.xla."):
+        export(fn, {"w": np.ones((4,), np.float32)}, x)
