@@ -11,7 +11,7 @@
 // Work is split into units (forward: item x head x query tile; backward: item x K/V
 // head, so that dk/dv of a group are owned by one unit), sorted longest first and
 // pulled from an atomic counter by the caller and the workers of XLA's intra-op
-// thread pool (ffi::ThreadPool), or std::threads when VSLA_ATTENTION_THREADS=std.
+// thread pool (ffi::ThreadPool).
 // Tiles are held transposed (one column per query), so the softmax runs in whole
 // vectors across queries and K, V, Q and dO are read in place, never packed. All
 // products go through one register-blocked GEMM with strided A, built for AVX-512
@@ -28,7 +28,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -431,22 +430,6 @@ struct Job {
   }
 };
 
-inline bool use_std_threads() {
-  static const bool std_threads = [] {
-    const char* s = std::getenv("VSLA_ATTENTION_THREADS");
-    return s != nullptr && std::string(s) == "std";
-  }();
-  return std_threads;
-}
-
-inline int64_t std_thread_count() {
-  static const int64_t n = [] {
-    int64_t hw = static_cast<int64_t>(std::thread::hardware_concurrency());
-    return std::max<int64_t>(1, std::min<int64_t>(hw, 64));
-  }();
-  return n;
-}
-
 // Units sorted by decreasing cost (longest processing time first).
 inline std::vector<int64_t> by_cost(const std::vector<double>& cost) {
   std::vector<int64_t> order(cost.size());
@@ -466,13 +449,6 @@ void parallel_units(ffi::ThreadPool& pool, const std::vector<double>& cost, int6
   job->fn = std::forward<Fn>(fn);
   const int64_t n = static_cast<int64_t>(job->order.size());
   const int64_t extra = std::min(workers, n) - 1;
-  if (use_std_threads()) {
-    std::vector<std::thread> threads;
-    for (int64_t w = 0; w < extra; ++w) threads.emplace_back([job] { job->drain(); });
-    job->drain();
-    for (auto& t : threads) t.join();
-    return;
-  }
   // Late-starting tasks find the counter exhausted and touch nothing but the job.
   for (int64_t w = 0; w < extra; ++w) pool.Schedule([job] { job->drain(); });
   job->drain();
@@ -481,7 +457,6 @@ void parallel_units(ffi::ThreadPool& pool, const std::vector<double>& cost, int6
 }
 
 inline int64_t worker_count(ffi::ThreadPool& pool) {
-  if (use_std_threads()) return std_thread_count();
   return std::max<int64_t>(1, pool.num_threads());
 }
 

@@ -239,6 +239,13 @@ class MiniLM:
                       policy=self.policy, backend=self.backend, max_tokens=self.max_tokens,
                       layout=self.layout, transforms=self.transforms)
 
+    def with_backend(self, backend: str) -> MiniLM:
+        """The same encoder with another ``vs.attention`` backend (``"xla"`` for a
+        portable StableHLO export: the ``cpu`` kernels are custom calls of this process)."""
+        return MiniLM(self.config, self.params, self.tokenizer, dtype=self.dtype,
+                      policy=self.policy, backend=backend, max_tokens=self.max_tokens,
+                      layout=self.layout, transforms=self.transforms)
+
     def with_transforms(self, transforms: Transforms) -> MiniLM:
         """The same encoder and parameters with other execution-time transforms."""
         return MiniLM(self.config, self.params, self.tokenizer, dtype=self.dtype,

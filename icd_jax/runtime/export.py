@@ -56,7 +56,7 @@ def minilm_case(seed: int = 0, batch_size: int | None = None,
         SENTENCES if batch_size is None or batch_size <= len(SENTENCES)
         else corpus.sentences(batch_size)))
     n = len(texts) if batch_size is None else min(batch_size, len(texts))
-    enc = model.load(backend="xla")  # portable StableHLO: no CPU kernel custom calls
+    enc = model.load(backend="xla")  # StableHLO cannot carry the C++ kernels' custom calls
     batch = next(iter(enc.packed_batches(texts[:n], n)))
     return Case("minilm", enc.apply, jax.tree.map(np.asarray, enc.params),
                 batch.arrays(), model.permute_spec(enc.config), "embedding")

@@ -275,7 +275,8 @@ class MiniLMTarget:
     def export_fn(self) -> tuple:
         """``(name, fn, params, args, output)`` of the dense encoder on one timed batch,
         for ``runtime.export`` (``output``: the ``spec.outputs`` name of the result)."""
-        return ("minilm", self.enc.apply, jax.tree.map(np.asarray, self.enc.params),
+        portable = self.enc.with_backend("xla")  # StableHLO cannot carry the C++ kernels
+        return ("minilm", portable.apply, jax.tree.map(np.asarray, self.enc.params),
                 self.time_batches[0].arrays(), "embedding")
 
 
