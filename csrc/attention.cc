@@ -244,34 +244,25 @@ VSLA_INLINE VecT<double> exp_vec(VecT<double> v) {
 // m[c] = max(m[c], max_r s[r, c]) (NaN never wins: it reaches the output through exp).
 template <class T>
 VSLA_CLONES void colmax_rows(const T* s, int64_t rows, int64_t ld, T* m, int64_t n) {
-  using V = VecT<T>;
   constexpr int W = Vec<T>::kLanes;
   for (int64_t c = 0; c < n; c += W) {
-    V mv;
-    std::memcpy(&mv, m + c, sizeof(V));
+    VecT<T> mv = load_vec(m + c, W);
     for (int64_t r = 0; r < rows; ++r) {
-      V v;
-      std::memcpy(&v, s + r * ld + c, sizeof(V));
+      const VecT<T> v = load_vec(s + r * ld + c, W);
       mv = v > mv ? v : mv;
     }
-    std::memcpy(m + c, &mv, sizeof(V));
+    store_vec(m + c, mv, W);
   }
 }
 
 // s[r, c] = exp(s[r, c] - m[c]).
 template <class T>
 VSLA_CLONES void exp_sub_rows(T* s, int64_t rows, int64_t ld, const T* m, int64_t n) {
-  using V = VecT<T>;
   constexpr int W = Vec<T>::kLanes;
   for (int64_t c = 0; c < n; c += W) {
-    V mv;
-    std::memcpy(&mv, m + c, sizeof(V));
-    for (int64_t r = 0; r < rows; ++r) {
-      V v;
-      std::memcpy(&v, s + r * ld + c, sizeof(V));
-      v = exp_vec(v - mv);
-      std::memcpy(s + r * ld + c, &v, sizeof(V));
-    }
+    const VecT<T> mv = load_vec(m + c, W);
+    for (int64_t r = 0; r < rows; ++r)
+      store_vec(s + r * ld + c, exp_vec(load_vec(s + r * ld + c, W) - mv), W);
   }
 }
 
@@ -280,39 +271,25 @@ VSLA_CLONES void exp_sub_rows(T* s, int64_t rows, int64_t ld, const T* m, int64_
 template <class T>
 VSLA_CLONES void rescale_sums(const T* p, int64_t rows, int64_t ld, const T* old, const T* m,
                               T* corr, T* sum, int64_t n) {
-  using V = VecT<T>;
   constexpr int W = Vec<T>::kLanes;
   for (int64_t c = 0; c < n; c += W) {
-    V o, mv, sv;
-    std::memcpy(&o, old + c, sizeof(V));
-    std::memcpy(&mv, m + c, sizeof(V));
-    std::memcpy(&sv, sum + c, sizeof(V));
-    const V cv = exp_vec(o - mv);
-    sv *= cv;
-    for (int64_t r = 0; r < rows; ++r) {
-      V v;
-      std::memcpy(&v, p + r * ld + c, sizeof(V));
-      sv += v;
-    }
-    std::memcpy(corr + c, &cv, sizeof(V));
-    std::memcpy(sum + c, &sv, sizeof(V));
+    const VecT<T> cv = exp_vec(load_vec(old + c, W) - load_vec(m + c, W));
+    VecT<T> sv = load_vec(sum + c, W) * cv;
+    for (int64_t r = 0; r < rows; ++r) sv += load_vec(p + r * ld + c, W);
+    store_vec(corr + c, cv, W);
+    store_vec(sum + c, sv, W);
   }
 }
 
 // dp[r, c] = p[r, c] * (dp[r, c] - di[c]): dS from P and dP (FlashAttention-2).
 template <class T>
 VSLA_CLONES void ds_rows(T* dp, const T* p, int64_t rows, int64_t ld, const T* di, int64_t n) {
-  using V = VecT<T>;
   constexpr int W = Vec<T>::kLanes;
   for (int64_t c = 0; c < n; c += W) {
-    V dv;
-    std::memcpy(&dv, di + c, sizeof(V));
+    const VecT<T> dv = load_vec(di + c, W);
     for (int64_t r = 0; r < rows; ++r) {
-      V x, pv;
-      std::memcpy(&x, dp + r * ld + c, sizeof(V));
-      std::memcpy(&pv, p + r * ld + c, sizeof(V));
-      x = pv * (x - dv);
-      std::memcpy(dp + r * ld + c, &x, sizeof(V));
+      T* x = dp + r * ld + c;
+      store_vec(x, load_vec(p + r * ld + c, W) * (load_vec(x, W) - dv), W);
     }
   }
 }
