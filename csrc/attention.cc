@@ -294,6 +294,37 @@ VSLA_CLONES void ds_rows(T* dp, const T* p, int64_t rows, int64_t ld, const T* d
   }
 }
 
+// y[r, :m] = x[r, :m] * f[r] for r < n (f == nullptr: by c). In place when y == x.
+template <class T>
+VSLA_CLONES void scale_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const T* f, T c,
+                            T* y, int64_t ldy) {
+  constexpr int W = Vec<T>::kLanes;
+  const int64_t full = m / W * W;
+  for (int64_t r = 0; r < n; ++r) {
+    const T fr = f ? f[r] : c;
+    for (int64_t d = 0; d < full; d += W)
+      store_vec(y + r * ldy + d, load_vec(x + r * ldx + d, W) * fr, W);
+    for (int64_t d = full; d < m; ++d) y[r * ldy + d] = x[r * ldx + d] * fr;
+  }
+}
+
+// out[r] = sum_d x[r, d] * y[r, d] over d < m, for r < n.
+template <class T>
+VSLA_CLONES void dot_rows(const T* x, int64_t ldx, const T* y, int64_t ldy, int64_t n,
+                          int64_t m, T* out) {
+  constexpr int W = Vec<T>::kLanes;
+  const int64_t full = m / W * W;
+  for (int64_t r = 0; r < n; ++r) {
+    VecT<T> acc{};
+    for (int64_t d = 0; d < full; d += W)
+      acc += load_vec(x + r * ldx + d, W) * load_vec(y + r * ldy + d, W);
+    T sum = 0;
+    for (int l = 0; l < W; ++l) sum += acc[l];
+    for (int64_t d = full; d < m; ++d) sum += x[r * ldx + d] * y[r * ldy + d];
+    out[r] = sum;
+  }
+}
+
 // Causal: s[j, q] = fill for the queries q < j0 + j - i0 that key j0 + j comes after.
 template <class T>
 void mask_future(T* s, int64_t rows, int64_t ld, int64_t i0, int64_t j0, int64_t n, T fill) {
@@ -495,17 +526,15 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
     colmax_rows(st, nk, kTQ, mx, np);  // key j0 <= every query: the maximum is finite
     exp_sub_rows(st, nk, kTQ, mx, np);
     rescale_sums(st, nk, kTQ, old, mx, corr, sum, np);  // corr = 0 on the first tile
-    if (j0 > 0)
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t d = 0; d < s.Dv; ++d) acc[r * s.Dv + d] *= corr[r];
+    if (j0 > 0) scale_rows(acc, s.Dv, n, s.Dv, corr, T(1), acc, s.Dv);
     gemm<T, true>(n, s.Dv, nk, st, 1, kTQ, vb + j0 * ldv, ldv, acc, s.Dv);
   }
   T* out = a.o + (b * s.Cq + i0) * ldo + h * s.Dv;
   for (int64_t r = 0; r < n; ++r) {
-    const T inv = T(1) / sum[r];  // sum >= 1: the column maximum contributes exp(0)
-    for (int64_t d = 0; d < s.Dv; ++d) out[r * ldo + d] = acc[r * s.Dv + d] * inv;
     a.lse[(b * s.H + h) * s.Cq + i0 + r] = mx[r] + std::log(sum[r]);
+    sum[r] = T(1) / sum[r];  // sum >= 1: the column maximum contributes exp(0)
   }
+  scale_rows(acc, s.Dv, n, s.Dv, sum, T(1), out, ldo);
 }
 
 template <class T>
@@ -593,14 +622,9 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
     T* dog = dot + g * s.Dv * Mq;
     transpose_scaled(a.q + b * s.Cq * ldq + h * s.D, ldq, lq, s.D, qg, Mq, a.scale);
     transpose_scaled(a.dout + b * s.Cq * ldo + h * s.Dv, ldo, lq, s.Dv, dog, Mq, T(1));
-    for (int64_t i = 0; i < lq; ++i) {
-      const T* orow = a.o + (b * s.Cq + i) * ldo + h * s.Dv;
-      const T* dor = a.dout + (b * s.Cq + i) * ldo + h * s.Dv;
-      T acc = 0;
-      for (int64_t d = 0; d < s.Dv; ++d) acc += dor[d] * orow[d];
-      di[g * Mq + i] = acc;
-      lse[g * Mq + i] = a.lse[(b * s.H + h) * s.Cq + i];
-    }
+    dot_rows(a.dout + b * s.Cq * ldo + h * s.Dv, ldo, a.o + b * s.Cq * ldo + h * s.Dv, ldo,
+             lq, s.Dv, di + g * Mq);
+    std::copy(a.lse + (b * s.H + h) * s.Cq, a.lse + (b * s.H + h) * s.Cq + lq, lse + g * Mq);
   }
   for (int64_t j0 = 0; j0 < lk; j0 += kTK) {
     const int64_t nk = std::min<int64_t>(kTK, lk - j0);
@@ -625,21 +649,14 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
                       dqa + (g * Mq + i0) * s.D, s.D);
       }
     }
-    for (int64_t c = 0; c < nk; ++c) {
-      T* dkr = a.dk + (b * s.Ck + j0 + c) * ldk + hk * s.D;
-      for (int64_t d = 0; d < s.D; ++d) dkr[d] = dka[c * s.D + d] * a.scale;
-      std::memcpy(a.dv + (b * s.Ck + j0 + c) * ldv + hk * s.Dv, dva + c * s.Dv,
-                  s.Dv * sizeof(T));
-    }
+    scale_rows(dka, s.D, nk, s.D, static_cast<const T*>(nullptr), a.scale,
+               a.dk + (b * s.Ck + j0) * ldk + hk * s.D, ldk);
+    scale_rows(dva, s.Dv, nk, s.Dv, static_cast<const T*>(nullptr), T(1),
+               a.dv + (b * s.Ck + j0) * ldv + hk * s.Dv, ldv);
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t h = hk * G + g;
-    for (int64_t i = 0; i < lq; ++i) {
-      T* dst_row = a.dq + (b * s.Cq + i) * ldq + h * s.D;
-      const T* src = dqa + (g * Mq + i) * s.D;
-      for (int64_t d = 0; d < s.D; ++d) dst_row[d] = src[d] * a.scale;
-    }
-  }
+  for (int64_t g = 0; g < G; ++g)
+    scale_rows(dqa + g * Mq * s.D, s.D, lq, s.D, static_cast<const T*>(nullptr), a.scale,
+               a.dq + b * s.Cq * ldq + (hk * G + g) * s.D, ldq);
 }
 
 template <class T>

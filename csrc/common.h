@@ -49,7 +49,7 @@ inline void zero_bytes(void* p, size_t n) {
 // XLA has just mmapped. A hint only; nothing happens where the kernel lacks it.
 inline void prefault_bytes(void* p, size_t n) {
 #ifdef MADV_POPULATE_WRITE
-  constexpr size_t kMinAdvise = size_t{1} << 16;
+  constexpr size_t kMinAdvise = size_t{1} << 14;
   static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   if (n < kMinAdvise || page == 0) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
