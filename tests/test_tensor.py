@@ -135,3 +135,26 @@ def test_bucketize_with_feature_axes():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(vs.ShapeError, match="feature shape"):
         vs.bucketize([np.ones((2, 3)), np.ones((2, 4))], rank=1)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (1,), (5, 7), (4, 3, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int8, np.complex64])
+def test_aligned_zeros(shape, dtype):
+    from vsla_jax.util import HOST_ALIGN, aligned_zeros
+
+    a = aligned_zeros(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+    assert a.size == 0 or a.ctypes.data % HOST_ALIGN == 0
+    assert not a.any()
+    a[...] = 1  # writable
+
+
+def test_stack_device_data_matches_items_and_is_not_aliased_to_inputs():
+    xs = [np.arange(n, dtype=np.float32) + 1 for n in (3, 0, 5, 1)]
+    b = vs.stack(xs)
+    xs[0][:] = -7  # the batch owns its data: later writes to the items do not show
+    got = np.asarray(b.data)
+    assert got.shape[0] == 4 and got.shape[1] >= 5
+    for i, n in enumerate((3, 0, 5, 1)):
+        np.testing.assert_array_equal(got[i, :n], np.arange(n, dtype=np.float32) + 1)
+        assert not got[i, n:].any()

@@ -12,7 +12,7 @@ import numpy as np
 
 from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLATypeError
-from vsla_jax.util import as_array, default_float, host_or_none, is_traced
+from vsla_jax.util import aligned_zeros, as_array, default_float, host_or_none, is_traced
 
 MODELS = ("A", "B")
 
@@ -537,7 +537,7 @@ def stack(
     len_arr = len_arr.astype(np.int32)
     maxlen = len_arr.max(axis=0) if k else np.zeros(item_rank, np.int32)
     cap = policy.capacity(maxlen)
-    out = np.zeros((k, *cap, *feats), dtype=dtype)
+    out = aligned_zeros((k, *cap, *feats), dtype)  # adopted by device_put, not copied
     if item_rank == 1 and not models:  # the common ragged 1-D batch: plain slice copies
         for i, (a, n) in enumerate(zip(arrays, len_arr[:, 0].tolist())):
             out[i, :n] = a
@@ -546,7 +546,8 @@ def stack(
             if isinstance(a, VarTensor):
                 a = a.to_numpy()
             out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
-    return VarTensor.trusted(jax.device_put(out), jax.device_put(len_arr), model)
+    data, lens = jax.device_put((out, len_arr))
+    return VarTensor.trusted(data, lens, model)
 
 
 def _numpy_items(items, rank):
@@ -555,17 +556,17 @@ def _numpy_items(items, rank):
     if not isinstance(items, (list, tuple)) or not items or set(map(type, items)) != {
             np.ndarray}:
         return None
-    ndims = {a.ndim for a in items}
-    if len(ndims) != 1 or not {a.dtype.kind for a in items} <= set("biuf"):
+    shapes = [a.shape for a in items]
+    ndim = len(shapes[0])
+    if not {a.dtype.kind for a in items} <= set("biuf") or any(
+            len(sh) != ndim for sh in shapes):
         return None
-    ndim = ndims.pop()
     r = ndim if rank is None else rank
     if not 1 <= r <= ndim:
         return None
-    feats = {a.shape[r:] for a in items}
-    if len(feats) != 1:
+    if r < ndim and len({sh[r:] for sh in shapes}) != 1:
         return None
-    return list(items), [a.shape[:r] for a in items], feats.pop(), r
+    return list(items), [sh[:r] for sh in shapes], shapes[0][r:], r
 
 
 def _stack_traced(arrays, lengths, rank: int, feats, policy, model, dtype) -> VarTensor:

@@ -87,6 +87,19 @@ def aligned_empty(n: int, dtype) -> np.ndarray:
     return raw[start : start + n * dtype.itemsize].view(dtype)
 
 
+def aligned_zeros(shape: Sequence[int], dtype) -> np.ndarray:
+    """A zeroed C-contiguous NumPy array of ``shape``, ``HOST_ALIGN``-byte aligned.
+
+    ``jax.device_put`` on CPU adopts such an array without copying it, so do not write
+    to it after handing it over.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(n + HOST_ALIGN, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGN
+    return raw[start : start + n].view(dtype).reshape(tuple(shape))
+
+
 # -- shapes -----------------------------------------------------------------------------
 def cdiv(a, b):
     """Ceiling division (ints or integer arrays)."""
