@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -525,7 +526,8 @@ def stack(
     feats = feats or ()
     k = len(arrays)
     if dtype is None:
-        dts = {(a.data if isinstance(a, VarTensor) else a).dtype for a in arrays}
+        dts = set(map(operator.attrgetter("dtype"), arrays)) if fast is not None else {
+            (a.data if isinstance(a, VarTensor) else a).dtype for a in arrays}
         dtype = np.result_type(*[default_float(np.zeros(0, d)).dtype for d in dts]) if k else (
             jnp.result_type(float))
         dtype = jax.dtypes.canonicalize_dtype(dtype)
@@ -556,15 +558,18 @@ def _numpy_items(items, rank):
     if not isinstance(items, (list, tuple)) or not items or set(map(type, items)) != {
             np.ndarray}:
         return None
-    shapes = [a.shape for a in items]
-    ndim = len(shapes[0])
-    if not {a.dtype.kind for a in items} <= set("biuf") or any(
-            len(sh) != ndim for sh in shapes):
+    shapes = list(map(operator.attrgetter("shape"), items))  # C-level passes
+    ndims = set(map(len, shapes))
+    kinds = {d.kind for d in set(map(operator.attrgetter("dtype"), items))}
+    if len(ndims) != 1 or not kinds <= set("biuf"):
         return None
+    ndim = ndims.pop()
     r = ndim if rank is None else rank
     if not 1 <= r <= ndim:
         return None
-    if r < ndim and len({sh[r:] for sh in shapes}) != 1:
+    if r == ndim:
+        return list(items), shapes, (), r
+    if len({sh[r:] for sh in shapes}) != 1:
         return None
     return list(items), [sh[:r] for sh in shapes], shapes[0][r:], r
 
