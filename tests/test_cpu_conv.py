@@ -241,3 +241,38 @@ def test_threads_agree_with_one_thread():
     np.testing.assert_allclose(np.asarray(one.data), np.asarray(many.data), rtol=1e-5,
                                atol=1e-5)
     check_against_numpy(many, a, b, 1e-3)
+
+
+def test_every_autodiff_mode_through_the_natural_call():
+    """vs.conv routes to the reverse-only kernels on CPU; forward mode (jvp, jacfwd,
+    hessian) falls back to the XLA engine, so every mode works and agrees."""
+    with jax.enable_x64(True):
+        a = batch([5, 0, 9, 1], 9, np.float64, seed=10)
+        b = batch([3, 4, 2, 1], 4, np.float64, seed=11)
+
+        def f(x, y):
+            return vs.conv(vs.VarTensor(x, a.lengths), vs.VarTensor(y, b.lengths)).data
+
+        check_grads(f, (a.data, b.data), order=2, modes=("fwd", "rev"))
+        loss = lambda x: jnp.sum(jnp.sin(f(x, b.data)))
+        ref = lambda x: jnp.sum(jnp.sin(vs.conv(vs.VarTensor(x, a.lengths), b, method="direct",
+                                                policy=vs.ConvPolicy(cpu_kernels=False)).data))
+        np.testing.assert_allclose(jax.jit(jax.hessian(loss))(a.data), jax.hessian(ref)(a.data),
+                                   rtol=1e-10, atol=1e-12)
+        t = jnp.ones_like(a.data)
+        np.testing.assert_allclose(jax.jvp(loss, (a.data,), (t,))[1],
+                                   jax.jvp(ref, (a.data,), (t,))[1], rtol=1e-10)
+        # reverse mode still runs the kernels: their custom call is in the jitted grad
+        hlo = jax.jit(jax.grad(loss)).lower(a.data).as_text()
+        assert "vsla_conv_bwd" in hlo
+
+
+def test_jvp_of_the_single_item_front_door():
+    x = np.arange(5.0, dtype=np.float32)
+    k = vs.tensor(np.array([1.0, -2.0, 3.0], np.float32))
+    f = lambda x: jnp.sum(vs.conv(vs.tensor(x), k).data ** 2)
+    primal, tangent = jax.jvp(f, (x,), (np.ones(5, np.float32),))
+    want = np.convolve(x, [1.0, -2.0, 3.0])
+    assert float(primal) == pytest.approx(float(np.sum(want**2)))
+    assert float(tangent) == pytest.approx(float(2 * np.sum(want * np.convolve(np.ones(5),
+                                                                            [1, -2, 3]))))

@@ -11,12 +11,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.errors import ShapeError, VSLATypeError
+from vsla_jax.errors import ShapeError, VSLAError, VSLATypeError
 
 #: Host buffers handed to XLA:CPU are aligned to this many bytes, so that XLA reads
 #: them in place instead of copying them.
@@ -98,6 +99,29 @@ def aligned_zeros(shape: Sequence[int], dtype) -> np.ndarray:
     raw = np.zeros(n + HOST_ALIGN, np.uint8)
     start = -raw.ctypes.data % HOST_ALIGN
     return raw[start : start + n].view(dtype).reshape(tuple(shape))
+
+
+# JAX's refusals to push tangents forward through a custom_vjp function or an FFI call.
+_FORWARD_MODE_REFUSALS = ("forward-mode autodiff (jvp) to a custom_vjp",
+                          "cannot be differentiated",
+                          "Differentiation rule for 'custom_lin'")
+
+
+def call_or_none(fn: Callable[..., Any], *args, **kwargs) -> Any | None:
+    """``fn(*args, **kwargs)``, or None when JAX refuses to trace it under forward-mode
+    AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, ``jvp`` of ``grad``).
+
+    For the ``custom_vjp`` paths (the C++ kernels, the bucketed, tiled and Pallas
+    attention), which are differentiable in reverse mode only: JAX raises while tracing
+    the call, before anything runs, and callers then take a pure-XLA path that every
+    transformation goes through. Any other error propagates.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        if isinstance(e, VSLAError) or not any(m in str(e) for m in _FORWARD_MODE_REFUSALS):
+            raise
+        return None
 
 
 # -- shapes -----------------------------------------------------------------------------

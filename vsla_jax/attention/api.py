@@ -40,7 +40,7 @@ from vsla_jax.attention.reference import XLABackend
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy
 from vsla_jax.errors import LengthError, ShapeError, VSLAError, VSLATypeError
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import host_or_none, is_traced
+from vsla_jax.util import call_or_none, host_or_none, is_traced
 
 BACKENDS = ("xla", "bucketed", "tiled", "pallas", "cpu")
 
@@ -276,6 +276,10 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
         default from ``config.tiling``. The other backends do not tile and ignore it.
       config: ``AttentionConfig`` (bucketed plan, tiling strategy, Pallas interpreter);
         default ``AttentionConfig()``.
+
+    Differentiable in every mode: reverse mode runs the chosen backend's backward;
+    under forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
+    ``custom_vjp`` backends refuse, the ``xla`` backend runs instead.
     """
     q, k, v = check_inputs(q, k, v)
     tiles = check_tile(tile)
@@ -291,4 +295,8 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
         plan = dict(tq=tiles[0], tk=tiles[1])
     else:
         plan = impl.prepare(q, k, v)
-    return impl.compute(q, k, v, causal, scale, plan)
+    out = call_or_none(impl.compute, q, k, v, causal, scale, plan)
+    if out is None:  # forward-mode AD: the custom_vjp backends are reverse-mode only
+        xla = XLABackend()
+        out = xla.compute(q, k, v, causal, scale, xla.prepare(q, k, v))
+    return out

@@ -31,7 +31,7 @@ from vsla_jax import kernels
 from vsla_jax.conv.kernels import conv_output_lengths
 from vsla_jax.errors import LengthError
 from vsla_jax.tensor import VarTensor, check_pair
-from vsla_jax.util import float0_zeros, host_or_none
+from vsla_jax.util import call_or_none, float0_zeros, host_or_none
 
 FWD, BWD = "vsla_conv_fwd", "vsla_conv_bwd"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
@@ -115,8 +115,9 @@ def ragged_conv(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor |
     ``a``: data ``[*batch_a, Ca]``, ``b``: ``[*batch_b, Cb]`` (batch shapes broadcast;
     float32/float64) -> VarTensor ``[*batch, Ca + Cb - 1]`` of dtype
     ``result_type(a, b)``, lengths ``la + lb - 1`` (0 when either is 0), exactly the
-    shape ``vs.conv`` returns. None when the kernels cannot run here or do not take the
-    pair (the caller then runs the XLA engine). Concrete lengths outside
+    shape ``vs.conv`` returns. None when the kernels cannot run here, do not take the
+    pair, or the call is traced under forward-mode AD (the caller then runs the XLA
+    engine). Concrete lengths outside
     ``[0, capacity]`` raise ``LengthError``. Differentiable (reverse mode) in the data.
     """
     a, b = check_pair(a, b, "conv")
@@ -126,4 +127,5 @@ def ragged_conv(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor |
         return None
     check_lengths(a, "a")
     check_lengths(b, "b")
-    return _cpu_call(a, b, max_threads=int(max_threads))
+    # None under forward-mode AD (the kernels are reverse-mode only): the XLA engine runs
+    return call_or_none(_cpu_call, a, b, max_threads=int(max_threads))
