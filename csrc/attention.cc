@@ -3,7 +3,9 @@
 //
 // Layout (row-major, every buffer as XLA hands it over):
 //   q [B, Cq, H, D], k [B, Ck, Hkv, D], v [B, Ck, Hkv, Dv], lq/lk int32 [B],
-//   o [B, Cq, H, Dv], lse [B, H, Cq] (same float type as q).
+//   o [B, Cq, H, Dv], lse [B, H, Cq] (same float type as q). o, dq, dk and dv may come
+//   with their last two dimensions merged ([B, Cq, H * Dv]): see _merged in
+//   vsla_jax/attention/cpu.py for why the Python side declares them so.
 // Query i of item b attends keys j < lk[b] (and j <= i when causal). Rows i >= lq[b]
 // and items without keys produce zeros (lse = -inf); padding is never read for
 // compute: every tile is clipped to the item's lengths.
@@ -673,6 +675,9 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
     prefault(a.dq + b * s.Cq * s.H * s.D, a.dq + (b * s.Cq + fq) * s.H * s.D);
     prefault(a.dk + b * s.Ck * s.Hkv * s.D, a.dk + (b * s.Ck + fk) * s.Hkv * s.D);
     prefault(a.dv + b * s.Ck * s.Hkv * s.Dv, a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv);
+    const int64_t lo = a.lk[b] > 0 ? a.lq[b] : 0;  // o is zero from row lo on
+    release_zero_pages(a.o + (b * s.Cq + lo) * s.H * s.Dv,
+                       (s.Cq - lo) * s.H * s.Dv * sizeof(T));
   });
   std::vector<std::pair<int64_t, int64_t>> units;
   std::vector<double> cost;
@@ -750,7 +755,13 @@ inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
 
 inline ffi::Error check_out(const char* name, ffi::AnyBuffer x, ffi::DataType dtype,
                             std::initializer_list<int64_t> want) {
-  if (x.element_type() != dtype || !same_dims(x.dimensions(), want))
+  // [.., H, D] may come merged as [.., H * D]
+  bool merged = false;
+  if (want.size() == 4 && x.dimensions().size() == 3) {
+    auto w = want.begin();
+    merged = same_dims(x.dimensions(), {w[0], w[1], w[2] * w[3]});
+  }
+  if (x.element_type() != dtype || !(merged || same_dims(x.dimensions(), want)))
     return bad(std::string(name) + " has the wrong dtype or shape " +
                dims_str(x.dimensions()));
   return ffi::Error::Success();

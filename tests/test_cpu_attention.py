@@ -213,6 +213,53 @@ def test_padding_is_never_read_forward_and_backward():
     assert not clean[2][kpad].any() and not clean[3][kpad].any()
 
 
+def test_backward_hands_back_only_padding_pages_of_the_saved_output():
+    """The backward kernel returns the zero pages of the saved output's padding to the OS
+    (ranges >= 256 KiB, so items of ~1 MiB here): the output the user also holds keeps
+    every valid row and stays zero past the lengths, on every call."""
+    rng = np.random.default_rng(13)
+    lq, lk = [3, 1100, 0, 517, 1100], [1100, 9, 5, 0, 1100]
+    q, k, v = qkv(rng, lq, lk, 1100, 1100, h=4, hkv=4, d=16, dv=64)
+
+    @jax.jit
+    def step(qd, kd, vd):
+        def loss(qd, kd, vd):
+            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                             vs.VarTensor(vd, v.lengths), backend=CPUBackend())
+            return jnp.sum(o.data * o.data), o.data
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(qd, kd, vd)
+
+    want = numpy_attention(*(np.asarray(x.data) for x in (q, k, v)), lq, lk, False, 0.25)
+    for _ in range(2):
+        (_, o), grads = step(q.data, k.data, v.data)
+        np.testing.assert_allclose(np.asarray(o), want, rtol=2e-5, atol=2e-6)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_an_elementwise_user_never_writes_in_place_into_a_kernel_output(where):
+    """The kernels leave output padding as untouched pages (docs/kernels.md); XLA must not
+    run a dying elementwise user in place there. Proof from XLA's buffer assignment: the
+    kernel's output stays a temporary of its own (in place, the temporaries would hold
+    only lse), and the user reads the merged ``[B, C, H * D]`` kernel result."""
+    rng = np.random.default_rng(12)
+    q, k, v = qkv(rng, [3, 40, 17], [5, 40, 2], 40, 40, h=4, hkv=4, d=8, dv=8)
+    attend = lambda qd: vs.attention(vs.VarTensor(qd, q.lengths), k, v,
+                                     backend=CPUBackend()).data
+    if where == "forward":
+        f = lambda qd: attend(qd) + 1.0
+    else:
+        f = lambda qd: qd - 0.5 * jax.grad(lambda x: jnp.sum(attend(x) ** 2))(qd)
+    compiled = jax.jit(f).lower(q.data).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes >= q.data.nbytes
+    merged = f"f32[3,40,{4 * 8}]"
+    assert any(merged in line and "custom-call" in line
+               for line in compiled.as_text().splitlines())
+    want = np.asarray(jax.jit(f)(q.data)) if where == "forward" else None
+    if want is not None:  # and the values are what the unfused call gives
+        np.testing.assert_allclose(want, np.asarray(attend(q.data)) + 1.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_values_stay_in_their_item_and_match_numpy(value):
     rng = np.random.default_rng(9)

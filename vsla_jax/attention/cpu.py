@@ -45,21 +45,38 @@ def _target(symbol: str, *arrays) -> str:
     return name
 
 
+def _merged(shape: tuple) -> tuple:
+    """``[B, C, H, D]`` -> ``[B, C, H * D]``: the shape the kernels' outputs are declared
+    with, reshaped (a bitcast) to four dimensions outside the custom call.
+
+    The kernels leave the padding of an output as pages never touched, which read as the
+    zero page, so a mostly padded output costs no memory traffic. An elementwise op that
+    XLA ran in place on such a buffer (where the output dies in that op, e.g. ``o + x``
+    or an SGD step on the gradients) would read-map every padding page to the zero page
+    and then copy it on write, with a TLB flush each. XLA only lets an elementwise user
+    share an operand's buffer when both have the same shape; through the bitcast they
+    differ, so the user writes a fresh buffer instead (``docs/kernels.md``).
+    """
+    return (*shape[:-2], shape[-2] * shape[-1])
+
+
 def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float):
     """qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]`` (one float
     dtype), lq/lk int32 ``[B]`` -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``)."""
     b, cq, h, _ = qd.shape
-    out = (jax.ShapeDtypeStruct((b, cq, h, vd.shape[-1]), qd.dtype),
+    out = (jax.ShapeDtypeStruct(_merged((b, cq, h, vd.shape[-1])), qd.dtype),
            jax.ShapeDtypeStruct((b, h, cq), qd.dtype))
-    return jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
+    o, lse = jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
         qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale))
+    return o.reshape(b, cq, h, vd.shape[-1]), lse
 
 
 def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float):
     """The cotangents (dq, dk, dv), shaped like (qd, kd, vd)."""
-    out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qd, kd, vd))
-    return jax.ffi.ffi_call(_target(BWD, qd), out, vmap_method="sequential")(
+    out = tuple(jax.ShapeDtypeStruct(_merged(x.shape), x.dtype) for x in (qd, kd, vd))
+    grads = jax.ffi.ffi_call(_target(BWD, qd), out, vmap_method="sequential")(
         qd, kd, vd, lq, lk, o, lse, do, causal=bool(causal), scale=np.float64(scale))
+    return tuple(g.reshape(x.shape) for g, x in zip(grads, (qd, kd, vd)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
