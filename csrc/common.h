@@ -20,6 +20,18 @@ inline ffi::Error invalid(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
+// Ranges of at least this many bytes are handed back to the OS page by page (madvise
+// MADV_DONTNEED) rather than written: below it, memset is as cheap.
+constexpr size_t kMinDontNeed = size_t{1} << 18;
+
+// The whole pages inside bytes [p, p + n): [*lo, *hi), empty when *hi <= *lo.
+inline void page_interior(const void* p, size_t n, uintptr_t* lo, uintptr_t* hi) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), sz = page > 0 ? page : 1;
+  *lo = (a + sz - 1) / sz * sz;
+  *hi = (a + n) / sz * sz;
+}
+
 // Sets bytes [p, p + n) to zero. Large ranges hand their whole pages back to the OS
 // (madvise MADV_DONTNEED), which maps zero pages on the next access: a mostly padded
 // output that XLA has just mmapped then costs no page faults for its padding, and a
@@ -27,12 +39,11 @@ inline ffi::Error invalid(const char* what) {
 // malloc, and so XLA:CPU, hands out); where a re-read first word is not zero (any other
 // mapping) the range is memset instead.
 inline void zero_bytes(void* p, size_t n) {
-  constexpr size_t kMinAdvise = size_t{1} << 18;  // below this, memset is as cheap
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   char* c = static_cast<char*>(p);
-  if (n >= kMinAdvise && page > 0) {
+  if (n >= kMinDontNeed) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(c);
-    const uintptr_t lo = (a + page - 1) / page * page, hi = (a + n) / page * page;
+    uintptr_t lo, hi;
+    page_interior(p, n, &lo, &hi);
     if (hi > lo && madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED) == 0) {
       volatile const uint64_t* first = reinterpret_cast<const uint64_t*>(lo);
       if (*first != 0) std::memset(reinterpret_cast<void*>(lo), 0, hi - lo);
@@ -49,13 +60,11 @@ inline void zero_bytes(void* p, size_t n) {
 // what XLA:CPU allocates), and read-only mappings of the shared zero page that earlier
 // readers left are gone, so a later writer of this memory (XLA reuses a dead buffer for
 // another value) takes one plain page fault instead of a copy-on-write with a TLB
-// flush per page. Ranges below kMinAdvise are left alone.
+// flush per page. Ranges below kMinDontNeed are left alone.
 inline void release_zero_pages(const void* p, size_t n) {
-  constexpr size_t kMinAdvise = size_t{1} << 18;
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  if (n < kMinAdvise || page == 0) return;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  const uintptr_t lo = (a + page - 1) / page * page, hi = (a + n) / page * page;
+  if (n < kMinDontNeed) return;
+  uintptr_t lo, hi;
+  page_interior(p, n, &lo, &hi);
   if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
