@@ -33,6 +33,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
@@ -184,16 +188,25 @@ void gemm_base(VSLA_GEMM_ARGS) {
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
+// The widest instruction set of this CPU that the GEMM, the transposes and the streaming
+// stores have a build for, read once. The environment variable VSLA_CPU_ISA=avx2 or
+// =base caps it (for testing every path on one machine; never raises it).
 inline Isa host_isa() {
   static const Isa isa = [] {
+    Isa best = Isa::kBase;
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+      best = Isa::kAvx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = Isa::kAvx2;
 #endif
-    return Isa::kBase;
+    const char* cap = std::getenv("VSLA_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "base") == 0) return Isa::kBase;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512)
+      return Isa::kAvx2;
+    return best;
   }();
   return isa;
 }
@@ -310,6 +323,68 @@ VSLA_CLONES void scale_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const
   }
 }
 
+// scale_rows into a kernel output that nothing reads before the call returns, with
+// streaming (non-temporal) stores where y, ldy and m allow whole aligned vectors: the
+// rows go to memory without first reading each destination line in (a read for
+// ownership per line of a freshly mapped page made these stores the hot spot of writing
+// o, dq, dk and dv). An sfence orders them before the unit reports done.
+#if defined(__x86_64__)
+template <class T>
+__attribute__((target("avx512f"))) void stream_rows_avx512(const T* x, int64_t ldx,
+                                                            int64_t n, int64_t m,
+                                                            const T* f, T c, T* y,
+                                                            int64_t ldy) {
+  constexpr int W = Vec<T>::kLanes;
+  for (int64_t r = 0; r < n; ++r) {
+    const T fr = f ? f[r] : c;
+    for (int64_t d = 0; d < m; d += W) {
+      const VecT<T> v = load_vec(x + r * ldx + d, W) * fr;
+      if constexpr (sizeof(T) == 4)
+        _mm512_stream_ps(reinterpret_cast<float*>(y + r * ldy + d), (__m512)v);
+      else
+        _mm512_stream_pd(reinterpret_cast<double*>(y + r * ldy + d), (__m512d)v);
+    }
+  }
+  _mm_sfence();
+}
+
+template <class T>
+__attribute__((target("avx2"))) void stream_rows_avx2(const T* x, int64_t ldx, int64_t n,
+                                                       int64_t m, const T* f, T c, T* y,
+                                                       int64_t ldy) {
+  constexpr int W = 32 / sizeof(T);
+  for (int64_t r = 0; r < n; ++r) {
+    const T fr = f ? f[r] : c;
+    for (int64_t d = 0; d < m; d += W) {
+      if constexpr (sizeof(T) == 4)
+        _mm256_stream_ps(reinterpret_cast<float*>(y + r * ldy + d),
+                         _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(
+                                           x + r * ldx + d)),
+                                       _mm256_set1_ps(static_cast<float>(fr))));
+      else
+        _mm256_stream_pd(reinterpret_cast<double*>(y + r * ldy + d),
+                         _mm256_mul_pd(_mm256_loadu_pd(reinterpret_cast<const double*>(
+                                           x + r * ldx + d)),
+                                       _mm256_set1_pd(static_cast<double>(fr))));
+    }
+  }
+  _mm_sfence();
+}
+#endif
+
+template <class T>
+void store_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const T* f, T c, T* y,
+                int64_t ldy) {
+#if defined(__x86_64__)
+  const Isa isa = host_isa();
+  const int64_t bytes = isa == Isa::kAvx512 ? 64 : 32, w = bytes / sizeof(T);
+  const bool whole = reinterpret_cast<uintptr_t>(y) % bytes == 0 && ldy % w == 0 && m % w == 0;
+  if (whole && isa == Isa::kAvx512) return stream_rows_avx512(x, ldx, n, m, f, c, y, ldy);
+  if (whole && isa == Isa::kAvx2) return stream_rows_avx2(x, ldx, n, m, f, c, y, ldy);
+#endif
+  scale_rows(x, ldx, n, m, f, c, y, ldy);
+}
+
 // out[r] = sum_d x[r, d] * y[r, d] over d < m, for r < n.
 template <class T>
 VSLA_CLONES void dot_rows(const T* x, int64_t ldx, const T* y, int64_t ldy, int64_t n,
@@ -336,7 +411,8 @@ void mask_future(T* s, int64_t rows, int64_t ld, int64_t i0, int64_t j0, int64_t
   }
 }
 
-// dst[c * ldd + r] = src[r * lds + c] * f for r < rows, c < cols (both <= W): one
+// dst[c * ldd + r] = src[r * lds + c] * f for r < rows, c < cols (both <= W), and 0 for
+// rows <= r < W (whole vectors are stored: dst needs room for W per column): one
 // W x W tile transposed in registers, log2(W) rounds of two-vector shuffles (round s
 // swaps bit s of the row index with bit s of the column index).
 template <class T>
@@ -372,16 +448,73 @@ VSLA_CLONES void transpose_tile(const T* src, int64_t lds, int rows, int cols, T
 #pragma GCC unroll 16
   for (int c = 0; c < W; ++c) {
     if (c >= cols) break;
-    if (rows == W) store_vec(dst + c * ldd, m[c], W);
-    else store_vec(dst + c * ldd, m[c], rows);
+    store_vec(dst + c * ldd, m[c], W);
   }
 }
 
-// The same over any rows x cols, tile by tile.
+#if defined(__x86_64__)
+// transpose_tile for float on AVX-512, all in registers (the generic one spills its
+// 16 vectors): unpack pairs of rows by 32 then 64 bits, then 128-bit lanes twice.
+__attribute__((target("avx512f"))) inline void transpose_tile_avx512(const float* src,
+                                                                     int64_t lds, int rows,
+                                                                     int cols, float* dst,
+                                                                     int64_t ldd, float f) {
+  const __mmask16 cm = static_cast<__mmask16>((1u << cols) - 1);
+  const __m512 fv = _mm512_set1_ps(f);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, src + i * lds), fv)
+                    : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);      // lanes 0, 2 of both
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);  // lanes 1, 3 of both
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+  // r[c] is column c of the tile (checked against a lane-by-lane model of the shuffles)
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c)
+    if (c < cols) _mm512_storeu_ps(dst + c * ldd, r[c]);
+}
+#endif
+
+// The same over any rows x cols, tile by tile: columns [0, round_up(rows, W)) of dst are
+// written, zero past rows.
 template <class T>
 void transpose_scaled(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst,
                       int64_t ldd, T f) {
   constexpr int64_t W = Vec<T>::kLanes;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (host_isa() == Isa::kAvx512) {
+      for (int64_t r0 = 0; r0 < rows; r0 += W)
+        for (int64_t c0 = 0; c0 < cols; c0 += W)
+          transpose_tile_avx512(src + r0 * lds + c0, lds, static_cast<int>(std::min(W, rows - r0)),
+                                static_cast<int>(std::min(W, cols - c0)), dst + c0 * ldd + r0,
+                                ldd, f);
+      return;
+    }
+  }
+#endif
   for (int64_t r0 = 0; r0 < rows; r0 += W)
     for (int64_t c0 = 0; c0 < cols; c0 += W)
       transpose_tile(src + r0 * lds + c0, lds, static_cast<int>(std::min(W, rows - r0)),
@@ -510,7 +643,6 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
   T* corr = old + kTQ;
   prefetch_rows(kb, std::min<int64_t>(kend, kTK), ldk, s.D);
   prefetch_rows(vb, std::min<int64_t>(kend, kTK), ldv, s.Dv);
-  if (n < np) std::fill(qt, qt + s.D * kTQ, T(0));
   transpose_scaled(a.q + ((b * s.Cq + i0) * s.H + h) * s.D, s.H * s.D, n, s.D, qt, kTQ,
                    a.scale);
   std::fill(acc, acc + n * s.Dv, T(0));
@@ -536,7 +668,7 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
     a.lse[(b * s.H + h) * s.Cq + i0 + r] = mx[r] + std::log(sum[r]);
     sum[r] = T(1) / sum[r];  // sum >= 1: the column maximum contributes exp(0)
   }
-  scale_rows(acc, s.Dv, n, s.Dv, sum, T(1), out, ldo);
+  store_rows(acc, s.Dv, n, s.Dv, sum, T(1), out, ldo);
 }
 
 template <class T>
@@ -612,9 +744,8 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
   }
   prefetch_rows(kb, std::min<int64_t>(lk, 2 * kTK), ldk, s.D);
   prefetch_rows(vb, std::min<int64_t>(lk, 2 * kTK), ldv, s.Dv);
-  std::fill(qt, qt + G * s.D * Mq, T(0));
-  std::fill(dot, dot + G * s.Dv * Mq, T(0));
-  std::fill(dqa, dqa + G * Mq * s.D, T(0));
+  // qt and dot need no zeros: the transposes write whole vectors, zero past lq
+  for (int64_t g = 0; g < G; ++g) std::fill(dqa + g * Mq * s.D, dqa + (g * Mq + lq) * s.D, T(0));
   std::fill(di, di + G * Mq, T(0));
   // queries past lq: lse = +inf makes their probabilities exactly 0
   std::fill(lse, lse + G * Mq, std::numeric_limits<T>::infinity());
@@ -630,7 +761,8 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
   }
   for (int64_t j0 = 0; j0 < lk; j0 += kTK) {
     const int64_t nk = std::min<int64_t>(kTK, lk - j0);
-    std::fill(dka, dka + kTK * (s.D + s.Dv), T(0));
+    std::fill(dka, dka + nk * s.D, T(0));
+    std::fill(dva, dva + nk * s.Dv, T(0));
     const int64_t istart = a.causal ? j0 / kTQ * kTQ : 0;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
@@ -651,13 +783,13 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
                       dqa + (g * Mq + i0) * s.D, s.D);
       }
     }
-    scale_rows(dka, s.D, nk, s.D, static_cast<const T*>(nullptr), a.scale,
+    store_rows(dka, s.D, nk, s.D, static_cast<const T*>(nullptr), a.scale,
                a.dk + (b * s.Ck + j0) * ldk + hk * s.D, ldk);
-    scale_rows(dva, s.Dv, nk, s.Dv, static_cast<const T*>(nullptr), T(1),
+    store_rows(dva, s.Dv, nk, s.Dv, static_cast<const T*>(nullptr), T(1),
                a.dv + (b * s.Ck + j0) * ldv + hk * s.Dv, ldv);
   }
   for (int64_t g = 0; g < G; ++g)
-    scale_rows(dqa + g * Mq * s.D, s.D, lq, s.D, static_cast<const T*>(nullptr), a.scale,
+    store_rows(dqa + g * Mq * s.D, s.D, lq, s.D, static_cast<const T*>(nullptr), a.scale,
                a.dq + b * s.Cq * ldq + (hk * G + g) * s.D, ldq);
 }
 
@@ -860,3 +992,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_attention_bwd, vsla::attn::Backward,
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<bool>("causal")
                                   .Attr<double>("scale"));
+
+// The instruction set the attention kernels run with here (0 baseline, 1 AVX2+FMA,
+// 2 AVX-512), for the tests that cap it with VSLA_CPU_ISA.
+extern "C" VSLA_EXPORT int vsla_selftest_attention_isa() {
+  return static_cast<int>(vsla::attn::host_isa());
+}

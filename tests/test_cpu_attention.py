@@ -82,6 +82,67 @@ def test_forward_matches_numpy_and_xla(lens, causal, gqa, dv, exact):
     check_forward(q, k, v, causal, 2e-5)
 
 
+ISA_SCRIPT = r"""
+import ctypes, json, sys
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import vsla_jax as vs
+from vsla_jax import kernels
+from vsla_jax.attention.cpu import CPUBackend
+sys.path.insert(0, sys.argv[1])
+from test_cpu_attention import numpy_attention, qkv
+errs = {"isa": kernels.library().vsla_selftest_attention_isa()}
+for dt in (np.float32, np.float64):
+    for d, dv in ((64, 64), (5, 17)):
+        rng = np.random.default_rng(d)
+        q, k, v = qkv(rng, [70, 0, 33, 1, 130], [66, 5, 130, 0, 129], 131, 130, h=4, hkv=2,
+                      d=d, dv=dv, dtype=dt)
+        for causal in (False, True):
+            out = vs.attention(q, k, v, causal=causal, backend=CPUBackend())
+            ref = numpy_attention(*(np.asarray(x.data) for x in (q, k, v)),
+                                  np.asarray(q.lengths[:, 0]), np.asarray(k.lengths[:, 0]),
+                                  causal, 1 / np.sqrt(d))
+            def grads(backend):
+                def loss(qd, kd, vd):
+                    o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                                     vs.VarTensor(vd, k.lengths), causal=causal,
+                                     backend=backend)
+                    return jnp.sum(jnp.sin(o.data))
+                return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q.data, k.data, v.data)
+            g_cpu, g_xla = grads(CPUBackend()), grads("xla")
+            key = f"{np.dtype(dt).name} d={d} causal={causal}"
+            rel = [np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max()
+                   for a, b in zip(g_cpu, g_xla)]
+            errs[key] = [float(np.abs(np.asarray(out.data) - ref).max())] + [float(e) for e in rel]
+print(json.dumps(errs))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_every_instruction_set_path_matches_numpy_and_xla(isa):
+    """The GEMM, transposes and output stores have AVX-512, AVX2 and baseline builds,
+    picked at run time; capped with VSLA_CPU_ISA (read once, so in a fresh process),
+    each must give the same forward and gradients, float32 and float64, whole-vector
+    (D=64) and ragged (D=5, Dv=17) heads, causal or not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, VSLA_CPU_ISA=isa, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", ISA_SCRIPT, here], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert errs.pop("isa") == {"avx2": 1, "base": 0}[isa]
+    assert len(errs) == 8
+    for key, (fwd, *grads) in errs.items():
+        tol = 3e-5 if key.startswith("float32") else 1e-11
+        assert fwd < tol, (key, fwd)
+        assert max(grads) < 20 * tol, (key, grads)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_items_cross_several_tiles_in_float64(causal):
     with jax.enable_x64(True):
