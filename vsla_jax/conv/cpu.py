@@ -79,9 +79,10 @@ conv_arrays.defvjp(_conv_fwd_rule, _conv_bwd_rule)
 def supported(a: VarTensor, b: VarTensor) -> bool:
     """Whether the kernels take this pair: rank-1 items without features, nonzero
     capacities, float32/float64 data (the target itself is checked separately)."""
-    dt = jnp.result_type(a.dtype, b.dtype)
-    return (a.rank == 1 and not a.features and not b.features and dt in DTYPES
-            and a.capacity[0] > 0 and b.capacity[0] > 0)
+    if not (a.rank == 1 and not a.features and not b.features and a.capacity[0] > 0
+            and b.capacity[0] > 0):
+        return False
+    return (a.dtype if a.dtype == b.dtype else jnp.result_type(a.dtype, b.dtype)) in DTYPES
 
 
 def check_lengths(x: VarTensor, name: str) -> None:

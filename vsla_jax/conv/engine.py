@@ -229,7 +229,7 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
         raise ValueError(f"conv method must be one of {METHODS}, got {method!r}")
     policy = policy or DEFAULT_CONV_POLICY
     check_dtypes(a, b, method)
-    out_dtype = jnp.result_type(a.dtype, b.dtype)
+    out_dtype = a.dtype if a.dtype == b.dtype else jnp.result_type(a.dtype, b.dtype)
     if policy.accumulate_f64:
         if not jax.config.jax_enable_x64:
             raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
