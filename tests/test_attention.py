@@ -167,3 +167,25 @@ def test_approximate_mode_error_is_reported_not_hidden():
     assert st["kept_fraction"] < 1.0 and err > 0  # random keys: lossy, and it shows
     with pytest.raises(ValueError):
         vs.ApproxConfig(r_min=0)
+
+
+def test_tiled_second_order_gradients_raise_a_clear_error_and_first_order_still_works():
+    """The tiled backend's loops have length-dependent trip counts, which JAX cannot
+    reverse: grad of grad must say so (VSLAError naming the backends that can), not
+    surface JAX's while_loop error; grad and jax.hessian (forward over reverse) work."""
+    from vsla_jax.errors import VSLAError
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 5, 1, 2)).astype(np.float32))
+    lens = jnp.array([[3], [5]], jnp.int32)
+
+    def f(backend):
+        return lambda qd: jnp.sum(vs.attention(vs.VarTensor(qd, lens), vs.VarTensor(q, lens),
+                                               vs.VarTensor(q, lens), backend=backend).data ** 2)
+
+    with pytest.raises(VSLAError, match="backend='xla' or 'bucketed'"):
+        jax.grad(lambda x: jnp.sum(jnp.sin(jax.grad(f("tiled"))(x))))(q)
+    np.testing.assert_allclose(np.asarray(jax.grad(f("tiled"))(q)),
+                               np.asarray(jax.grad(f("xla"))(q)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.hessian(f("tiled"))(q)),
+                               np.asarray(jax.hessian(f("xla"))(q)), rtol=1e-4, atol=1e-5)

@@ -250,7 +250,10 @@ def _step_bwd(q, k, v, lq, lk, o, lse, do, causal, scale, qc):
         kj, vj = kt[:, :, :e], vt[:, :, :e]
         s = _chunk_scores(qj, kj, bias[..., :e], j, causal, scale)
         valid = _row_valid(lq, lk, j, qj.shape[3])
-        p = jnp.where(valid[..., None], jnp.exp(s - lse[:, :, :, j:j + qc, None]), 0)
+        # invalid rows have lse = neg_inf, so s - lse overflows to inf there: zero the
+        # argument too, or differentiating this backward (grad of grad) gives 0 * inf
+        arg = jnp.where(valid[..., None], s - lse[:, :, :, j:j + qc, None], 0)
+        p = jnp.where(valid[..., None], jnp.exp(arg), 0)
         dv = dv.at[:, :, :e].add(jnp.einsum("nhgqk,nhgqd->nhkd", p, doj, precision="highest"))
         dp = jnp.einsum("nhgqd,nhkd->nhgqk", doj, vj, precision="highest")
         ds = p * (dp - delta[:, :, :, j:j + qc, None]) * scale

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsla_jax.errors import VSLAError
 from vsla_jax.tensor import VarTensor
 from vsla_jax.util import cdiv, float0_zeros, host_or_none, neg_inf, next_pow2, pad_axis
 
@@ -140,9 +141,36 @@ def _flash_bwd_item(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk):
 
 
 # -- the batch --------------------------------------------------------------------------
-def _items(fn, *xs):
-    """Run ``fn`` item by item (``lax.map``): every item keeps its own trip counts."""
+SECOND_ORDER = ("tiled attention: reverse-mode derivatives of its gradient (grad of grad, "
+                "jax.hessian through jacrev) are not supported: its loops skip padded tiles "
+                "with trip counts that depend on the lengths, which JAX cannot reverse. Use "
+                "backend='xla' or 'bucketed' for second-order gradients.")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _map_items(fn, xs):
     return jax.lax.map(lambda args: fn(*args), xs)
+
+
+def _map_items_fwd(fn, xs):
+    return _map_items(fn, xs), None
+
+
+def _map_items_bwd(fn, res, ct):
+    raise VSLAError(SECOND_ORDER)
+
+
+_map_items.defvjp(_map_items_fwd, _map_items_bwd)
+
+
+def _items(fn, *xs):
+    """Run ``fn`` item by item (``lax.map``): every item keeps its own trip counts.
+
+    Reverse-mode differentiation of this map (which only second-order gradients ask
+    for: the first order goes through ``flash_attention``'s custom VJP) raises
+    ``VSLAError`` naming the alternatives, instead of JAX's error about ``while_loop``.
+    """
+    return _map_items(fn, xs)
 
 
 def _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk):
