@@ -319,6 +319,13 @@ def report(name, res):
         best = min(peers_b, key=peers_b.get)
         print(f"- fwd+bwd: vsla auto {ours_b * 1e3:.1f} ms; fastest peer {best} "
               f"{peers_b[best] * 1e3:.1f} ms ({peers_b[best] / ours_b:.2f}x)")
+        # the backward alone, as each side's fwd+bwd minus its own forward of this run
+        ours_only = ours_b - rows[OURS]["fwd_s"]
+        peer_only = peers_b[best] - rows[best]["fwd_s"]
+        if ours_only > 0 and peer_only > 0:
+            print(f"- backward alone (fwd+bwd - fwd): vsla auto {ours_only * 1e3:.1f} ms; "
+                  f"{best} {peer_only * 1e3:.1f} ms ({peer_only / ours_only:.2f}x; "
+                  f"target >= 1.0x: {'met' if peer_only >= ours_only else 'NOT met'})")
 
 
 def summary(out: dict):

@@ -50,6 +50,9 @@ class Weight:
     op: ir.Operation | None = None
     fn: func.FuncOp | None = None
     arg: int = -1
+    # the module that owns value/op/fn: the bindings free the IR with the Module object,
+    # so a Weight must keep it alive (``weights(load(x))`` held dangling ops otherwise)
+    owner: ir.Module | None = dataclasses.field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
@@ -135,14 +138,16 @@ def weights(module: ir.Module, entry: str = "main") -> dict[str, Weight]:
                 a = arg_attrs(fn, i)
                 if PARAM_PATH in a:
                     path = string(a[PARAM_PATH], f"{PARAM_PATH} of argument {i}")
-                    add(Weight(path, arg, ir.RankedTensorType(arg.type), fn=fn, arg=i))
+                    add(Weight(path, arg, ir.RankedTensorType(arg.type), fn=fn, arg=i,
+                               owner=module))
         for op in children(fn.operation):
             if PARAM_PATH in op.attributes:
                 path = string(op.attributes[PARAM_PATH], f"{PARAM_PATH} of {op.name}")
                 if op.name != "stablehlo.constant":
                     raise TagError(f"{PARAM_PATH} {path!r} sits on {op.name}, not on a "
                                    f"stablehlo.constant")
-                add(Weight(path, op.result, ir.RankedTensorType(op.result.type), op=op))
+                add(Weight(path, op.result, ir.RankedTensorType(op.result.type), op=op,
+                           owner=module))
     return out
 
 
