@@ -503,22 +503,20 @@ template <class T>
 void transpose_scaled(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst,
                       int64_t ldd, T f) {
   constexpr int64_t W = Vec<T>::kLanes;
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (host_isa() == Isa::kAvx512) {
-      for (int64_t r0 = 0; r0 < rows; r0 += W)
-        for (int64_t c0 = 0; c0 < cols; c0 += W)
-          transpose_tile_avx512(src + r0 * lds + c0, lds, static_cast<int>(std::min(W, rows - r0)),
-                                static_cast<int>(std::min(W, cols - c0)), dst + c0 * ldd + r0,
-                                ldd, f);
-      return;
-    }
-  }
-#endif
   for (int64_t r0 = 0; r0 < rows; r0 += W)
-    for (int64_t c0 = 0; c0 < cols; c0 += W)
-      transpose_tile(src + r0 * lds + c0, lds, static_cast<int>(std::min(W, rows - r0)),
-                     static_cast<int>(std::min(W, cols - c0)), dst + c0 * ldd + r0, ldd, f);
+    for (int64_t c0 = 0; c0 < cols; c0 += W) {
+      const int nr = static_cast<int>(std::min(W, rows - r0));
+      const int nc = static_cast<int>(std::min(W, cols - c0));
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (host_isa() == Isa::kAvx512) {
+          transpose_tile_avx512(src + r0 * lds + c0, lds, nr, nc, dst + c0 * ldd + r0, ldd, f);
+          continue;
+        }
+      }
+#endif
+      transpose_tile(src + r0 * lds + c0, lds, nr, nc, dst + c0 * ldd + r0, ldd, f);
+    }
 }
 
 // Prefetches rows [0, rows) of `cols` elements at stride ld into the cache. A unit reads
