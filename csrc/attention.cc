@@ -5,7 +5,10 @@
 //   q [B, Cq, H, D], k [B, Ck, Hkv, D], v [B, Ck, Hkv, Dv], lq/lk int32 [B],
 //   o [B, Cq, H, Dv], lse [B, H, Cq] (same float type as q). o, dq, dk and dv may come
 //   with their last two dimensions merged ([B, Cq, H * Dv]): see _merged in
-//   vsla_jax/attention/cpu.py for why the Python side declares them so.
+//   vsla_jax/attention/cpu.py for why the Python side declares them so. The forward
+//   also reads q/k/v from larger buffers [B, C, Hc >= H, Dc >= D] (attributes heads,
+//   head_dim, kv_heads, v_head_dim; 0: the buffer's own size): the head axes of a
+//   rank-3 batch from vs.stack, cropped by strides instead of a copy.
 // Query i of item b attends keys j < lk[b] (and j <= i when causal). Rows i >= lq[b]
 // and items without keys produce zeros (lse = -inf); padding is never read for
 // compute: every tile is clipped to the item's lengths.
@@ -543,9 +546,19 @@ T* sized(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
-// Shapes of one call, checked.
+// Calls with less work than this run on the caller alone (no pool wake-up): the units'
+// query-key pairs, per 128 of head size D + Dv (the backward counts each pair twice), and
+// the prep passes' output bytes.
+constexpr double kSerialPairs = 8192;
+constexpr double kSerialBytes = 1 << 20;
+
+// Shapes of one call, checked. H, Hkv, D, Dv are the logical sizes; q, k and v may hold
+// more (the forward reads [.., :H, :D] of a [B, C, Hc, Dc] buffer: rank-3 batches from
+// vs.stack, whose capacity ladder pads the head axes), so each has its own row stride
+// (qr, kr, vr) and head stride (qh, kh, vh) in elements.
 struct Dims {
   int64_t B, Cq, Ck, H, Hkv, D, Dv, G;
+  int64_t qr, qh, kr, kh, vr, vh;
 };
 
 // ---------------------------------------------------------------- threading ----------
@@ -580,11 +593,18 @@ inline std::vector<int64_t> by_cost(const std::vector<double>& cost) {
   return order;
 }
 
-// fn(unit, worker) over units, worker in [0, workers); returns after every unit ran.
+// fn(unit) over units; returns after every unit ran. Below `serial_below` total cost the
+// caller runs them all: waking a pool worker costs more than a small call's work.
 template <class Fn>
 void parallel_units(ffi::ThreadPool& pool, const std::vector<double>& cost, int64_t workers,
-                    Fn&& fn) {
+                    Fn&& fn, double serial_below = 0) {
   if (cost.empty()) return;
+  double total = 0;
+  for (double c : cost) total += c;
+  if (total < serial_below || workers <= 1) {
+    for (size_t u = 0; u < cost.size(); ++u) fn(static_cast<int64_t>(u));
+    return;
+  }
   auto job = std::make_shared<Job>();
   job->order = by_cost(cost);
   job->fn = std::forward<Fn>(fn);
@@ -629,9 +649,9 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t lk = a.lk[b], hk = h / s.G, np = round_up(n, W);
   const int64_t kend = a.causal ? std::min<int64_t>(lk, i0 + n) : lk;
-  const int64_t ldk = s.Hkv * s.D, ldv = s.Hkv * s.Dv, ldo = s.H * s.Dv;
-  const T* kb = a.k + b * s.Ck * ldk + hk * s.D;   // key j at kb + j * ldk
-  const T* vb = a.v + b * s.Ck * ldv + hk * s.Dv;
+  const int64_t ldk = s.kr, ldv = s.vr, ldo = s.H * s.Dv;
+  const T* kb = a.k + b * s.Ck * ldk + hk * s.kh;   // key j at kb + j * ldk
+  const T* vb = a.v + b * s.Ck * ldv + hk * s.vh;
   T* qt = sized(w.a, s.D * kTQ);    // scaled queries, transposed [D, kTQ]
   T* st = sized(w.b, kTK * kTQ);    // scores, then probabilities, transposed [kTK, kTQ]
   T* acc = sized(w.c, kTQ * s.Dv);  // output [kTQ, Dv]
@@ -641,8 +661,7 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
   T* corr = old + kTQ;
   prefetch_rows(kb, std::min<int64_t>(kend, kTK), ldk, s.D);
   prefetch_rows(vb, std::min<int64_t>(kend, kTK), ldv, s.Dv);
-  transpose_scaled(a.q + ((b * s.Cq + i0) * s.H + h) * s.D, s.H * s.D, n, s.D, qt, kTQ,
-                   a.scale);
+  transpose_scaled(a.q + (b * s.Cq + i0) * s.qr + h * s.qh, s.qr, n, s.D, qt, kTQ, a.scale);
   std::fill(acc, acc + n * s.Dv, T(0));
   std::fill(mx, mx + kTQ, ninf);
   std::fill(sum, sum + kTQ, T(0));
@@ -675,13 +694,14 @@ void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   // Per item, on every worker: zeros and lse = -inf for the padding and items without
   // keys; the rows the units will write mapped in ahead.
   const int64_t workers = worker_count(pool);
-  parallel_units(pool, std::vector<double>(s.B, 1.0), workers, [&a, &s, ninf](int64_t b) {
+  const std::vector<double> rows(s.B, static_cast<double>(s.Cq * s.H * s.Dv * sizeof(T)));
+  parallel_units(pool, rows, workers, [&a, &s, ninf](int64_t b) {
     const int64_t from = a.lk[b] > 0 ? a.lq[b] : 0;
     zero_fill(a.o + (b * s.Cq + from) * s.H * s.Dv, a.o + (b + 1) * s.Cq * s.H * s.Dv);
     prefault(a.o + b * s.Cq * s.H * s.Dv, a.o + (b * s.Cq + from) * s.H * s.Dv);
     for (int64_t h = 0; h < s.H; ++h)
       std::fill(a.lse + (b * s.H + h) * s.Cq + from, a.lse + (b * s.H + h + 1) * s.Cq, ninf);
-  });
+  }, kSerialBytes);
   struct Unit { int64_t b, h, i0, n; };
   std::vector<Unit> units;
   std::vector<double> cost;
@@ -700,7 +720,7 @@ void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
     const Unit& x = units[u];
     fwd_unit(a, s, x.b, x.h, x.i0, x.n, thread_scratch<T>());
-  });
+  }, kSerialPairs * 64.0 / static_cast<double>(s.D + s.Dv));
 }
 
 // ---------------------------------------------------------------- backward -----------
@@ -796,7 +816,9 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   // Per item, on every worker: zero what the units do not write (rows past the lengths,
   // items without keys) and map in the rows they will.
   const int64_t workers = worker_count(pool);
-  parallel_units(pool, std::vector<double>(s.B, 1.0), workers, [&a, &s](int64_t b) {
+  const std::vector<double> rows(
+      s.B, static_cast<double>((s.Cq * s.H * s.D + s.Ck * s.Hkv * (s.D + s.Dv)) * sizeof(T)));
+  parallel_units(pool, rows, workers, [&a, &s](int64_t b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
     zero_fill(a.dq + (b * s.Cq + fq) * s.H * s.D, a.dq + (b + 1) * s.Cq * s.H * s.D);
@@ -808,7 +830,7 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
     const int64_t lo = a.lk[b] > 0 ? a.lq[b] : 0;  // o is zero from row lo on
     release_zero_pages(a.o + (b * s.Cq + lo) * s.H * s.Dv,
                        (s.Cq - lo) * s.H * s.Dv * sizeof(T));
-  });
+  }, kSerialBytes);
   std::vector<std::pair<int64_t, int64_t>> units;
   std::vector<double> cost;
   for (int64_t b = 0; b < s.B; ++b) {
@@ -822,7 +844,7 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   }
   parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
     bwd_unit(a, s, units[u].first, units[u].second, thread_scratch<T>());
-  });
+  }, kSerialPairs * 32.0 / static_cast<double>(s.D + s.Dv));
 }
 
 // ---------------------------------------------------------------- validation ---------
@@ -844,9 +866,11 @@ inline bool same_dims(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_
   return true;
 }
 
-// Checks q/k/v ranks and sizes, dtypes and lengths; fills dims.
+// Checks q/k/v ranks and sizes, dtypes and lengths; fills dims. `logical` (H, D, Hkv,
+// Dv; 0: the buffer's size) are the sizes read from each [B, C, Hc, Dc] buffer.
 inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                            ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk, Dims* s) {
+                            ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk, Dims* s,
+                            const int64_t (&logical)[4] = {0, 0, 0, 0}) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return bad("q, k, v must have rank 4 ([B, C, H, D]); got q " + dims_str(qd) + ", k " +
@@ -855,15 +879,25 @@ inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     return bad("q, k, v must share one dtype");
   if (q.element_type() != ffi::F32 && q.element_type() != ffi::F64)
     return bad("q, k, v must be float32 or float64");
-  *s = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3], 1};
+  const int64_t H = logical[0] ? logical[0] : qd[2], D = logical[1] ? logical[1] : qd[3];
+  const int64_t Hkv = logical[2] ? logical[2] : kd[2], Dv = logical[3] ? logical[3] : vd[3];
+  if (H < 0 || H > qd[2] || D < 0 || D > qd[3] || D > kd[3] || Hkv < 0 || Hkv > kd[2] ||
+      Hkv > vd[2] || Dv < 0 || Dv > vd[3])
+    return bad("logical sizes H " + std::to_string(H) + ", D " + std::to_string(D) +
+               ", Hkv " + std::to_string(Hkv) + ", Dv " + std::to_string(Dv) +
+               " exceed the buffers q " + dims_str(qd) + ", k " + dims_str(kd) + ", v " +
+               dims_str(vd));
+  const bool strided = logical[0] || logical[1] || logical[2] || logical[3];
+  *s = Dims{qd[0], qd[1], kd[1], H, Hkv, D, Dv, 1,
+            qd[2] * qd[3], qd[3], kd[2] * kd[3], kd[3], vd[2] * vd[3], vd[3]};
   if (kd[0] != s->B || vd[0] != s->B)
     return bad("batch sizes differ: q " + dims_str(qd) + ", k " + dims_str(kd) + ", v " +
                dims_str(vd));
-  if (vd[1] != s->Ck || vd[2] != s->Hkv)
+  if (vd[1] != s->Ck || (!strided && vd[2] != s->Hkv))
     return bad("k and v capacities or head counts differ: k " + dims_str(kd) + ", v " +
                dims_str(vd));
-  if (kd[3] != s->D) return bad("q and k head sizes differ: " + dims_str(qd) + " vs " +
-                                dims_str(kd));
+  if (!strided && kd[3] != s->D)
+    return bad("q and k head sizes differ: " + dims_str(qd) + " vs " + dims_str(kd));
   if (s->Hkv <= 0 || s->H % s->Hkv != 0)
     return bad(std::to_string(s->H) + " query heads are not a multiple of " +
                std::to_string(s->Hkv) + " K/V heads");
@@ -906,9 +940,10 @@ inline ffi::Error check_out(const char* name, ffi::AnyBuffer x, ffi::DataType dt
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk,
                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, bool causal,
-                   double scale) {
+                   double scale, int64_t heads, int64_t head_dim, int64_t kv_heads,
+                   int64_t v_head_dim) {
   Dims s;
-  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s));
+  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s, {heads, head_dim, kv_heads, v_head_dim}));
   const auto t = q.element_type();
   VSLA_TRY(check_out("o", *o, t, {s.B, s.Cq, s.H, s.Dv}));
   VSLA_TRY(check_out("lse", *lse, t, {s.B, s.H, s.Cq}));
@@ -972,7 +1007,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_attention_fwd, vsla::attn::Forward,
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<bool>("causal")
-                                  .Attr<double>("scale"));
+                                  .Attr<double>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("head_dim")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("v_head_dim"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_attention_bwd, vsla::attn::Backward,
                               xla::ffi::Ffi::Bind()

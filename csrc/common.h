@@ -4,6 +4,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 
@@ -88,6 +92,33 @@ inline void prefault_bytes(void* p, size_t n) {
 template <class T>
 inline void prefault(T* p, T* end) {
   if (end > p) prefault_bytes(p, static_cast<size_t>(end - p) * sizeof(T));
+}
+
+// Ranges of at least this many bytes are zeroed by zero_stream with non-temporal stores.
+constexpr size_t kMinStream = size_t{1} << 11;
+
+// Sets bytes [p, p + n) to zero without reading them: from kMinStream bytes on, the
+// aligned middle is written with non-temporal stores (SSE2, every x86-64 CPU), which
+// skip the read-for-ownership of each cache line and leave the caches to the data; the
+// ragged ends, and short ranges, are memset. For the padding of an output that nothing
+// reads before the call returns. Ends with an sfence (the stores are weakly ordered), so
+// the zeros are visible to whoever the caller then signals.
+inline void zero_stream(void* p, size_t n) {
+  char* c = static_cast<char*>(p);
+#if defined(__x86_64__)
+  if (n >= kMinStream) {
+    const size_t head = (16 - reinterpret_cast<uintptr_t>(c) % 16) % 16;
+    std::memset(c, 0, head);
+    char* end = c + n;
+    c += head;
+    const __m128i z = _mm_setzero_si128();
+    for (; end - c >= 16; c += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(c), z);
+    std::memset(c, 0, static_cast<size_t>(end - c));
+    _mm_sfence();
+    return;
+  }
+#endif
+  std::memset(c, 0, n);
 }
 
 // Typed form: elements [p, end) of a float type to +0.

@@ -3,7 +3,8 @@
 //
 // Layout (row-major, as XLA hands the buffers over; `...` is any batch shape, the same
 // for every operand, flattened to B items):
-//   a [..., Ca], b [..., Cb], la/lb int32 [...], out [..., Ca + Cb - 1]
+//   a [..., Ca], b [..., Cb], la/lb int32 [...] -> out [..., Ca + Cb - 1] and the output
+//   lengths int32 [...] (la + lb - 1, 0 when la or lb is 0)
 //   backward: g [..., Ca + Cb - 1] -> ga [..., Ca], gb [..., Cb]
 // Item i: out[n] = sum_j a[n - j] * b[j] over the pairs with 0 <= n - j < la and
 // 0 <= j < lb, for n < la + lb - 1; everything past that (and the whole row when la or
@@ -270,6 +271,16 @@ inline double piece_work_for(double total, int64_t threads) {
   return std::max(kMinPieceWork, total / static_cast<double>(4 * threads));
 }
 
+// Zeroes outputs [lo, hi) of a row whose first `valid` outputs the piece then sums into:
+// those are memset (the sums read them next), the slack past them is streamed
+// (zero_stream: nothing reads it before the call returns).
+template <class T>
+inline void clear_piece(T* o, int64_t lo, int64_t hi, int64_t valid) {
+  const int64_t mid = std::clamp(valid, lo, hi);
+  std::fill(o + lo, o + mid, T(0));
+  zero_stream(o + mid, static_cast<size_t>(hi - mid) * sizeof(T));
+}
+
 // ------------------------------------------------------------------ drivers -----------
 struct Dims {
   int64_t B, Ca, Cb, Co;
@@ -290,8 +301,8 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
   }
   run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
     T* o = out + p.item * d.Co;
-    std::fill(o + p.lo, o + p.hi, T(0));
     const int64_t na = la[p.item], nb = lb[p.item];
+    clear_piece(o, p.lo, p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0);
     if (na == 0 || nb == 0) return;
     const T* x = a + p.item * d.Ca;
     const T* w = b + p.item * d.Cb;
@@ -326,9 +337,9 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
     // ga = corr(g, b) over la outputs; gb = corr(g, a) over lb outputs
     const int64_t cap = p.which == 0 ? d.Ca : d.Cb;
     T* o = (p.which == 0 ? ga : gb) + p.item * cap;
-    std::fill(o + p.lo, o + p.hi, T(0));
+    const int64_t valid = na > 0 && nb > 0 ? (p.which == 0 ? na : nb) : 0;
+    clear_piece(o, p.lo, p.hi, valid);
     if (na == 0 || nb == 0) return;
-    const int64_t valid = p.which == 0 ? na : nb;
     const int64_t hi = std::min(p.hi, valid);
     if (p.lo >= hi) return;
     if (p.which == 0) {
@@ -402,13 +413,26 @@ inline ffi::Error check_out(const char* name, ffi::AnyBuffer x, ffi::DataType t,
   return ffi::Error::Success();
 }
 
+// The output lengths la + lb - 1 (0 when either is 0) come from the kernel too: computed
+// by a separate XLA fusion, they made a second thunk that cost the call more than the
+// convolution of a small batch (docs/kernels.md, "Output lengths").
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Buffer<ffi::S32> la, ffi::Buffer<ffi::S32> lb,
-                   ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+                   ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::S32>> lo,
+                   int64_t max_threads) {
   Dims d;
   if (ffi::Error e = check_inputs(a, b, la, lb, &d); e.failure()) return e;
   const auto t = a.element_type();
   if (ffi::Error e = check_out("out", *out, t, la.dimensions(), d.Co); e.failure()) return e;
+  const auto lo_dims = lo->dimensions(), batch = la.dimensions();
+  if (!std::equal(batch.begin(), batch.end(), lo_dims.begin(), lo_dims.end()))
+    return bad("output lengths " + dims_str(lo_dims) + " must have the batch shape " +
+               dims_str(batch));
+  int32_t* lo_data = lo->typed_data();
+  for (int64_t i = 0; i < d.B; ++i) {
+    const int32_t na = la.typed_data()[i], nb = lb.typed_data()[i];
+    lo_data[i] = na > 0 && nb > 0 ? static_cast<int32_t>(int64_t{na} + nb - 1) : 0;
+  }
   if (t == ffi::F32) {
     forward(pool, d, a.typed_data<float>(), b.typed_data<float>(), la.typed_data(),
             lb.typed_data(), out->typed_data<float>(), max_threads);
@@ -453,6 +477,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_fwd, vsla::rconv::Forward,
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Attr<int64_t>("max_threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_bwd, vsla::rconv::Backward,

@@ -22,3 +22,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_selftest_twice, vsla::Twice,
 extern "C" VSLA_EXPORT void vsla_selftest_zero_bytes(void* p, size_t n) {
   vsla::zero_bytes(p, n);
 }
+
+// vsla::zero_stream (csrc/common.h) on caller memory, for its tests.
+extern "C" VSLA_EXPORT void vsla_selftest_zero_stream(void* p, size_t n) {
+  vsla::zero_stream(p, n);
+}

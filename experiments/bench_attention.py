@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import timed_clean, write_json_atomic
+from common import timed_clean, torch_sdpa_per_sequence, write_json_atomic
 
 import vsla_jax as vs
 from vsla_jax import kernels
@@ -224,27 +224,14 @@ def _torch_rows(q, k, v, lengths, fwd, bwd):
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    fwd[TORCH], bwd[TORCH] = torch_sdpa_per_sequence(
+        np.asarray(q.data), np.asarray(k.data), np.asarray(v.data), lengths)
+    if not FLAGS.all_rows:
+        return
     per_item = lambda x: [torch.from_numpy(np.array(x.data[i, :n])).transpose(0, 1)
                           .contiguous() for i, n in enumerate(lengths)]
     tq, tk, tv = per_item(q), per_item(k), per_item(v)
-
-    def per_seq():
-        with torch.no_grad():
-            return [F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(tq, tk, tv)]
-
     grad_copies = lambda xs: [x.detach().clone().requires_grad_(True) for x in xs]
-    gq, gk, gv = grad_copies(tq), grad_copies(tk), grad_copies(tv)
-
-    def per_seq_bwd():
-        loss = sum((F.scaled_dot_product_attention(a, b, c) ** 2).sum()
-                   for a, b, c in zip(gq, gk, gv))
-        loss.backward()
-        return loss.detach()
-
-    fwd[TORCH], bwd[TORCH] = per_seq, per_seq_bwd
-    if not FLAGS.all_rows:
-        return
     cap = int(lengths.max())
     pad = lambda xs: torch.stack([F.pad(x, (0, 0, 0, cap - x.shape[1])) for x in xs])
     pq, pk, pv = pad(tq), pad(tk), pad(tv)

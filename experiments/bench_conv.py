@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.signal
 from absl import app, flags, logging
-from common import timed_interleaved, write_json_atomic
+from common import pad, pad_to_max_fft, timed_interleaved, write_json_atomic
 
 import vsla_jax as vs
 from vsla_jax.conv import blocked as bcv
@@ -111,22 +111,6 @@ def tf_ragged_peer(xs, ks):
             shape=[None], dtype=tf.float32, ragged_rank=0))
 
     return (lambda: run(rx, rk)), tf.__version__
-
-
-def pad(items, width):
-    out = np.zeros((len(items), width), np.float32)
-    for i, a in enumerate(items):
-        out[i, : len(a)] = a
-    return out
-
-
-@jax.jit
-def pad_to_max_fft(xp, kp):
-    """The archived design: one FFT length next_pow2(2*d_max - 1) for the whole batch."""
-    d_max = max(xp.shape[1], kp.shape[1])
-    n = 1 << (2 * d_max - 2).bit_length()
-    y = jnp.fft.irfft(jnp.fft.rfft(xp, n) * jnp.fft.rfft(kp, n), n)
-    return y[:, : xp.shape[1] + kp.shape[1] - 1]
 
 
 @jax.jit

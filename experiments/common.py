@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing and atomic JSON output."""
+"""Helpers shared by the benchmark scripts: timing, atomic JSON output and the peers
+that several scripts time (padding, pad-to-max FFT, PyTorch SDPA per sequence)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from icd_jax.runtime.measure import once
@@ -133,3 +136,55 @@ def unseen_sentences(n: int = 0, calibration: int = 128) -> list[str]:
     seen = set(corpus.labelled_sentences()[0]) | set(corpus.sentences(calibration))
     held = list(dict.fromkeys(s for s in corpus.sentences() if s not in seen))
     return held[:n] if n else held
+
+
+# -- peers shared by the conv and attention scripts -------------------------------------
+def pad(items: list[np.ndarray], width: int) -> np.ndarray:
+    """``[len(items), width]`` float32, item ``i`` in row ``i`` and zeros after it."""
+    out = np.zeros((len(items), width), np.float32)
+    for i, a in enumerate(items):
+        out[i, : len(a)] = a
+    return out
+
+
+@jax.jit
+def pad_to_max_fft(xp: jax.Array, kp: jax.Array) -> jax.Array:
+    """The archived conv design: one FFT length next_pow2(2*d_max - 1) for the batch.
+    ``xp [B, m]``, ``kp [B, n]`` padded rows; returns ``[B, m + n - 1]``."""
+    d_max = max(xp.shape[1], kp.shape[1])
+    n = 1 << (2 * d_max - 2).bit_length()
+    y = jnp.fft.irfft(jnp.fft.rfft(xp, n) * jnp.fft.rfft(kp, n), n)
+    return y[:, : xp.shape[1] + kp.shape[1] - 1]
+
+
+def torch_sdpa_per_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                            lengths: np.ndarray, causal: bool = False):
+    """PyTorch SDPA on each sequence, with every core: ``(forward, forward+backward)``
+    callables. ``q, k, v`` are padded ``[B, C, H, D]`` host arrays and item ``i`` has
+    ``lengths[i]`` rows; the backward is ``loss.backward()`` of ``sum(o ** 2)``.
+
+    Raises ImportError when torch is not installed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    per_item = lambda x: [torch.from_numpy(np.array(x[i, :n])).transpose(0, 1).contiguous()
+                          for i, n in enumerate(lengths)]
+    tq, tk, tv = per_item(q), per_item(k), per_item(v)
+
+    def forward():
+        with torch.no_grad():
+            return [F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+                    for a, b, c in zip(tq, tk, tv)]
+
+    grad_copies = lambda xs: [x.detach().clone().requires_grad_(True) for x in xs]
+    gq, gk, gv = grad_copies(tq), grad_copies(tk), grad_copies(tv)
+
+    def forward_backward():
+        loss = sum((F.scaled_dot_product_attention(a, b, c, is_causal=causal) ** 2).sum()
+                   for a, b, c in zip(gq, gk, gv))
+        loss.backward()
+        return loss.detach()
+
+    return forward, forward_backward

@@ -367,3 +367,54 @@ def test_forward_mode_autodiff_falls_back_to_xla(backend):
         ref_loss = lambda qd: jnp.sum(ref(qd, k.data) ** 2)
         np.testing.assert_allclose(jax.jit(jax.hessian(loss))(q.data),
                                    jax.hessian(ref_loss)(q.data), rtol=1e-9, atol=1e-12)
+
+
+def stacked_heads(rng, lengths, heads, dim, dtype=np.float32) -> tuple[vs.VarTensor, list]:
+    """``vs.stack`` of ``[n, heads, dim]`` items: a rank-3 batch whose head axes the
+    capacity ladder pads (heads 3 -> 8, dim 13 -> 16, ...); and the items."""
+    items = [rng.standard_normal((n, heads, dim)).astype(dtype) for n in lengths]
+    return vs.stack(items), items
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rank3_stacked_batches_read_through_strides_match_numpy(dtype, causal):
+    """vs.stack of [n, H, D] items keeps padded head axes (H 3 -> capacity 8, D 13 -> 16,
+    Dv 22 -> 24); the kernel reads [.., :H, :D] through strides: no cropped copy in the
+    compiled program, results and jit(grad) equal to NumPy and the xla backend."""
+    rng = np.random.default_rng(7)
+    lens = [5, 0, 19, 1]
+    with jax.enable_x64(dtype == np.float64):
+        (q, qi), (k, ki), (v, vi) = (stacked_heads(rng, lens, h, d, dtype)
+                                     for h, d in ((6, 13), (3, 13), (3, 22)))
+        assert q.rank == 3 and q.data.shape[2:] != (6, 13)  # the ladder padded them
+        out = vs.attention(q, k, v, causal=causal)
+        assert out.data.shape[2:] == (6, 22) and out.rank == 1
+        pad = lambda items, cap: np.stack([np.pad(x, ((0, cap - len(x)), (0, 0), (0, 0)))
+                                           for x in items])
+        cap = q.capacity[0]
+        ref = numpy_attention(pad(qi, cap), pad(ki, cap), pad(vi, cap), np.array(lens),
+                              np.array(lens), causal, 1 / np.sqrt(13))
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(np.asarray(out.data), ref, atol=tol, rtol=tol)
+        from vsla_jax.attention import cpu
+        seq = np.array(lens, np.int32)
+        hlo = cpu._strided_call.lower(q.data, k.data, v.data, seq, seq, causal,
+                                      1 / np.sqrt(13), (6, 13, 3, 22)).compile().as_text()
+        entry = hlo[hlo.index("ENTRY"):]
+        assert "slice" not in entry and "copy" not in entry, entry
+
+        def loss(backend, qd, kd, vd):
+            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                             vs.VarTensor(vd, v.lengths), causal=causal, backend=backend)
+            return jnp.sum(o.data * jnp.arange(o.data.size, dtype=o.dtype).reshape(
+                o.data.shape) / o.data.size)
+
+        got = jax.jit(jax.grad(lambda *a: loss("auto", *a), (0, 1, 2)))(q.data, k.data, v.data)
+        want = jax.grad(lambda *a: loss("xla", *a), (0, 1, 2))(q.data, k.data, v.data)
+        for g, w, x in zip(got, want, (q, k, v)):
+            assert g.shape == x.data.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=tol * 10,
+                                       rtol=tol * 10)
+            feats = np.asarray(g)[:, :, x.lengths[0, 1]:], np.asarray(g)[..., x.lengths[0, 2]:]
+            assert not any(f.any() for f in feats), "gradient must be zero in head padding"

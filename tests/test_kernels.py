@@ -86,6 +86,20 @@ def test_zero_bytes_zeroes_exactly_its_range_of_dirty_memory(offset, size):
     assert (buf[offset:offset + size] == 7).all()
 
 
+@pytest.mark.parametrize("offset, size", [(0, 4096), (3, 2047), (5, 2048), (1, 100000),
+                                          (16, 1 << 11), (7, 5)])
+def test_zero_stream_zeroes_exactly_its_range_of_dirty_memory(offset, size):
+    """csrc/common.h's zero_stream (non-temporal stores for the aligned middle of ranges
+    from 2 KiB, memset for the ends and short ranges): zeros exactly its range, at any
+    alignment."""
+    lib = kernels.library()
+    buf = np.full(offset + size + 64, 0xCD, np.uint8)
+    lib.vsla_selftest_zero_stream(ctypes.c_void_p(buf.ctypes.data + offset),
+                                  ctypes.c_size_t(size))
+    assert not buf[offset:offset + size].any()
+    assert (buf[:offset] == 0xCD).all() and (buf[offset + size:] == 0xCD).all()
+
+
 def test_zero_bytes_on_a_file_mapping_writes_zeros(tmp_path):
     """MADV_DONTNEED does not zero a shared file mapping (the file's bytes come back);
     zero_bytes must notice and memset instead."""

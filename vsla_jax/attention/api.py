@@ -134,11 +134,12 @@ _STACK_HINT = ("stack the items with one variable axis and dense (H, D) features
                "vs.stack(items, rank=1)")
 
 
-def _as_heads(x: VarTensor, name: str) -> VarTensor:
+def _as_heads(x: VarTensor, name: str, crop: bool = True) -> VarTensor:
     """A batch stacked with more than one variable axis (``vs.stack(items)`` of
     ``[n, H, D]`` arrays gives rank 3) as rank 1 with features ``(H, D)``, when the
     trailing variable axes have the same concrete lengths in every item; those axes are
-    cropped to their lengths (the capacity ladder may have padded them)."""
+    cropped to their lengths (the capacity ladder may have padded them). ``crop=False``:
+    the data is a ``jax.ShapeDtypeStruct`` of the cropped shape (no copy; for checks)."""
     extra = x.rank - 1
     if is_traced(x.lengths):
         raise ShapeError(
@@ -152,20 +153,35 @@ def _as_heads(x: VarTensor, name: str) -> VarTensor:
             f" differ between items: {np.unique(trailing, axis=0).tolist()[:4]}); attention "
             f"needs uniform (H, D) per item; {_STACK_HINT}")
     sizes = tuple(int(n) for n in trailing[0]) if len(trailing) else x.capacity[1:]
+    if not crop:
+        shape = x.data.shape[:2] + sizes
+        return VarTensor.trusted(jax.ShapeDtypeStruct(shape, x.dtype), lengths[:, :1],
+                                 x.model)
     data = x.data[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
     return VarTensor.trusted(data, jnp.asarray(lengths[:, :1]), x.model)
 
 
-def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor) -> tuple[VarTensor, ...]:
+def _crop_now(full: VarTensor, checked: VarTensor) -> VarTensor:
+    """``checked`` from ``check_inputs(..., crop=False)`` with its data cropped from
+    ``full`` where it is a shape-only stand-in."""
+    if not isinstance(checked.data, jax.ShapeDtypeStruct):
+        return checked
+    index = tuple(slice(0, n) for n in checked.data.shape)
+    return VarTensor.trusted(full.data[index], jnp.asarray(checked.lengths), checked.model)
+
+
+def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor,
+                 crop: bool = True) -> tuple[VarTensor, ...]:
     """Validate ``q, k, v`` for attention and return them as rank-1 batches with features
-    ``(H, D)`` (see ``_as_heads`` for batches stacked with every axis variable)."""
+    ``(H, D)`` (see ``_as_heads`` for batches stacked with every axis variable; with
+    ``crop=False`` their data is a shape-only ``jax.ShapeDtypeStruct``)."""
     out = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, VarTensor):
             raise VSLATypeError(f"attention: {name} must be a VarTensor, got "
                                 f"{type(x).__name__}")
         if x.batch_ndim == 1 and x.rank > 1 and x.rank + len(x.features) == 3:
-            x = _as_heads(x, name)
+            x = _as_heads(x, name, crop)
         if x.batch_shape == (0,) and not x.features:
             raise ShapeError(
                 f"attention: {name} is an empty batch without (H, D) features (vs.stack of "
@@ -281,7 +297,8 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     under forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
     ``custom_vjp`` backends refuse, the ``xla`` backend runs instead.
     """
-    q, k, v = check_inputs(q, k, v)
+    full = (q, k, v)
+    q, k, v = check_inputs(q, k, v, crop=False)
     tiles = check_tile(tile)
     if config is None:
         config = DEFAULT_CONFIG
@@ -290,7 +307,16 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
                             f"{type(config).__name__}")
     causal = check_causal(causal)
     scale = check_scale(scale, q.features[1])
-    impl = _backend(backend, config, q, k)
+    impl = _backend(backend, config, *full[:2])
+    if any(isinstance(x.data, jax.ShapeDtypeStruct) for x in (q, k, v)):
+        # rank-3 batches (vs.stack of [n, H, D] items): the C++ kernels read the head
+        # axes through strides; other backends take cropped copies
+        if isinstance(impl, CPUBackend):
+            sizes = (*q.features, k.features[0], v.features[1])
+            out = call_or_none(impl.compute_strided, *full, sizes, causal, scale)
+            if out is not None:
+                return out
+        q, k, v = (_crop_now(f, x) for f, x in zip(full, (q, k, v)))
     if tiles is not None and isinstance(impl, TiledBackend):
         plan = dict(tq=tiles[0], tk=tiles[1])
     else:

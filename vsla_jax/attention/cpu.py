@@ -24,7 +24,7 @@ from vsla_jax import kernels
 from vsla_jax.attention.bucketed import BucketedBackend
 from vsla_jax.errors import VSLAError, VSLATypeError
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import float0_zeros
+from vsla_jax.util import float0_zeros, host_or_none
 
 FWD, BWD = "vsla_attention_fwd", "vsla_attention_bwd"
 DTYPES = (jnp.float32, jnp.float64)
@@ -60,15 +60,21 @@ def _merged(shape: tuple) -> tuple:
     return (*shape[:-2], shape[-2] * shape[-1])
 
 
-def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float):
+def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
     """qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]`` (one float
-    dtype), lq/lk int32 ``[B]`` -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``)."""
-    b, cq, h, _ = qd.shape
-    out = (jax.ShapeDtypeStruct(_merged((b, cq, h, vd.shape[-1])), qd.dtype),
+    dtype), lq/lk int32 ``[B]`` -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``).
+
+    ``sizes = (H, D, Hkv, Dv)``: the kernel reads ``[..., :H, :D]`` of larger buffers
+    (strides, no copy); None: the buffers' own sizes."""
+    b, cq = qd.shape[:2]
+    h, _, _, dv = sizes or (qd.shape[2], qd.shape[3], kd.shape[2], vd.shape[3])
+    out = (jax.ShapeDtypeStruct(_merged((b, cq, h, dv)), qd.dtype),
            jax.ShapeDtypeStruct((b, h, cq), qd.dtype))
+    attrs = dict(zip(("heads", "head_dim", "kv_heads", "v_head_dim"),
+                     map(np.int64, sizes or (0, 0, 0, 0))))
     o, lse = jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
-        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale))
-    return o.reshape(b, cq, h, vd.shape[-1]), lse
+        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale), **attrs)
+    return o.reshape(b, cq, h, dv), lse
 
 
 def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float):
@@ -103,6 +109,34 @@ def _cpu_bwd_rule(causal, scale, saved, do):
 cpu_attention.defvjp(_cpu_fwd_rule, _cpu_bwd_rule)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes: tuple):
+    """``cpu_attention`` on ``[..., :H, :D]`` of larger buffers, ``sizes = (H, D, Hkv,
+    Dv)``: qd ``[B, Cq, Hc, Dc]`` (``Hc >= H``, ``Dc >= D``), kd/vd likewise -> ``[B, Cq,
+    H, Dv]``. The forward reads the buffers through strides (no cropped copy); the
+    backward crops, runs the backward kernel and pads the gradients back with zeros."""
+    return _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)[0]
+
+
+def _strided_fwd_rule(qd, kd, vd, lq, lk, causal, scale, sizes):
+    o, lse = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
+    return o, (qd, kd, vd, lq, lk, o, lse)
+
+
+def _strided_bwd_rule(causal, scale, sizes, saved, do):
+    qd, kd, vd, lq, lk, o, lse = saved
+    h, d, hkv, dv = sizes
+    crops = [x[:, :, :a, :c] for x, a, c in ((qd, h, d), (kd, hkv, d), (vd, hkv, dv))]
+    grads = _bwd_call(*crops, lq, lk, o, lse, do.astype(o.dtype), causal, scale)
+    padded = tuple(jnp.pad(g, [(0, 0), (0, 0), (0, x.shape[2] - g.shape[2]),
+                               (0, x.shape[3] - g.shape[3])]) for g, x in
+                   zip(grads, (qd, kd, vd)))
+    return (*padded, float0_zeros(lq), float0_zeros(lk))
+
+
+cpu_attention_strided.defvjp(_strided_fwd_rule, _strided_bwd_rule)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))
 def _cpu_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale: float):
     dtype = q.data.dtype
@@ -111,6 +145,21 @@ def _cpu_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale: flo
                         q.lengths[:, 0].astype(jnp.int32), k.lengths[:, 0].astype(jnp.int32),
                         causal, scale)
     return VarTensor.trusted(out.astype(dtype), q.lengths, q.model)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "sizes"))
+def _strided_call(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes: tuple):
+    """lq/lk int32 ``[B]``, sliced out of ``[B, rank]`` lengths before the call (inside,
+    each slice, and the output lengths, would be one more XLA op beside the kernel)."""
+    return cpu_attention_strided(qd, kd, vd, lq, lk, causal, scale, sizes)
+
+
+def _sequence_lengths(lengths):
+    """Column 0 of ``[B, rank]`` lengths as int32 ``[B]``: on the host when concrete."""
+    host = host_or_none(lengths)
+    if host is None:
+        return lengths[:, 0].astype(jnp.int32)
+    return np.ascontiguousarray(host[:, 0], np.int32)
 
 
 class CPUBackend:
@@ -141,3 +190,19 @@ class CPUBackend:
             return self.fallback.compute(q, k, v, causal, scale,
                                          self.fallback.prepare(q, k, v))
         return _cpu_call(q, k, v, bool(causal), float(scale))
+
+    def compute_strided(self, q: VarTensor, k: VarTensor, v: VarTensor, sizes: tuple,
+                        causal: bool, scale: float) -> VarTensor | None:
+        """Attention over ``[..., :H, :D]`` of q/k/v data ``[B, C, Hc, Dc]`` (rank-3
+        batches from ``vs.stack`` keep their capacity-padded head axes), ``sizes = (H,
+        D, Hkv, Dv)``, without cropping copies; lengths ``[B, >= 1]`` (column 0 is the
+        sequence). None where the kernels cannot run here or the dtype is not
+        float32/float64 (the caller crops and takes ``compute``)."""
+        dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
+        if len(dts) != 1 or dts.pop() not in DTYPES or not self.available(
+                q.data, k.data, v.data):
+            return None
+        lq = _sequence_lengths(q.lengths)
+        out = _strided_call(q.data, k.data, v.data, lq, _sequence_lengths(k.lengths),
+                            bool(causal), float(scale), tuple(int(n) for n in sizes))
+        return VarTensor.trusted(out, jnp.asarray(lq[:, None]), q.model)

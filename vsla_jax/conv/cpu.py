@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsla_jax import kernels
-from vsla_jax.conv.kernels import conv_output_lengths
 from vsla_jax.errors import LengthError
 from vsla_jax.tensor import VarTensor, check_pair
 from vsla_jax.util import call_or_none, float0_zeros, host_or_none
@@ -39,8 +38,10 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 def _fwd_call(da, db, la, lb, max_threads: int):
     """da ``[*batch, Ca]``, db ``[*batch, Cb]`` (one float dtype), la/lb int32 ``[*batch]``
-    -> ``[*batch, Ca + Cb - 1]``."""
-    out = jax.ShapeDtypeStruct(da.shape[:-1] + (da.shape[-1] + db.shape[-1] - 1,), da.dtype)
+    -> ``(out [*batch, Ca + Cb - 1], out_lengths int32 [*batch])``."""
+    out = (jax.ShapeDtypeStruct(da.shape[:-1] + (da.shape[-1] + db.shape[-1] - 1,),
+                                da.dtype),
+           jax.ShapeDtypeStruct(la.shape, jnp.int32))
     return jax.ffi.ffi_call(FWD, out, vmap_method="broadcast_all")(
         da, db, la, lb, max_threads=np.int64(max_threads))
 
@@ -53,12 +54,16 @@ def _bwd_call(da, db, la, lb, g, max_threads: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def conv_arrays(da, db, la, lb, max_threads: int = 0):
-    """Full convolution of each item's logical extent (the slack is never read).
+def conv_with_lengths(da, db, la, lb, max_threads: int = 0):
+    """Full convolution of each item's logical extent (the slack is never read), and the
+    output lengths, both from the one custom call.
 
     da ``[*batch, Ca]``, db ``[*batch, Cb]`` (float32 or float64, one dtype), la/lb int32
-    ``[*batch]`` -> ``[*batch, Ca + Cb - 1]``, zero from ``la + lb - 1`` on (all zero when
-    ``la`` or ``lb`` is 0). ``max_threads=0`` uses XLA's whole intra-op pool.
+    ``[*batch]`` -> ``(out [*batch, Ca + Cb - 1], lengths int32 [*batch])``: ``out`` is
+    zero from ``la + lb - 1`` on (all zero when ``la`` or ``lb`` is 0) and ``lengths``
+    is ``la + lb - 1`` (0 when either is 0). ``max_threads=0`` uses XLA's whole
+    intra-op pool. Computing the lengths in the kernel keeps the program one custom call:
+    a separate XLA fusion for them cost more than the convolution of a small batch.
     """
     return _fwd_call(da, db, la, lb, max_threads)
 
@@ -67,13 +72,19 @@ def _conv_fwd_rule(da, db, la, lb, max_threads):
     return _fwd_call(da, db, la, lb, max_threads), (da, db, la, lb)
 
 
-def _conv_bwd_rule(max_threads, saved, g):
+def _conv_bwd_rule(max_threads, saved, cts):
     da, db, la, lb = saved
-    ga, gb = _bwd_call(da, db, la, lb, g.astype(da.dtype), max_threads)
+    ga, gb = _bwd_call(da, db, la, lb, cts[0].astype(da.dtype), max_threads)
     return ga, gb, float0_zeros(la), float0_zeros(lb)
 
 
-conv_arrays.defvjp(_conv_fwd_rule, _conv_bwd_rule)
+conv_with_lengths.defvjp(_conv_fwd_rule, _conv_bwd_rule)
+
+
+def conv_arrays(da, db, la, lb, max_threads: int = 0):
+    """``conv_with_lengths(...)[0]``: da ``[*batch, Ca]``, db ``[*batch, Cb]`` ->
+    ``[*batch, Ca + Cb - 1]``."""
+    return conv_with_lengths(da, db, la, lb, max_threads)[0]
 
 
 def supported(a: VarTensor, b: VarTensor) -> bool:
@@ -106,8 +117,8 @@ def _cpu_call(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor:
     db = jnp.broadcast_to(b.data.astype(dt), batch + b.capacity)
     la = jnp.broadcast_to(a.lengths[..., 0], batch).astype(jnp.int32)
     lb = jnp.broadcast_to(b.lengths[..., 0], batch).astype(jnp.int32)
-    out = conv_arrays(da, db, la, lb, max_threads)
-    return VarTensor.trusted(out, conv_output_lengths(la, lb)[..., None], a.model)
+    out, lengths = conv_with_lengths(da, db, la, lb, max_threads)
+    return VarTensor.trusted(out, lengths[..., None], a.model)
 
 
 def ragged_conv(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor | None:
