@@ -6,9 +6,10 @@
 //   o [B, Cq, H, Dv], lse [B, H, Cq] (same float type as q). o, dq, dk and dv may come
 //   with their last two dimensions merged ([B, Cq, H * Dv]): see _merged in
 //   vsla_jax/attention/cpu.py for why the Python side declares them so. The forward
-//   also reads q/k/v from larger buffers [B, C, Hc >= H, Dc >= D] (attributes heads,
-//   head_dim, kv_heads, v_head_dim; 0: the buffer's own size): the head axes of a
-//   rank-3 batch from vs.stack, cropped by strides instead of a copy.
+//   and the backward also read q/k/v from larger buffers [B, C, Hc >= H, Dc >= D]
+//   (attributes heads, head_dim, kv_heads, v_head_dim; 0: the buffer's own size): the
+//   head axes of a rank-3 batch from vs.stack, cropped by strides instead of a copy;
+//   dq/dk/dv then have those buffers' shapes, zero in the head padding.
 // Query i of item b attends keys j < lk[b] (and j <= i when causal). Rows i >= lq[b]
 // and items without keys produce zeros (lse = -inf); padding is never read for
 // compute: every tile is clipped to the item's lengths.
@@ -742,9 +743,10 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
   constexpr int W = Vec<T>::kLanes;
   const int64_t lq = a.lq[b], lk = a.lk[b], G = s.G;
   const int64_t Mq = round_up(lq, kTQ);
-  const int64_t ldq = s.H * s.D, ldo = s.H * s.Dv, ldk = s.Hkv * s.D, ldv = s.Hkv * s.Dv;
-  const T* kb = a.k + b * s.Ck * ldk + hk * s.D;
-  const T* vb = a.v + b * s.Ck * ldv + hk * s.Dv;
+  // q, k, v and dq, dk, dv share their strides (the gradients have the operands' shapes)
+  const int64_t ldq = s.qr, ldo = s.H * s.Dv, ldk = s.kr, ldv = s.vr;
+  const T* kb = a.k + b * s.Ck * ldk + hk * s.kh;
+  const T* vb = a.v + b * s.Ck * ldv + hk * s.vh;
   T* qt = sized(w.a, G * s.D * Mq);    // scaled queries, transposed, per head [D, Mq]
   T* dot = sized(w.b, G * s.Dv * Mq);  // output cotangents, transposed, per head [Dv, Mq]
   T* dqa = sized(w.c, G * Mq * s.D);   // dq accumulators, per head [Mq, D]
@@ -756,7 +758,7 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
   T* dva = dka + kTK * s.D;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
-    prefetch_rows(a.q + b * s.Cq * ldq + h * s.D, lq, ldq, s.D);
+    prefetch_rows(a.q + b * s.Cq * ldq + h * s.qh, lq, ldq, s.D);
     prefetch_rows(a.o + b * s.Cq * ldo + h * s.Dv, lq, ldo, s.Dv);
     prefetch_rows(a.dout + b * s.Cq * ldo + h * s.Dv, lq, ldo, s.Dv);
   }
@@ -771,7 +773,7 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
     const int64_t h = hk * G + g;
     T* qg = qt + g * s.D * Mq;
     T* dog = dot + g * s.Dv * Mq;
-    transpose_scaled(a.q + b * s.Cq * ldq + h * s.D, ldq, lq, s.D, qg, Mq, a.scale);
+    transpose_scaled(a.q + b * s.Cq * ldq + h * s.qh, ldq, lq, s.D, qg, Mq, a.scale);
     transpose_scaled(a.dout + b * s.Cq * ldo + h * s.Dv, ldo, lq, s.Dv, dog, Mq, T(1));
     dot_rows(a.dout + b * s.Cq * ldo + h * s.Dv, ldo, a.o + b * s.Cq * ldo + h * s.Dv, ldo,
              lq, s.Dv, di + g * Mq);
@@ -784,7 +786,7 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
     const int64_t istart = a.causal ? j0 / kTQ * kTQ : 0;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
-      const T* qrows = a.q + b * s.Cq * ldq + h * s.D;
+      const T* qrows = a.q + b * s.Cq * ldq + h * s.qh;
       const T* dorows = a.dout + b * s.Cq * ldo + h * s.Dv;
       for (int64_t i0 = istart; i0 < lq; i0 += kTQ) {
         const int64_t n = std::min<int64_t>(kTQ, lq - i0), np = round_up(n, W);
@@ -802,13 +804,13 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
       }
     }
     store_rows(dka, s.D, nk, s.D, static_cast<const T*>(nullptr), a.scale,
-               a.dk + (b * s.Ck + j0) * ldk + hk * s.D, ldk);
+               a.dk + (b * s.Ck + j0) * ldk + hk * s.kh, ldk);
     store_rows(dva, s.Dv, nk, s.Dv, static_cast<const T*>(nullptr), T(1),
-               a.dv + (b * s.Ck + j0) * ldv + hk * s.Dv, ldv);
+               a.dv + (b * s.Ck + j0) * ldv + hk * s.vh, ldv);
   }
   for (int64_t g = 0; g < G; ++g)
     store_rows(dqa + g * Mq * s.D, s.D, lq, s.D, static_cast<const T*>(nullptr), a.scale,
-               a.dq + b * s.Cq * ldq + (hk * G + g) * s.D, ldq);
+               a.dq + b * s.Cq * ldq + (hk * G + g) * s.qh, ldq);
 }
 
 template <class T>
@@ -817,16 +819,19 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   // items without keys) and map in the rows they will.
   const int64_t workers = worker_count(pool);
   const std::vector<double> rows(
-      s.B, static_cast<double>((s.Cq * s.H * s.D + s.Ck * s.Hkv * (s.D + s.Dv)) * sizeof(T)));
+      s.B, static_cast<double>((s.Cq * s.qr + s.Ck * (s.kr + s.vr)) * sizeof(T)));
   parallel_units(pool, rows, workers, [&a, &s](int64_t b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
-    zero_fill(a.dq + (b * s.Cq + fq) * s.H * s.D, a.dq + (b + 1) * s.Cq * s.H * s.D);
-    zero_fill(a.dk + (b * s.Ck + fk) * s.Hkv * s.D, a.dk + (b + 1) * s.Ck * s.Hkv * s.D);
-    zero_fill(a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv, a.dv + (b + 1) * s.Ck * s.Hkv * s.Dv);
-    prefault(a.dq + b * s.Cq * s.H * s.D, a.dq + (b * s.Cq + fq) * s.H * s.D);
-    prefault(a.dk + b * s.Ck * s.Hkv * s.D, a.dk + (b * s.Ck + fk) * s.Hkv * s.D);
-    prefault(a.dv + b * s.Ck * s.Hkv * s.Dv, a.dv + (b * s.Ck + fk) * s.Hkv * s.Dv);
+    // rows past the lengths are zero; the rows the units write are mapped in, or zeroed
+    // where the units write only part of them (head axes padded past H/Hkv and D/Dv)
+    const auto clear = [](T* item, int64_t rows, int64_t ld, int64_t cap, bool whole) {
+      zero_fill(item + (whole ? 0 : rows) * ld, item + cap * ld);
+      if (!whole) prefault(item, item + rows * ld);
+    };
+    clear(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.qr != s.H * s.D);
+    clear(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.kr != s.Hkv * s.D);
+    clear(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.vr != s.Hkv * s.Dv);
     const int64_t lo = a.lk[b] > 0 ? a.lq[b] : 0;  // o is zero from row lo on
     release_zero_pages(a.o + (b * s.Cq + lo) * s.H * s.Dv,
                        (s.Cq - lo) * s.H * s.Dv * sizeof(T));
@@ -965,16 +970,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk, ffi::AnyBuffer o,
                     ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                    bool causal, double scale) {
+                    bool causal, double scale, int64_t heads, int64_t head_dim,
+                    int64_t kv_heads, int64_t v_head_dim) {
   Dims s;
-  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s));
+  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s, {heads, head_dim, kv_heads, v_head_dim}));
   const auto t = q.element_type();
   VSLA_TRY(check_out("o", o, t, {s.B, s.Cq, s.H, s.Dv}));
   VSLA_TRY(check_out("dout", dout, t, {s.B, s.Cq, s.H, s.Dv}));
   VSLA_TRY(check_out("lse", lse, t, {s.B, s.H, s.Cq}));
-  VSLA_TRY(check_out("dq", *dq, t, {s.B, s.Cq, s.H, s.D}));
-  VSLA_TRY(check_out("dk", *dk, t, {s.B, s.Ck, s.Hkv, s.D}));
-  VSLA_TRY(check_out("dv", *dv, t, {s.B, s.Ck, s.Hkv, s.Dv}));
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  VSLA_TRY(check_out("dq", *dq, t, {qd[0], qd[1], qd[2], qd[3]}));
+  VSLA_TRY(check_out("dk", *dk, t, {kd[0], kd[1], kd[2], kd[3]}));
+  VSLA_TRY(check_out("dv", *dv, t, {vd[0], vd[1], vd[2], vd[3]}));
   if (t == ffi::F32) {
     BwdArgs<float> a{q.typed_data<float>(), k.typed_data<float>(), v.typed_data<float>(),
                      o.typed_data<float>(), lse.typed_data<float>(), dout.typed_data<float>(),
@@ -1028,7 +1035,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_attention_bwd, vsla::attn::Backward,
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<bool>("causal")
-                                  .Attr<double>("scale"));
+                                  .Attr<double>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("head_dim")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("v_head_dim"));
 
 // The instruction set the attention kernels run with here (0 baseline, 1 AVX2+FMA,
 // 2 AVX-512), for the tests that cap it with VSLA_CPU_ISA.

@@ -70,18 +70,24 @@ def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
     h, _, _, dv = sizes or (qd.shape[2], qd.shape[3], kd.shape[2], vd.shape[3])
     out = (jax.ShapeDtypeStruct(_merged((b, cq, h, dv)), qd.dtype),
            jax.ShapeDtypeStruct((b, h, cq), qd.dtype))
-    attrs = dict(zip(("heads", "head_dim", "kv_heads", "v_head_dim"),
-                     map(np.int64, sizes or (0, 0, 0, 0))))
     o, lse = jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
-        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale), **attrs)
+        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale), **_sizes(sizes))
     return o.reshape(b, cq, h, dv), lse
 
 
-def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float):
-    """The cotangents (dq, dk, dv), shaped like (qd, kd, vd)."""
+def _sizes(sizes) -> dict:
+    """The kernels' logical-size attributes (0: the buffer's own size)."""
+    return dict(zip(("heads", "head_dim", "kv_heads", "v_head_dim"),
+                    map(np.int64, sizes or (0, 0, 0, 0))))
+
+
+def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float, sizes=None):
+    """The cotangents (dq, dk, dv), shaped like (qd, kd, vd) (zero in head padding past
+    ``sizes``, as in ``_fwd_call``)."""
     out = tuple(jax.ShapeDtypeStruct(_merged(x.shape), x.dtype) for x in (qd, kd, vd))
     grads = jax.ffi.ffi_call(_target(BWD, qd), out, vmap_method="sequential")(
-        qd, kd, vd, lq, lk, o, lse, do, causal=bool(causal), scale=np.float64(scale))
+        qd, kd, vd, lq, lk, o, lse, do, causal=bool(causal), scale=np.float64(scale),
+        **_sizes(sizes))
     return tuple(g.reshape(x.shape) for g, x in zip(grads, (qd, kd, vd)))
 
 
@@ -113,8 +119,8 @@ cpu_attention.defvjp(_cpu_fwd_rule, _cpu_bwd_rule)
 def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes: tuple):
     """``cpu_attention`` on ``[..., :H, :D]`` of larger buffers, ``sizes = (H, D, Hkv,
     Dv)``: qd ``[B, Cq, Hc, Dc]`` (``Hc >= H``, ``Dc >= D``), kd/vd likewise -> ``[B, Cq,
-    H, Dv]``. The forward reads the buffers through strides (no cropped copy); the
-    backward crops, runs the backward kernel and pads the gradients back with zeros."""
+    H, Dv]``. Both kernels read the buffers through strides (no cropped copy); the
+    gradients have the buffers' shapes, zero in the head padding."""
     return _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)[0]
 
 
@@ -125,13 +131,8 @@ def _strided_fwd_rule(qd, kd, vd, lq, lk, causal, scale, sizes):
 
 def _strided_bwd_rule(causal, scale, sizes, saved, do):
     qd, kd, vd, lq, lk, o, lse = saved
-    h, d, hkv, dv = sizes
-    crops = [x[:, :, :a, :c] for x, a, c in ((qd, h, d), (kd, hkv, d), (vd, hkv, dv))]
-    grads = _bwd_call(*crops, lq, lk, o, lse, do.astype(o.dtype), causal, scale)
-    padded = tuple(jnp.pad(g, [(0, 0), (0, 0), (0, x.shape[2] - g.shape[2]),
-                               (0, x.shape[3] - g.shape[3])]) for g, x in
-                   zip(grads, (qd, kd, vd)))
-    return (*padded, float0_zeros(lq), float0_zeros(lk))
+    grads = _bwd_call(qd, kd, vd, lq, lk, o, lse, do.astype(o.dtype), causal, scale, sizes)
+    return (*grads, float0_zeros(lq), float0_zeros(lk))
 
 
 cpu_attention_strided.defvjp(_strided_fwd_rule, _strided_bwd_rule)
