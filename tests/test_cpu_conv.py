@@ -97,7 +97,7 @@ def test_natural_call_compiles_to_one_custom_call(rng):
     """The kernel returns the output lengths too: no XLA op runs beside the custom call
     (a separate lengths fusion made a second thunk that cost small batches ~60 us)."""
     a, b = batch([5, 0, 16, 3], 16, seed=5), batch([3, 4, 0, 16], 16, seed=6)
-    hlo = cpu._cpu_call.lower(a, b).compile().as_text()
+    hlo = cpu._cpu_arrays.lower(a.data, a.lengths, b.data, b.lengths).compile().as_text()
     entry = hlo[hlo.index("ENTRY"):]
     ops = re.findall(r"= (?:\([^)]*\)|\S+) ([\w-]+)\(", entry)
     plumbing = ("parameter", "bitcast", "tuple", "get-tuple-element")

@@ -384,7 +384,8 @@ def check_pair(a, b, op: str) -> tuple[VarTensor, VarTensor]:
     if a.rank != b.rank:
         raise ShapeError(f"{op}: ranks differ ({a.rank} vs {b.rank})")
     try:
-        np.broadcast_shapes(a.batch_shape, b.batch_shape)
+        if a.batch_shape != b.batch_shape:
+            np.broadcast_shapes(a.batch_shape, b.batch_shape)
     except ValueError:
         raise ShapeError(
             f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not broadcast"

@@ -237,7 +237,7 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
         b = VarTensor.trusted(b.data.astype(jnp.float64), b.lengths, b.model)
     out = None
     if policy.cpu_kernels and policy.plan == "auto" and method == "auto":
-        out = cpu.ragged_conv(a, b)
+        out = cpu.ragged_conv_checked(a, b)
     if out is None:
         out = _dispatch(a, b, method, policy)
     if out.dtype != out_dtype:
