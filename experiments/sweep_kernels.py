@@ -43,7 +43,9 @@ from common import (
 import vsla_jax as vs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("kinds", ["conv", "attention"], "Which natural calls to sweep.")
+flags.DEFINE_list("kinds", ["conv", "attention"], "Which natural calls to sweep (conv "
+                  "first: PyTorch's threads keep spinning after its calls and slow what "
+                  "runs next).")
 flags.DEFINE_integer("draws", 16, "Random distributions per kind.")
 flags.DEFINE_integer("repeats", 5, "Timed interleaved rounds (median).")
 flags.DEFINE_integer("seed", 2026, "Seed of the draws (a new seed: unseen distributions).")
