@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -134,12 +134,25 @@ _STACK_HINT = ("stack the items with one variable axis and dense (H, D) features
                "vs.stack(items, rank=1)")
 
 
+class ShapeOnly(NamedTuple):
+    """The shape and dtype of an array not built (yet): the data of the shape-only
+    VarTensors ``check_inputs(..., crop=False)`` returns (cheaper than a
+    ``jax.ShapeDtypeStruct``, on a path timed in microseconds)."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 def _as_heads(x: VarTensor, name: str, crop: bool = True) -> VarTensor:
     """A batch stacked with more than one variable axis (``vs.stack(items)`` of
     ``[n, H, D]`` arrays gives rank 3) as rank 1 with features ``(H, D)``, when the
     trailing variable axes have the same concrete lengths in every item; those axes are
     cropped to their lengths (the capacity ladder may have padded them). ``crop=False``:
-    the data is a ``jax.ShapeDtypeStruct`` of the cropped shape (no copy; for checks)."""
+    the data is a ``ShapeOnly`` of the cropped shape (no copy; for checks)."""
     extra = x.rank - 1
     if is_traced(x.lengths):
         raise ShapeError(
@@ -155,7 +168,7 @@ def _as_heads(x: VarTensor, name: str, crop: bool = True) -> VarTensor:
     sizes = tuple(int(n) for n in trailing[0]) if len(trailing) else x.capacity[1:]
     if not crop:
         shape = x.data.shape[:2] + sizes
-        return VarTensor.trusted(jax.ShapeDtypeStruct(shape, x.dtype), lengths[:, :1],
+        return VarTensor.trusted(ShapeOnly(shape, x.dtype), lengths[:, :1],
                                  x.model)
     data = x.data[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
     return VarTensor.trusted(data, jnp.asarray(lengths[:, :1]), x.model)
@@ -164,7 +177,7 @@ def _as_heads(x: VarTensor, name: str, crop: bool = True) -> VarTensor:
 def _crop_now(full: VarTensor, checked: VarTensor) -> VarTensor:
     """``checked`` from ``check_inputs(..., crop=False)`` with its data cropped from
     ``full`` where it is a shape-only stand-in."""
-    if not isinstance(checked.data, jax.ShapeDtypeStruct):
+    if not isinstance(checked.data, ShapeOnly):
         return checked
     index = tuple(slice(0, n) for n in checked.data.shape)
     return VarTensor.trusted(full.data[index], jnp.asarray(checked.lengths), checked.model)
@@ -174,7 +187,7 @@ def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor,
                  crop: bool = True) -> tuple[VarTensor, ...]:
     """Validate ``q, k, v`` for attention and return them as rank-1 batches with features
     ``(H, D)`` (see ``_as_heads`` for batches stacked with every axis variable; with
-    ``crop=False`` their data is a shape-only ``jax.ShapeDtypeStruct``)."""
+    ``crop=False`` their data is a ``ShapeOnly`` stand-in)."""
     out = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, VarTensor):
@@ -308,7 +321,7 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     causal = check_causal(causal)
     scale = check_scale(scale, q.features[1])
     impl = _backend(backend, config, *full[:2])
-    if any(isinstance(x.data, jax.ShapeDtypeStruct) for x in (q, k, v)):
+    if any(isinstance(x.data, ShapeOnly) for x in (q, k, v)):
         # rank-3 batches (vs.stack of [n, H, D] items): the C++ kernels read the head
         # axes through strides; other backends take cropped copies
         if isinstance(impl, CPUBackend):
