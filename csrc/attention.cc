@@ -721,7 +721,7 @@ void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
     const Unit& x = units[u];
     fwd_unit(a, s, x.b, x.h, x.i0, x.n, thread_scratch<T>());
-  }, kSerialPairs * 64.0 / static_cast<double>(s.D + s.Dv));
+  }, kSerialPairs * 128.0 / static_cast<double>(s.D + s.Dv));
 }
 
 // ---------------------------------------------------------------- backward -----------
@@ -849,7 +849,7 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   }
   parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
     bwd_unit(a, s, units[u].first, units[u].second, thread_scratch<T>());
-  }, kSerialPairs * 32.0 / static_cast<double>(s.D + s.Dv));
+  }, kSerialPairs * 64.0 / static_cast<double>(s.D + s.Dv));
 }
 
 // ---------------------------------------------------------------- validation ---------

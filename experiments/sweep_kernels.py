@@ -12,6 +12,8 @@ attention  ``vs.attention(q, k, v)`` (self-attention, items ``[n, H, D]``) again
            PyTorch SDPA on each sequence with every core (forward target >= 1.2x), and
            ``jit(grad)`` of ``sum(o ** 2)`` against torch's ``loss.backward()`` of the
            same loss (fwd+bwd, and the backward alone as fwd+bwd minus fwd: >= 1.0x).
+           PyTorch's rows run in their own interleaved rounds after ours (its spinning
+           OpenMP workers slow whatever runs right after them).
 
 Families: uniform, log-uniform, lognormal (random sigma), bimodal (a random share of
 long items), Pareto (power law), constant, tiny (1-8) and few-long; the batch size, and
@@ -168,15 +170,19 @@ def attention_draw(rng: np.random.Generator) -> dict:
             return jnp.sum(o.data * o.data)
         g = jax.jit(jax.grad(loss, (0, 1, 2)))
         fns["ours fwd+bwd"] = lambda: g(q.data, k.data, v.data)
+    # PyTorch's rows are timed in their own rounds, after ours: its OpenMP workers keep
+    # spinning after each call and slowed a row timed right after them by up to 60%
+    late = {}
     try:
         tf, tb = torch_sdpa_per_sequence(*padded, lens, causal=causal)
-        fns["torch"] = tf
+        late["torch"] = tf
         if FLAGS.backward:
-            fns["torch fwd+bwd"] = tb
+            late["torch fwd+bwd"] = tb
         ref = [np.asarray(o.transpose(0, 1)) for o in tf()]
     except ImportError:
         ref = None
     t = {lab: s for lab, (_, s) in timed_interleaved(fns, FLAGS.repeats).items()}
+    t |= {lab: s for lab, (_, s) in timed_interleaved(late, FLAGS.repeats).items()}
     row = dict(family=desc, items=n, heads=heads, dim=dim, causal=causal,
                lengths=summarise(lens), useful_gflop=4.0 * heads * dim * float(
                    (lens.astype(np.float64) ** 2).sum()) / (2e9 if causal else 1e9),
