@@ -91,51 +91,38 @@ def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float, sizes=
     return tuple(g.reshape(x.shape) for g, x in zip(grads, (qd, kd, vd)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
-    """Varlen attention on padded arrays through the C++ kernels (float32/float64).
-
-    qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk int32
-    ``[B]`` -> ``[B, Cq, H, Dv]``, zero at rows ``>= lq`` and for items without keys.
-    """
-    return _fwd_call(qd, kd, vd, lq, lk, causal, scale)[0]
-
-
-def _cpu_fwd_rule(qd, kd, vd, lq, lk, causal, scale):
-    o, lse = _fwd_call(qd, kd, vd, lq, lk, causal, scale)
-    return o, (qd, kd, vd, lq, lk, o, lse)
-
-
-def _cpu_bwd_rule(causal, scale, saved, do):
-    qd, kd, vd, lq, lk, o, lse = saved
-    dq, dk, dv = _bwd_call(qd, kd, vd, lq, lk, o, lse, do.astype(o.dtype), causal, scale)
-    return dq, dk, dv, float0_zeros(lq), float0_zeros(lk)
-
-
-cpu_attention.defvjp(_cpu_fwd_rule, _cpu_bwd_rule)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes: tuple):
+def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
     """``cpu_attention`` on ``[..., :H, :D]`` of larger buffers, ``sizes = (H, D, Hkv,
     Dv)``: qd ``[B, Cq, Hc, Dc]`` (``Hc >= H``, ``Dc >= D``), kd/vd likewise -> ``[B, Cq,
     H, Dv]``. Both kernels read the buffers through strides (no cropped copy); the
-    gradients have the buffers' shapes, zero in the head padding."""
+    gradients have the buffers' shapes, zero in the head padding. ``sizes=None``: the
+    buffers' own sizes (``cpu_attention``)."""
     return _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)[0]
 
 
-def _strided_fwd_rule(qd, kd, vd, lq, lk, causal, scale, sizes):
+def _fwd_rule(qd, kd, vd, lq, lk, causal, scale, sizes):
     o, lse = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
     return o, (qd, kd, vd, lq, lk, o, lse)
 
 
-def _strided_bwd_rule(causal, scale, sizes, saved, do):
+def _bwd_rule(causal, scale, sizes, saved, do):
     qd, kd, vd, lq, lk, o, lse = saved
     grads = _bwd_call(qd, kd, vd, lq, lk, o, lse, do.astype(o.dtype), causal, scale, sizes)
     return (*grads, float0_zeros(lq), float0_zeros(lk))
 
 
-cpu_attention_strided.defvjp(_strided_fwd_rule, _strided_bwd_rule)
+cpu_attention_strided.defvjp(_fwd_rule, _bwd_rule)
+
+
+def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
+    """Varlen attention on padded arrays through the C++ kernels (float32/float64).
+
+    qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk int32
+    ``[B]`` -> ``[B, Cq, H, Dv]``, zero at rows ``>= lq`` and for items without keys.
+    Differentiable (reverse mode) through the backward kernel.
+    """
+    return cpu_attention_strided(qd, kd, vd, lq, lk, causal, scale, None)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))
