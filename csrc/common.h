@@ -4,12 +4,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
-
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -94,31 +91,45 @@ inline void prefault(T* p, T* end) {
   if (end > p) prefault_bytes(p, static_cast<size_t>(end - p) * sizeof(T));
 }
 
-// Ranges of at least this many bytes are zeroed by zero_stream with non-temporal stores.
-constexpr size_t kMinStream = size_t{1} << 11;
-
-// Sets bytes [p, p + n) to zero without reading them: from kMinStream bytes on, the
-// aligned middle is written with non-temporal stores (SSE2, every x86-64 CPU), which
-// skip the read-for-ownership of each cache line and leave the caches to the data; the
-// ragged ends, and short ranges, are memset. For the padding of an output that nothing
-// reads before the call returns. Ends with an sfence (the stores are weakly ordered), so
-// the zeros are visible to whoever the caller then signals.
-inline void zero_stream(void* p, size_t n) {
-  char* c = static_cast<char*>(p);
-#if defined(__x86_64__)
-  if (n >= kMinStream) {
-    const size_t head = (16 - reinterpret_cast<uintptr_t>(c) % 16) % 16;
-    std::memset(c, 0, head);
-    char* end = c + n;
-    c += head;
-    const __m128i z = _mm_setzero_si128();
-    for (; end - c >= 16; c += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(c), z);
-    std::memset(c, 0, static_cast<size_t>(end - c));
-    _mm_sfence();
-    return;
+// Zeroes bytes [p, p + n) by handing its whole pages back to the OS (madvise
+// MADV_DONTNEED) when at least half of them are not mapped in (mincore), as in an output
+// XLA has just mmapped: its pages then cost a page fault only where something is later
+// written, and its padding no memory traffic at all. Returns false, leaving the bytes as
+// they were, when the range is below kMinDontNeed or mostly resident (writing it is then
+// cheaper than the faults a later writer would take), and on memory that MADV_DONTNEED
+// does not zero (a sentinel written before comes back: shared memory, which keeps its
+// bytes, the sentinel's word restored, and file mappings). The caller then writes the
+// zeros itself. With `populate` the zeroed pages are mapped in again at once (madvise
+// MADV_POPULATE_WRITE, one call instead of a fault per page), for a caller that is about
+// to write most of them.
+inline bool zero_if_absent(void* p, size_t n, bool populate) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  if (n < kMinDontNeed || page == 0) return false;
+  uintptr_t lo, hi;
+  page_interior(p, n, &lo, &hi);
+  if (hi <= lo) return false;
+  std::vector<unsigned char> resident((hi - lo) / page);
+  if (mincore(reinterpret_cast<void*>(lo), hi - lo, resident.data()) != 0) return false;
+  size_t in = 0;
+  for (unsigned char r : resident) in += r & 1;
+  if (2 * in > resident.size()) return false;
+  volatile uint64_t* first = reinterpret_cast<uint64_t*>(lo);
+  const uint64_t kept = *first;
+  *first = ~uint64_t{0};
+  if (madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED) != 0) {
+    *first = kept;
+    return false;
   }
-#endif
-  std::memset(c, 0, n);
+  if (*first != 0) {
+    *first = kept;
+    return false;
+  }
+  char* c = static_cast<char*>(p);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(c);
+  std::memset(c, 0, lo - a);
+  std::memset(reinterpret_cast<void*>(hi), 0, a + n - hi);
+  if (populate) prefault_bytes(reinterpret_cast<void*>(lo), hi - lo);
+  return true;
 }
 
 // Typed form: elements [p, end) of a float type to +0.

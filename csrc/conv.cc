@@ -57,6 +57,9 @@ constexpr int64_t kLanes = 16;          // partial sums of the dot-product form
 constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product form
 constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs
 constexpr double kMinPieceWork = 1 << 15;
+// From this many bytes on an output is taken to be freshly mapped for each call: glibc's
+// largest mmap threshold (see zero_output).
+constexpr size_t kMinFresh = size_t{32} << 20;
 
 // ------------------------------------------------------------------ inner loops -------
 // out[n] += sum_{k<K} w[j0 + k] * x[n - j0 - k] for n in [lo, hi); every x index valid.
@@ -244,9 +247,10 @@ void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t thread
 }
 
 // Cuts outputs [0, valid) of one item (work `work`) into pieces of about `piece_work`;
-// the last piece also covers the slack [valid, cap).
+// the last piece also covers the slack [valid, cap). A piece costs its share of the work
+// plus `per_output` for each output it zeroes.
 inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t which, int64_t valid,
-                       int64_t cap, double work, double piece_work) {
+                       int64_t cap, double work, double piece_work, double per_output) {
   int64_t k = 1;
   if (valid > 0 && work > piece_work) {
     k = std::min<int64_t>(static_cast<int64_t>(work / piece_work) + 1,
@@ -257,7 +261,7 @@ inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t which, int
   for (int64_t q = 0; q < k; ++q) {
     const int64_t lo = valid * q / k;
     const int64_t hi = q + 1 == k ? cap : valid * (q + 1) / k;
-    out->push_back({item, which, lo, hi, per + static_cast<double>(hi - lo)});
+    out->push_back({item, which, lo, hi, per + per_output * static_cast<double>(hi - lo)});
   }
 }
 
@@ -271,14 +275,36 @@ inline double piece_work_for(double total, int64_t threads) {
   return std::max(kMinPieceWork, total / static_cast<double>(4 * threads));
 }
 
-// Zeroes outputs [lo, hi) of a row whose first `valid` outputs the piece then sums into:
-// those are memset (the sums read them next), the slack past them is streamed
-// (zero_stream: nothing reads it before the call returns).
+// Zeroes outputs [lo, hi) of a row whose first `valid` outputs the piece then sums into.
+// Those are written even when the whole output is zero already (`zeroed`: zero_if_absent
+// handed its pages back): the sums read before they write, and a read first would map
+// the shared zero page and then take a second, copy-on-write fault. The slack past them
+// is left alone then.
 template <class T>
-inline void clear_piece(T* o, int64_t lo, int64_t hi, int64_t valid) {
+inline void clear_piece(T* o, int64_t lo, int64_t hi, int64_t valid, bool zeroed) {
   const int64_t mid = std::clamp(valid, lo, hi);
-  std::fill(o + lo, o + mid, T(0));
-  zero_stream(o + mid, static_cast<size_t>(hi - mid) * sizeof(T));
+  std::fill(o + lo, o + (zeroed ? mid : hi), T(0));
+}
+
+// The 4 KiB pages that elements [lo, hi) of `o` touch (0 for an empty range).
+template <class T>
+inline double pages_touched(const T* o, int64_t lo, int64_t hi) {
+  if (hi <= lo) return 0;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(o + lo), b = reinterpret_cast<uintptr_t>(o + hi) - 1;
+  return static_cast<double>((b >> 12) - (a >> 12) + 1);
+}
+
+// zero_if_absent over a [rows, cap] output whose valid outputs touch `touched` pages:
+// true when it is all zero now. Outputs of kMinFresh bytes or more, which malloc maps
+// fresh for each call, keep their untouched pages unmapped (no fault, no traffic), unless
+// most pages get written anyway. Smaller ones are mapped in again at once, one call
+// instead of a fault per page: malloc hands them out again from its heap, and unmapped
+// padding would fault in again on every call.
+template <class T>
+inline bool zero_output(T* o, int64_t rows, int64_t cap, double touched) {
+  const size_t bytes = static_cast<size_t>(rows * cap) * sizeof(T);
+  const bool populate = bytes < kMinFresh || 2 * touched * 4096 > static_cast<double>(bytes);
+  return zero_if_absent(o, bytes, populate);
 }
 
 // ------------------------------------------------------------------ drivers -----------
@@ -290,19 +316,25 @@ template <class T>
 void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
              const int32_t* lb, T* out, int64_t max_threads) {
   const int64_t threads = thread_count(pool, max_threads);
-  double total = 0;
-  for (int64_t i = 0; i < d.B; ++i) total += static_cast<double>(la[i]) * lb[i];
+  double total = 0, written = 0;
+  for (int64_t i = 0; i < d.B; ++i) {
+    total += static_cast<double>(la[i]) * lb[i];
+    const int64_t valid = la[i] > 0 && lb[i] > 0 ? int64_t{la[i]} + lb[i] - 1 : 0;
+    written += pages_touched(out, i * d.Co, i * d.Co + valid);
+  }
   const double piece_work = piece_work_for(total, threads);
+  const bool zeroed = zero_output(out, d.B, d.Co, written);
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(d.B));
   for (int64_t i = 0; i < d.B; ++i) {
     const int64_t valid = la[i] > 0 && lb[i] > 0 ? int64_t{la[i]} + lb[i] - 1 : 0;
-    add_pieces(&pieces, i, 0, valid, d.Co, static_cast<double>(la[i]) * lb[i], piece_work);
+    add_pieces(&pieces, i, 0, valid, d.Co, static_cast<double>(la[i]) * lb[i], piece_work,
+               zeroed ? 0.0 : 1.0);
   }
   run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
     T* o = out + p.item * d.Co;
     const int64_t na = la[p.item], nb = lb[p.item];
-    clear_piece(o, p.lo, p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0);
+    clear_piece(o, p.lo, p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0, zeroed);
     if (na == 0 || nb == 0) return;
     const T* x = a + p.item * d.Ca;
     const T* w = b + p.item * d.Cb;
@@ -320,16 +352,23 @@ template <class T>
 void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
               const int32_t* lb, const T* g, T* ga, T* gb, int64_t max_threads) {
   const int64_t threads = thread_count(pool, max_threads);
-  double total = 0;
-  for (int64_t i = 0; i < d.B; ++i) total += 2.0 * la[i] * lb[i];
+  double total = 0, written_a = 0, written_b = 0;
+  for (int64_t i = 0; i < d.B; ++i) {
+    total += 2.0 * la[i] * lb[i];
+    const bool any = la[i] > 0 && lb[i] > 0;
+    written_a += pages_touched(ga, i * d.Ca, i * d.Ca + (any ? la[i] : 0));
+    written_b += pages_touched(gb, i * d.Cb, i * d.Cb + (any ? lb[i] : 0));
+  }
   const double piece_work = piece_work_for(total, threads);
+  const bool zeroed_a = zero_output(ga, d.B, d.Ca, written_a);
+  const bool zeroed_b = zero_output(gb, d.B, d.Cb, written_b);
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(2 * d.B));
   for (int64_t i = 0; i < d.B; ++i) {
     const bool any = la[i] > 0 && lb[i] > 0;
     const double work = static_cast<double>(la[i]) * lb[i];
-    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work);
-    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work);
+    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work, zeroed_a ? 0.0 : 1.0);
+    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work, zeroed_b ? 0.0 : 1.0);
   }
   run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
     const int64_t na = la[p.item], nb = lb[p.item];
@@ -338,7 +377,7 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
     const int64_t cap = p.which == 0 ? d.Ca : d.Cb;
     T* o = (p.which == 0 ? ga : gb) + p.item * cap;
     const int64_t valid = na > 0 && nb > 0 ? (p.which == 0 ? na : nb) : 0;
-    clear_piece(o, p.lo, p.hi, valid);
+    clear_piece(o, p.lo, p.hi, valid, p.which == 0 ? zeroed_a : zeroed_b);
     if (na == 0 || nb == 0) return;
     const int64_t hi = std::min(p.hi, valid);
     if (p.lo >= hi) return;

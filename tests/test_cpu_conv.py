@@ -5,6 +5,7 @@ NumPy per item and the XLA engine: values, lengths, shapes, non-finite input, gr
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import re
 
 import jax
@@ -161,6 +162,35 @@ def test_grads_match_engine_autodiff_and_vanish_in_slack(rng):
         assert not np.asarray(g)[~m].any(), "gradient in the slack must be zero"
 
 
+@pytest.mark.parametrize("items, cap", [(64, 8192), (128, 1 << 16)])
+def test_large_mostly_padded_outputs_zero_their_slack(items, cap):
+    """Outputs of 256 KiB and more are zeroed by handing pages back to the OS when they
+    are mostly unmapped (csrc/common.h zero_if_absent); from 32 MiB the untouched slack
+    is never written. Repeated calls (fresh, then reused, memory) must still give
+    NumPy's values and exactly zero slack, forward and backward."""
+    rng = np.random.default_rng(items)
+    for call in range(3):
+        la = rng.integers(0, 300, items)
+        la[rng.integers(items)] = cap
+        lb = rng.integers(1, 9, items)
+        a, b = batch(la, cap, seed=call), batch(lb, 8, seed=call + 10)
+        out = cpu.ragged_conv(a, b)
+        check_against_numpy(out, a, b, 1e-4)
+        g = rng.standard_normal(out.data.shape).astype(np.float32)
+        la32, lb32 = a.lengths[:, 0], b.lengths[:, 0]
+        _, vjp = jax.vjp(functools.partial(cpu.conv_arrays, la=la32, lb=lb32), a.data, b.data)
+        ga, gb = (np.asarray(t) for t in vjp(jnp.asarray(g)))
+        xs, ks = a.to_list(), b.to_list()
+        for i in range(items):
+            n, m = int(la[i]), int(lb[i])
+            gi = g[i, : n + m - 1] if n else g[i, :0]
+            ref_a = np.correlate(gi, ks[i], "valid") if n else np.zeros(0)
+            ref_b = np.correlate(gi, xs[i], "valid") if n else np.zeros(m)
+            np.testing.assert_allclose(ga[i, :n], ref_a, rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(gb[i, :m], ref_b, rtol=1e-4, atol=1e-3)
+            assert not ga[i, n:].any() and not gb[i, m:].any(), "gradient slack must be zero"
+
+
 def test_jit_traced_lengths_and_jit_grad():
     a, b = batch([5, 16, 0], 16, seed=12), batch([4, 1, 3], 4, seed=13)
     f = jax.jit(lambda x, y: cpu.ragged_conv(x, y))
@@ -210,6 +240,18 @@ def test_bad_concrete_lengths_raise_length_error(bad):
         cpu.ragged_conv(wrong, batch([2, 2], 4))
     with pytest.raises(LengthError, match="lengths of b"):
         cpu.ragged_conv(batch([2, 2], 4), wrong)
+
+
+def test_lengths_changed_through_the_pytree_are_checked_again():
+    """Built tensors carry ``lengths_checked`` and skip the host check; ``jax.tree.map``
+    rebuilds without it, so lengths it pushed past the capacity still raise
+    ``LengthError`` before the kernel runs."""
+    a, b = vs.stack([np.ones(3, np.float32), np.ones(5, np.float32)]), batch([2, 2], 4)
+    assert a.lengths_checked and b.lengths_checked
+    moved = jax.tree.map(lambda x: x * 100 if x.dtype == jnp.int32 else x, a)
+    assert not moved.lengths_checked
+    with pytest.raises(LengthError, match="lengths of a"):
+        vs.conv(moved, b)
 
 
 @pytest.mark.parametrize("bad", [17, -1])

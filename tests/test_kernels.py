@@ -4,6 +4,7 @@ inside jit, and a missing build falls back with one clear warning."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 import threading
 
@@ -86,18 +87,58 @@ def test_zero_bytes_zeroes_exactly_its_range_of_dirty_memory(offset, size):
     assert (buf[offset:offset + size] == 7).all()
 
 
-@pytest.mark.parametrize("offset, size", [(0, 4096), (3, 2047), (5, 2048), (1, 100000),
-                                          (16, 1 << 11), (7, 5)])
-def test_zero_stream_zeroes_exactly_its_range_of_dirty_memory(offset, size):
-    """csrc/common.h's zero_stream (non-temporal stores for the aligned middle of ranges
-    from 2 KiB, memset for the ends and short ranges): zeros exactly its range, at any
-    alignment."""
+def anonymous(size: int, shared: bool = False):
+    """An anonymous mapping of ``size`` bytes (private unless ``shared``) and its address;
+    no page is mapped in yet."""
+    flags = (mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS
+    m = mmap.mmap(-1, size, flags=flags)
+    return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
+@pytest.mark.parametrize("offset, size, populate", [
+    (0, 1 << 20, 0), (52, (1 << 20) + 4100, 1), (4095, (1 << 18) + 3, 0), (8, 1 << 19, 1)])
+def test_zero_if_absent_zeroes_a_fresh_mapping_with_a_few_dirty_pages(offset, size,
+                                                                      populate):
+    """csrc/common.h's zero_if_absent on mostly unmapped private memory (an output XLA
+    has just mmapped): hands the pages back and the whole range, dirty pages and ragged
+    ends included, reads as zeros; the bytes around it keep theirs."""
     lib = kernels.library()
-    buf = np.full(offset + size + 64, 0xCD, np.uint8)
-    lib.vsla_selftest_zero_stream(ctypes.c_void_p(buf.ctypes.data + offset),
-                                  ctypes.c_size_t(size))
+    m, addr = anonymous(offset + size + 8192)
+    buf = np.frombuffer(m, np.uint8)
+    buf[:offset + 64] = 0xAB                       # the head and the first page dirty
+    buf[offset + size // 3:offset + size // 3 + 5000] = 0xAB  # a few pages inside
+    buf[offset + size - 64:offset + size + 100] = 0xAB       # the tail and past it
+    assert lib.vsla_selftest_zero_if_absent(ctypes.c_void_p(addr + offset),
+                                            ctypes.c_size_t(size), populate) == 1
     assert not buf[offset:offset + size].any()
-    assert (buf[:offset] == 0xCD).all() and (buf[offset + size:] == 0xCD).all()
+    assert (buf[:offset] == 0xAB).all() and (buf[offset + size:offset + size + 100] == 0xAB).all()
+    buf[offset:offset + size] = 7  # the pages are usable again
+    assert (buf[offset:offset + size] == 7).all()
+    del buf
+
+
+def test_zero_if_absent_leaves_resident_or_small_ranges_to_the_caller():
+    """Mostly mapped-in memory, and ranges below 256 KiB, are not handed back: it
+    returns 0 and the bytes are untouched."""
+    lib = kernels.library()
+    buf = np.full((1 << 20) + 64, 0xCD, np.uint8)  # every page written: resident
+    for off, size in [(32, 1 << 20), (0, 1 << 17)]:
+        assert lib.vsla_selftest_zero_if_absent(ctypes.c_void_p(buf.ctypes.data + off),
+                                                ctypes.c_size_t(size), 0) == 0
+        assert (buf == 0xCD).all()
+
+
+def test_zero_if_absent_refuses_shared_memory_which_dontneed_does_not_zero():
+    """MADV_DONTNEED only unmaps shared memory, whose bytes come back: the sentinel check
+    must see that and return 0, with the sentinel's word restored."""
+    lib = kernels.library()
+    m, addr = anonymous(1 << 21, shared=True)
+    buf = np.frombuffer(m, np.uint8)
+    buf[:4096] = 0x11
+    assert lib.vsla_selftest_zero_if_absent(ctypes.c_void_p(addr), ctypes.c_size_t(1 << 21),
+                                            0) == 0
+    assert (buf[:4096] == 0x11).all() and not buf[4096:].any()
+    del buf
 
 
 def test_zero_bytes_on_a_file_mapping_writes_zeros(tmp_path):

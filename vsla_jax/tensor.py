@@ -60,17 +60,31 @@ class VarTensor:
         check_model(self.model)
         if hasattr(data, "shape") and hasattr(lengths, "shape"):
             validate_lengths(data.shape, lengths, "VarTensor")
+            object.__setattr__(self, "_checked", not is_traced(lengths))
 
     @classmethod
-    def trusted(cls, data, lengths, model: str = "A") -> VarTensor:
-        """Build without validation (library code whose lengths are valid by construction)."""
+    def trusted(cls, data, lengths, model: str = "A", checked: bool = False) -> VarTensor:
+        """Build without validation (library code whose lengths are valid by construction).
+
+        ``checked=True`` records that concrete lengths are known to lie in
+        ``[0, capacity]`` (see ``lengths_checked``).
+        """
         out = object.__new__(cls)
         object.__setattr__(out, "data", data)
         object.__setattr__(out, "lengths", lengths)
         object.__setattr__(out, "model", model)
+        object.__setattr__(out, "_checked", checked)
         return out
 
     # -- static metadata -------------------------------------------------------------
+    @property
+    def lengths_checked(self) -> bool:
+        """Whether concrete lengths were checked against the capacity when this tensor was
+        built (the constructor, ``stack``), so consumers may skip their own host check.
+        False for traced lengths, ``trusted`` tensors and pytree-unflattened ones
+        (``jax.tree.map`` may have changed the lengths)."""
+        return self.__dict__.get("_checked", False)
+
     @property
     def rank(self) -> int:
         """Number of variable axes."""
@@ -550,7 +564,7 @@ def stack(
                 a = a.to_numpy()
             out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
     data, lens = jax.device_put((out, len_arr))
-    return VarTensor.trusted(data, lens, model)
+    return VarTensor.trusted(data, lens, model, checked=True)
 
 
 def _numpy_items(items, rank):

@@ -99,7 +99,10 @@ def supported(a: VarTensor, b: VarTensor) -> bool:
 
 def check_lengths(x: VarTensor, name: str) -> None:
     """Raise ``LengthError`` when concrete lengths leave ``[0, capacity]`` (traced lengths
-    are checked by the kernel, which returns InvalidArgument)."""
+    are checked by the kernel, which returns InvalidArgument; lengths checked when ``x``
+    was built are not read again)."""
+    if x.lengths_checked:
+        return
     lengths = host_or_none(x.lengths)
     if lengths is None or lengths.size == 0:
         return
@@ -149,7 +152,7 @@ def ragged_conv_checked(a: VarTensor, b: VarTensor, max_threads: int = 0) -> Var
     """``ragged_conv`` for a pair that already passed ``check_pair`` (``vs.conv``)."""
     if not supported(a, b) or kernels.target(FWD, a.data, b.data) is None:
         return None
-    if kernels.target(BWD, a.data, b.data) is None:
+    if not kernels.registered(BWD):  # same device as FWD: registration only
         return None
     check_lengths(a, "a")
     check_lengths(b, "b")
