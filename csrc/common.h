@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -141,6 +144,39 @@ inline bool zero_if_absent(void* p, size_t n, bool populate) {
   std::memset(reinterpret_cast<void*>(hi), 0, a + n - hi);
   if (populate) prefault_bytes(reinterpret_cast<void*>(lo), hi - lo);
   return true;
+}
+
+// Ranges of at least this many bytes are zeroed by zero_stream with non-temporal stores.
+constexpr size_t kMinStream = size_t{1} << 12;
+
+// Sets bytes [p, p + n) to zero without reading them: from kMinStream bytes on, the
+// aligned middle is written with non-temporal stores (SSE2, every x86-64 CPU), which
+// skip the read-for-ownership of each cache line and leave the caches to the data; the
+// ragged ends, and short ranges, are memset. For the padding of an output that nothing
+// reads before the call returns. The stores are weakly ordered: call stream_fence once
+// after the last zero_stream of a thread, before it signals that its work is done.
+inline void zero_stream(void* p, size_t n) {
+  char* c = static_cast<char*>(p);
+#if defined(__x86_64__)
+  if (n >= kMinStream) {
+    const size_t head = (16 - reinterpret_cast<uintptr_t>(c) % 16) % 16;
+    std::memset(c, 0, head);
+    char* end = c + n;
+    c += head;
+    const __m128i z = _mm_setzero_si128();
+    for (; end - c >= 16; c += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(c), z);
+    std::memset(c, 0, static_cast<size_t>(end - c));
+    return;
+  }
+#endif
+  std::memset(c, 0, n);
+}
+
+// Orders this thread's earlier zero_stream stores before its later stores (sfence).
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // Typed form: elements [p, end) of a float type to +0.

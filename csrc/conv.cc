@@ -209,22 +209,27 @@ struct Job {
   std::atomic<int64_t> done{0};
   std::mutex mu;
   std::condition_variable cv;
+  bool fence = false;
 
+  // Runs pieces until none is left, then counts them done (one fence per thread first).
   void drain() {
     const int64_t n = static_cast<int64_t>(pieces.size());
-    for (int64_t u; (u = next.fetch_add(1)) < n;) {
-      fn(pieces[u]);
-      if (done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
+    int64_t mine = 0;
+    for (int64_t u; (u = next.fetch_add(1)) < n; ++mine) fn(pieces[u]);
+    if (mine == 0) return;
+    if (fence) stream_fence();
+    if (done.fetch_add(mine) + mine == n) {
+      std::lock_guard<std::mutex> lock(mu);
+      cv.notify_all();
     }
   }
 };
 
 // Runs fn on every piece, largest first, on up to `threads` threads (caller included).
+// With `fence` each thread ends its share with stream_fence (fn used zero_stream).
 template <class Fn>
-void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t threads, Fn&& fn) {
+void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t threads, Fn&& fn,
+                bool fence) {
   if (pieces.empty()) return;
   double total = 0;
   for (const Piece& p : pieces) total += p.cost;
@@ -232,9 +237,11 @@ void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t thread
   const int64_t extra = total < kSerialWork ? 0 : std::min(threads, n) - 1;
   if (extra <= 0) {
     for (const Piece& p : pieces) fn(p);
+    if (fence) stream_fence();
     return;
   }
   auto job = std::make_shared<Job>();
+  job->fence = fence;
   job->pieces = std::move(pieces);
   std::stable_sort(job->pieces.begin(), job->pieces.end(),
                    [](const Piece& x, const Piece& y) { return x.cost > y.cost; });
@@ -279,11 +286,25 @@ inline double piece_work_for(double total, int64_t threads) {
 // Those are written even when the whole output is zero already (`zeroed`: zero_if_absent
 // handed its pages back): the sums read before they write, and a read first would map
 // the shared zero page and then take a second, copy-on-write fault. The slack past them
-// is left alone then.
+// is left alone then; otherwise it is memset, or written with non-temporal stores where
+// `stream` (an output larger than a core's L2: its slack would only evict the caches).
 template <class T>
-inline void clear_piece(T* o, int64_t lo, int64_t hi, int64_t valid, bool zeroed) {
+inline void clear_piece(T* o, int64_t lo, int64_t hi, int64_t valid, bool zeroed,
+                        bool stream) {
   const int64_t mid = std::clamp(valid, lo, hi);
-  std::fill(o + lo, o + (zeroed ? mid : hi), T(0));
+  std::fill(o + lo, o + mid, T(0));
+  if (zeroed) return;
+  if (stream) {
+    zero_stream(o + mid, static_cast<size_t>(hi - mid) * sizeof(T));
+  } else {
+    std::fill(o + mid, o + hi, T(0));
+  }
+}
+
+// Whether an output of `bytes` exceeds one core's L2 cache (2 MiB where unknown).
+inline bool beyond_l2(size_t bytes) {
+  static const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return bytes > (l2 > 0 ? static_cast<size_t>(l2) : size_t{2} << 20);
 }
 
 // The 4 KiB pages that elements [lo, hi) of `o` touch (0 for an empty range).
@@ -324,6 +345,7 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
   }
   const double piece_work = piece_work_for(total, threads);
   const bool zeroed = zero_output(out, d.B, d.Co, written);
+  const bool stream = beyond_l2(static_cast<size_t>(d.B * d.Co) * sizeof(T));
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(d.B));
   for (int64_t i = 0; i < d.B; ++i) {
@@ -334,18 +356,18 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
   run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
     T* o = out + p.item * d.Co;
     const int64_t na = la[p.item], nb = lb[p.item];
-    clear_piece(o, p.lo, p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0, zeroed);
-    if (na == 0 || nb == 0) return;
-    const T* x = a + p.item * d.Ca;
-    const T* w = b + p.item * d.Cb;
-    const int64_t hi = std::min(p.hi, na + nb - 1);
-    if (p.lo >= hi) return;
-    if (na >= nb) {
-      conv_kernel(x, na, w, nb, p.lo, hi, o);
-    } else {
-      conv_kernel(w, nb, x, na, p.lo, hi, o);
+    clear_piece(o, p.lo, p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0, zeroed, stream);
+    const int64_t hi = std::min(p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0);
+    if (p.lo < hi) {
+      const T* x = a + p.item * d.Ca;
+      const T* w = b + p.item * d.Cb;
+      if (na >= nb) {
+        conv_kernel(x, na, w, nb, p.lo, hi, o);
+      } else {
+        conv_kernel(w, nb, x, na, p.lo, hi, o);
+      }
     }
-  });
+  }, stream);
 }
 
 template <class T>
@@ -362,6 +384,8 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
   const double piece_work = piece_work_for(total, threads);
   const bool zeroed_a = zero_output(ga, d.B, d.Ca, written_a);
   const bool zeroed_b = zero_output(gb, d.B, d.Cb, written_b);
+  const bool stream_a = beyond_l2(static_cast<size_t>(d.B * d.Ca) * sizeof(T));
+  const bool stream_b = beyond_l2(static_cast<size_t>(d.B * d.Cb) * sizeof(T));
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(2 * d.B));
   for (int64_t i = 0; i < d.B; ++i) {
@@ -377,16 +401,17 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
     const int64_t cap = p.which == 0 ? d.Ca : d.Cb;
     T* o = (p.which == 0 ? ga : gb) + p.item * cap;
     const int64_t valid = na > 0 && nb > 0 ? (p.which == 0 ? na : nb) : 0;
-    clear_piece(o, p.lo, p.hi, valid, p.which == 0 ? zeroed_a : zeroed_b);
-    if (na == 0 || nb == 0) return;
+    clear_piece(o, p.lo, p.hi, valid, p.which == 0 ? zeroed_a : zeroed_b,
+                p.which == 0 ? stream_a : stream_b);
     const int64_t hi = std::min(p.hi, valid);
-    if (p.lo >= hi) return;
-    if (p.which == 0) {
-      corr_kernel(gi, b + p.item * d.Cb, nb, p.lo, hi, o);
-    } else {
-      corr_kernel(gi, a + p.item * d.Ca, na, p.lo, hi, o);
+    if (p.lo < hi) {
+      if (p.which == 0) {
+        corr_kernel(gi, b + p.item * d.Cb, nb, p.lo, hi, o);
+      } else {
+        corr_kernel(gi, a + p.item * d.Ca, na, p.lo, hi, o);
+      }
     }
-  });
+  }, stream_a || stream_b);
 }
 
 // ------------------------------------------------------------------ validation --------

@@ -23,6 +23,12 @@ extern "C" VSLA_EXPORT void vsla_selftest_zero_bytes(void* p, size_t n) {
   vsla::zero_bytes(p, n);
 }
 
+// vsla::zero_stream (csrc/common.h) on caller memory, for its tests.
+extern "C" VSLA_EXPORT void vsla_selftest_zero_stream(void* p, size_t n) {
+  vsla::zero_stream(p, n);
+  vsla::stream_fence();
+}
+
 // vsla::zero_if_absent (csrc/common.h) on caller memory, for its tests: 1 when it zeroed.
 extern "C" VSLA_EXPORT int vsla_selftest_zero_if_absent(void* p, size_t n, int populate) {
   return vsla::zero_if_absent(p, n, populate != 0) ? 1 : 0;

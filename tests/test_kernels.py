@@ -141,6 +141,20 @@ def test_zero_if_absent_refuses_shared_memory_which_dontneed_does_not_zero():
     del buf
 
 
+@pytest.mark.parametrize("offset, size", [(0, 4096), (3, 4095), (5, 4096), (1, 100000),
+                                          (16, 1 << 12), (7, 5), (9, 8191)])
+def test_zero_stream_zeroes_exactly_its_range_of_dirty_memory(offset, size):
+    """csrc/common.h's zero_stream (non-temporal stores for the aligned middle of ranges
+    from 4 KiB, memset for the ends and short ranges) and stream_fence: zeros exactly its
+    range, at any alignment."""
+    lib = kernels.library()
+    buf = np.full(offset + size + 64, 0xCD, np.uint8)
+    lib.vsla_selftest_zero_stream(ctypes.c_void_p(buf.ctypes.data + offset),
+                                  ctypes.c_size_t(size))
+    assert not buf[offset:offset + size].any()
+    assert (buf[:offset] == 0xCD).all() and (buf[offset + size:] == 0xCD).all()
+
+
 def test_zero_bytes_on_a_file_mapping_writes_zeros(tmp_path):
     """MADV_DONTNEED does not zero a shared file mapping (the file's bytes come back);
     zero_bytes must notice and memset instead."""
