@@ -28,10 +28,15 @@ inline ffi::Error invalid(const char* what) {
 // MADV_DONTNEED) rather than written: below it, memset is as cheap.
 constexpr size_t kMinDontNeed = size_t{1} << 18;
 
+// The OS page size in bytes (4096 where sysconf cannot tell).
+inline uintptr_t page_size() {
+  static const long page = sysconf(_SC_PAGESIZE);
+  return page > 0 ? static_cast<uintptr_t>(page) : 4096;
+}
+
 // The whole pages inside bytes [p, p + n): [*lo, *hi), empty when *hi <= *lo.
 inline void page_interior(const void* p, size_t n, uintptr_t* lo, uintptr_t* hi) {
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p), sz = page > 0 ? page : 1;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), sz = page_size();
   *lo = (a + sz - 1) / sz * sz;
   *hi = (a + n) / sz * sz;
 }
@@ -78,8 +83,8 @@ inline void release_zero_pages(const void* p, size_t n) {
 inline void prefault_bytes(void* p, size_t n) {
 #ifdef MADV_POPULATE_WRITE
   constexpr size_t kMinAdvise = size_t{1} << 14;
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  if (n < kMinAdvise || page == 0) return;
+  const uintptr_t page = page_size();
+  if (n < kMinAdvise) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   const uintptr_t lo = a / page * page, hi = (a + n + page - 1) / page * page;
   (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
@@ -100,11 +105,10 @@ inline void prefault(T* p, T* end) {
 // takes a page fault (~1 us on a VM) for each, where writing zeros costs ~0.1 us a page.
 // True when mincore fails or the range holds no whole page.
 inline bool mostly_resident(const void* p, size_t n) {
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   uintptr_t lo, hi;
   page_interior(p, n, &lo, &hi);
-  if (hi <= lo || page == 0) return true;
-  std::vector<unsigned char> resident((hi - lo) / page);
+  if (hi <= lo) return true;
+  std::vector<unsigned char> resident((hi - lo) / page_size());
   if (mincore(reinterpret_cast<void*>(lo), hi - lo, resident.data()) != 0) return true;
   size_t in = 0;
   for (unsigned char r : resident) in += r & 1;

@@ -307,12 +307,13 @@ inline bool beyond_l2(size_t bytes) {
   return bytes > (l2 > 0 ? static_cast<size_t>(l2) : size_t{2} << 20);
 }
 
-// The 4 KiB pages that elements [lo, hi) of `o` touch (0 for an empty range).
+// The pages that elements [lo, hi) of `o` touch (0 for an empty range).
 template <class T>
 inline double pages_touched(const T* o, int64_t lo, int64_t hi) {
   if (hi <= lo) return 0;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(o + lo), b = reinterpret_cast<uintptr_t>(o + hi) - 1;
-  return static_cast<double>((b >> 12) - (a >> 12) + 1);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(o + lo);
+  const uintptr_t b = reinterpret_cast<uintptr_t>(o + hi) - 1;
+  return static_cast<double>(b / page_size() - a / page_size() + 1);
 }
 
 // zero_if_absent over a [rows, cap] output whose valid outputs touch `touched` pages:
@@ -324,8 +325,14 @@ inline double pages_touched(const T* o, int64_t lo, int64_t hi) {
 template <class T>
 inline bool zero_output(T* o, int64_t rows, int64_t cap, double touched) {
   const size_t bytes = static_cast<size_t>(rows * cap) * sizeof(T);
-  const bool populate = bytes < kMinFresh || 2 * touched * 4096 > static_cast<double>(bytes);
+  const bool populate =
+      bytes < kMinFresh || 2 * touched * page_size() > static_cast<double>(bytes);
   return zero_if_absent(o, bytes, populate);
+}
+
+// The output length of an item: na + nb - 1, or 0 when either operand is empty.
+inline int64_t out_length(int64_t na, int64_t nb) {
+  return na > 0 && nb > 0 ? na + nb - 1 : 0;
 }
 
 // ------------------------------------------------------------------ drivers -----------
@@ -340,8 +347,7 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
   double total = 0, written = 0;
   for (int64_t i = 0; i < d.B; ++i) {
     total += static_cast<double>(la[i]) * lb[i];
-    const int64_t valid = la[i] > 0 && lb[i] > 0 ? int64_t{la[i]} + lb[i] - 1 : 0;
-    written += pages_touched(out, i * d.Co, i * d.Co + valid);
+    written += pages_touched(out, i * d.Co, i * d.Co + out_length(la[i], lb[i]));
   }
   const double piece_work = piece_work_for(total, threads);
   const bool zeroed = zero_output(out, d.B, d.Co, written);
@@ -349,15 +355,15 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(d.B));
   for (int64_t i = 0; i < d.B; ++i) {
-    const int64_t valid = la[i] > 0 && lb[i] > 0 ? int64_t{la[i]} + lb[i] - 1 : 0;
-    add_pieces(&pieces, i, 0, valid, d.Co, static_cast<double>(la[i]) * lb[i], piece_work,
-               zeroed ? 0.0 : 1.0);
+    add_pieces(&pieces, i, 0, out_length(la[i], lb[i]), d.Co,
+               static_cast<double>(la[i]) * lb[i], piece_work, zeroed ? 0.0 : 1.0);
   }
   run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
     T* o = out + p.item * d.Co;
     const int64_t na = la[p.item], nb = lb[p.item];
-    clear_piece(o, p.lo, p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0, zeroed, stream);
-    const int64_t hi = std::min(p.hi, na > 0 && nb > 0 ? na + nb - 1 : 0);
+    const int64_t valid = out_length(na, nb);
+    clear_piece(o, p.lo, p.hi, valid, zeroed, stream);
+    const int64_t hi = std::min(p.hi, valid);
     if (p.lo < hi) {
       const T* x = a + p.item * d.Ca;
       const T* w = b + p.item * d.Cb;
@@ -495,7 +501,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   int32_t* lo_data = lo->typed_data();
   for (int64_t i = 0; i < d.B; ++i) {
     const int32_t na = la.typed_data()[i], nb = lb.typed_data()[i];
-    lo_data[i] = na > 0 && nb > 0 ? static_cast<int32_t>(int64_t{na} + nb - 1) : 0;
+    lo_data[i] = static_cast<int32_t>(out_length(na, nb));
   }
   if (t == ffi::F32) {
     forward(pool, d, a.typed_data<float>(), b.typed_data<float>(), la.typed_data(),
