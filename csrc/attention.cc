@@ -873,9 +873,28 @@ inline bool same_dims(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_
 
 // Checks q/k/v ranks and sizes, dtypes and lengths; fills dims. `logical` (H, D, Hkv,
 // Dv; 0: the buffer's size) are the sizes read from each [B, C, Hc, Dc] buffer.
+// The sequence lengths: column 0 of int32 lengths [B] or [B, R] (a VarTensor's [B, rank]
+// lengths, read in place so that no XLA slice runs beside the kernel), copied into a
+// contiguous [B].
+struct Lengths {
+  std::vector<int32_t> q, k;
+};
+
+inline bool lengths_shape_ok(ffi::Buffer<ffi::S32> x, int64_t B) {
+  auto d = x.dimensions();
+  return (d.size() == 1 && d[0] == B) || (d.size() == 2 && d[0] == B && d[1] >= 1);
+}
+
+inline void column0(ffi::Buffer<ffi::S32> x, std::vector<int32_t>* out) {
+  auto d = x.dimensions();
+  const int64_t B = d[0], stride = d.size() == 2 ? d[1] : 1;
+  out->resize(B);
+  for (int64_t b = 0; b < B; ++b) (*out)[b] = x.typed_data()[b * stride];
+}
+
 inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                             ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk, Dims* s,
-                            const int64_t (&logical)[4] = {0, 0, 0, 0}) {
+                            Lengths* len, const int64_t (&logical)[4] = {0, 0, 0, 0}) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return bad("q, k, v must have rank 4 ([B, C, H, D]); got q " + dims_str(qd) + ", k " +
@@ -907,11 +926,14 @@ inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     return bad(std::to_string(s->H) + " query heads are not a multiple of " +
                std::to_string(s->Hkv) + " K/V heads");
   s->G = s->H / s->Hkv;
-  if (lq.dimensions().size() != 1 || lq.dimensions()[0] != s->B || lk.dimensions().size() != 1 ||
-      lk.dimensions()[0] != s->B)
-    return bad("lengths must be int32 [B] with B = " + std::to_string(s->B));
+  if (!lengths_shape_ok(lq, s->B) || !lengths_shape_ok(lk, s->B))
+    return bad("lengths must be int32 [B] or [B, R] (column 0 is read) with B = " +
+               std::to_string(s->B) + "; got " + dims_str(lq.dimensions()) + " and " +
+               dims_str(lk.dimensions()));
+  column0(lq, &len->q);
+  column0(lk, &len->k);
   for (int64_t b = 0; b < s->B; ++b) {
-    const int64_t a = lq.typed_data()[b], c = lk.typed_data()[b];
+    const int64_t a = len->q[b], c = len->k[b];
     if (a < 0 || a > s->Cq)
       return bad("query length " + std::to_string(a) + " of item " + std::to_string(b) +
                  " is outside [0, " + std::to_string(s->Cq) + "]");
@@ -944,22 +966,27 @@ inline ffi::Error check_out(const char* name, ffi::AnyBuffer x, ffi::DataType dt
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk,
-                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, bool causal,
-                   double scale, int64_t heads, int64_t head_dim, int64_t kv_heads,
-                   int64_t v_head_dim) {
+                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                   ffi::Result<ffi::Buffer<ffi::S32>> out_lengths, bool causal, double scale,
+                   int64_t heads, int64_t head_dim, int64_t kv_heads, int64_t v_head_dim) {
   Dims s;
-  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s, {heads, head_dim, kv_heads, v_head_dim}));
+  Lengths len;
+  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s, &len, {heads, head_dim, kv_heads, v_head_dim}));
   const auto t = q.element_type();
   VSLA_TRY(check_out("o", *o, t, {s.B, s.Cq, s.H, s.Dv}));
   VSLA_TRY(check_out("lse", *lse, t, {s.B, s.H, s.Cq}));
+  if (out_lengths->element_count() != static_cast<size_t>(s.B))
+    return bad("out_lengths must have B = " + std::to_string(s.B) + " elements, got " +
+               dims_str(out_lengths->dimensions()));
+  std::copy(len.q.begin(), len.q.end(), out_lengths->typed_data());
   if (t == ffi::F32) {
     FwdArgs<float> a{q.typed_data<float>(), k.typed_data<float>(), v.typed_data<float>(),
-                     lq.typed_data(), lk.typed_data(), o->typed_data<float>(),
+                     len.q.data(), len.k.data(), o->typed_data<float>(),
                      lse->typed_data<float>(), causal, static_cast<float>(scale)};
     forward(a, s, pool);
   } else {
     FwdArgs<double> a{q.typed_data<double>(), k.typed_data<double>(), v.typed_data<double>(),
-                      lq.typed_data(), lk.typed_data(), o->typed_data<double>(),
+                      len.q.data(), len.k.data(), o->typed_data<double>(),
                       lse->typed_data<double>(), causal, scale};
     forward(a, s, pool);
   }
@@ -973,7 +1000,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     bool causal, double scale, int64_t heads, int64_t head_dim,
                     int64_t kv_heads, int64_t v_head_dim) {
   Dims s;
-  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s, {heads, head_dim, kv_heads, v_head_dim}));
+  Lengths len;
+  VSLA_TRY(check_qkv(q, k, v, lq, lk, &s, &len, {heads, head_dim, kv_heads, v_head_dim}));
   const auto t = q.element_type();
   VSLA_TRY(check_out("o", o, t, {s.B, s.Cq, s.H, s.Dv}));
   VSLA_TRY(check_out("dout", dout, t, {s.B, s.Cq, s.H, s.Dv}));
@@ -985,14 +1013,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   if (t == ffi::F32) {
     BwdArgs<float> a{q.typed_data<float>(), k.typed_data<float>(), v.typed_data<float>(),
                      o.typed_data<float>(), lse.typed_data<float>(), dout.typed_data<float>(),
-                     lq.typed_data(), lk.typed_data(), dq->typed_data<float>(),
+                     len.q.data(), len.k.data(), dq->typed_data<float>(),
                      dk->typed_data<float>(), dv->typed_data<float>(), causal,
                      static_cast<float>(scale)};
     backward(a, s, pool);
   } else {
     BwdArgs<double> a{q.typed_data<double>(), k.typed_data<double>(), v.typed_data<double>(),
                       o.typed_data<double>(), lse.typed_data<double>(),
-                      dout.typed_data<double>(), lq.typed_data(), lk.typed_data(),
+                      dout.typed_data<double>(), len.q.data(), len.k.data(),
                       dq->typed_data<double>(), dk->typed_data<double>(),
                       dv->typed_data<double>(), causal, scale};
     backward(a, s, pool);
@@ -1013,6 +1041,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_attention_fwd, vsla::attn::Forward,
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Attr<bool>("causal")
                                   .Attr<double>("scale")
                                   .Attr<int64_t>("heads")

@@ -139,6 +139,29 @@ def test_items_stacked_with_every_axis_variable(h, d):
     _close(vs.attention(q3, k1, v1), vs.attention(q1, k1, v1), atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["auto", "xla", "bucketed", "tiled"])
+def test_items_stacked_with_heads_variable_and_head_size_as_a_feature(backend):
+    """``vs.stack(items, rank=2)`` of ``[n, H, D]`` items: the head axis is variable and
+    D a feature axis. Every backend gives the rank-1 batch's answer."""
+    rng = np.random.default_rng(7)
+    lens, h, d = [4, 9, 0, 6], 3, 8
+    mk = lambda: [rng.standard_normal((n, h, d)).astype(np.float32) for n in lens]
+    items = mk(), mk(), mk()
+    q2, k2, v2 = (vs.stack(x, rank=2) for x in items)
+    assert q2.rank == 2 and q2.features == (d,) and q2.capacity[1] >= h
+    got = vs.attention(q2, k2, v2, backend=backend)
+    ref = vs.attention(*(vs.stack(x, rank=1) for x in items), backend="xla")
+    assert got.rank == 1 and got.features == (h, d)
+    _close(got, ref, atol=1e-6)
+
+
+def test_zero_kv_heads_is_a_shape_error_not_a_crash():
+    q, _, _ = _make([3, 2])
+    k = vs.VarTensor(np.zeros((2, 3, 0, 8), np.float32), np.array([[3], [2]]))
+    with pytest.raises(vs.ShapeError, match="multiple of 0 K/V heads"):
+        vs.attention(q, k, k)
+
+
 def test_ragged_trailing_axes_say_how_to_stack():
     rng = np.random.default_rng(0)
     items = [rng.standard_normal((4, 2, 8)), rng.standard_normal((6, 3, 8))]

@@ -134,97 +134,108 @@ _STACK_HINT = ("stack the items with one variable axis and dense (H, D) features
                "vs.stack(items, rank=1)")
 
 
-class ShapeOnly(NamedTuple):
-    """The shape and dtype of an array not built (yet): the data of the shape-only
-    VarTensors ``check_inputs(..., crop=False)`` returns (cheaper than a
-    ``jax.ShapeDtypeStruct``, on a path timed in microseconds)."""
+class Layout(NamedTuple):
+    """One validated attention input: the tensor as given and the ``(H, D)`` heads that
+    attention reads of it.
 
-    shape: tuple
-    dtype: np.dtype
+    ``stacked``: a batch stacked with more than one variable axis (``vs.stack(items)``
+    of ``[n, H, D]`` arrays gives rank 3, of ``[n, H]`` arrays with a feature axis rank
+    2); its data is ``[B, C, Hc, Dc]`` with the head axes capacity-padded, and the
+    heads are ``[..., :H, :D]``. ``host_lengths``: the ``[B, rank]`` lengths on the host
+    where they were read (stacked batches), else None."""
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
+    x: VarTensor
+    batch: int
+    capacity: int
+    heads: int
+    head_dim: int
+    stacked: bool
+    host_lengths: np.ndarray | None
 
-
-def _as_heads(x: VarTensor, name: str, crop: bool = True) -> VarTensor:
-    """A batch stacked with more than one variable axis (``vs.stack(items)`` of
-    ``[n, H, D]`` arrays gives rank 3) as rank 1 with features ``(H, D)``, when the
-    trailing variable axes have the same concrete lengths in every item; those axes are
-    cropped to their lengths (the capacity ladder may have padded them). ``crop=False``:
-    the data is a ``ShapeOnly`` of the cropped shape (no copy; for checks)."""
-    extra = x.rank - 1
-    if is_traced(x.lengths):
-        raise ShapeError(
-            f"attention: {name} has {x.rank} variable axes and traced lengths, so its "
-            f"trailing axes cannot be checked for uniform (H, D); {_STACK_HINT}")
-    lengths = np.asarray(x.lengths)
-    trailing = lengths[:, 1:]
-    if len(trailing) and not (trailing == trailing[:1]).all():
-        raise ShapeError(
-            f"attention: {name} has ragged trailing axes (lengths of variable axes 1..{extra}"
-            f" differ between items: {np.unique(trailing, axis=0).tolist()[:4]}); attention "
-            f"needs uniform (H, D) per item; {_STACK_HINT}")
-    sizes = tuple(int(n) for n in trailing[0]) if len(trailing) else x.capacity[1:]
-    if not crop:
-        shape = x.data.shape[:2] + sizes
-        return VarTensor.trusted(ShapeOnly(shape, x.dtype), lengths[:, :1],
-                                 x.model)
-    data = x.data[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
-    return VarTensor.trusted(data, jnp.asarray(lengths[:, :1]), x.model)
+    def cropped(self) -> VarTensor:
+        """The input as a rank-1 batch with features ``(H, D)`` (a cropped copy of a
+        stacked batch's data; the input itself otherwise)."""
+        if not self.stacked:
+            return self.x
+        data = self.x.data[:, :, :self.heads, :self.head_dim]
+        return VarTensor.trusted(data, self.x.lengths[:, :1], self.x.model)
 
 
-def _crop_now(full: VarTensor, checked: VarTensor) -> VarTensor:
-    """``checked`` from ``check_inputs(..., crop=False)`` with its data cropped from
-    ``full`` where it is a shape-only stand-in."""
-    if not isinstance(checked.data, ShapeOnly):
-        return checked
-    index = tuple(slice(0, n) for n in checked.data.shape)
-    return VarTensor.trusted(full.data[index], jnp.asarray(checked.lengths), checked.model)
+def _shape_error(name: str, x: VarTensor) -> ShapeError:
+    return ShapeError(
+        f"attention: {name} must be a batch (B,) of rank-1 items with features (H, D); got "
+        f"batch {x.batch_shape}, rank {x.rank}, features {x.features}; {_STACK_HINT}")
 
 
-def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor,
-                 crop: bool = True) -> tuple[VarTensor, ...]:
-    """Validate ``q, k, v`` for attention and return them as rank-1 batches with features
-    ``(H, D)`` (see ``_as_heads`` for batches stacked with every axis variable; with
-    ``crop=False`` their data is a ``ShapeOnly`` stand-in)."""
-    out = []
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, VarTensor):
-            raise VSLATypeError(f"attention: {name} must be a VarTensor, got "
-                                f"{type(x).__name__}")
-        if x.batch_ndim == 1 and x.rank > 1 and x.rank + len(x.features) == 3:
-            x = _as_heads(x, name, crop)
-        if x.batch_shape == (0,) and not x.features:
+def layout(x, name: str) -> Layout:
+    """Validate one attention input (``q``, ``k`` or ``v``, named ``name`` in errors):
+    a VarTensor batch ``(B,)`` of rank-1 items with float features ``(H, D)``, or a batch
+    stacked with every axis variable whose trailing axes have the same concrete lengths
+    in every item (see ``Layout``)."""
+    if not isinstance(x, VarTensor):
+        raise VSLATypeError(f"attention: {name} must be a VarTensor, got {type(x).__name__}")
+    lengths, shape = x.lengths, x.data.shape
+    if lengths.ndim != 2:
+        raise _shape_error(name, x)
+    batch, rank = lengths.shape
+    features = shape[2:] if rank == 1 else shape[1 + rank:]
+    host, stacked = None, rank > 1 and rank + len(features) == 3
+    if stacked:
+        if is_traced(lengths):
             raise ShapeError(
-                f"attention: {name} is an empty batch without (H, D) features (vs.stack of "
-                "no items cannot know them); attention needs at least one item, or an empty "
-                "batch built with its features: vs.from_padded(np.zeros((0, C, H, D)), "
-                "np.zeros((0, 1), int), rank=1)")
-        if x.rank != 1 or len(x.features) != 2 or x.batch_ndim != 1:
+                f"attention: {name} has {rank} variable axes and traced lengths, so its "
+                f"trailing axes cannot be checked for uniform (H, D); {_STACK_HINT}")
+        host = np.asarray(lengths)
+        trailing = host[:, 1:]
+        if batch and not (trailing == trailing[:1]).all():
             raise ShapeError(
-                f"attention: {name} must be a batch (B,) of rank-1 items with features (H, D); "
-                f"got batch {x.batch_shape}, rank {x.rank}, features {x.features}; "
-                f"{_STACK_HINT}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise VSLATypeError(f"attention: {name} must be floating, got {x.dtype}")
-        out.append(x)
-    q, k, v = out
-    if not (q.batch_shape == k.batch_shape == v.batch_shape):
+                f"attention: {name} has ragged trailing axes (lengths of variable axes "
+                f"1..{rank - 1} differ between items: "
+                f"{np.unique(trailing, axis=0).tolist()[:4]}); attention needs uniform "
+                f"(H, D) per item; {_STACK_HINT}")
+        features = (tuple(trailing[0].tolist()) if batch else shape[2:1 + rank]) + features
+    elif batch == 0 and rank == 1 and not features:
+        raise ShapeError(
+            f"attention: {name} is an empty batch without (H, D) features (vs.stack of "
+            "no items cannot know them); attention needs at least one item, or an empty "
+            "batch built with its features: vs.from_padded(np.zeros((0, C, H, D)), "
+            "np.zeros((0, 1), int), rank=1)")
+    elif rank != 1 or len(features) != 2:
+        raise _shape_error(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise VSLATypeError(f"attention: {name} must be floating, got {x.dtype}")
+    return Layout(x, batch, shape[1], features[0], features[1], stacked, host)
+
+
+def check_layouts(q, k, v) -> tuple[Layout, Layout, Layout]:
+    """``layout`` of each input, and their agreement: one batch size, K/V heads dividing
+    the query heads, k's head size equal to q's, k and v with equal capacities, K/V
+    heads and lengths (v's head size may differ)."""
+    lq, lk, lv = layout(q, "q"), layout(k, "k"), layout(v, "v")
+    if not lq.batch == lk.batch == lv.batch:
         raise ShapeError(f"attention: batch shapes differ {q.batch_shape}, {k.batch_shape}, "
                          f"{v.batch_shape}")
-    (h, d), (hk, dk), (hv, _) = q.features, k.features, v.features
-    if dk != d or hk != hv or k.capacity != v.capacity:
-        raise ShapeError(f"attention: k/v features {k.features}/{v.features} or capacities "
-                         f"{k.capacity}/{v.capacity} do not match q head size {d} (k needs "
-                         "q's head size, v k's heads; v's head size may differ)")
-    if h % hk:
-        raise ShapeError(f"attention: {h} query heads are not a multiple of {hk} K/V heads")
+    if lk.head_dim != lq.head_dim or lk.heads != lv.heads or lk.capacity != lv.capacity:
+        raise ShapeError(
+            f"attention: k/v features {(lk.heads, lk.head_dim)}/{(lv.heads, lv.head_dim)} "
+            f"or capacities {lk.capacity}/{lv.capacity} do not match q head size "
+            f"{lq.head_dim} (k needs q's head size, v k's heads; v's head size may differ)")
+    if not lk.heads or lq.heads % lk.heads:
+        raise ShapeError(f"attention: {lq.heads} query heads are not a multiple of "
+                         f"{lk.heads} K/V heads")
     if k.lengths is not v.lengths:
-        lk, lv = host_or_none(k.lengths), host_or_none(v.lengths)
-        if lk is not None and lv is not None and not np.array_equal(lk, lv):
+        hk = lk.host_lengths if lk.host_lengths is not None else host_or_none(k.lengths)
+        hv = lv.host_lengths if lv.host_lengths is not None else host_or_none(v.lengths)
+        if hk is not None and hv is not None and not np.array_equal(hk[:, :1], hv[:, :1]):
             raise LengthError("attention: k and v lengths differ")
-    return q, k, v
+    return lq, lk, lv
+
+
+def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor) -> tuple[VarTensor, ...]:
+    """Validate ``q, k, v`` for attention (``check_layouts``) and return them as rank-1
+    batches with features ``(H, D)`` (batches stacked with every axis variable are
+    cropped to their heads, a copy)."""
+    return tuple(x.cropped() for x in check_layouts(q, k, v))
 
 
 def check_causal(causal) -> bool:
@@ -310,8 +321,7 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     under forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
     ``custom_vjp`` backends refuse, the ``xla`` backend runs instead.
     """
-    full = (q, k, v)
-    q, k, v = check_inputs(q, k, v, crop=False)
+    layouts = check_layouts(q, k, v)
     tiles = check_tile(tile)
     if config is None:
         config = DEFAULT_CONFIG
@@ -319,17 +329,17 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
         raise VSLATypeError(f"attention: config must be an AttentionConfig, got "
                             f"{type(config).__name__}")
     causal = check_causal(causal)
-    scale = check_scale(scale, q.features[1])
-    impl = _backend(backend, config, *full[:2])
-    if any(isinstance(x.data, ShapeOnly) for x in (q, k, v)):
-        # rank-3 batches (vs.stack of [n, H, D] items): the C++ kernels read the head
-        # axes through strides; other backends take cropped copies
-        if isinstance(impl, CPUBackend):
-            sizes = (*q.features, k.features[0], v.features[1])
-            out = call_or_none(impl.compute_strided, *full, sizes, causal, scale)
-            if out is not None:
-                return out
-        q, k, v = (_crop_now(f, x) for f, x in zip(full, (q, k, v)))
+    lq, lk, lv = layouts
+    scale = check_scale(scale, lq.head_dim)
+    impl = _backend(backend, config, q, k)
+    if isinstance(impl, CPUBackend):
+        # the C++ kernels read stacked batches' head axes through strides (no copies)
+        sizes = ((lq.heads, lq.head_dim, lk.heads, lv.head_dim)
+                 if any(x.stacked for x in layouts) else None)
+        out = call_or_none(impl.compute_strided, q, k, v, sizes, causal, scale)
+        if out is not None:
+            return out
+    q, k, v = (x.cropped() for x in layouts)
     if tiles is not None and isinstance(impl, TiledBackend):
         plan = dict(tq=tiles[0], tk=tiles[1])
     else:

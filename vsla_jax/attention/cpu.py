@@ -62,17 +62,22 @@ def _merged(shape: tuple) -> tuple:
 
 def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
     """qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]`` (one float
-    dtype), lq/lk int32 ``[B]`` -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``).
+    dtype), lq/lk int32 ``[B]`` or ``[B, R]`` (column 0 is the sequence length; a
+    VarTensor's lengths as they are) -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``,
+    out_lengths int32 ``[B, 1]``, column 0 of ``lq``).
 
     ``sizes = (H, D, Hkv, Dv)``: the kernel reads ``[..., :H, :D]`` of larger buffers
-    (strides, no copy); None: the buffers' own sizes."""
+    (strides, no copy); None: the buffers' own sizes. The kernel reads the lengths'
+    column 0 in place and returns it as the output lengths, so the program is one custom
+    call: XLA slices beside it cost more than the kernel on small batches."""
     b, cq = qd.shape[:2]
     h, _, _, dv = sizes or (qd.shape[2], qd.shape[3], kd.shape[2], vd.shape[3])
     out = (jax.ShapeDtypeStruct(_merged((b, cq, h, dv)), qd.dtype),
-           jax.ShapeDtypeStruct((b, h, cq), qd.dtype))
-    o, lse = jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
+           jax.ShapeDtypeStruct((b, h, cq), qd.dtype),
+           jax.ShapeDtypeStruct((b, 1), jnp.int32))
+    o, lse, lengths = jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
         qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale), **_sizes(sizes))
-    return o.reshape(b, cq, h, dv), lse
+    return o.reshape(b, cq, h, dv), lse, lengths
 
 
 def _sizes(sizes) -> dict:
@@ -92,27 +97,37 @@ def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float, sizes=
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
-    """``cpu_attention`` on ``[..., :H, :D]`` of larger buffers, ``sizes = (H, D, Hkv,
-    Dv)``: qd ``[B, Cq, Hc, Dc]`` (``Hc >= H``, ``Dc >= D``), kd/vd likewise -> ``[B, Cq,
-    H, Dv]``. Both kernels read the buffers through strides (no cropped copy); the
-    gradients have the buffers' shapes, zero in the head padding. ``sizes=None``: the
-    buffers' own sizes (``cpu_attention``)."""
-    return _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)[0]
+def attention_with_lengths(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
+    """Attention on ``[..., :H, :D]`` of the buffers and the output lengths, from one
+    custom call.
+
+    qd ``[B, Cq, Hc, Dc]`` (``Hc >= H``, ``Dc >= D``), kd/vd likewise, ``sizes = (H, D,
+    Hkv, Dv)`` (None: the buffers' own sizes); lq/lk int32 ``[B]`` or ``[B, R]``
+    (column 0 is read) -> (o ``[B, Cq, H, Dv]``, lengths int32 ``[B, 1]``). Both kernels
+    read the buffers through strides (no cropped copy); the gradients have the buffers'
+    shapes, zero in the head padding."""
+    o, _, lengths = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
+    return o, lengths
 
 
 def _fwd_rule(qd, kd, vd, lq, lk, causal, scale, sizes):
-    o, lse = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
-    return o, (qd, kd, vd, lq, lk, o, lse)
+    o, lse, lengths = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
+    return (o, lengths), (qd, kd, vd, lq, lk, o, lse)
 
 
-def _bwd_rule(causal, scale, sizes, saved, do):
+def _bwd_rule(causal, scale, sizes, saved, cts):
     qd, kd, vd, lq, lk, o, lse = saved
-    grads = _bwd_call(qd, kd, vd, lq, lk, o, lse, do.astype(o.dtype), causal, scale, sizes)
+    do = cts[0].astype(o.dtype)
+    grads = _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal, scale, sizes)
     return (*grads, float0_zeros(lq), float0_zeros(lk))
 
 
-cpu_attention_strided.defvjp(_fwd_rule, _bwd_rule)
+attention_with_lengths.defvjp(_fwd_rule, _bwd_rule)
+
+
+def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
+    """``attention_with_lengths(...)[0]``: ``[B, Cq, H, Dv]``."""
+    return attention_with_lengths(qd, kd, vd, lq, lk, causal, scale, sizes)[0]
 
 
 def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
@@ -125,26 +140,18 @@ def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
     return cpu_attention_strided(qd, kd, vd, lq, lk, causal, scale, None)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale"))
-def _cpu_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale: float):
-    dtype = q.data.dtype
-    ct = _kernel_dtype(jnp.result_type(q.data, k.data, v.data))
-    out = cpu_attention(q.data.astype(ct), k.data.astype(ct), v.data.astype(ct),
-                        q.lengths[:, 0].astype(jnp.int32), k.lengths[:, 0].astype(jnp.int32),
-                        causal, scale)
-    return VarTensor.trusted(out.astype(dtype), q.lengths, q.model)
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "sizes"))
-def _strided_call(qd, kd, vd, lengths_q, lengths_k, causal: bool, scale: float,
-                  sizes: tuple):
-    """-> (o, output lengths ``[B, 1]``). The sequence lengths are sliced out of the
-    ``[B, rank]`` lengths here, ahead of the kernel, and the output lengths are that
-    slice's buffer: slicing on the host and transferring cost ~50 us a call more."""
-    lq = lengths_q[:, 0].astype(jnp.int32)
-    out = cpu_attention_strided(qd, kd, vd, lq, lengths_k[:, 0].astype(jnp.int32), causal,
-                                scale, sizes)
-    return out, lq[:, None]
+def _kernel_call(qd, kd, vd, lengths_q, lengths_k, causal: bool, scale: float,
+                 sizes: tuple | None):
+    """qd/kd/vd ``[B, C, Hc, Dc]`` (any float dtypes; the kernels run in float32 or
+    float64, the output has qd's dtype), lengths ``[B, rank]`` -> (o, output lengths
+    int32 ``[B, 1]``). Arrays in and out, and one custom call inside: VarTensor pytrees
+    or XLA slices of the lengths cost the call more than a small batch's kernel."""
+    ct = _kernel_dtype(jnp.result_type(qd, kd, vd))
+    out, lengths = attention_with_lengths(
+        qd.astype(ct), kd.astype(ct), vd.astype(ct), lengths_q.astype(jnp.int32),
+        lengths_k.astype(jnp.int32), causal, scale, sizes)
+    return out.astype(qd.dtype), lengths
 
 
 class CPUBackend:
@@ -159,8 +166,7 @@ class CPUBackend:
 
     def available(self, *arrays) -> bool:
         """Whether both kernels can run on ``arrays`` here."""
-        return (kernels.target(FWD, *arrays) is not None
-                and kernels.target(BWD, *arrays) is not None)
+        return kernels.target(FWD, *arrays) is not None and kernels.registered(BWD)
 
     def prepare(self, q, k, v) -> dict:
         return {}
@@ -174,19 +180,19 @@ class CPUBackend:
         if not self.available(q.data, k.data, v.data):
             return self.fallback.compute(q, k, v, causal, scale,
                                          self.fallback.prepare(q, k, v))
-        return _cpu_call(q, k, v, bool(causal), float(scale))
+        out, lengths = _kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
+                                    bool(causal), float(scale), None)
+        return VarTensor.trusted(out, lengths, q.model)
 
     def compute_strided(self, q: VarTensor, k: VarTensor, v: VarTensor, sizes: tuple,
                         causal: bool, scale: float) -> VarTensor | None:
         """Attention over ``[..., :H, :D]`` of q/k/v data ``[B, C, Hc, Dc]`` (rank-3
         batches from ``vs.stack`` keep their capacity-padded head axes), ``sizes = (H,
-        D, Hkv, Dv)``, without cropping copies; lengths ``[B, >= 1]`` (column 0 is the
-        sequence). None where the kernels cannot run here or the dtype is not
-        float32/float64 (the caller crops and takes ``compute``)."""
-        dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
-        if len(dts) != 1 or dts.pop() not in DTYPES or not self.available(
-                q.data, k.data, v.data):
+        D, Hkv, Dv)`` (ints), without cropping copies; lengths ``[B, >= 1]`` (column 0
+        is the sequence). None where the kernels cannot run here (the caller crops and
+        takes ``compute``, which falls back)."""
+        if not self.available(q.data, k.data, v.data):
             return None
-        out, lengths = _strided_call(q.data, k.data, v.data, q.lengths, k.lengths,
-                                     bool(causal), float(scale), tuple(int(n) for n in sizes))
+        out, lengths = _kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
+                                    bool(causal), float(scale), sizes)
         return VarTensor.trusted(out, lengths, q.model)
