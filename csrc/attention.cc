@@ -813,6 +813,28 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
                a.dq + b * s.Cq * ldq + (hk * G + g) * s.qh, ldq);
 }
 
+// One item of a gradient output, [cap, ld] with `heads` heads of `width` values at
+// stride `hstride` in each row, before the units write rows [0, rows) of those heads:
+// rows past `rows` are zeroed, the rows the units write are mapped in, and where the
+// head axes are padded (strided rank-3 buffers: hstride > width or heads * hstride <
+// ld), the gaps between the heads of those rows are zeroed. (Zeroing the whole item
+// there instead handed every page of a resident buffer back, and the units' writes then
+// faulted each one in again.)
+template <class T>
+void clear_gradient_item(T* item, int64_t rows, int64_t ld, int64_t cap, int64_t heads,
+                         int64_t hstride, int64_t width) {
+  zero_fill(item + rows * ld, item + cap * ld);
+  prefault(item, item + rows * ld);
+  if (heads * hstride == ld && hstride == width) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = item + r * ld;
+    if (hstride != width)
+      for (int64_t h = 0; h < heads; ++h)
+        std::fill(row + h * hstride + width, row + (h + 1) * hstride, T(0));
+    std::fill(row + heads * hstride, row + ld, T(0));
+  }
+}
+
 template <class T>
 void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   // Per item, on every worker: zero what the units do not write (rows past the lengths,
@@ -823,15 +845,9 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   parallel_units(pool, rows, workers, [&a, &s](int64_t b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
-    // rows past the lengths are zero; the rows the units write are mapped in, or zeroed
-    // where the units write only part of them (head axes padded past H/Hkv and D/Dv)
-    const auto clear = [](T* item, int64_t rows, int64_t ld, int64_t cap, bool whole) {
-      zero_fill(item + (whole ? 0 : rows) * ld, item + cap * ld);
-      if (!whole) prefault(item, item + rows * ld);
-    };
-    clear(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.qr != s.H * s.D);
-    clear(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.kr != s.Hkv * s.D);
-    clear(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.vr != s.Hkv * s.Dv);
+    clear_gradient_item(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.H, s.qh, s.D);
+    clear_gradient_item(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.Hkv, s.kh, s.D);
+    clear_gradient_item(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.Hkv, s.vh, s.Dv);
     const int64_t lo = a.lk[b] > 0 ? a.lq[b] : 0;  // o is zero from row lo on
     release_zero_pages(a.o + (b * s.Cq + lo) * s.H * s.Dv,
                        (s.Cq - lo) * s.H * s.Dv * sizeof(T));
@@ -1074,4 +1090,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_attention_bwd, vsla::attn::Backward,
 // 2 AVX-512), for the tests that cap it with VSLA_CPU_ISA.
 extern "C" VSLA_EXPORT int vsla_selftest_attention_isa() {
   return static_cast<int>(vsla::attn::host_isa());
+}
+
+// vsla::attn::clear_gradient_item (float) on caller memory, for its tests.
+extern "C" VSLA_EXPORT void vsla_selftest_clear_gradient_item(float* item, int64_t rows,
+                                                              int64_t ld, int64_t cap,
+                                                              int64_t heads, int64_t hstride,
+                                                              int64_t width) {
+  vsla::attn::clear_gradient_item(item, rows, ld, cap, heads, hstride, width);
 }

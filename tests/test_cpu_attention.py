@@ -429,3 +429,27 @@ def test_rank3_stacked_batches_read_through_strides_match_numpy(dtype, causal):
                                        rtol=tol * 10)
             feats = np.asarray(g)[:, :, x.lengths[0, 1]:], np.asarray(g)[..., x.lengths[0, 2]:]
             assert not any(f.any() for f in feats), "gradient must be zero in head padding"
+
+
+@pytest.mark.parametrize("rows,cap,heads,hcap,width,dcap", [
+    (5, 9, 3, 8, 13, 16),   # both head axes padded (rank-3 batch)
+    (0, 4, 3, 8, 13, 16),   # an item without rows: all of it zero
+    (7, 7, 2, 2, 5, 8),     # only D padded, no rows past the length
+    (3, 6, 3, 4, 16, 16),   # only H padded
+    (4, 600, 2, 2, 64, 64),  # dense rows: only the rows past the length (256 KiB+)
+])
+def test_gradient_items_are_cleared_exactly_where_the_units_do_not_write(
+        rows, cap, heads, hcap, width, dcap):
+    """``clear_gradient_item`` on memory full of NaN (a reused buffer): rows past the
+    length and the gaps between the heads of written rows become zero; the heads' own
+    values, which the backward units write next, are left alone."""
+    import ctypes
+
+    buf = np.full((cap, hcap, dcap), np.nan, np.float32)
+    kernels.library().vsla_selftest_clear_gradient_item(
+        ctypes.c_void_p(buf.ctypes.data), *(ctypes.c_int64(n) for n in (
+            rows, hcap * dcap, cap, heads, dcap, width)))
+    owned = np.zeros(buf.shape, bool)
+    owned[:rows, :heads, :width] = True
+    assert np.isnan(buf[owned]).all()
+    np.testing.assert_array_equal(buf[~owned], 0.0)
