@@ -167,6 +167,12 @@ def _shape_error(name: str, x: VarTensor) -> ShapeError:
         f"batch {x.batch_shape}, rank {x.rank}, features {x.features}; {_STACK_HINT}")
 
 
+@functools.lru_cache(maxsize=64)
+def is_floating(dtype) -> bool:
+    """Whether ``dtype`` is a float type, bfloat16 included (cached: a hot path)."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def layout(x, name: str) -> Layout:
     """Validate one attention input (``q``, ``k`` or ``v``, named ``name`` in errors):
     a VarTensor batch ``(B,)`` of rank-1 items with float features ``(H, D)``, or a batch
@@ -202,7 +208,7 @@ def layout(x, name: str) -> Layout:
             "np.zeros((0, 1), int), rank=1)")
     elif rank != 1 or len(features) != 2:
         raise _shape_error(name, x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not is_floating(x.dtype):
         raise VSLATypeError(f"attention: {name} must be floating, got {x.dtype}")
     return Layout(x, batch, shape[1], features[0], features[1], stacked, host)
 
