@@ -184,7 +184,7 @@ def layout(x, name: str) -> Layout:
     if lengths.ndim != 2:
         raise _shape_error(name, x)
     batch, rank = lengths.shape
-    features = shape[2:] if rank == 1 else shape[1 + rank:]
+    features = shape[1 + rank:]
     host, stacked = None, rank > 1 and rank + len(features) == 3
     if stacked:
         if is_traced(lengths):
