@@ -122,8 +122,10 @@ def retain_host_memory(limit: int = 1 << 30) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
+        # mallopt takes a C int: 4 * limit would wrap (4 GiB -> 0: trim on every free)
+        trim = min(4 * limit, 2**31 - 1)
         return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(
-            libc.mallopt(m_trim_threshold, 4 * limit))
+            libc.mallopt(m_trim_threshold, trim))
     except (OSError, AttributeError):
         return False
 
