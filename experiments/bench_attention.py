@@ -56,8 +56,8 @@ flags.DEFINE_bool("backward", False, "Also time forward+backward.")
 flags.DEFINE_string("json_out", None, "Optional JSON results path (written atomically).")
 flags.DEFINE_float("max_foreign", 0.1, "Rounds during which other processes took more than "
                    "this share of the CPUs are discarded and rerun (1: keep every round).")
-flags.DEFINE_bool("retain_host_memory", False, "Ask glibc malloc to serve large buffers from "
-                  "its heap and keep freed ones (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD) "
+flags.DEFINE_bool("retain_host_memory", False, "Call vs.retain_host_memory(): glibc malloc "
+                  "serves large buffers from its heap, keeps freed ones and uses one arena "
                   "before timing, for every row: fresh mmapped buffers of >= 32 MiB cost "
                   "page faults on every call otherwise.")
 flags.DEFINE_integer("max_rounds", 0, "Give up discarding after this many rounds "
@@ -109,25 +109,6 @@ def make_batch(lengths, rng):
                                   ((0, cap - n), (0, 0), (0, 0))) for n in lengths])
     lens = jnp.asarray(lengths[:, None], jnp.int32)
     return [vs.VarTensor(jnp.asarray(mk()), lens) for _ in range(3)]
-
-
-# -- process environment ---------------------------------------------------------------
-def retain_host_memory(limit: int = 1 << 30) -> bool:
-    """glibc only: allocations up to ``limit`` bytes come from the malloc heap, and freed
-    memory stays there (no munmap / trim), so a large buffer freed by one call is reused
-    by the next without page faults. Process-wide; returns whether it took effect."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # mallopt takes a C int: 4 * limit would wrap (4 GiB -> 0: trim on every free)
-        trim = min(4 * limit, 2**31 - 1)
-        return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(
-            libc.mallopt(m_trim_threshold, trim))
-    except (OSError, AttributeError):
-        return False
 
 
 # -- rows -------------------------------------------------------------------------------
@@ -373,7 +354,7 @@ def _cpu_cols(rows: dict) -> str:
 
 def main(argv):
     del argv
-    retained = retain_host_memory() if FLAGS.retain_host_memory else False
+    retained = vs.retain_host_memory() if FLAGS.retain_host_memory else False
     print(f"bench_attention: {platform.machine()} {os.cpu_count()} cores, backend "
           f"{jax.default_backend()}, jax {jax.__version__}; large host buffers "
           f"{'retained by malloc (--retain_host_memory)' if retained else 'as glibc default'}")

@@ -11,7 +11,7 @@ Each part alone reuses its buffers from call to call; the step's ``preallocated 
 (printed, from ``memory_analysis``) holds the saved output and the cotangent, and a
 buffer above glibc's mmap threshold (32 MiB unless raised) is mapped afresh on every
 call, so the difference between the step and the sum of its parts is mostly page
-faults. ``--retain_host_memory`` raises glibc's thresholds first (process-wide).
+faults. ``--retain_host_memory`` calls ``vs.retain_host_memory()`` first (process-wide).
 
   cd experiments && python profile_attention_step.py --workloads corpus,lognormal
 """
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from bench_attention import make_batch, retain_host_memory, workload_lengths
+from bench_attention import make_batch, workload_lengths
 
 import vsla_jax as vs
 from vsla_jax.attention import cpu
@@ -90,7 +90,7 @@ def profile(name: str) -> None:
 
 def main(argv):
     del argv
-    retained = retain_host_memory() if FLAGS.retain_host_memory else False
+    retained = vs.retain_host_memory() if FLAGS.retain_host_memory else False
     print(f"profile_attention_step: jax {jax.__version__}, backend {jax.default_backend()}; "
           f"large host buffers {'retained by malloc' if retained else 'as glibc default'}")
     for name in FLAGS.workloads:

@@ -33,6 +33,7 @@ from vsla_jax.conv import (
     heterogeneity_profile,
 )
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLAError, VSLATypeError
+from vsla_jax.host_memory import retain_host_memory
 from vsla_jax.ops import (
     add,
     conv,
@@ -72,4 +73,6 @@ __all__ = [
     # attention
     "attention", "approximate_attention", "AttentionConfig", "ApproxConfig",
     "AttentionBackend", "BucketPlan", "TilingStrategy",
+    # the host allocator under XLA:CPU (opt-in, process-wide)
+    "retain_host_memory",
 ]
