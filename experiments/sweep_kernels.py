@@ -53,6 +53,8 @@ flags.DEFINE_integer("repeats", 5, "Timed interleaved rounds (median).")
 flags.DEFINE_integer("seed", 2026, "Seed of the draws (a new seed: unseen distributions).")
 flags.DEFINE_bool("backward", True, "Also time the backward.")
 flags.DEFINE_string("json_out", None, "Optional JSON results path (written atomically).")
+flags.DEFINE_bool("retain_host_memory", False, "Call vs.retain_host_memory() first "
+                  "(process-wide: glibc keeps large freed buffers; every library's rows).")
 
 FAMILIES = ("uniform", "loguniform", "lognormal", "bimodal", "pareto", "constant", "tiny",
             "fewlong")
@@ -235,9 +237,11 @@ def print_rows(kind: str, rows: list[dict]) -> None:
 
 def main(argv):
     del argv
+    retained = vs.retain_host_memory() if FLAGS.retain_host_memory else False
     print(f"sweep_kernels: {platform.machine()} {os.cpu_count()} cores, backend "
           f"{jax.default_backend()}, jax {jax.__version__}, CPU flags {cpu_flags()}, "
-          f"seed {FLAGS.seed}, {FLAGS.draws} draws, {FLAGS.repeats} rounds")
+          f"seed {FLAGS.seed}, {FLAGS.draws} draws, {FLAGS.repeats} rounds, large host "
+          f"buffers {'retained (vs.retain_host_memory)' if retained else 'as glibc default'}")
     out = {}
     for kind in FLAGS.kinds:
         if kind not in TARGETS:
