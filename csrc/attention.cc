@@ -890,8 +890,6 @@ inline bool same_dims(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_
   return true;
 }
 
-// Checks q/k/v ranks and sizes, dtypes and lengths; fills dims. `logical` (H, D, Hkv,
-// Dv; 0: the buffer's size) are the sizes read from each [B, C, Hc, Dc] buffer.
 // The sequence lengths: column 0 of int32 lengths [B] or [B, R] (a VarTensor's [B, rank]
 // lengths, read in place so that no XLA slice runs beside the kernel), copied into a
 // contiguous [B].
@@ -911,6 +909,9 @@ inline void column0(ffi::Buffer<ffi::S32> x, std::vector<int32_t>* out) {
   for (int64_t b = 0; b < B; ++b) (*out)[b] = x.typed_data()[b * stride];
 }
 
+// Checks q/k/v ranks and sizes, dtypes and lengths; fills dims and the lengths.
+// `logical` (H, D, Hkv, Dv; 0: the buffer's size) are the sizes read from each
+// [B, C, Hc, Dc] buffer.
 inline ffi::Error check_qkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                             ffi::Buffer<ffi::S32> lq, ffi::Buffer<ffi::S32> lk, Dims* s,
                             Lengths* len, const int64_t (&logical)[4] = {0, 0, 0, 0}) {

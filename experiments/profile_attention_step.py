@@ -19,7 +19,6 @@ faults. ``--retain_host_memory`` calls ``vs.retain_host_memory()`` first (proces
 from __future__ import annotations
 
 import resource
-import time
 import zlib
 
 import jax
@@ -29,6 +28,8 @@ from absl import app, flags
 from bench_attention import make_batch, workload_lengths
 
 import vsla_jax as vs
+from icd_jax.runtime.measure import once
+from vsla_jax import kernels
 from vsla_jax.attention import cpu
 
 # --workloads, --seed and --retain_host_memory are bench_attention's flags (imported)
@@ -36,15 +37,11 @@ flags.DEFINE_integer("calls", 15, "Timed calls per part (median).")
 FLAGS = flags.FLAGS
 
 
-def timed(fn, calls: int) -> tuple[float, float]:
+def timed_with_faults(fn, calls: int) -> tuple[float, float]:
     """(median ms, minor page faults per call) of ``fn`` after one warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
+    once(fn)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
+    times = [once(fn) for _ in range(calls)]
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
     return float(np.median(times) * 1e3), faults
 
@@ -71,12 +68,13 @@ def profile(name: str) -> None:
     do = cotangent(o)
     backward = jax.jit(lambda a, b, c, o, lse, do: cpu._bwd_call(a, b, c, lq, lk, o, lse, do,
                                                                 False, scale))
-    parts = {
-        "step": timed(lambda: step(q.data, k.data, v.data), FLAGS.calls),
-        "forward": timed(lambda: forward(q.data, k.data, v.data)[0], FLAGS.calls),
-        "cotangent": timed(lambda: cotangent(o), FLAGS.calls),
-        "backward": timed(lambda: backward(q.data, k.data, v.data, o, lse, do), FLAGS.calls),
+    calls = {
+        "step": lambda: step(q.data, k.data, v.data),
+        "forward": lambda: forward(q.data, k.data, v.data)[0],
+        "cotangent": lambda: cotangent(o),
+        "backward": lambda: backward(q.data, k.data, v.data, o, lse, do),
     }
+    parts = {part: timed_with_faults(fn, FLAGS.calls) for part, fn in calls.items()}
     print(f"## {name}: B={len(lengths)}, lengths {lengths.min()}-{lengths.max()} (median "
           f"{int(np.median(lengths))}), padded output {o.size * o.dtype.itemsize / 2**20:.1f}"
           f" MiB, step's preallocated temp {temp / 2**20:.1f} MiB")
@@ -90,6 +88,9 @@ def profile(name: str) -> None:
 
 def main(argv):
     del argv
+    if kernels.target(cpu.FWD) is None:
+        print("profile_attention_step: the C++ kernels are not built; nothing to profile")
+        return
     retained = vs.retain_host_memory() if FLAGS.retain_host_memory else False
     print(f"profile_attention_step: jax {jax.__version__}, backend {jax.default_backend()}; "
           f"large host buffers {'retained by malloc' if retained else 'as glibc default'}")

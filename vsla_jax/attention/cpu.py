@@ -125,11 +125,6 @@ def _bwd_rule(causal, scale, sizes, saved, cts):
 attention_with_lengths.defvjp(_fwd_rule, _bwd_rule)
 
 
-def cpu_attention_strided(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
-    """``attention_with_lengths(...)[0]``: ``[B, Cq, H, Dv]``."""
-    return attention_with_lengths(qd, kd, vd, lq, lk, causal, scale, sizes)[0]
-
-
 def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
     """Varlen attention on padded arrays through the C++ kernels (float32/float64).
 
@@ -137,7 +132,7 @@ def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
     ``[B]`` -> ``[B, Cq, H, Dv]``, zero at rows ``>= lq`` and for items without keys.
     Differentiable (reverse mode) through the backward kernel.
     """
-    return cpu_attention_strided(qd, kd, vd, lq, lk, causal, scale, None)
+    return attention_with_lengths(qd, kd, vd, lq, lk, causal, scale, None)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "sizes"))
