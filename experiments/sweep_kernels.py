@@ -122,6 +122,10 @@ def conv_draw(rng: np.random.Generator) -> dict:
     fns = {"ours": lambda: vs.conv(a, k).data,
            "numpy loop": lambda: [np.convolve(x, y) for x, y in zip(xs, ks)],
            "pad-to-max FFT": lambda: pad_to_max_fft(xp, kp)}
+    # The backward rows are timed in their own rounds, after the forward ones: the padded
+    # autodiff backward can take 100s of ms, and a call right after it ran 3-15x slower
+    # for several ms (NumPy's loop too), which fell on whichever forward row came next.
+    late = {}
     if FLAGS.backward:
         w = jnp.asarray(rng.standard_normal((n, a.capacity[0] + k.capacity[0] - 1)),
                         jnp.float32)
@@ -133,12 +137,14 @@ def conv_draw(rng: np.random.Generator) -> dict:
             g = jax.jit(jax.grad(loss, (0, 1)))
             return lambda: g(a.data, k.data, a.lengths, k.lengths)
 
-        fns["ours bwd"] = grad_of(None)
-        fns["padded autodiff bwd"] = grad_of(vs.ConvPolicy(plan="padded"))
+        late["ours bwd"] = grad_of(None)
+        late["padded autodiff bwd"] = grad_of(vs.ConvPolicy(plan="padded"))
     err = max(float(np.abs(np.asarray(o)[: len(x) + len(y) - 1] - np.convolve(
         x.astype(np.float64), y.astype(np.float64))).max()) / (1 + np.abs(x).sum())
         for o, x, y in zip(vs.conv(a, k).to_list(), xs, ks))
     t = {lab: s for lab, (_, s) in timed_interleaved(fns, FLAGS.repeats).items()}
+    if late:
+        t |= {lab: s for lab, (_, s) in timed_interleaved(late, FLAGS.repeats).items()}
     peer = min(t["numpy loop"], t["pad-to-max FFT"])
     row = dict(family=f"{desc} x {kdesc}", items=n, signals=summarise(la),
                kernels=summarise(lb), ms={lab: s * 1e3 for lab, s in t.items()},

@@ -198,3 +198,22 @@ def test_buckets_above_the_batch_capacity_are_clipped_before_merging():
     # with an unclipped capacity the 480 bucket stays its own group
     groups = ba.plan_groups(lq, lq, 480, 480, heads=8, head_dim=64, plan=plan)
     assert [g.cq for g in groups] == [448, 480]
+
+
+def test_stacked_k_v_compare_sequence_lengths_only():
+    # stacked k and v with different head sizes have different [B, 3] lengths rows; only
+    # column 0 (the sequence) must agree, and a differing sequence is a LengthError
+    rng = np.random.default_rng(1)
+    n = [3, 5]
+    q = vs.stack([rng.standard_normal((m, 2, 4)) for m in n])
+    k = vs.stack([rng.standard_normal((m, 2, 4)) for m in n])
+    v = vs.stack([rng.standard_normal((m, 2, 6)) for m in n])
+    got = vs.attention(q, k, v)
+    ref = vs.attention(*(vs.stack([np.asarray(x.data[i, :m, :2, :d]) for i, m in
+                                   enumerate(n)], rank=1) for x, d in ((q, 4), (k, 4), (v, 6))),
+                       backend="xla")
+    _close(got, ref, atol=1e-6)
+    v_short = vs.stack([rng.standard_normal((m, 2, 6)) for m in [3, 4]])
+    for _ in range(2):  # the shape checks are cached; the length check runs every call
+        with pytest.raises(vs.LengthError, match="k and v lengths differ"):
+            vs.attention(q, k, v_short)

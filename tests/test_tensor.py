@@ -158,3 +158,33 @@ def test_stack_device_data_matches_items_and_is_not_aliased_to_inputs():
     for i, n in enumerate((3, 0, 5, 1)):
         np.testing.assert_array_equal(got[i, :n], np.arange(n, dtype=np.float32) + 1)
         assert not got[i, n:].any()
+
+
+def test_host_lengths_read_once_read_only_and_none_when_traced():
+    items = [np.ones((3, 2)), np.ones((5, 2)), np.ones((1, 2))]
+    for x in (vs.stack(items), vs.stack(items, rank=1),
+              vs.VarTensor(jnp.zeros((2, 4)), jnp.array([[1], [4]], jnp.int32))):
+        host = x.host_lengths
+        np.testing.assert_array_equal(host, np.asarray(x.lengths))
+        assert host is x.host_lengths  # kept on the (immutable) tensor
+        assert not host.flags.writeable
+        with pytest.raises(ValueError):
+            host[0, 0] = 7
+        # a tree-mapped copy (new lengths) reads its own lengths, not the old copy
+        y = jax.tree.map(lambda a: a + 1 if a.dtype == jnp.int32 else a, x)
+        np.testing.assert_array_equal(y.host_lengths, host + 1)
+    seen = []
+    jax.jit(lambda x: seen.append(x.host_lengths) or x.data)(vs.stack(items))
+    assert seen == [None]
+
+
+@pytest.mark.parametrize("bad", [
+    (vs.stack([np.ones(3)]), vs.stack([np.ones((2, 2))])),          # ranks differ
+    (vs.stack([np.ones(3)] * 2), vs.stack([np.ones(3)] * 3)),       # batches
+    (vs.stack([np.ones((3, 2))], rank=1), vs.stack([np.ones((3, 4))], rank=1)),  # features
+])
+def test_check_pair_shape_errors_raise_each_call(bad):
+    # the shape rules are cached per signature; an error must be raised every time
+    for _ in range(2):
+        with pytest.raises(vs.ShapeError):
+            vs.conv(*bad)

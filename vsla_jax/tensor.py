@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -63,17 +64,22 @@ class VarTensor:
             object.__setattr__(self, "_checked", not is_traced(lengths))
 
     @classmethod
-    def trusted(cls, data, lengths, model: str = "A", checked: bool = False) -> VarTensor:
+    def trusted(cls, data, lengths, model: str = "A", checked: bool = False,
+                host_lengths: np.ndarray | None = None) -> VarTensor:
         """Build without validation (library code whose lengths are valid by construction).
 
         ``checked=True`` records that concrete lengths are known to lie in
-        ``[0, capacity]`` (see ``lengths_checked``).
+        ``[0, capacity]`` (see ``lengths_checked``). ``host_lengths``: a NumPy copy of
+        ``lengths`` the caller already holds (see ``host_lengths``); it must equal them.
         """
         out = object.__new__(cls)
         object.__setattr__(out, "data", data)
         object.__setattr__(out, "lengths", lengths)
         object.__setattr__(out, "model", model)
         object.__setattr__(out, "_checked", checked)
+        if host_lengths is not None:
+            host_lengths.setflags(write=False)
+            object.__setattr__(out, "_host_lengths", host_lengths)
         return out
 
     # -- static metadata -------------------------------------------------------------
@@ -84,6 +90,21 @@ class VarTensor:
         False for traced lengths, ``trusted`` tensors and pytree-unflattened ones
         (``jax.tree.map`` may have changed the lengths)."""
         return self.__dict__.get("_checked", False)
+
+    @property
+    def host_lengths(self) -> np.ndarray | None:
+        """The lengths as a read-only NumPy ``[*batch, rank]`` array, or None when they are
+        traced. Read from the device on first use and kept: a VarTensor is immutable, so
+        front doors that check lengths on the host read them once per tensor, not once
+        per call (``vs.stack`` hands over the copy it built them from)."""
+        host = self.__dict__.get("_host_lengths")
+        if host is None:
+            if is_traced(self.lengths):
+                return None
+            host = np.asarray(self.lengths)
+            host.setflags(write=False)
+            object.__setattr__(self, "_host_lengths", host)
+        return host
 
     @property
     def rank(self) -> int:
@@ -395,18 +416,29 @@ def check_pair(a, b, op: str) -> tuple[VarTensor, VarTensor]:
     a, b = require(a, "a", op), require(b, "b", op)
     if a.model != b.model:
         raise ModelMismatchError(f"{op}: operands use models {a.model!r} and {b.model!r}")
-    if a.rank != b.rank:
-        raise ShapeError(f"{op}: ranks differ ({a.rank} vs {b.rank})")
+    check_pair_shapes(a.lengths.shape, a.data.shape, b.lengths.shape, b.data.shape, op)
+    return a, b
+
+
+@functools.lru_cache(maxsize=1024)
+def check_pair_shapes(lengths_a: tuple, data_a: tuple, lengths_b: tuple, data_b: tuple,
+                      op: str) -> None:
+    """``check_pair``'s shape rules on ``(lengths.shape, data.shape)`` of each operand
+    (cached per signature: every binary op runs it, on small batches it is the hot path)."""
+    rank_a, rank_b = lengths_a[-1], lengths_b[-1]
+    if rank_a != rank_b:
+        raise ShapeError(f"{op}: ranks differ ({rank_a} vs {rank_b})")
+    batch_a, batch_b = tuple(lengths_a[:-1]), tuple(lengths_b[:-1])
     try:
-        if a.batch_shape != b.batch_shape:
-            np.broadcast_shapes(a.batch_shape, b.batch_shape)
+        if batch_a != batch_b:
+            np.broadcast_shapes(batch_a, batch_b)
     except ValueError:
         raise ShapeError(
-            f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not broadcast"
-        ) from None
-    if a.features != b.features:
-        raise ShapeError(f"{op}: feature shapes differ ({a.features} vs {b.features})")
-    return a, b
+            f"{op}: batch shapes {batch_a} and {batch_b} do not broadcast") from None
+    feats_a = tuple(data_a[len(batch_a) + rank_a:])
+    feats_b = tuple(data_b[len(batch_b) + rank_b:])
+    if feats_a != feats_b:
+        raise ShapeError(f"{op}: feature shapes differ ({feats_a} vs {feats_b})")
 
 
 def align_batch(x: VarTensor, nb: int) -> tuple[jax.Array, jax.Array]:
@@ -564,7 +596,7 @@ def stack(
                 a = a.to_numpy()
             out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
     data, lens = jax.device_put((out, len_arr))
-    return VarTensor.trusted(data, lens, model, checked=True)
+    return VarTensor.trusted(data, lens, model, checked=True, host_lengths=len_arr)
 
 
 def _numpy_items(items, rank):

@@ -40,7 +40,7 @@ from vsla_jax.attention.reference import XLABackend
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy
 from vsla_jax.errors import LengthError, ShapeError, VSLAError, VSLATypeError
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import call_or_none, host_or_none, is_traced
+from vsla_jax.util import call_or_none, is_traced
 
 BACKENDS = ("xla", "bucketed", "tiled", "pallas", "cpu")
 
@@ -161,16 +161,44 @@ class Layout(NamedTuple):
         return VarTensor.trusted(data, self.x.lengths[:, :1], self.x.model)
 
 
-def _shape_error(name: str, x: VarTensor) -> ShapeError:
+def _shape_error(name: str, batch: tuple, rank: int, features: tuple) -> ShapeError:
     return ShapeError(
         f"attention: {name} must be a batch (B,) of rank-1 items with features (H, D); got "
-        f"batch {x.batch_shape}, rank {x.rank}, features {x.features}; {_STACK_HINT}")
+        f"batch {batch}, rank {rank}, features {features}; {_STACK_HINT}")
 
 
 @functools.lru_cache(maxsize=64)
 def is_floating(dtype) -> bool:
     """Whether ``dtype`` is a float type, bfloat16 included (cached: a hot path)."""
     return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+@functools.lru_cache(maxsize=1024)
+def static_layout(data_shape: tuple, lengths_shape: tuple, dtype,
+                  name: str) -> tuple[int, int, tuple, bool]:
+    """What the shapes and dtype of one input fix (cached per signature, the hot path of
+    small calls): ``(batch, capacity, features, stacked)``, or the typed error.
+
+    ``features`` is ``(H, D)`` for a rank-1 batch and the trailing capacities' feature
+    axes for a stacked one (its heads come from the lengths, see ``layout``)."""
+    if len(lengths_shape) != 2:
+        rank = lengths_shape[-1] if lengths_shape else 0
+        nb = max(len(lengths_shape) - 1, 0)
+        raise _shape_error(name, lengths_shape[:-1], rank, tuple(data_shape[nb + rank:]))
+    batch, rank = lengths_shape
+    features = tuple(data_shape[1 + rank:])
+    stacked = rank > 1 and rank + len(features) == 3
+    if batch == 0 and rank == 1 and not features:
+        raise ShapeError(
+            f"attention: {name} is an empty batch without (H, D) features (vs.stack of "
+            "no items cannot know them); attention needs at least one item, or an empty "
+            "batch built with its features: vs.from_padded(np.zeros((0, C, H, D)), "
+            "np.zeros((0, 1), int), rank=1)")
+    if not stacked and (rank != 1 or len(features) != 2):
+        raise _shape_error(name, (batch,), rank, features)
+    if not is_floating(dtype):
+        raise VSLATypeError(f"attention: {name} must be floating, got {dtype}")
+    return batch, data_shape[1], features, stacked
 
 
 def layout(x, name: str) -> Layout:
@@ -180,37 +208,26 @@ def layout(x, name: str) -> Layout:
     in every item (see ``Layout``)."""
     if not isinstance(x, VarTensor):
         raise VSLATypeError(f"attention: {name} must be a VarTensor, got {type(x).__name__}")
-    lengths, shape = x.lengths, x.data.shape
-    if lengths.ndim != 2:
-        raise _shape_error(name, x)
-    batch, rank = lengths.shape
-    features = shape[1 + rank:]
-    host, stacked = None, rank > 1 and rank + len(features) == 3
+    data = x.data
+    batch, capacity, features, stacked = static_layout(data.shape, x.lengths.shape,
+                                                       data.dtype, name)
+    host = None
     if stacked:
-        if is_traced(lengths):
+        host = x.host_lengths
+        if host is None:
             raise ShapeError(
-                f"attention: {name} has {rank} variable axes and traced lengths, so its "
+                f"attention: {name} has {x.rank} variable axes and traced lengths, so its "
                 f"trailing axes cannot be checked for uniform (H, D); {_STACK_HINT}")
-        host = np.asarray(lengths)
         trailing = host[:, 1:]
-        if batch and not (trailing == trailing[:1]).all():
+        if batch > 1 and not (trailing == trailing[:1]).all():
             raise ShapeError(
                 f"attention: {name} has ragged trailing axes (lengths of variable axes "
-                f"1..{rank - 1} differ between items: "
+                f"1..{x.rank - 1} differ between items: "
                 f"{np.unique(trailing, axis=0).tolist()[:4]}); attention needs uniform "
                 f"(H, D) per item; {_STACK_HINT}")
-        features = (tuple(trailing[0].tolist()) if batch else shape[2:1 + rank]) + features
-    elif batch == 0 and rank == 1 and not features:
-        raise ShapeError(
-            f"attention: {name} is an empty batch without (H, D) features (vs.stack of "
-            "no items cannot know them); attention needs at least one item, or an empty "
-            "batch built with its features: vs.from_padded(np.zeros((0, C, H, D)), "
-            "np.zeros((0, 1), int), rank=1)")
-    elif rank != 1 or len(features) != 2:
-        raise _shape_error(name, x)
-    if not is_floating(x.dtype):
-        raise VSLATypeError(f"attention: {name} must be floating, got {x.dtype}")
-    return Layout(x, batch, shape[1], features[0], features[1], stacked, host)
+        features = (tuple(trailing[0].tolist()) if batch else
+                    tuple(data.shape[2:1 + x.rank])) + features
+    return Layout(x, batch, capacity, features[0], features[1], stacked, host)
 
 
 def check_layouts(q, k, v) -> tuple[Layout, Layout, Layout]:
@@ -230,9 +247,9 @@ def check_layouts(q, k, v) -> tuple[Layout, Layout, Layout]:
         raise ShapeError(f"attention: {lq.heads} query heads are not a multiple of "
                          f"{lk.heads} K/V heads")
     if k.lengths is not v.lengths:
-        hk = lk.host_lengths if lk.host_lengths is not None else host_or_none(k.lengths)
-        hv = lv.host_lengths if lv.host_lengths is not None else host_or_none(v.lengths)
-        if hk is not None and hv is not None and not np.array_equal(hk[:, :1], hv[:, :1]):
+        hk, hv = k.host_lengths, v.host_lengths
+        if (hk is not None and hv is not None and hk.tobytes() != hv.tobytes()
+                and not np.array_equal(hk[:, :1], hv[:, :1])):
             raise LengthError("attention: k and v lengths differ")
     return lq, lk, lv
 
@@ -290,14 +307,14 @@ def check_tile(tile) -> tuple[int, int] | None:
     return int(pair[0]), int(pair[1])
 
 
-def _backend(backend, config: AttentionConfig, q, k) -> AttentionBackend:
+def _backend(backend, config: AttentionConfig | None, q, k) -> AttentionBackend:
     if not isinstance(backend, str):
         if isinstance(backend, AttentionBackend):
             return backend
         raise VSLATypeError(f"attention: backend must be a name or an AttentionBackend, got "
                             f"{type(backend).__name__}")
     name = choose_backend(q, k) if backend == "auto" else backend
-    impls = backends_for(config)
+    impls = backends_for() if config is None else backends_for(config)  # no hashing
     if name not in impls:
         raise UnknownBackendError(f"attention: backend must be one of "
                                   f"{('auto',) + BACKENDS}, got {backend!r}")
@@ -329,9 +346,7 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     """
     layouts = check_layouts(q, k, v)
     tiles = check_tile(tile)
-    if config is None:
-        config = DEFAULT_CONFIG
-    elif not isinstance(config, AttentionConfig):
+    if config is not None and not isinstance(config, AttentionConfig):
         raise VSLATypeError(f"attention: config must be an AttentionConfig, got "
                             f"{type(config).__name__}")
     causal = check_causal(causal)

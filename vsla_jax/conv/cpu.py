@@ -90,11 +90,19 @@ def conv_arrays(da, db, la, lb, max_threads: int = 0):
 def supported(a: VarTensor, b: VarTensor) -> bool:
     """Whether the kernels take this pair: rank-1 items without features, nonzero
     capacities, float32/float64 data (the target itself is checked separately)."""
+    return supported_signature(a.lengths.shape, a.data.shape, a.data.dtype,
+                               b.lengths.shape, b.data.shape, b.data.dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def supported_signature(lengths_a: tuple, data_a: tuple, dtype_a, lengths_b: tuple,
+                        data_b: tuple, dtype_b) -> bool:
+    """``supported`` on the operands' shapes and dtypes (cached: a hot path)."""
     # rank 1 without features: data [*batch, C] beside lengths [*batch, 1]
-    for x in (a, b):
-        if x.lengths.shape[-1] != 1 or x.data.ndim != x.lengths.ndim or not x.data.shape[-1]:
+    for ls, ds in ((lengths_a, data_a), (lengths_b, data_b)):
+        if ls[-1] != 1 or len(ds) != len(ls) or not ds[-1]:
             return False
-    return (a.dtype if a.dtype == b.dtype else jnp.result_type(a.dtype, b.dtype)) in DTYPES
+    return (dtype_a if dtype_a == dtype_b else jnp.result_type(dtype_a, dtype_b)) in DTYPES
 
 
 def check_lengths(x: VarTensor, name: str) -> None:

@@ -41,10 +41,18 @@ def all_finite(*xs) -> jax.Array:
 
 
 def check_dtypes(a: VarTensor, b: VarTensor, method: str) -> None:
-    if not jnp.issubdtype(a.dtype, jnp.inexact) or not jnp.issubdtype(b.dtype, jnp.inexact):
-        raise VSLATypeError(f"conv needs floating or complex data, got {a.dtype} and {b.dtype}")
-    if method == "fft" and (jnp.issubdtype(a.dtype, jnp.complexfloating)
-                            or jnp.issubdtype(b.dtype, jnp.complexfloating)):
+    """Raise ``VSLATypeError`` unless both operands hold floating or complex data (real
+    only for ``method="fft"``)."""
+    check_conv_dtypes(a.data.dtype, b.data.dtype, method)
+
+
+@functools.lru_cache(maxsize=64)
+def check_conv_dtypes(dtype_a, dtype_b, method: str) -> None:
+    """``check_dtypes`` on the dtypes themselves (cached: a hot path of small calls)."""
+    if not jnp.issubdtype(dtype_a, jnp.inexact) or not jnp.issubdtype(dtype_b, jnp.inexact):
+        raise VSLATypeError(f"conv needs floating or complex data, got {dtype_a} and {dtype_b}")
+    if method == "fft" and (jnp.issubdtype(dtype_a, jnp.complexfloating)
+                            or jnp.issubdtype(dtype_b, jnp.complexfloating)):
         raise VSLATypeError("conv(method='fft') supports real data only")
 
 
