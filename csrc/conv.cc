@@ -263,7 +263,10 @@ inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t which, int
     k = std::min<int64_t>(static_cast<int64_t>(work / piece_work) + 1,
                           (valid + kTile - 1) / kTile);
   }
-  k = std::max<int64_t>(k, 1);
+  if (k <= 1) {  // most items of a batch: one piece, no divisions
+    out->push_back({item, which, 0, cap, work + per_output * static_cast<double>(cap)});
+    return;
+  }
   const double per = work / static_cast<double>(k);
   for (int64_t q = 0; q < k; ++q) {
     const int64_t lo = valid * q / k;
@@ -316,17 +319,19 @@ inline double pages_touched(const T* o, int64_t lo, int64_t hi) {
   return static_cast<double>(b / page_size() - a / page_size() + 1);
 }
 
-// zero_if_absent over a [rows, cap] output whose valid outputs touch `touched` pages:
+// zero_if_absent over a [rows, cap] output whose valid outputs touch `touched()` pages:
 // true when it is all zero now. Outputs of kMinFresh bytes or more, which malloc maps
 // fresh for each call, keep their untouched pages unmapped (no fault, no traffic), unless
 // most pages get written anyway. Smaller ones are mapped in again at once, one call
 // instead of a fault per page: malloc hands them out again from its heap, and unmapped
-// padding would fault in again on every call.
-template <class T>
-inline bool zero_output(T* o, int64_t rows, int64_t cap, double touched) {
+// padding would fault in again on every call. `touched` (a pass over the items) runs only
+// for outputs that large; below kMinDontNeed zero_if_absent declines at once.
+template <class T, class Touched>
+inline bool zero_output(T* o, int64_t rows, int64_t cap, Touched&& touched) {
   const size_t bytes = static_cast<size_t>(rows * cap) * sizeof(T);
+  if (bytes < kMinDontNeed) return false;
   const bool populate =
-      bytes < kMinFresh || 2 * touched * page_size() > static_cast<double>(bytes);
+      bytes < kMinFresh || 2 * touched() * page_size() > static_cast<double>(bytes);
   return zero_if_absent(o, bytes, populate);
 }
 
@@ -344,13 +349,15 @@ template <class T>
 void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
              const int32_t* lb, T* out, int64_t max_threads) {
   const int64_t threads = thread_count(pool, max_threads);
-  double total = 0, written = 0;
-  for (int64_t i = 0; i < d.B; ++i) {
-    total += static_cast<double>(la[i]) * lb[i];
-    written += pages_touched(out, i * d.Co, i * d.Co + out_length(la[i], lb[i]));
-  }
+  double total = 0;
+  for (int64_t i = 0; i < d.B; ++i) total += static_cast<double>(la[i]) * lb[i];
   const double piece_work = piece_work_for(total, threads);
-  const bool zeroed = zero_output(out, d.B, d.Co, written);
+  const bool zeroed = zero_output(out, d.B, d.Co, [&] {
+    double written = 0;
+    for (int64_t i = 0; i < d.B; ++i)
+      written += pages_touched(out, i * d.Co, i * d.Co + out_length(la[i], lb[i]));
+    return written;
+  });
   const bool stream = beyond_l2(static_cast<size_t>(d.B * d.Co) * sizeof(T));
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(d.B));
@@ -380,16 +387,20 @@ template <class T>
 void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
               const int32_t* lb, const T* g, T* ga, T* gb, int64_t max_threads) {
   const int64_t threads = thread_count(pool, max_threads);
-  double total = 0, written_a = 0, written_b = 0;
-  for (int64_t i = 0; i < d.B; ++i) {
-    total += 2.0 * la[i] * lb[i];
-    const bool any = la[i] > 0 && lb[i] > 0;
-    written_a += pages_touched(ga, i * d.Ca, i * d.Ca + (any ? la[i] : 0));
-    written_b += pages_touched(gb, i * d.Cb, i * d.Cb + (any ? lb[i] : 0));
-  }
+  double total = 0;
+  for (int64_t i = 0; i < d.B; ++i) total += 2.0 * la[i] * lb[i];
   const double piece_work = piece_work_for(total, threads);
-  const bool zeroed_a = zero_output(ga, d.B, d.Ca, written_a);
-  const bool zeroed_b = zero_output(gb, d.B, d.Cb, written_b);
+  // the pages a gradient's valid outputs touch (`own`: that operand's lengths)
+  auto written = [&](const T* o, int64_t cap, const int32_t* own) {
+    return [&d, la, lb, o, cap, own] {
+      double pages = 0;
+      for (int64_t i = 0; i < d.B; ++i)
+        pages += pages_touched(o, i * cap, i * cap + (la[i] > 0 && lb[i] > 0 ? own[i] : 0));
+      return pages;
+    };
+  };
+  const bool zeroed_a = zero_output(ga, d.B, d.Ca, written(ga, d.Ca, la));
+  const bool zeroed_b = zero_output(gb, d.B, d.Cb, written(gb, d.Cb, lb));
   const bool stream_a = beyond_l2(static_cast<size_t>(d.B * d.Ca) * sizeof(T));
   const bool stream_b = beyond_l2(static_cast<size_t>(d.B * d.Cb) * sizeof(T));
   std::vector<Piece> pieces;
