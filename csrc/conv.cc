@@ -25,7 +25,8 @@
 //
 // Threads: each item's output range is cut into pieces of similar work; pieces are
 // sorted by work (largest first) and pulled from an atomic counter by the caller and
-// XLA's intra-op thread pool (ffi::ThreadPool). Small batches run on the caller only.
+// XLA's intra-op thread pool (ffi::ThreadPool). Small batches (few multiply-adds and
+// under 2 MiB of slack to zero) run on the caller only.
 // The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
 // load time (target_clones).
 #include <algorithm>
@@ -55,8 +56,10 @@ static_assert(kTaps == 8, "partial blocks are split into 4 + 2 + 1 taps");
 constexpr int64_t kTile = 512;          // outputs per tile (stays in L1)
 constexpr int64_t kLanes = 16;          // partial sums of the dot-product form
 constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product form
-constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs
+constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs,
+constexpr double kSerialZeroBytes = 2 << 20;  // unless it has this much slack to zero
 constexpr double kMinPieceWork = 1 << 15;
+constexpr double kZeroCost = 8;  // a piece's cost of zeroing one output, in multiply-adds
 // From this many bytes on an output is taken to be freshly mapped for each call: glibc's
 // largest mmap threshold (see zero_output).
 constexpr size_t kMinFresh = size_t{32} << 20;
@@ -225,16 +228,23 @@ struct Job {
   }
 };
 
+// The threads a call gets: the caller alone below kSerialWork multiply-adds and
+// kSerialZeroBytes of slack to zero (waking XLA's pool costs more than a second thread
+// saves there: 16 x 6,581 outputs, 0.6 MB, ran 97 us on one thread and 146 us on two),
+// else up to `threads`. Zeroing 2.9 MB of slack (256 x 2,852 float32) took 322 us on one
+// thread and 248 us on two.
+inline int64_t threads_for(double macs, double zero_bytes, int64_t threads) {
+  return macs < kSerialWork && zero_bytes < kSerialZeroBytes ? 1 : threads;
+}
+
 // Runs fn on every piece, largest first, on up to `threads` threads (caller included).
 // With `fence` each thread ends its share with stream_fence (fn used zero_stream).
 template <class Fn>
 void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t threads, Fn&& fn,
                 bool fence) {
   if (pieces.empty()) return;
-  double total = 0;
-  for (const Piece& p : pieces) total += p.cost;
   const int64_t n = static_cast<int64_t>(pieces.size());
-  const int64_t extra = total < kSerialWork ? 0 : std::min(threads, n) - 1;
+  const int64_t extra = std::min(threads, n) - 1;
   if (extra <= 0) {
     for (const Piece& p : pieces) fn(p);
     if (fence) stream_fence();
@@ -363,9 +373,11 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
   pieces.reserve(static_cast<size_t>(d.B));
   for (int64_t i = 0; i < d.B; ++i) {
     add_pieces(&pieces, i, 0, out_length(la[i], lb[i]), d.Co,
-               static_cast<double>(la[i]) * lb[i], piece_work, zeroed ? 0.0 : 1.0);
+               static_cast<double>(la[i]) * lb[i], piece_work, zeroed ? 0.0 : kZeroCost);
   }
-  run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
+  const double zero_bytes = zeroed ? 0.0 : static_cast<double>(d.B * d.Co * sizeof(T));
+  run_pieces(pool, std::move(pieces), threads_for(total, zero_bytes, threads),
+             [&](const Piece& p) {
     T* o = out + p.item * d.Co;
     const int64_t na = la[p.item], nb = lb[p.item];
     const int64_t valid = out_length(na, nb);
@@ -408,10 +420,13 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
   for (int64_t i = 0; i < d.B; ++i) {
     const bool any = la[i] > 0 && lb[i] > 0;
     const double work = static_cast<double>(la[i]) * lb[i];
-    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work, zeroed_a ? 0.0 : 1.0);
-    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work, zeroed_b ? 0.0 : 1.0);
+    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work, zeroed_a ? 0.0 : kZeroCost);
+    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work, zeroed_b ? 0.0 : kZeroCost);
   }
-  run_pieces(pool, std::move(pieces), threads, [&](const Piece& p) {
+  const double zero_bytes = static_cast<double>(
+      ((zeroed_a ? 0 : d.B * d.Ca) + (zeroed_b ? 0 : d.B * d.Cb)) * sizeof(T));
+  run_pieces(pool, std::move(pieces), threads_for(total, zero_bytes, threads),
+             [&](const Piece& p) {
     const int64_t na = la[p.item], nb = lb[p.item];
     const T* gi = g + p.item * d.Co;
     // ga = corr(g, b) over la outputs; gb = corr(g, a) over lb outputs
