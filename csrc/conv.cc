@@ -369,15 +369,8 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
     return written;
   });
   const bool stream = beyond_l2(static_cast<size_t>(d.B * d.Co) * sizeof(T));
-  std::vector<Piece> pieces;
-  pieces.reserve(static_cast<size_t>(d.B));
-  for (int64_t i = 0; i < d.B; ++i) {
-    add_pieces(&pieces, i, 0, out_length(la[i], lb[i]), d.Co,
-               static_cast<double>(la[i]) * lb[i], piece_work, zeroed ? 0.0 : kZeroCost);
-  }
   const double zero_bytes = zeroed ? 0.0 : static_cast<double>(d.B * d.Co * sizeof(T));
-  run_pieces(pool, std::move(pieces), threads_for(total, zero_bytes, threads),
-             [&](const Piece& p) {
+  auto run = [&](const Piece& p) {
     T* o = out + p.item * d.Co;
     const int64_t na = la[p.item], nb = lb[p.item];
     const int64_t valid = out_length(na, nb);
@@ -392,7 +385,19 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
         conv_kernel(w, nb, x, na, p.lo, hi, o);
       }
     }
-  }, stream);
+  };
+  if (threads_for(total, zero_bytes, threads) == 1) {  // whole items in order, no list
+    for (int64_t i = 0; i < d.B; ++i) run(Piece{i, 0, 0, d.Co, 0.0});
+    if (stream) stream_fence();
+    return;
+  }
+  std::vector<Piece> pieces;
+  pieces.reserve(static_cast<size_t>(d.B));
+  for (int64_t i = 0; i < d.B; ++i) {
+    add_pieces(&pieces, i, 0, out_length(la[i], lb[i]), d.Co,
+               static_cast<double>(la[i]) * lb[i], piece_work, zeroed ? 0.0 : kZeroCost);
+  }
+  run_pieces(pool, std::move(pieces), threads, run, stream);
 }
 
 template <class T>
@@ -415,18 +420,9 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
   const bool zeroed_b = zero_output(gb, d.B, d.Cb, written(gb, d.Cb, lb));
   const bool stream_a = beyond_l2(static_cast<size_t>(d.B * d.Ca) * sizeof(T));
   const bool stream_b = beyond_l2(static_cast<size_t>(d.B * d.Cb) * sizeof(T));
-  std::vector<Piece> pieces;
-  pieces.reserve(static_cast<size_t>(2 * d.B));
-  for (int64_t i = 0; i < d.B; ++i) {
-    const bool any = la[i] > 0 && lb[i] > 0;
-    const double work = static_cast<double>(la[i]) * lb[i];
-    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work, zeroed_a ? 0.0 : kZeroCost);
-    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work, zeroed_b ? 0.0 : kZeroCost);
-  }
   const double zero_bytes = static_cast<double>(
       ((zeroed_a ? 0 : d.B * d.Ca) + (zeroed_b ? 0 : d.B * d.Cb)) * sizeof(T));
-  run_pieces(pool, std::move(pieces), threads_for(total, zero_bytes, threads),
-             [&](const Piece& p) {
+  auto run = [&](const Piece& p) {
     const int64_t na = la[p.item], nb = lb[p.item];
     const T* gi = g + p.item * d.Co;
     // ga = corr(g, b) over la outputs; gb = corr(g, a) over lb outputs
@@ -443,7 +439,24 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
         corr_kernel(gi, a + p.item * d.Ca, na, p.lo, hi, o);
       }
     }
-  }, stream_a || stream_b);
+  };
+  if (threads_for(total, zero_bytes, threads) == 1) {  // whole items in order, no list
+    for (int64_t i = 0; i < d.B; ++i) {
+      run(Piece{i, 0, 0, d.Ca, 0.0});
+      run(Piece{i, 1, 0, d.Cb, 0.0});
+    }
+    if (stream_a || stream_b) stream_fence();
+    return;
+  }
+  std::vector<Piece> pieces;
+  pieces.reserve(static_cast<size_t>(2 * d.B));
+  for (int64_t i = 0; i < d.B; ++i) {
+    const bool any = la[i] > 0 && lb[i] > 0;
+    const double work = static_cast<double>(la[i]) * lb[i];
+    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work, zeroed_a ? 0.0 : kZeroCost);
+    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work, zeroed_b ? 0.0 : kZeroCost);
+  }
+  run_pieces(pool, std::move(pieces), threads, run, stream_a || stream_b);
 }
 
 // ------------------------------------------------------------------ validation --------
