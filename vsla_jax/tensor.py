@@ -73,13 +73,10 @@ class VarTensor:
         ``lengths`` the caller already holds (see ``host_lengths``); it must equal them.
         """
         out = object.__new__(cls)
-        object.__setattr__(out, "data", data)
-        object.__setattr__(out, "lengths", lengths)
-        object.__setattr__(out, "model", model)
-        object.__setattr__(out, "_checked", checked)
+        out.__dict__.update(data=data, lengths=lengths, model=model, _checked=checked)
         if host_lengths is not None:
             host_lengths.setflags(write=False)
-            object.__setattr__(out, "_host_lengths", host_lengths)
+            out.__dict__["_host_lengths"] = host_lengths
         return out
 
     # -- static metadata -------------------------------------------------------------
@@ -93,17 +90,13 @@ class VarTensor:
 
     @property
     def host_lengths(self) -> np.ndarray | None:
-        """The lengths as a read-only NumPy ``[*batch, rank]`` array, or None when they are
-        traced. Read from the device on first use and kept: a VarTensor is immutable, so
-        front doors that check lengths on the host read them once per tensor, not once
-        per call (``vs.stack`` hands over the copy it built them from)."""
+        """The lengths as a read-only NumPy ``[*batch, rank]`` array (None when traced),
+        read once and kept: a VarTensor is immutable (``vs.stack`` hands its copy over)."""
         host = self.__dict__.get("_host_lengths")
-        if host is None:
-            if is_traced(self.lengths):
-                return None
+        if host is None and not is_traced(self.lengths):
             host = np.asarray(self.lengths)
             host.setflags(write=False)
-            object.__setattr__(self, "_host_lengths", host)
+            self.__dict__["_host_lengths"] = host
         return host
 
     @property
@@ -425,18 +418,15 @@ def check_pair_shapes(lengths_a: tuple, data_a: tuple, lengths_b: tuple, data_b:
                       op: str) -> None:
     """``check_pair``'s shape rules on ``(lengths.shape, data.shape)`` of each operand
     (cached per signature: every binary op runs it, on small batches it is the hot path)."""
-    rank_a, rank_b = lengths_a[-1], lengths_b[-1]
+    (*batch_a, rank_a), (*batch_b, rank_b) = lengths_a, lengths_b
     if rank_a != rank_b:
         raise ShapeError(f"{op}: ranks differ ({rank_a} vs {rank_b})")
-    batch_a, batch_b = tuple(lengths_a[:-1]), tuple(lengths_b[:-1])
     try:
-        if batch_a != batch_b:
-            np.broadcast_shapes(batch_a, batch_b)
+        np.broadcast_shapes(tuple(batch_a), tuple(batch_b))
     except ValueError:
-        raise ShapeError(
-            f"{op}: batch shapes {batch_a} and {batch_b} do not broadcast") from None
-    feats_a = tuple(data_a[len(batch_a) + rank_a:])
-    feats_b = tuple(data_b[len(batch_b) + rank_b:])
+        raise ShapeError(f"{op}: batch shapes {tuple(batch_a)} and {tuple(batch_b)} do not "
+                         "broadcast") from None
+    feats_a, feats_b = data_a[len(batch_a) + rank_a:], data_b[len(batch_b) + rank_b:]
     if feats_a != feats_b:
         raise ShapeError(f"{op}: feature shapes differ ({feats_a} vs {feats_b})")
 
