@@ -165,3 +165,14 @@ def test_zero_bytes_on_a_file_mapping_writes_zeros(tmp_path):
                                  ctypes.c_size_t(1 << 20))
     assert not m[100:100 + (1 << 20)].any()
     assert (m[:100] == 0x5A).all() and (m[100 + (1 << 20):] == 0x5A).all()
+
+
+def test_on_cpu_reads_the_first_concrete_array_or_the_default_backend():
+    x = jax.numpy.zeros(3)
+    assert kernels.on_cpu(x) and kernels.on_cpu(np.zeros(3), x)
+    assert kernels.on_cpu() == (jax.default_backend() == "cpu")
+    seen = []
+    jax.jit(lambda t: seen.append(kernels.on_cpu(t)) or t)(x)
+    assert seen == [jax.default_backend() == "cpu"]
+    # the cached answer is per sharding: a CPU sharding says CPU every time
+    assert kernels.sharding_on_cpu(x.sharding) and kernels.sharding_on_cpu(x.sharding)

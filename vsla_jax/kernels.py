@@ -61,12 +61,20 @@ def registered(symbol: str) -> bool:
 
 
 def on_cpu(*arrays) -> bool:
-    """Whether ``arrays`` (or, for tracers and none, the default backend) live on CPU."""
+    """Whether ``arrays`` (or, for tracers and none, the default backend) live on CPU
+    (the first concrete array decides)."""
     for a in arrays:
-        devices = getattr(a, "devices", None)
-        if devices is not None and not isinstance(a, jax.core.Tracer):
-            return all(d.platform == "cpu" for d in a.devices())
+        if not isinstance(a, jax.core.Tracer):
+            sharding = getattr(a, "sharding", None)
+            if sharding is not None:
+                return sharding_on_cpu(sharding)
     return jax.default_backend() == "cpu"
+
+
+@functools.lru_cache(maxsize=256)
+def sharding_on_cpu(sharding) -> bool:
+    """Whether every device of ``sharding`` is a CPU (cached: checked on every call)."""
+    return all(d.platform == "cpu" for d in sharding.device_set)
 
 
 def target(symbol: str, *arrays) -> str | None:
