@@ -176,6 +176,10 @@ def test_host_lengths_read_once_read_only_and_none_when_traced():
     seen = []
     jax.jit(lambda x: seen.append(x.host_lengths) or x.data)(vs.stack(items))
     assert seen == [None]
+    # NumPy lengths handed to trusted are copied, not frozen under their owner
+    mine = np.array([[2], [3]], np.int32)
+    host = vs.VarTensor.trusted(jnp.zeros((2, 4)), mine).host_lengths
+    assert host is not mine and mine.flags.writeable and not host.flags.writeable
 
 
 @pytest.mark.parametrize("bad", [

@@ -94,7 +94,7 @@ class VarTensor:
         read once and kept: a VarTensor is immutable (``vs.stack`` hands its copy over)."""
         host = self.__dict__.get("_host_lengths")
         if host is None and not is_traced(self.lengths):
-            host = np.asarray(self.lengths)
+            host = np.array(self.lengths, copy=isinstance(self.lengths, np.ndarray) or None)
             host.setflags(write=False)
             self.__dict__["_host_lengths"] = host
         return host
