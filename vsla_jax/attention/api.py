@@ -218,14 +218,13 @@ def layout(x, name: str) -> Layout:
             raise ShapeError(
                 f"attention: {name} has {x.rank} variable axes and traced lengths, so its "
                 f"trailing axes cannot be checked for uniform (H, D); {_STACK_HINT}")
-        trailing = host[:, 1:]
-        if batch > 1 and not (trailing == trailing[:1]).all():
+        if batch > 1 and not (host[1:, 1:] == host[0, 1:]).all():
             raise ShapeError(
                 f"attention: {name} has ragged trailing axes (lengths of variable axes "
                 f"1..{x.rank - 1} differ between items: "
-                f"{np.unique(trailing, axis=0).tolist()[:4]}); attention needs uniform "
+                f"{np.unique(host[:, 1:], axis=0).tolist()[:4]}); attention needs uniform "
                 f"(H, D) per item; {_STACK_HINT}")
-        features = (tuple(trailing[0].tolist()) if batch else
+        features = (tuple(host[0, 1:].tolist()) if batch else
                     tuple(data.shape[2:1 + x.rank])) + features
     return Layout(x, batch, capacity, features[0], features[1], stacked, host)
 
@@ -357,7 +356,7 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     if isinstance(impl, CPUBackend):
         # the C++ kernels read stacked batches' head axes through strides (no copies)
         sizes = ((lq.heads, lq.head_dim, lk.heads, lv.head_dim)
-                 if any(x.stacked for x in layouts) else None)
+                 if lq.stacked or lk.stacked or lv.stacked else None)
         out = call_or_none(impl.compute_strided, q, k, v, sizes, causal, scale)
         if out is not None:
             return out
