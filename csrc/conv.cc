@@ -409,15 +409,13 @@ void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, cons
   const double piece_work = piece_work_for(total, threads);
   // the pages a gradient's valid outputs touch (`own`: that operand's lengths)
   auto written = [&](const T* o, int64_t cap, const int32_t* own) {
-    return [&d, la, lb, o, cap, own] {
-      double pages = 0;
-      for (int64_t i = 0; i < d.B; ++i)
-        pages += pages_touched(o, i * cap, i * cap + (la[i] > 0 && lb[i] > 0 ? own[i] : 0));
-      return pages;
-    };
+    double pages = 0;
+    for (int64_t i = 0; i < d.B; ++i)
+      pages += pages_touched(o, i * cap, i * cap + (la[i] > 0 && lb[i] > 0 ? own[i] : 0));
+    return pages;
   };
-  const bool zeroed_a = zero_output(ga, d.B, d.Ca, written(ga, d.Ca, la));
-  const bool zeroed_b = zero_output(gb, d.B, d.Cb, written(gb, d.Cb, lb));
+  const bool zeroed_a = zero_output(ga, d.B, d.Ca, [&] { return written(ga, d.Ca, la); });
+  const bool zeroed_b = zero_output(gb, d.B, d.Cb, [&] { return written(gb, d.Cb, lb); });
   const bool stream_a = beyond_l2(static_cast<size_t>(d.B * d.Ca) * sizeof(T));
   const bool stream_b = beyond_l2(static_cast<size_t>(d.B * d.Cb) * sizeof(T));
   const double zero_bytes = static_cast<double>(

@@ -14,7 +14,7 @@ import numpy as np
 
 from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLATypeError
-from vsla_jax.util import aligned_zeros, as_array, default_float, host_or_none, is_traced
+from vsla_jax.util import aligned_zeros, as_array, default_float, is_traced
 
 MODELS = ("A", "B")
 
@@ -148,9 +148,7 @@ class VarTensor:
         An unbatched tensor returns a single array. Items are read-only views of one
         host copy of ``data`` (no per-item copies).
         """
-        data = np.asarray(self.data)
-        lengths = np.asarray(self.lengths)
-        return _to_nested(data, lengths, self.batch_ndim)
+        return _to_nested(np.asarray(self.data), self.host_lengths, self.batch_ndim)
 
     def to_numpy(self) -> np.ndarray:
         """The exact-shape array of an unbatched tensor."""
@@ -169,7 +167,7 @@ class VarTensor:
         ``LengthError``; traced lengths (under ``jit``) cannot be checked, and entries at
         or past each item's length are masked to zero with ``jnp`` ops.
         """
-        lengths = host_or_none(self.lengths)
+        lengths = self.host_lengths
         if width is None and lengths is None:
             raise ShapeError(
                 "to_padded() without a width pads to the largest length, which needs "

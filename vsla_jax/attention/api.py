@@ -141,8 +141,7 @@ class Layout(NamedTuple):
     ``stacked``: a batch stacked with more than one variable axis (``vs.stack(items)``
     of ``[n, H, D]`` arrays gives rank 3, of ``[n, H]`` arrays with a feature axis rank
     2); its data is ``[B, C, Hc, Dc]`` with the head axes capacity-padded, and the
-    heads are ``[..., :H, :D]``. ``host_lengths``: the ``[B, rank]`` lengths on the host
-    where they were read (stacked batches), else None."""
+    heads are ``[..., :H, :D]``."""
 
     x: VarTensor
     batch: int
@@ -150,7 +149,6 @@ class Layout(NamedTuple):
     heads: int
     head_dim: int
     stacked: bool
-    host_lengths: np.ndarray | None
 
     def cropped(self) -> VarTensor:
         """The input as a rank-1 batch with features ``(H, D)`` (a cropped copy of a
@@ -211,7 +209,6 @@ def layout(x, name: str) -> Layout:
     data = x.data
     batch, capacity, features, stacked = static_layout(data.shape, x.lengths.shape,
                                                        data.dtype, name)
-    host = None
     if stacked:
         host = x.host_lengths
         if host is None:
@@ -226,7 +223,7 @@ def layout(x, name: str) -> Layout:
                 f"(H, D) per item; {_STACK_HINT}")
         features = (tuple(host[0, 1:].tolist()) if batch else
                     tuple(data.shape[2:1 + x.rank])) + features
-    return Layout(x, batch, capacity, features[0], features[1], stacked, host)
+    return Layout(x, batch, capacity, features[0], features[1], stacked)
 
 
 def check_layouts(q, k, v) -> tuple[Layout, Layout, Layout]:

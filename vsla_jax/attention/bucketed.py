@@ -42,7 +42,7 @@ import numpy as np
 from vsla_jax.attention.reference import masked_softmax
 from vsla_jax.capacity import COUNT_POLICY, CapacityPolicy
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import float0_zeros, host_or_none, is_traced, neg_inf, pad_axis_to, prev_pow2
+from vsla_jax.util import float0_zeros, is_traced, neg_inf, pad_axis_to, prev_pow2
 
 #: Attention buckets: 4 rungs per doubling from 16 (16, 20, 24, 28, 32, 40, ...).
 ATTENTION_POLICY = CapacityPolicy.octave(steps=4, minimum=16)
@@ -588,7 +588,7 @@ class BucketedBackend:
         self.seen = SignatureCounter()
 
     def optimize_tiling(self, q, k) -> dict:
-        lq, lk = host_or_none(q.lengths), host_or_none(k.lengths)
+        lq, lk = q.host_lengths, k.host_lengths
         if lq is None or lk is None:
             return dict(caps=switch_caps(q.capacity[0], k.capacity[0]))
         h, d = q.features

@@ -20,7 +20,7 @@ import numpy as np
 
 from vsla_jax.errors import VSLAError
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import cdiv, float0_zeros, host_or_none, neg_inf, next_pow2, pad_axis
+from vsla_jax.util import cdiv, float0_zeros, neg_inf, next_pow2, pad_axis
 
 
 # -- one item ---------------------------------------------------------------------------
@@ -303,7 +303,7 @@ class TiledBackend:
         next power of two above each capacity."""
         h, d = q.features
         c = dict(heads=h, head_dim=d, itemsize=q.data.dtype.itemsize)
-        lens_q, lens_k = host_or_none(q.lengths), host_or_none(k.lengths)
+        lens_q, lens_k = q.host_lengths, k.host_lengths
         tq = self.strategy.compute_optimal_tile_size(
             lens_q[:, 0] if lens_q is not None else q.capacity[0], constraints=c)
         tk = self.strategy.compute_optimal_tile_size(

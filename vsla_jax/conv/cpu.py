@@ -30,7 +30,7 @@ import numpy as np
 from vsla_jax import kernels
 from vsla_jax.errors import LengthError
 from vsla_jax.tensor import VarTensor, check_pair
-from vsla_jax.util import call_or_none, float0_zeros, host_or_none
+from vsla_jax.util import call_or_none, float0_zeros
 
 FWD, BWD = "vsla_conv_fwd", "vsla_conv_bwd"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
@@ -111,7 +111,7 @@ def check_lengths(x: VarTensor, name: str) -> None:
     was built are not read again)."""
     if x.lengths_checked:
         return
-    lengths = host_or_none(x.lengths)
+    lengths = x.host_lengths
     if lengths is None or lengths.size == 0:
         return
     cap = x.capacity[0]
