@@ -49,8 +49,8 @@ from vsla_jax.ops import (
     sum,
 )
 from vsla_jax.sharding import batch_mesh, pad_batch, shard_batch
-from vsla_jax.stacking import merge_batch, pyramid, window
-from vsla_jax.tensor import VarTensor, from_dlpack, from_padded, stack, tensor
+from vsla_jax.stacking import merge_batch, pyramid, stack, tensor, window
+from vsla_jax.tensor import VarTensor, from_dlpack, from_padded
 
 __version__ = "0.1.0"
 

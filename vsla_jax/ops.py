@@ -7,12 +7,15 @@ Inputs are masked to their logical extent first, so gradients have zero slack.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vsla_jax.conv.engine import conv
-from vsla_jax.errors import ShapeError
+from vsla_jax.errors import ShapeError, VSLATypeError
 from vsla_jax.tensor import (
     VarTensor,
     align_batch,
@@ -30,6 +33,22 @@ __all__ = [
 ]
 
 
+def _typed_jit(op: str, *names: str):
+    """``jax.jit(fn)`` whose VarTensor arguments (the first ``len(names)``, called
+    ``names`` in errors) are checked before tracing: a NumPy array or a number passed by
+    mistake is named as such, not as the tracer ``jit`` would turn it into."""
+    def wrap(fn):
+        jitted = jax.jit(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            for x, name in zip(args, names):
+                require(x, name, op)
+            return jitted(*args)
+        return call
+    return wrap
+
+
 def _ambient(a: VarTensor, b: VarTensor, fn) -> VarTensor:
     cap = tuple(max(ca, cb) for ca, cb in zip(a.capacity, b.capacity))
     nb = max(a.batch_ndim, b.batch_ndim)
@@ -41,43 +60,53 @@ def _ambient(a: VarTensor, b: VarTensor, fn) -> VarTensor:
     return VarTensor.trusted(fn(da, db), jnp.maximum(la, lb), a.model)
 
 
-@jax.jit
+@_typed_jit("add", "a", "b")
 def add(a: VarTensor, b: VarTensor) -> VarTensor:
     """Ambient sum: both operands zero-extended to the per-axis maximum length."""
     a, b = check_pair(a, b, "add")
     return _ambient(a, b, jnp.add)
 
 
-@jax.jit
+@_typed_jit("sub", "a", "b")
 def sub(a: VarTensor, b: VarTensor) -> VarTensor:
     """Ambient difference ``a - b``."""
     a, b = check_pair(a, b, "sub")
     return _ambient(a, b, jnp.subtract)
 
 
-@jax.jit
+@_typed_jit("hadamard", "a", "b")
 def hadamard(a: VarTensor, b: VarTensor) -> VarTensor:
     """Elementwise product at the ambient shape; entries present in one operand are 0."""
     a, b = check_pair(a, b, "hadamard")
     return _ambient(a, b, jnp.multiply)
 
 
-@jax.jit
 def scale(x: VarTensor, s) -> VarTensor:
-    """``s * x`` for a scalar or a per-item array of shape ``x.batch_shape``."""
-    x = zero_slack(require(x, "x"))
+    """``s * x`` for a scalar or a per-item array of shape ``x.batch_shape``; the result
+    dtype follows JAX's promotion (an int tensor times 0.5 is float, times 1j complex)."""
+    require(x, "x", "scale")
+    if not (isinstance(s, (numbers.Number, np.ndarray, np.generic, jax.Array)) and
+            not isinstance(s, bool) and jnp.issubdtype(jnp.result_type(s), jnp.number)):
+        raise VSLATypeError(f"scale: s must be a number or a numeric array of shape () or "
+                            f"{x.batch_shape}, got {type(s).__name__}")
+    return _scale(x, s)
+
+
+@jax.jit
+def _scale(x: VarTensor, s) -> VarTensor:
+    x = zero_slack(x)
     s = jnp.asarray(s)
     if s.ndim:
         if s.shape != x.batch_shape:
             raise ShapeError(f"scale: s has shape {s.shape}, expected () or {x.batch_shape}")
         s = s.reshape(s.shape + (1,) * (x.data.ndim - s.ndim))
-    return dataclasses.replace(x, data=x.data * s.astype(x.dtype))
+    return dataclasses.replace(x, data=x.data * s)
 
 
-@jax.jit
+@_typed_jit("neg", "x")
 def neg(x: VarTensor) -> VarTensor:
     """``-x``."""
-    x = zero_slack(require(x, "x"))
+    x = zero_slack(x)
     return dataclasses.replace(x, data=-x.data)
 
 
@@ -107,7 +136,7 @@ def _kron_item(da, la, db, lb, cap_a, cap_b, n_feat):
     return jnp.where(mask, ga * gb, jnp.zeros((), ga.dtype))
 
 
-@jax.jit
+@_typed_jit("kron", "a", "b")
 def kron(a: VarTensor, b: VarTensor) -> VarTensor:
     """Model B product with N-D ``np.kron`` semantics: ``out[i*n + j] = a[i] * b[j]``.
 
@@ -141,50 +170,52 @@ def _rmul(self, other):
 
 
 VarTensor.__add__ = lambda self, other: add(self, other)
+VarTensor.__radd__ = lambda self, other: add(other, self)  # names a non-VarTensor `a`
 VarTensor.__sub__ = lambda self, other: sub(self, other)
+VarTensor.__rsub__ = lambda self, other: sub(other, self)
 VarTensor.__neg__ = lambda self: neg(self)
 VarTensor.__mul__ = _mul
 VarTensor.__rmul__ = _rmul
 
 
 # -- reductions -------------------------------------------------------------------------
-@jax.jit
+@_typed_jit("sum", "x")
 def sum(x: VarTensor) -> jax.Array:  # noqa: A001 - mirrors jnp.sum
     """Sum over each item's logical entries: ``[*batch, *features]``."""
-    x = zero_slack(require(x, "x"))
+    x = zero_slack(x)
     return jnp.sum(x.data, axis=x.var_axes)
 
 
-@jax.jit
+@_typed_jit("norm", "x")
 def norm(x: VarTensor) -> jax.Array:
     """Frobenius norm over each item's logical entries: ``[*batch, *features]``.
 
     The gradient at a zero tensor is defined as zero.
     """
-    x = zero_slack(require(x, "x"))
+    x = zero_slack(x)
     sq = jnp.sum(jnp.real(x.data * jnp.conj(x.data)), axis=x.var_axes)
     safe = jnp.where(sq > 0, sq, 1.0)
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-@jax.jit
+@_typed_jit("mean", "x")
 def mean(x: VarTensor) -> jax.Array:
     """Mean over each item's logical entries: ``[*batch, *features]`` (0 if empty)."""
-    x = zero_slack(require(x, "x"))
+    x = zero_slack(x)
     count = jnp.prod(x.lengths, axis=-1).astype(x.dtype)
     count = count.reshape(count.shape + (1,) * len(x.features))
     total = jnp.sum(x.data, axis=x.var_axes)
     return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0)
 
 
-@jax.jit
+@_typed_jit("shrink", "x")
 def shrink(x: VarTensor) -> VarTensor:
     """Minimal representative: drop trailing all-zero hyperplanes on every axis.
 
     Lowers lengths only; capacity and data are unchanged. An all-zero tensor becomes
     empty (all lengths 0). ``shrink([3, 2, 0]) == [3, 2]``.
     """
-    x = zero_slack(require(x, "x"))
+    x = zero_slack(x)
     nz = x.data != 0
     feat_axes = tuple(range(x.batch_ndim + x.rank, x.data.ndim))
     if feat_axes:

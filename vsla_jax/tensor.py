@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
 from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLATypeError
-from vsla_jax.util import aligned_zeros, as_array, default_float, is_traced
+from vsla_jax.util import as_array, default_float, is_traced
 
 MODELS = ("A", "B")
 
@@ -51,12 +49,18 @@ class VarTensor:
                                     f"{lengths.dtype}")
             check_int32(lengths, "VarTensor")
             lengths = lengths.astype(np.int32)
+        elif getattr(lengths, "dtype", jnp.int32) != jnp.int32:  # int8 would wrap at 127
+            if not jnp.issubdtype(lengths.dtype, jnp.integer):
+                raise VSLATypeError(f"VarTensor lengths must be integers, got {lengths.dtype}")
+            if not is_traced(lengths):
+                check_int32(np.asarray(lengths), "VarTensor")
+            lengths = lengths.astype(jnp.int32)
         if isinstance(data, (list, tuple, np.ndarray)):
             data = default_float(as_array(data, "VarTensor data"))
         if isinstance(data, np.ndarray):
             data = jax.device_put(data)
-        if isinstance(lengths, np.ndarray):
-            object.__setattr__(self, "lengths", jax.device_put(lengths))
+        object.__setattr__(self, "lengths", jax.device_put(lengths) if isinstance(
+            lengths, np.ndarray) else lengths)
         object.__setattr__(self, "data", data)
         check_model(self.model)
         if hasattr(data, "shape") and hasattr(lengths, "shape"):
@@ -451,40 +455,7 @@ def broadcast_operands(a: VarTensor, b: VarTensor):
 
 
 # -- constructors -------------------------------------------------------------------
-def tensor(
-    values,
-    model: str = "A",
-    policy: CapacityPolicy | None = None,
-    rank: int | None = None,
-    dtype=None,
-) -> VarTensor:
-    """One variable-shape tensor from a (nested) list or array.
-
-    Args:
-      values: array-like, JAX arrays and tracers included (inside ``jit``, ``grad`` or
-        ``vmap`` the logical shape is the static shape); its shape is the logical shape.
-      model: ``"A"`` or ``"B"``.
-      policy: capacity ladder (default ``CapacityPolicy()``).
-      rank: number of leading variable axes (``1 <= rank <= ndim``); trailing axes are
-        dense features. Defaults to ``values.ndim``.
-      dtype: storage dtype; integer input defaults to the default float dtype.
-
-    Returns:
-      An unbatched ``VarTensor`` (``lengths.shape == (rank,)``).
-    """
-    if isinstance(values, VarTensor):
-        arr_ndim = values.rank
-    else:
-        arr = as_array(values, "values")
-        arr_ndim = arr.ndim
-        values = arr
-    if arr_ndim == 0:
-        raise ShapeError(f"vs.tensor needs at least one axis, got a scalar {values!r}; "
-                         "write vs.tensor([x]) for a length-1 vector")
-    return stack([values], model=model, policy=policy, rank=rank, dtype=dtype)[0]
-
-
-def _check_rank(rank, ndim: int | None, what: str) -> None:
+def check_rank(rank, ndim: int | None, what: str) -> None:
     if rank is None:
         return
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
@@ -492,142 +463,6 @@ def _check_rank(rank, ndim: int | None, what: str) -> None:
                          f"got {rank!r}")
     if ndim is not None and rank > ndim:
         raise ShapeError(f"rank={rank} exceeds the {ndim} axes of {what}")
-
-
-def stack(
-    items: Sequence[Any],
-    policy: CapacityPolicy | None = None,
-    model: str | None = None,
-    rank: int | None = None,
-    dtype=None,
-) -> VarTensor:
-    """Ragged items (arrays, lists or unbatched VarTensors of equal rank) -> a batch.
-
-    The result has batch shape ``(k,)``; per-item lengths are kept and the shared
-    capacity is the policy bucket of the per-axis maximum length. ``stack([])`` is a
-    batch of zero items (``rank`` defaults to 1). Items may be JAX arrays or tracers:
-    under ``jit``/``grad``/``vmap`` the batch is built with ``jnp`` ops, and lengths are
-    the items' static shapes.
-    """
-    policy = policy or DEFAULT_POLICY
-    if isinstance(items, VarTensor):
-        raise VSLATypeError("stack takes a sequence of items; this is already a VarTensor "
-                            "batch (index it, or use vs.merge_batch to stack its items)")
-    _check_rank(rank, None, "")
-    arrays, lengths, feats, models = [], [], None, set()
-    item_rank, traced = rank, False
-    fast = _numpy_items(items, rank)
-    if fast is not None:  # a list of numeric NumPy arrays: no per-item checks needed
-        arrays, lengths, feats, item_rank = fast
-        items = ()
-    for i, it in enumerate(items):
-        if isinstance(it, VarTensor):
-            if it.batch_ndim:
-                raise ShapeError(f"item {i} is a batch {it.batch_shape}; stack unbatched items")
-            models.add(it.model)
-            if item_rank is None:
-                item_rank = it.rank
-            if it.rank != item_rank:
-                raise ShapeError(f"item {i} has rank {it.rank}, expected {item_rank}")
-            traced = traced or is_traced(it.data) or is_traced(it.lengths)
-            arr, f, ln = it, it.features, it.lengths
-        else:
-            arr = as_array(it, f"item {i}")
-            if item_rank is None:
-                item_rank = arr.ndim
-                if item_rank == 0:
-                    raise ShapeError(f"item {i} is a scalar; VSLA items have at least one "
-                                     "axis (write [x] for a length-1 vector)")
-            if arr.ndim < item_rank:
-                raise ShapeError(
-                    f"ragged ranks: item {i} has {arr.ndim} axes, expected rank {item_rank}"
-                )
-            if rank is None and arr.ndim != item_rank:
-                raise ShapeError(
-                    f"ragged ranks: item {i} has rank {arr.ndim}, item 0 has rank {item_rank}"
-                )
-            traced = traced or is_traced(arr)
-            f, ln = tuple(arr.shape[item_rank:]), arr.shape[:item_rank]
-        if feats is None:
-            feats = f
-        elif f != feats:
-            raise ShapeError(f"item {i} has feature shape {f}, item 0 has {feats}")
-        arrays.append(arr)
-        lengths.append(ln)
-    if len(models) > 1:
-        raise ModelMismatchError(f"cannot stack items of different models {sorted(models)}")
-    model = check_model(model or (models.pop() if models else "A"))
-    item_rank = 1 if item_rank is None else item_rank
-    feats = feats or ()
-    k = len(arrays)
-    if dtype is None:
-        dts = set(map(operator.attrgetter("dtype"), arrays)) if fast is not None else {
-            (a.data if isinstance(a, VarTensor) else a).dtype for a in arrays}
-        dtype = np.result_type(*[default_float(np.zeros(0, d)).dtype for d in dts]) if k else (
-            jnp.result_type(float))
-        dtype = jax.dtypes.canonicalize_dtype(dtype)
-    if traced:
-        return _stack_traced(arrays, lengths, item_rank, feats, policy, model, dtype)
-    len_arr = np.asarray(lengths if not models else [np.asarray(n) for n in lengths],
-                         np.int64).reshape(k, item_rank)
-    check_int32(len_arr, "stack")
-    len_arr = len_arr.astype(np.int32)
-    maxlen = len_arr.max(axis=0) if k else np.zeros(item_rank, np.int32)
-    cap = policy.capacity(maxlen)
-    out = aligned_zeros((k, *cap, *feats), dtype)  # adopted by device_put, not copied
-    if item_rank == 1 and not models:  # the common ragged 1-D batch: plain slice copies
-        for i, (a, n) in enumerate(zip(arrays, len_arr[:, 0].tolist())):
-            out[i, :n] = a
-    else:
-        for i, a in enumerate(arrays):
-            if isinstance(a, VarTensor):
-                a = a.to_numpy()
-            out[(i, *(slice(0, n) for n in a.shape[:item_rank]))] = np.asarray(a)
-    data, lens = jax.device_put((out, len_arr))
-    return VarTensor.trusted(data, lens, model, checked=True, host_lengths=len_arr)
-
-
-def _numpy_items(items, rank):
-    """``(arrays, lengths, features, rank)`` when every item is a numeric NumPy array of
-    one ndim and feature shape (checked in a few C-level passes), else None."""
-    if not isinstance(items, (list, tuple)) or not items or set(map(type, items)) != {
-            np.ndarray}:
-        return None
-    shapes = list(map(operator.attrgetter("shape"), items))  # C-level passes
-    ndims = set(map(len, shapes))
-    kinds = {d.kind for d in set(map(operator.attrgetter("dtype"), items))}
-    if len(ndims) != 1 or not kinds <= set("biuf"):
-        return None
-    ndim = ndims.pop()
-    r = ndim if rank is None else rank
-    if not 1 <= r <= ndim:
-        return None
-    if r == ndim:
-        return list(items), shapes, (), r
-    if len({sh[r:] for sh in shapes}) != 1:
-        return None
-    return list(items), [sh[:r] for sh in shapes], shapes[0][r:], r
-
-
-def _stack_traced(arrays, lengths, rank: int, feats, policy, model, dtype) -> VarTensor:
-    """``stack`` with ``jnp`` ops, for items that are tracers (differentiable)."""
-    static = [np.asarray(n) if not is_traced(n) else None for n in lengths]
-    if any(s is None for s in static):  # traced VarTensor lengths: bound by capacities
-        bound = np.max([a.capacity if isinstance(a, VarTensor) else a.shape[:rank]
-                        for a in arrays], axis=0)
-    else:
-        bound = np.max(np.asarray(static, np.int64).reshape(len(arrays), rank), axis=0)
-        check_int32(bound, "stack")
-    cap = policy.capacity(bound)
-    rows, lens = [], []
-    for a, n in zip(arrays, lengths):
-        if isinstance(a, VarTensor):
-            rows.append(resize_capacity(zero_slack(a).data.astype(dtype), 0, a.capacity, cap))
-            lens.append(jnp.asarray(n, jnp.int32))
-        else:
-            rows.append(resize_capacity(jnp.asarray(a, dtype), 0, a.shape[:rank], cap))
-            lens.append(jnp.asarray(np.asarray(n, np.int32)))
-    return VarTensor.trusted(jnp.stack(rows), jnp.stack(lens).astype(jnp.int32), model)
 
 
 def from_padded(
@@ -647,7 +482,7 @@ def from_padded(
     invariant). Concrete lengths are validated; traced lengths (and data) are allowed.
     """
     model = check_model(model)
-    _check_rank(rank, None, "")
+    check_rank(rank, None, "")
     data = as_array(data, "data")
     data = default_float(data)
     data = data if isinstance(data, (jax.Array, jax.core.Tracer)) else jax.device_put(data)

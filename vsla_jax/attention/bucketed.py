@@ -42,7 +42,7 @@ import numpy as np
 from vsla_jax.attention.reference import masked_softmax
 from vsla_jax.capacity import COUNT_POLICY, CapacityPolicy
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import float0_zeros, is_traced, neg_inf, pad_axis_to, prev_pow2
+from vsla_jax.util import float0_zeros, is_traced, neg_inf, pad_axis_to, prev_pow2, rows_within
 
 #: Attention buckets: 4 rungs per doubling from 16 (16, 20, 24, 28, 32, 40, ...).
 ATTENTION_POLICY = CapacityPolicy.octave(steps=4, minimum=16)
@@ -212,6 +212,7 @@ def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
     H, Dv]`` (compute dtype) and, when ``with_lse``, lse ``[n, Hkv, g, cq]``."""
     hk = k.shape[2]
     ct = jnp.promote_types(q.dtype, jnp.float32)
+    q, k, v = rows_within(q, lq), rows_within(k, lk), rows_within(v, lk)  # NaN in a slack
     qt = _heads_first(q.astype(ct), hk)
     kt, vt = (x.astype(ct).transpose(0, 2, 1, 3) for x in (k, v))
     bias = _key_bias(lk, kt.shape[2], ct)
@@ -237,6 +238,10 @@ def _step_bwd(q, k, v, lq, lk, o, lse, do, causal, scale, qc):
     and dv ``[n, ck, Hkv, Dv]`` in the compute dtype."""
     hk = k.shape[2]
     ct = jnp.promote_types(q.dtype, jnp.float32)
+    # rows past the lengths (NaN in a slack; inf in a cotangent where a loss took log(0)
+    # of the zero slack) must not reach the gradients through 0 * x
+    q, o, do = (rows_within(x, lq) for x in (q, o, do))
+    k, v = rows_within(k, lk), rows_within(v, lk)
     qt, ot, dot = (_heads_first(x.astype(ct), hk) for x in (q, o, do))
     kt, vt = (x.astype(ct).transpose(0, 2, 1, 3) for x in (k, v))
     delta = (dot * ot).sum(-1)  # [n, hk, g, cq]

@@ -23,14 +23,15 @@ from jax.experimental import pallas as pl
 
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy, flash_backward
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import next_pow2, pad_axis, pad_axis_to
+from vsla_jax.util import next_pow2, pad_axis, pad_axis_to, rows_within
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, causal):
     i = pl.program_id(2)
     lq = len_ref[0]
     lk = len_ref[1]
-    neg = jnp.float32(-0.7 * 3.4e38)
+    f32 = jnp.float32  # explicit dtypes: under jax_enable_x64 the defaults are float64
+    neg = f32(-0.7 * 3.4e38)
     q = q_ref[...].astype(jnp.float32)  # [tq, D]
     qpos = i * tq + jnp.arange(tq)
     n_k = (lk + tk - 1) // tk
@@ -49,16 +50,18 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, caus
             mask = mask & (kpos[None, :] <= qpos[:, None])
         s = jnp.where(mask, s, neg)
         m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), f32(0))
         corr = jnp.exp(m - m_new)
         return m_new, lsum * corr + p.sum(axis=1), acc * corr[:, None] + jnp.dot(p, vt)
 
     dv = v_ref.shape[-1]  # the value head size (may differ from the query/key one)
     m, lsum, acc = jax.lax.fori_loop(
-        0, n_k, body, (jnp.full((tq,), neg), jnp.zeros((tq,)), jnp.zeros((tq, dv))))
-    valid = (qpos < lq) & (lsum > 0)
-    safe = jnp.where(lsum > 0, lsum, 1.0)
-    o_ref[...] = jnp.where(valid[:, None], acc / safe[:, None], 0.0).astype(o_ref.dtype)
+        0, n_k, body, (jnp.full((tq,), neg, f32), jnp.zeros((tq,), f32),
+                       jnp.zeros((tq, dv), f32)))
+    # rows without keys have lsum == 0; a NaN lsum (NaN/inf input) stays NaN
+    valid = (qpos < lq) & (lsum != 0)
+    safe = jnp.where(lsum != 0, lsum, f32(1))
+    o_ref[...] = jnp.where(valid[:, None], acc / safe[:, None], f32(0)).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(valid, m + jnp.log(safe), neg)
 
 
@@ -76,6 +79,8 @@ def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int
         return jnp.zeros((0, cq, h, dv), q.dtype), jnp.zeros((0, h, cq), jnp.float32)
     hk = k.shape[2]
     g = h // hk
+    # a slack holding NaN/inf must not reach a result through 0 * x
+    q, k, v = rows_within(q, lq), rows_within(k, lk), rows_within(v, lk)
     qp = pad_axis(q, tq, axis=1)
     ck_pad = max(next_pow2(k.shape[1]), tk)
     kp, vp = pad_axis_to(k, ck_pad, axis=1), pad_axis_to(v, ck_pad, axis=1)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import neg_inf
+from vsla_jax.util import neg_inf, rows_within
 
 
 def masked_softmax(s: jax.Array, mask: jax.Array | None = None):
@@ -52,8 +52,15 @@ def dense_attention(qd, kd, vd, lq, lk, causal: bool, scale: float, *, key_mask=
     to the scaled scores. Autodiff gives the gradients.
     """
     h, hk = qd.shape[2], kd.shape[2]
-    kd = jnp.repeat(kd, h // hk, axis=2)
-    vd = jnp.repeat(vd, h // hk, axis=2)
+    dtype, ct = qd.dtype, jnp.promote_types(qd.dtype, jnp.float32)  # scores in >= f32
+    qd = rows_within(qd, lq).astype(ct)  # NaN/inf in a slack must not reach 0 * x
+    if key_mask is None:
+        kd, vd = rows_within(kd, lk), rows_within(vd, lk)
+    else:
+        kd, vd = (jnp.where(key_mask[:, :, None, None], x, jnp.zeros((), x.dtype))
+                  for x in (kd, vd))
+    kd = jnp.repeat(kd.astype(ct), h // hk, axis=2)
+    vd = jnp.repeat(vd.astype(ct), h // hk, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", qd, kd, precision="highest") * scale
     if key_bias is not None:
         s = s + key_bias[:, None, None, :]
@@ -65,7 +72,7 @@ def dense_attention(qd, kd, vd, lq, lk, causal: bool, scale: float, *, key_mask=
     p, _, den = masked_softmax(s, mask)
     out = jnp.einsum("bhqk,bkhd->bqhd", p, vd, precision="highest")
     out = out / jnp.swapaxes(safe_den(den), 1, 2)
-    return jnp.where((qpos[None, :] < lq[:, None])[:, :, None, None], out, 0).astype(qd.dtype)
+    return jnp.where((qpos[None, :] < lq[:, None])[:, :, None, None], out, 0).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))

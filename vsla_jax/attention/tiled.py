@@ -20,7 +20,7 @@ import numpy as np
 
 from vsla_jax.errors import VSLAError
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import cdiv, float0_zeros, neg_inf, next_pow2, pad_axis
+from vsla_jax.util import cdiv, float0_zeros, neg_inf, next_pow2, pad_axis, rows_within
 
 
 # -- one item ---------------------------------------------------------------------------
@@ -83,11 +83,13 @@ def _flash_fwd_item(q, k, v, lq, lk, causal, scale, tq, tk):
 
         init = (jnp.full((h, tq), neg, ct), jnp.zeros((h, tq), ct), jnp.zeros((h, tq, d), ct))
         m, lsum, acc = jax.lax.fori_loop(0, n_k, k_body, init)
-        valid = (qpos < lq)[None, :] & (lsum > 0)
-        o = jnp.where(valid[..., None], acc / jnp.where(lsum > 0, lsum, 1)[..., None], 0)
+        # rows without keys have lsum == 0; a NaN lsum (NaN/inf input) stays NaN
+        valid = (qpos < lq)[None, :] & (lsum != 0)
+        safe = jnp.where(lsum != 0, lsum, 1)
+        o = jnp.where(valid[..., None], acc / safe[..., None], 0)
         out = jax.lax.dynamic_update_slice_in_dim(
             out, jnp.transpose(o, (1, 0, 2)).astype(out.dtype), i * tq, axis=0)
-        lse_t = jnp.where(valid, m + jnp.log(jnp.where(lsum > 0, lsum, 1)), neg)
+        lse_t = jnp.where(valid, m + jnp.log(safe), neg)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_t, i * tq, axis=1)
         return out, lse
 
@@ -175,6 +177,7 @@ def _items(fn, *xs):
 
 def _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk):
     cq = qd.shape[1]
+    qd, kd, vd = rows_within(qd, lq), rows_within(kd, lk), rows_within(vd, lk)
     qp, kp, vp = pad_axis(qd, tq, axis=1), pad_axis(kd, tk, axis=1), pad_axis(vd, tk, axis=1)
     out, lse = _items(lambda q, k, v, a, b: _flash_fwd_item(q, k, v, a, b, causal, scale, tq, tk),
                       qp, kp, vp, lq, lk)
@@ -189,8 +192,10 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
     the unpadded capacities of the gradients. Returns the cotangents of
     ``(q, k, v, lq, lk)``.
     """
-    qp, outp, dop = (pad_axis(x, tq, axis=1) for x in (q, out, dout))
-    kp, vp = pad_axis(k, tk, axis=1), pad_axis(v, tk, axis=1)
+    # rows past the lengths of the inputs and of the cotangent (inf where a loss took
+    # log(0) of the zero slack) must not reach the gradients through 0 * x
+    qp, outp, dop = (pad_axis(rows_within(x, lq), tq, axis=1) for x in (q, out, dout))
+    kp, vp = (pad_axis(rows_within(x, lk), tk, axis=1) for x in (k, v))
     lsep = pad_axis(lse, tq, axis=2)
     dq, dk, dv = _items(
         lambda q, k, v, a, b, o, s, do: _flash_bwd_item(q, k, v, a, b, o, s, do, causal, scale,

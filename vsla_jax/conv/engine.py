@@ -259,7 +259,9 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
 def _choose(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
     """``(plan, predicted seconds per candidate, plan key or None)``."""
     concrete = not (is_traced(a.lengths) or is_traced(b.lengths))
-    one_axis = a.batch_ndim == 1 and b.batch_ndim <= 1
+    # one batch axis that b does not widen (b unbatched or alike; else the padded plan
+    # broadcasts)
+    one_axis = a.batch_ndim == 1 and b.batch_shape in ((), (1,), a.batch_shape)
     if not (concrete and one_axis) or policy.plan == "padded":
         if policy.plan not in ("auto", "padded"):
             raise ShapeError(
