@@ -1,0 +1,179 @@
+"""Plain calls a new user writes first, and what they get wrong: each case was a bug
+found by probing the public API (a crash, a silent wrong answer or a misleading error)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vsla_jax as vs
+from vsla_jax.errors import LengthError, ModelMismatchError, VSLATypeError
+
+BACKENDS = ("xla", "bucketed", "tiled", "pallas", "cpu")
+
+
+# -- stack --------------------------------------------------------------------------------
+def test_stack_of_unbatched_vartensors_keeps_every_item():
+    xs = [np.arange(3, dtype=np.float32) + 1, np.arange(5, dtype=np.float32) - 7]
+    batch = vs.stack(xs)
+    for items, want in ((list(batch), xs), ([batch[1], batch[0]], xs[::-1]),
+                        ([vs.tensor([1.0, 2.0])], [np.array([1.0, 2.0])])):
+        out = vs.stack(items)
+        assert out.batch_shape == (len(want),)
+        for got, ref in zip(out.to_list(), want):
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_stack_refuses_a_model_other_than_its_items():
+    items = [vs.tensor([1.0, 2.0], model="B")]
+    assert vs.stack(items).model == "B"
+    with pytest.raises(ModelMismatchError, match="model='A'"):
+        vs.stack(items, model="A")
+
+
+# -- conv broadcasting --------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["auto", "direct", "fft"])
+@pytest.mark.parametrize("features", [(), (2,)])
+def test_conv_broadcasts_one_item_against_many(method, features):
+    rng = np.random.default_rng(0)
+    one = [rng.standard_normal((40, *features)).astype(np.float32)]
+    many = [rng.standard_normal((n, *features)).astype(np.float32) for n in (1, 5, 30, 2)]
+    a, k = vs.stack(one, rank=1), vs.stack(many, rank=1)
+
+    def ref(x, y):
+        if not features:
+            return np.convolve(x, y)
+        return np.stack([np.convolve(x[:, c], y[:, c]) for c in range(features[0])], -1)
+
+    for x, y, xs, ys in ((a, k, one * 4, many), (k, a, many, one * 4)):
+        out = vs.conv(x, y, method=method)
+        assert out.batch_shape == (4,)
+        for got, p, q in zip(out.to_list(), xs, ys):
+            np.testing.assert_allclose(got, ref(p, q), rtol=1e-4, atol=1e-4)
+
+
+# -- lengths dtype ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int8, jnp.int16])
+def test_vartensor_casts_narrow_integer_lengths_to_int32(dtype):
+    a = vs.VarTensor(jnp.ones(30), jnp.array([20], dtype), model="B")
+    assert a.lengths.dtype == jnp.int32
+    assert int(vs.kron(a, a).lengths[0]) == 400  # uint8 wrapped to 144, int8 to -112
+    data = jnp.zeros(300).at[:10].set(1.0)
+    x = vs.VarTensor(data, jnp.array([10], dtype))
+    assert float(vs.sum(x)) == 10.0
+
+
+def test_vartensor_rejects_wide_or_float_jax_lengths():
+    with pytest.raises(VSLATypeError, match="integers"):
+        vs.VarTensor(jnp.ones(4), jnp.array([2.0]))
+    with jax.enable_x64(True):
+        with pytest.raises(LengthError, match="int32"):
+            vs.VarTensor(jnp.ones(4), jnp.array([2**40], jnp.int64))
+
+
+# -- scale and the typed errors of the jitted ops ------------------------------------------
+def test_scale_promotes_like_jax():
+    x = vs.tensor(np.array([1, 2, 3]), dtype=np.int32)
+    np.testing.assert_allclose((x * 0.5).to_numpy(), [0.5, 1.0, 1.5])
+    np.testing.assert_allclose((vs.tensor([1.0, 2.0]) * 1j).to_numpy(), [1j, 2j])
+    assert vs.scale(vs.tensor([1.0, 2.0]), 2.5).dtype == jnp.float32
+    for bad in ("x", True, None):
+        with pytest.raises(VSLATypeError, match="scale: s must be a number"):
+            vs.scale(x, bad)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda a: a + np.ones(3), "add: b must be a VarTensor, got ndarray"),
+    (lambda a: a - 1, "sub: b must be a VarTensor, got int"),
+    (lambda a: 1 + a, "add: a must be a VarTensor, got int"),
+    (lambda a: 2.0 - a, "sub: a must be a VarTensor, got float"),
+    (lambda a: vs.add(a, "x"), "add: b must be a VarTensor, got str"),
+    (lambda a: vs.kron(a, [1.0]), "kron: b must be a VarTensor, got list"),
+    (lambda a: vs.sum(np.ones(3)), "sum: x must be a VarTensor, got ndarray"),
+    (lambda a: vs.mean([1.0]), "mean: x must be a VarTensor, got list"),
+])
+def test_ops_name_what_the_user_passed(call, message):
+    with pytest.raises(VSLATypeError, match=message):
+        call(vs.tensor([1.0, 2.0, 3.0]))
+
+
+def test_ops_still_check_under_jit():
+    a = vs.tensor([1.0, 2.0])
+    f = jax.jit(lambda d: vs.add(a, d))
+    with pytest.raises(VSLATypeError, match="add: b must be a VarTensor, got a traced"):
+        f(jnp.ones(2))
+
+
+# -- attention: non-finite values ------------------------------------------------------------
+def _batch(rng, lengths, h=2, d=4, cap=8):
+    data = np.zeros((len(lengths), cap, h, d), np.float32)
+    for i, n in enumerate(lengths):
+        data[i, :n] = rng.uniform(0.5, 1.5, (n, h, d))
+    return data, np.asarray(lengths)[:, None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_slack_with_nan_or_inf_never_reaches_results(backend):
+    rng = np.random.default_rng(1)
+    data, lens = _batch(rng, [3, 8, 1, 5])
+    clean = vs.VarTensor(jnp.asarray(data), lens)
+    want = vs.attention(clean, clean, clean, backend="xla").to_padded()
+    mask = np.arange(8)[None, :, None, None] < lens[:, :, None, None]
+    for junk in (np.nan, np.inf, -np.inf):
+        x = vs.VarTensor(jnp.asarray(np.where(mask, data, junk)), lens)
+        got = vs.attention(x, x, x, backend=backend).to_padded()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_nan_inside_an_item_is_nan_on_every_backend(backend):
+    q = np.ones((3, 1, 2), np.float32)
+    q[1, 0, 0] = np.nan
+    x = vs.stack([q, np.ones((2, 1, 2), np.float32)], rank=1)
+    got = vs.attention(x, x, x, backend=backend).to_list()
+    assert np.isnan(got[0]).any()  # numpy's softmax attention is NaN there too
+    np.testing.assert_allclose(got[1], np.ones((2, 1, 2)))  # the other item is untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_gradients_ignore_an_infinite_cotangent_in_the_slack(backend):
+    # e.g. the cotangent of sum(log(o.data)) is inf on the zero slack of o
+    rng = np.random.default_rng(2)
+    data, lens = _batch(rng, [3, 7, 0, 8])
+    lens_j = jnp.asarray(lens)
+
+    def f(d):
+        t = vs.VarTensor(d, lens_j)
+        return vs.attention(t, t, t, backend=backend).data
+
+    out, vjp = jax.vjp(f, jnp.asarray(data))
+    mask = np.arange(8)[None, :, None, None] < lens[:, :, None, None]
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    (want,) = vjp(jnp.asarray(np.where(mask, g, 0)))
+    (got,) = vjp(jnp.asarray(np.where(mask, g, np.inf)))
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- attention: dtypes ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pallas_attention_runs_under_x64(dtype):
+    with jax.enable_x64(True):
+        x = vs.stack([np.random.default_rng(3).standard_normal((5, 2, 8)).astype(dtype)],
+                     rank=1)
+        got = vs.attention(x, x, x, backend="pallas").to_padded()
+        want = vs.attention(x, x, x, backend="xla").to_padded()
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_xla_attention_scores_half_precision_in_float32():
+    # every real score (-62,500) lies below float16's masking value (-45,852): scored in
+    # float16, the padded keys would outrank the real ones
+    q = np.array([[[250.0]], [[250.0]]], np.float16)
+    k = np.array([[[-250.0]], [[-225.0]]], np.float16)
+    v = np.array([[[1.0]], [[3.0]]], np.float16)
+    Q, K, V = (vs.stack([t], rank=1) for t in (q, k, v))
+    for backend in ("xla", "bucketed", "cpu"):
+        got = vs.attention(Q, K, V, backend=backend, scale=1.0).to_list()[0]
+        np.testing.assert_allclose(np.asarray(got, np.float32).ravel(), [3.0, 3.0])
