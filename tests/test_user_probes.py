@@ -177,3 +177,33 @@ def test_xla_attention_scores_half_precision_in_float32():
     for backend in ("xla", "bucketed", "cpu"):
         got = vs.attention(Q, K, V, backend=backend, scale=1.0).to_list()[0]
         np.testing.assert_allclose(np.asarray(got, np.float32).ravel(), [3.0, 3.0])
+
+
+# -- indexing, padding, construction -----------------------------------------------------------
+def test_batch_index_of_a_wrong_type_is_a_typed_error():
+    b = vs.stack([np.ones(3, np.float32), np.ones(5, np.float32)])
+    for index in ("a", 1.0, np.array([0.0]), np.array([], np.float32)):
+        with pytest.raises(VSLATypeError, match="batch index"):
+            b[index]
+    assert b[[]].batch_shape == (0,)
+    assert b[np.array([True, False])].batch_shape == (1,)
+    with pytest.raises(IndexError, match="index 7 is out of range"):
+        b[np.array(7)]
+
+
+@pytest.mark.parametrize("multiple", [0, -1, 2.5, True])
+def test_pad_batch_needs_a_positive_integer(multiple):
+    with pytest.raises(vs.ShapeError, match="multiple must be a positive integer"):
+        vs.pad_batch(vs.stack([np.ones(3, np.float32)]), multiple)
+
+
+def test_vartensor_of_a_string_is_a_typed_error():
+    with pytest.raises(VSLATypeError, match="data must be an array"):
+        vs.VarTensor("abc", [1])
+    with pytest.raises(VSLATypeError, match="lengths must be an array"):
+        vs.VarTensor(np.ones(3), "x")
+
+
+def test_vartensor_equality_is_identity():
+    a, b = vs.tensor([1.0]), vs.tensor([1.0])
+    assert a == a and a != b and a in [a] and a not in [b] and len({a, b}) == 2

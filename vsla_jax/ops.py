@@ -45,8 +45,17 @@ def _typed_jit(op: str, *names: str):
             for x, name in zip(args, names):
                 require(x, name, op)
             return jitted(*args)
-        return call
+        return _jit_api(call, jitted)
     return wrap
+
+
+def _jit_api(call, jitted):
+    """``call`` with the jitted function's ``lower``, ``trace``, ``eval_shape``,
+    ``clear_cache`` and cache-size hook, so it reads like the ``jax.jit`` it wraps."""
+    for name in ("lower", "trace", "eval_shape", "clear_cache", "_cache_size"):
+        if hasattr(jitted, name):
+            setattr(call, name, getattr(jitted, name))
+    return call
 
 
 def _ambient(a: VarTensor, b: VarTensor, fn) -> VarTensor:
@@ -94,6 +103,7 @@ def scale(x: VarTensor, s) -> VarTensor:
 
 @jax.jit
 def _scale(x: VarTensor, s) -> VarTensor:
+    """``scale`` after its argument checks."""
     x = zero_slack(x)
     s = jnp.asarray(s)
     if s.ndim:
@@ -101,6 +111,9 @@ def _scale(x: VarTensor, s) -> VarTensor:
             raise ShapeError(f"scale: s has shape {s.shape}, expected () or {x.batch_shape}")
         s = s.reshape(s.shape + (1,) * (x.data.ndim - s.ndim))
     return dataclasses.replace(x, data=x.data * s)
+
+
+_jit_api(scale, _scale)
 
 
 @_typed_jit("neg", "x")

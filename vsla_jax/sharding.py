@@ -21,6 +21,9 @@ def pad_batch(x: VarTensor, multiple: int) -> VarTensor:
     """Append empty items (length 0) so the leading batch axis is a multiple of ``multiple``."""
     if x.batch_ndim == 0:
         raise ShapeError("pad_batch needs a batched VarTensor")
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or (
+            multiple < 1):
+        raise ShapeError(f"pad_batch: multiple must be a positive integer, got {multiple!r}")
     n = x.batch_shape[0]
     extra = (-n) % multiple
     if not extra:

@@ -17,7 +17,7 @@ from vsla_jax.util import as_array, default_float, is_traced
 MODELS = ("A", "B")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # == is identity (arrays have no truth)
 class VarTensor:
     """A batch of variable-shape tensors sharing one static capacity.
 
@@ -42,6 +42,10 @@ class VarTensor:
         trusted. JAX's own pytree unflattening bypasses this check.
         """
         data, lengths = self.data, self.lengths
+        for name, value in (("data", data), ("lengths", lengths)):
+            if isinstance(value, (str, bytes)):
+                raise VSLATypeError(f"VarTensor {name} must be an array, got "
+                                    f"{type(value).__name__} {value!r:.40}")
         if isinstance(lengths, (list, tuple, np.ndarray, int, np.integer)):
             lengths = np.asarray(lengths)
             if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
@@ -299,11 +303,18 @@ def _check_batch_index(i, ax: int, n: int):
         if arr.dtype.kind in "iu" and arr.size:
             bad = (arr < -n) | (arr >= n)
             if bad.any():
-                raise IndexError(f"index {int(arr[bad][0])} in {arr.tolist()} is out of "
-                                 f"range for batch axis {ax} of size {n}")
+                where = f" in {arr.tolist()}" if arr.ndim else ""
+                raise IndexError(f"index {int(arr[bad][0])}{where} is out of range for "
+                                 f"batch axis {ax} of size {n}")
+        if arr.dtype.kind not in "iub" and not (isinstance(i, list) and not arr.size):
+            raise VSLATypeError(f"batch index {i!r} must hold integers or booleans, got "
+                                f"dtype {arr.dtype}")
         if isinstance(i, list):
             return arr if arr.size else np.zeros(0, np.intp)
         return i
+    if not isinstance(i, slice):
+        raise VSLATypeError(f"batch index {i!r} of type {type(i).__name__} is not an "
+                            "integer, slice, or integer/boolean array")
     return i
 
 

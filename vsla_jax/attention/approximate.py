@@ -2,7 +2,8 @@
 
 Keys are cut into tiles; a tile whose keys barely differ keeps only every ``s``-th key,
 and each kept key stands for the positions it replaces (``+log(count)`` on its score),
-so tiles of identical keys and values are exact. The implementation is the dense
+so tiles of identical keys and values are exact without ``causal`` (with it, a kept key
+may stand for positions on both sides of a query's diagonal). The implementation is the dense
 reference (``reference.dense_attention``) with a key mask and a key bias: it measures
 the error of the approximation, not a speed-up.
 """
