@@ -207,3 +207,117 @@ def test_vartensor_of_a_string_is_a_typed_error():
 def test_vartensor_equality_is_identity():
     a, b = vs.tensor([1.0]), vs.tensor([1.0])
     assert a == a and a != b and a in [a] and a not in [b] and len({a, b}) == 2
+
+
+# -- second probe: plans, dtypes, empty capacities, lengths known under jit ----------------
+@pytest.mark.parametrize("plan", ["padded", "bucketed", "blocked", "auto"])
+def test_conv_of_a_batch_with_a_one_item_batch(plan):
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal(n).astype(np.float32) for n in (1, 1000, 3, 0, 64, 65)]
+    k = rng.standard_normal(300).astype(np.float32)
+    policy = vs.ConvPolicy(plan=plan, cpu_kernels=False)
+    for method in ("direct", "fft"):
+        out = vs.conv(vs.stack(xs), vs.stack([k]), method=method, policy=policy)
+        swapped = vs.conv(vs.stack([k]), vs.stack(xs), method=method, policy=policy)
+        for y in (out, swapped):
+            for got, x in zip(y.to_list(), xs):
+                want = np.convolve(x, k) if x.size else np.zeros(0)
+                np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_conv_gradient_through_a_shared_one_item_kernel():
+    rng = np.random.default_rng(5)
+    x = vs.stack([rng.standard_normal(n).astype(np.float32) for n in (3, 20, 5)])
+    k = vs.stack([rng.standard_normal(4).astype(np.float32)])
+    grads = []
+    for plan in ("padded", "bucketed", "blocked"):
+        policy = vs.ConvPolicy(plan=plan, cpu_kernels=False)
+        f = lambda d, p=policy: jnp.sum(vs.conv(x, vs.VarTensor(d, k.lengths), policy=p).data)
+        grads.append(np.asarray(jax.grad(f)(k.data)))
+    for g in grads[1:]:
+        np.testing.assert_allclose(g, grads[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_conv_of_half_floats_through_fft(dtype):
+    a = np.linspace(-1, 1, 300).astype(dtype)
+    b = np.linspace(1, -1, 150).astype(dtype)
+    want = np.convolve(a.astype(np.float64), b.astype(np.float64))
+    for method in ("auto", "fft"):
+        out = vs.conv(vs.tensor(a), vs.tensor(b), method=method)
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out.to_numpy(), np.float64), want, atol=0.5)
+    (packed,) = vs.conv_packed([a], [b[:2]]).to_list()  # bfloat16 is a float here too
+    assert packed.dtype == dtype
+    np.testing.assert_allclose(np.asarray(packed, np.float64),
+                               np.convolve(a.astype(np.float64), b[:2].astype(np.float64)),
+                               atol=0.05)
+
+
+def test_conv_and_attention_with_a_zero_capacity_operand():
+    empty = vs.from_padded(np.zeros((2, 0), np.float32), np.zeros((2, 1), np.int32))
+    x = vs.stack([np.ones(3, np.float32), np.ones(2, np.float32)])
+    for a, b in ((empty, x), (x, empty)):
+        for method in ("auto", "direct", "fft"):
+            out = vs.conv(a, b, method=method)
+            assert out.capacity == (x.capacity[0] - 1,)
+            assert [o.size for o in out.to_list()] == [0, 0]
+    zq = vs.from_padded(np.zeros((2, 0, 2, 4), np.float32), np.zeros((2, 1), np.int32),
+                        rank=1)
+    kq = vs.stack([np.ones((3, 2, 4), np.float32)] * 2, rank=1)
+    for backend in BACKENDS:
+        assert vs.attention(zq, kq, kq, backend=backend).data.shape == (2, 0, 2, 4)
+        out = vs.attention(kq, zq, zq, backend=backend)
+        assert out.data.shape == kq.data.shape and not np.asarray(out.data).any()
+
+
+def test_numpy_lengths_stay_known_inside_jit():
+    a = vs.stack([np.ones(n, np.float32) for n in (3, 40, 7)])
+    k = vs.stack([np.ones(2, np.float32)] * 3)
+    lengths = np.asarray(a.lengths)
+    policy = vs.ConvPolicy(plan="bucketed", cpu_kernels=False)
+    want = np.asarray(vs.conv(a, k, policy=policy).data)
+
+    def f(d):
+        x = vs.VarTensor(d, lengths)
+        assert x.host_lengths is not None and x.lengths_checked
+        assert vs.from_padded(d, lengths).host_lengths is not None
+        np.testing.assert_array_equal(x.host_lengths, lengths)
+        return vs.conv(x, k, policy=policy).data, x.to_padded()
+
+    for _ in range(2):  # the plan cache must not keep the first trace's tracers
+        out, padded = jax.jit(f)(a.data)
+        np.testing.assert_allclose(out, want)
+        assert padded.shape == (3, 40)
+    out = jax.jit(lambda d: vs.conv(vs.VarTensor(d, a.lengths), k, policy=policy).data)(
+        a.data)  # the same plan key, closed over as a JAX array
+    np.testing.assert_allclose(out, want)
+
+
+def test_hessian_through_pallas_attention_falls_back_to_xla():
+    q0 = jnp.asarray(np.random.default_rng(6).standard_normal((3, 1, 2)), jnp.float32)
+
+    def f(backend):
+        def loss(q):
+            x = vs.stack([q], rank=1)
+            return jnp.sum(vs.attention(x, x, x, backend=backend).data ** 2)
+        return loss
+
+    np.testing.assert_allclose(jax.hessian(f("pallas"))(q0), jax.hessian(f("xla"))(q0),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_octave_ladder_has_every_power_of_two_and_its_ratio(steps):
+    minimum = 16
+    policy = vs.CapacityPolicy.octave(steps, minimum)
+    assert all(policy.bucket(1 << k) == 1 << k for k in range(4, 13))
+    worst = max(policy.bucket(n) / n for n in range(minimum, 5000))
+    assert worst <= 1 + 1 / steps + 1e-12
+
+
+def test_bucketize_checks_its_rank():
+    with pytest.raises(vs.ShapeError, match="rank must be an integer in"):
+        vs.bucketize([np.ones(3)], rank=2)
+    with pytest.raises(vs.ShapeError, match="a scalar item has none"):
+        vs.bucketize([1.0, 2.0])

@@ -115,6 +115,10 @@ def bucketize(
         return RaggedBatch((), (), 0)
     ndim = arrays[0].ndim
     rank = ndim if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not (
+            1 <= rank <= ndim):
+        raise ShapeError(f"bucketize: rank must be an integer in [1, {ndim}] (item 0 has "
+                         f"{ndim} axes; a scalar item has none: write [x]), got {rank!r}")
     feat = arrays[0].shape[rank:]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, a in enumerate(arrays):

@@ -87,8 +87,10 @@ class CapacityPolicy:
     def _next(self, c: int) -> int:
         if self.powers_of_two:
             return 2 * c
-        if self.steps_per_octave:
-            return c + (1 << (c.bit_length() - 1)) // self.steps_per_octave
+        if self.steps_per_octave:  # rungs p + ceil(i p / s) of the octave [p, 2p)
+            s, p = self.steps_per_octave, 1 << (c.bit_length() - 1)
+            i = (c - p) * s // p + 1
+            return p + -(-i * p // s)
         a = self.alignment
         return max(c + a, int(math.floor(self.growth * (c + 1) / a)) * a)
 

@@ -38,7 +38,8 @@ class VarTensor:
     def __post_init__(self):
         """Validate a directly built tensor whenever its lengths are concrete.
 
-        Lists and NumPy arrays become JAX arrays (lengths int32). Traced lengths are
+        Lists and NumPy arrays become JAX arrays (lengths int32; NumPy lengths stay
+        known on the host, ``host_lengths``, also inside ``jit``). Traced lengths are
         trusted. JAX's own pytree unflattening bypasses this check.
         """
         data, lengths = self.data, self.lengths
@@ -52,7 +53,9 @@ class VarTensor:
                 raise VSLATypeError(f"VarTensor lengths must be integers, got dtype "
                                     f"{lengths.dtype}")
             check_int32(lengths, "VarTensor")
-            lengths = lengths.astype(np.int32)
+            lengths = host = lengths.astype(np.int32)  # a copy: kept as host_lengths
+            host.setflags(write=False)
+            self.__dict__["_host_lengths"] = host  # concrete even when built under jit
         elif getattr(lengths, "dtype", jnp.int32) != jnp.int32:  # int8 would wrap at 127
             if not jnp.issubdtype(lengths.dtype, jnp.integer):
                 raise VSLATypeError(f"VarTensor lengths must be integers, got {lengths.dtype}")
@@ -69,7 +72,7 @@ class VarTensor:
         check_model(self.model)
         if hasattr(data, "shape") and hasattr(lengths, "shape"):
             validate_lengths(data.shape, lengths, "VarTensor")
-            object.__setattr__(self, "_checked", not is_traced(lengths))
+            object.__setattr__(self, "_checked", self.host_lengths is not None)
 
     @classmethod
     def trusted(cls, data, lengths, model: str = "A", checked: bool = False,
@@ -366,11 +369,18 @@ def expand_mask(mask: jax.Array, n_features: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * n_features)
 
 
-@jax.jit
 def zero_slack(x: VarTensor) -> VarTensor:
-    """Re-impose the zero-slack invariant; also masks gradients flowing back."""
-    m = expand_mask(x.mask(), len(x.features))
-    return dataclasses.replace(x, data=jnp.where(m, x.data, jnp.zeros((), x.dtype)))
+    """Re-impose the zero-slack invariant; also masks gradients flowing back. The lengths
+    (and their host copy) are kept."""
+    data = _zeroed_slack(x.data, x.lengths, x.batch_ndim, x.rank)
+    return VarTensor.trusted(data, x.lengths, x.model, x.lengths_checked, x.host_lengths)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _zeroed_slack(data: jax.Array, lengths: jax.Array, batch_ndim: int, rank: int):
+    capacity = data.shape[batch_ndim:batch_ndim + rank]
+    m = expand_mask(extent_mask(lengths, capacity), data.ndim - batch_ndim - rank)
+    return jnp.where(m, data, jnp.zeros((), data.dtype))
 
 
 def resize_capacity(
@@ -520,11 +530,13 @@ def from_padded(
     if not traced and not isinstance(lengths, jax.Array):
         check_int32(lengths, "from_padded")
     validate_lengths(data.shape, lengths, "from_padded")
-    if not traced:
-        lengths = jax.device_put(np.asarray(lengths).astype(np.int32, copy=False))
+    host = None
+    if not traced:  # a host copy, kept (host_lengths): concrete even under jit
+        host = np.asarray(lengths).astype(np.int32)
+        lengths = jax.device_put(host)
     else:
         lengths = lengths.astype(jnp.int32)
-    x = VarTensor.trusted(data, lengths, model)
+    x = VarTensor.trusted(data, lengths, model, checked=host is not None, host_lengths=host)
     return x if trust_zero_slack else zero_slack(x)
 
 

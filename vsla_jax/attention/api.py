@@ -350,6 +350,10 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     lq, lk, lv = layouts
     scale = check_scale(scale, lq.head_dim)
     impl = _backend(backend, config, q, k)
+    if not (lq.capacity and lk.capacity):  # no query rows, or no keys: all zeros
+        return VarTensor.trusted(
+            jnp.zeros((lq.batch, lq.capacity, lq.heads, lv.head_dim), q.dtype),
+            q.lengths[:, :1], q.model)
     if isinstance(impl, CPUBackend):
         # the C++ kernels read stacked batches' head axes through strides (no copies)
         sizes = ((lq.heads, lq.head_dim, lk.heads, lv.head_dim)

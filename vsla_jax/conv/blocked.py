@@ -256,7 +256,8 @@ def cached_plan(key_a: bytes, key_b: bytes, method: str, cost: CostModel):
     """``plan_blocks`` of back-to-back items, memoised by the lengths' bytes (int64)."""
     plan = plan_blocks(np.frombuffer(key_a, np.int64), np.frombuffer(key_b, np.int64),
                        method, cost)
-    return plan, jax.device_put(plan.first)
+    with jax.ensure_compile_time_eval():  # cached: a device array, never a tracer
+        return plan, jax.device_put(plan.first)
 
 
 def pack_blocks(plan: BlockPlan, xs: Sequence[np.ndarray], ks: Sequence[np.ndarray],
@@ -284,9 +285,10 @@ def _class_conv(packed, first, c: ClassLayout):
         prev = jnp.concatenate([jnp.zeros((1, s - 1), x.dtype), x[:-1, p - s + 1 :]])
         x = jnp.concatenate([jnp.where(first[:, None], 0, prev), x], axis=1)
     if c.method == "fft":
-        y = jnp.fft.irfft(jnp.fft.rfft(x, c.fft_length) * jnp.fft.rfft(w, c.fft_length),
-                          c.fft_length)
-        return y[:, s - 1 : s - 1 + p]
+        ft = jnp.promote_types(x.dtype, jnp.float32)  # XLA's FFT takes no half floats
+        y = jnp.fft.irfft(jnp.fft.rfft(x.astype(ft), c.fft_length) *
+                          jnp.fft.rfft(w.astype(ft), c.fft_length), c.fft_length)
+        return y[:, s - 1 : s - 1 + p].astype(x.dtype)
     return kernels.shift_add(x, w, (p,), 1, 1)
 
 
@@ -402,9 +404,9 @@ def compute_dtype(dtypes, method: str, accumulate_f64: bool, who: str
     Integers are promoted to the default float (except for ``method="fft"``, which
     raises); ``accumulate_f64`` computes in f64 and returns the input dtype.
     """
-    dtype = np.result_type(*dtypes)
-    if not np.issubdtype(dtype, np.floating):
-        if method == "fft" or not np.issubdtype(dtype, np.integer):
+    dtype = np.dtype(jnp.result_type(*dtypes))
+    if not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 is not a NumPy floating
+        if method == "fft" or not jnp.issubdtype(dtype, jnp.integer):
             raise VSLATypeError(f"{who}(method={method!r}) needs floating data, got {dtype}")
         dtype = np.dtype(jnp.result_type(float))
     dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))  # f64 -> f32 unless x64 is on

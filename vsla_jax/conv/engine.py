@@ -233,8 +233,9 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
     if policy.accumulate_f64:
         if not jax.config.jax_enable_x64:
             raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
-        a = VarTensor.trusted(a.data.astype(jnp.float64), a.lengths, a.model)
-        b = VarTensor.trusted(b.data.astype(jnp.float64), b.lengths, b.model)
+        a, b = _as_dtype(a, jnp.float64), _as_dtype(b, jnp.float64)
+    elif jnp.issubdtype(out_dtype, jnp.floating) and jnp.dtype(out_dtype).itemsize < 4:
+        a, b = _as_dtype(a, jnp.float32), _as_dtype(b, jnp.float32)  # sums of halves in f32
     out = None
     if policy.cpu_kernels and policy.plan == "auto" and method == "auto":
         out = cpu.ragged_conv_checked(a, b)
@@ -245,6 +246,12 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
     return out
 
 
+def _as_dtype(x: VarTensor, dtype) -> VarTensor:
+    """``x`` with its data in ``dtype`` (lengths, and their host copy, kept)."""
+    return VarTensor.trusted(x.data.astype(dtype), x.lengths, x.model, x.lengths_checked,
+                             x.host_lengths)
+
+
 def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
                 policy: ConvPolicy | None = None) -> tuple[str, dict[str, float]]:
     """The plan ``conv(a, b)`` runs, and the predicted seconds of each candidate.
@@ -252,16 +259,17 @@ def choose_plan(a: VarTensor, b: VarTensor, method: str = "auto",
     ``padded`` whenever the lengths are traced or the operands are not one batch axis
     of items (then the dict is empty).
     """
+    a, b = _one_item_first(a, b)
     choice, costs, _ = _choose(a, b, method, policy or DEFAULT_CONV_POLICY)
     return choice, costs
 
 
 def _choose(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
     """``(plan, predicted seconds per candidate, plan key or None)``."""
-    concrete = not (is_traced(a.lengths) or is_traced(b.lengths))
+    concrete = a.host_lengths is not None and b.host_lengths is not None
     # one batch axis that b does not widen (b unbatched or alike; else the padded plan
     # broadcasts)
-    one_axis = a.batch_ndim == 1 and b.batch_shape in ((), (1,), a.batch_shape)
+    one_axis = a.batch_ndim == 1 and b.batch_shape in ((), a.batch_shape)
     if not (concrete and one_axis) or policy.plan == "padded":
         if policy.plan not in ("auto", "padded"):
             raise ShapeError(
@@ -306,13 +314,26 @@ def _layout(plan: str, key: tuple) -> tuple:
 
 def _plan_key(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy):
     cost = policy.cost_model(may_measure=not (is_traced(a.data) or is_traced(b.data)))
-    la, lb = np.asarray(a.lengths, np.int32), np.asarray(b.lengths, np.int32)
+    la, lb = np.asarray(a.host_lengths, np.int32), np.asarray(b.host_lengths, np.int32)
     feat = max(int(np.prod(a.features)), 1)
     return (la.tobytes(), lb.tobytes(), la.shape, lb.shape, a.capacity, b.capacity, feat,
             method, cost, policy.capacity, policy.count, policy.merge_groups), cost
 
 
+def _one_item_first(a: VarTensor, b: VarTensor) -> tuple[VarTensor, VarTensor]:
+    """A one-item batch ``(1,)`` against ``(n,)`` as an unbatched operand, second (the
+    planned paths take ``b`` unbatched or alike; conv commutes)."""
+    if a.batch_shape == (1,) and b.batch_ndim == 1 and b.batch_shape != (1,):
+        a, b = b, a
+    if b.batch_shape == (1,) and a.batch_ndim == 1 and a.batch_shape != (1,):
+        host = b.host_lengths
+        b = VarTensor.trusted(b.data[0], b.lengths[0], b.model,
+                              host_lengths=None if host is None else host[0].copy())
+    return a, b
+
+
 def _dispatch(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy) -> VarTensor:
+    a, b = _one_item_first(a, b)
     pmode = policy.pallas_mode(a.rank)
     choice, _, key = _choose(a, b, method, policy)
     if choice == "padded":
@@ -335,7 +356,8 @@ def _bucketed_plan(ka, kb, sa, sb, cap_a, cap_b, feat, method, cost, capacity, c
     groups = bucketed.plan_groups(la, lb.reshape(-1, la.shape[1]), cap_a, cap_b, method, cost,
                                   capacity, count, feat, merge)
     layout = tuple((g.cap_a, g.cap_b, g.method) for g in groups)
-    idx = tuple(jax.device_put(i) for i in bucketed.group_indices(groups, la.shape[0]))
+    with jax.ensure_compile_time_eval():  # cached: device arrays, never a trace's tracers
+        idx = tuple(jax.device_put(i) for i in bucketed.group_indices(groups, la.shape[0]))
     return (layout, idx), bucketed.plan_seconds(groups, feat, cost)
 
 
@@ -352,9 +374,10 @@ def _blocked_plan(ka, kb, sa, sb, cap_a, cap_b, feat, method, cost):
     zero = n * ca + (1 if shared else n) * cb
     plan = blocked.plan_blocks(la, np.broadcast_to(lb.reshape(-1), (n,)), method, cost,
                                start_a, start_b, zero)
-    dev = (jax.device_put(plan.source.astype(np.int32)), jax.device_put(plan.first),
-           jax.device_put(blocked.row_index(plan, ca + cb - 1)),
-           jax.device_put(plan.lengths.astype(np.int32)), plan.layout)
+    with jax.ensure_compile_time_eval():  # cached: device arrays, never a trace's tracers
+        dev = (jax.device_put(plan.source.astype(np.int32)), jax.device_put(plan.first),
+               jax.device_put(blocked.row_index(plan, ca + cb - 1)),
+               jax.device_put(plan.lengths.astype(np.int32)), plan.layout)
     seconds = plan.seconds + cost.copy(plan.total_in) + cost.copy(n * (ca + cb - 1))
     return dev, seconds
 

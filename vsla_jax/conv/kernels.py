@@ -167,8 +167,9 @@ def fft_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
     sizes = tuple(fast_fft_length(c) for c in cap_o)
     axes = tuple(range(nb, nb + rank))
     dt = jnp.result_type(a.dtype, b.dtype)
-    fa = jnp.fft.rfftn(a.astype(dt), s=sizes, axes=axes)
-    fb = jnp.fft.rfftn(b.astype(dt), s=sizes, axes=axes)
+    ft = jnp.promote_types(dt, jnp.float32)  # XLA's FFT takes float32/float64, not halves
+    fa = jnp.fft.rfftn(a.astype(ft), s=sizes, axes=axes)
+    fb = jnp.fft.rfftn(b.astype(ft), s=sizes, axes=axes)
     out = jnp.fft.irfftn(fa * fb, s=sizes, axes=axes)
     idx = tuple([slice(None)] * nb + [slice(0, c) for c in cap_o])
     return out[idx].astype(dt)

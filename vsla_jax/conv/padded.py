@@ -96,6 +96,11 @@ def conv_padded(a: VarTensor, b: VarTensor, method: str, fallback: bool = False,
     channel by channel (depthwise).
     """
     batch, da, la, db, lb = broadcast_operands(a, b)
+    if 0 in a.capacity + b.capacity:  # an operand with no room: every item is empty
+        cap = tuple(max(p + q - 1, 0) for p, q in zip(a.capacity, b.capacity))
+        dt = jnp.result_type(da.dtype, db.dtype)
+        return VarTensor.trusted(jnp.zeros(batch + cap + a.features, dt),
+                                 conv_output_lengths(la, lb), a.model)
     out = conv_arrays(da, db, la, lb, len(batch), a.rank, method, fallback, pallas_mode)
     out = VarTensor.trusted(out, conv_output_lengths(la, lb), a.model)
     # FFT round-off leaves O(eps) values in the slack: restore the invariant exactly.
