@@ -71,6 +71,11 @@ def main(argv):
         print(f"icd: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
+    most = 1 if cmd in ("report", "export") else 0  # positional arguments after cmd
+    if len(args) - 1 > most:
+        print(f"icd {cmd}: unexpected arguments {args[1 + most:]} (options are --flags)",
+              file=sys.stderr)
+        return 2
     try:
         if FLAGS.print_schema:
             print(json.dumps(config_lib.schema(), indent=1))
@@ -132,6 +137,19 @@ def main(argv):
     except OSError as e:  # a folder or file outside any stage: usage, not a rollback
         print(f"icd: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the run saved its state (INTERRUPTED) on the way out
+        print(f"icd {cmd}: interrupted; what finished is in {FLAGS.out}", file=sys.stderr)
+        return 130
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad or unknown flag as one line and exit status 2 (bad
+    usage), not absl's FATAL message and 1 (a rollback's status)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"icd: {e}; see icd --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def entry() -> None:
@@ -143,7 +161,8 @@ def entry() -> None:
         print(__doc__)
         print(FLAGS.module_help(sys.modules[__name__]))
         sys.exit(0)
-    app.run(lambda argv: sys.exit(main(argv)), argv=underscored_flags(sys.argv))
+    app.run(lambda argv: sys.exit(main(argv)), argv=underscored_flags(sys.argv),
+            flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,10 @@ def checked_bytes(sidecar_path: str, sidecar: dict, kind: str) -> bytes:
     if not isinstance(entry, dict) or not {"name", "bytes", "sha256"} <= set(entry):
         raise ArtifactError(f"the sidecar {sidecar_path} lists no {kind!r} file (name, "
                             f"bytes, sha256)")
+    for field, types in (("name", str), ("bytes", int), ("sha256", str)):
+        if not isinstance(entry[field], types) or isinstance(entry[field], bool):
+            raise ArtifactError(f"the sidecar {sidecar_path}: files.{kind}.{field} must be "
+                                f"a {types.__name__}, got {entry[field]!r:.40}")
     path = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), str(entry["name"]))
     try:
         with open(path, "rb") as f:
@@ -205,6 +209,9 @@ def load_module(path: str | os.PathLike, *, checksum: bool = True,
     sidecar = read_sidecar(p)
     module = mlir_io.from_portable(checked_bytes(side, sidecar, "stablehlo"), ctx)
     want = (sidecar.get("tags") or {}) if sidecar.get("tags_in_module", True) else {}
+    if not (isinstance(want, dict) and all(isinstance(v, dict) for v in want.values())):
+        raise ArtifactError(f"the sidecar {side}: tags must map each site to its tags "
+                            f"(a dict of dicts), got {want!r:.60}")
     got = icd_tags.read(module)
     if got != want:
         raise ArtifactError(f"{p}: tags differ from the sidecar's: {tag_diff(want, got)}")

@@ -58,9 +58,13 @@ def split_key(key: str) -> tuple[str, int]:
                         f"ModelSpec)")
     path, axis = key.rsplit(SEP, 1)
     try:
-        return path, int(axis)
+        index = int(axis)
     except ValueError:
         raise SpecError(f"perms key {key!r}: axis {axis!r} is not an integer") from None
+    if index < 0:  # one name per axis: -1 and 1 would tag the same axis twice
+        raise SpecError(f"perms key {key!r}: axis {index} is negative; name the axis by its "
+                        f"index from 0")
+    return path, index
 
 
 def is_pair(value) -> bool:

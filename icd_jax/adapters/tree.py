@@ -193,12 +193,15 @@ def quantize(params, paths: Iterable[str], dtype: str = "int8", group_size: int 
         errs.append(m["error"]["rel_fro"])
         q_bytes += m["bytes"]
         f_bytes += m["bytes_f32"]
+    n_grouped = (sum(p in grouped and p not in fallback for p in paths)
+                 if group_size is not None else 0)  # what ran grouped, fallbacks excluded
     return nested(fp), meta_lib.make(
         "quant", dict(dtype=dtype, group_size=group_size, act=act, kernels=len(errs),
-                      smooth_alpha=smooth_alpha,
-                      grouped_kernels=len(grouped) if group_size is not None else 0),
-        repermute=group_size is not None, reason="group-shared scales" if group_size else
-        "per-channel scales are order-independent",
+                      smooth_alpha=smooth_alpha, grouped_kernels=n_grouped),
+        repermute=n_grouped > 0, reason="group-shared scales" if n_grouped else
+        "per-channel scales are order-independent" if group_size is None else
+        "no kernel's input size is a multiple of group_size: every kernel fell back to "
+        "per-channel scales, which are order-independent",
         error=dict(rel_fro=float(np.mean(errs)) if errs else 0.0),
         bytes=q_bytes, bytes_f32=f_bytes, per_channel_fallback=fallback, compute=kinds,
         int8_kernels=int8_kernels)

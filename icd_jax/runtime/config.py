@@ -41,7 +41,8 @@ class Pipeline(Section):
         "iterative", description="linear: W -> pi -> transform; iterative adds the re-permute")
     repeats: int = Field(10, ge=1, description="timed latency repeats per arm (pair: >= 30)")
     warmup: int = Field(2, ge=0, description="untimed calls per arm before timing")
-    seed: int = Field(0, description="seed of every random choice (solver, mock, sampling)")
+    seed: int = Field(0, ge=0, le=2**31 - 1,
+                      description="seed of every random choice (solver, mock, sampling)")
     retries: int = Field(2, ge=0, description="retries of a transiently failing stage")
     retry_backoff_s: float = Field(0.25, ge=0, description="first retry delay; doubles")
 
@@ -79,6 +80,11 @@ class Model(Section):
                              "unset or 'custom'), or choose a built-in model.name without it")
         if self.kwargs and self.target is None:
             raise ValueError("model.kwargs is only for a custom model.target")
+        if self.target is not None:
+            module, _, factory = self.target.rpartition(":")
+            if not (module.strip() and factory.strip()):
+                raise ValueError(f"model.target must be 'package.module:factory' or "
+                                 f"'path/to/file.py:factory', got {self.target!r}")
         if self.name == "custom":
             return self
         ok = {"minilm": ("L6", "tiny"), "mamba": ("tiny", "small")}[self.name]

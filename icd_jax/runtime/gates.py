@@ -97,7 +97,10 @@ def evaluate(targets, m: Mapping, active: str) -> dict:
     if p is not None and v is not None:
         out["quality"]["significant_loss"] = bool(v > 0 and p < 0.05)
     probe = m.get("host_probe")
-    if out["latency"]["status"] == "not met" and probe and not probe.get("fast_int8"):
+    quant = (m.get("transforms") or {}).get("quant") or {}
+    ran_int8 = bool(quant.get("int8_kernels"))  # only then can int8 speed be the cause
+    if (out["latency"]["status"] == "not met" and probe and ran_int8
+            and not probe.get("fast_int8")):
         out["latency"]["reason"] = ("this host has no fast int8 (W8A8 layer "
                                     f"{probe['w8a8_speedup']:.2f}x float32); "
                                     + hostprobe.describe(probe))
@@ -126,7 +129,10 @@ def regressions(tol, m: Mapping, cand: str, prev: str) -> tuple[list[str], list[
     if cand in lat and prev in lat:
         a, b = lat[prev], lat[cand]
         slower = measure.change_pct(b["mean_ms"], a["mean_ms"])
-        if slower > tol.latency_pct and b["ci95_ms"][0] > a["ci95_ms"][1]:
+        lo, hi = (b.get("ci95_ms") or [None])[0], (a.get("ci95_ms") or [None, None])[1]
+        disjoint = (isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+                    and lo > hi)  # False without an interval (one repeat, NaN or None)
+        if slower > tol.latency_pct and disjoint:
             reasons.append(f"latency {slower:+.1f}% vs {prev} (tolerance "
                            f"{tol.latency_pct}%, CI95s disjoint)")
     return reasons, notes

@@ -244,6 +244,18 @@ def section_effects(m: Mapping) -> str:
                      "p vs identity"], rows))
 
 
+def _int8_verdict(probe: Mapping) -> str:
+    """What the probe found about int8, naming the CPU flags only as what they are."""
+    if probe.get("fast_int8"):
+        return "fast int8 on this host."
+    has = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8")
+           if as_dict(probe.get("flags")).get(f)]
+    if has:
+        return (f"int8 measured no faster than float32 here, although the CPU reports "
+                f"{', '.join(has)}.")
+    return "no fast int8 on this host (its CPU reports neither VNNI nor AMX)."
+
+
 def section_what_ran(m: Mapping) -> str:
     """The arithmetic each quantised kernel ran, and the host probe behind it."""
     parts = []
@@ -260,8 +272,7 @@ def section_what_ran(m: Mapping) -> str:
         parts.append(
             f"<p>Host probe (GOP/s at the model's GEMM shapes; CPU flags: {esc(flags)}): "
             f"W8A8 layer {fmt(probe.get('w8a8_speedup'))}× float32 — "
-            + ("fast int8 on this host." if probe.get("fast_int8") else
-               "no fast int8 on this host (needs VNNI/AMX).") + "</p>"
+            + _int8_verdict(probe) + "</p>"
             + table(["(m, k, n)", "float32", "int8 dot", "W8A8 layer"], rows)
             + f'<p class="small">{esc(probe.get("method") or "")}</p>')
     if not parts:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 from filelock import FileLock, Timeout
 
-from icd_jax.errors import ICDError, RunLockedError
+from icd_jax.errors import ArtifactError, ICDError, RunLockedError
 from icd_jax.runtime import artifacts
 from icd_jax.runtime import config as config_lib
 
@@ -25,9 +25,10 @@ class PermCache:
         self.dir = os.path.expanduser(cfg.dir)
         self.timeout = cfg.lock_timeout_s
 
-    def get_or_fit(self, key_payload: dict, fit: Callable[[], tuple[np.ndarray, dict]]
-                   ) -> tuple[np.ndarray, dict, bool]:
-        """``(perm, stats, hit)``."""
+    def get_or_fit(self, key_payload: dict, fit: Callable[[], tuple[np.ndarray, dict]],
+                   size: int | None = None) -> tuple[np.ndarray, dict, bool]:
+        """``(perm, stats, hit)``; ``size``: the permutation's length (a cached entry of
+        another length, like any corrupt one, is refitted)."""
         if not self.enabled:
             pi, st = fit()
             return pi, st, False
@@ -38,8 +39,8 @@ class PermCache:
             with FileLock(path + ".lock", timeout=self.timeout):
                 if self.reuse and os.path.exists(path):
                     try:
-                        perms, meta = artifacts.load_perms(path)
-                        return perms["pi"], dict(meta.get("stats", {}), cache="hit"), True
+                        pi, stats = checked_entry(path, size)
+                        return pi, dict(stats, cache="hit"), True
                     except ICDError as e:
                         log.warning("permutation cache entry %s is corrupt (%s); refitting",
                                     path, e)
@@ -49,3 +50,24 @@ class PermCache:
         except Timeout as e:
             raise RunLockedError(f"permutation cache entry {path} is locked by another run "
                                  f"for more than {self.timeout} s") from e
+
+
+#: The statistics a cached entry must carry (what a fit reports and a run prints).
+STATS = ("C", "C_identity", "Q", "Q_identity")
+
+
+def checked_entry(path: str, size: int | None) -> tuple[np.ndarray, dict]:
+    """``(pi, stats)`` of a cache entry, or ``ArtifactError`` naming what is wrong: no
+    ``pi``, a permutation of another length, or stats that are not numbers."""
+    perms, meta = artifacts.load_perms(path)
+    if "pi" not in perms:
+        raise ArtifactError(f"{path}: no 'pi' permutation (has {sorted(perms)[:3]})")
+    pi = perms["pi"]
+    if size is not None and pi.size != size:
+        raise ArtifactError(f"{path}: pi has {pi.size} entries, the axis {size}")
+    stats = meta.get("stats") if isinstance(meta, dict) else None
+    if not isinstance(stats, dict) or not all(
+            isinstance(stats.get(k), (int, float)) and not isinstance(stats.get(k), bool)
+            for k in STATS):
+        raise ArtifactError(f"{path}: meta.stats must hold the numbers {', '.join(STATS)}")
+    return pi, stats

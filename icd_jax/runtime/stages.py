@@ -190,7 +190,8 @@ class Run:
             key = dict(model=self.model_id, graph=g.meta, w=graph_lib.content_hash(g.csr),
                        solver=self.cfg.solver.model_dump(), cost=self.cfg.cost.model_dump(),
                        seed=self.cfg.pipeline.seed, **extra_key)
-            pi, st, hit = self.cache.get_or_fit(key, lambda g=g: fit(g.csr, self.cfg))
+            pi, st, hit = self.cache.get_or_fit(key, lambda g=g: fit(g.csr, self.cfg),
+                                                size=g.csr.shape[0])
             hits += hit
             perms[ax], stats[ax] = pi, st
             self.say(f"  {stage} {ax}: C {st['C_identity']:.4f} -> {st['C']:.4f}, "

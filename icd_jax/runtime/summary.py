@@ -3,6 +3,7 @@ table a finished run prints."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -41,6 +42,13 @@ def plan_text(cfg) -> str:
     return "\n".join(lines)
 
 
+def _ci_text(ci) -> str:
+    """``lo-hi`` of a CI95 pair; n/a where it is missing (one repeat has no interval)."""
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(
+        isinstance(c, (int, float)) and math.isfinite(c) for c in ci)
+    return f"{ci[0]:.1f}-{ci[1]:.1f}" if ok else "CI n/a"
+
+
 def summary_text(metrics: Metrics | Mapping, out_dir: str | os.PathLike) -> str:
     """A short table of the arms, the gates and where the report is (``metrics``: the
     run's ``Metrics`` or its ``metrics.json`` dict)."""
@@ -53,8 +61,7 @@ def summary_text(metrics: Metrics | Mapping, out_dir: str | os.PathLike) -> str:
             f"{'drop pp':>8s} {'tiles/tok':>10s} {'L2 sim %':>9s}"]
     for a in metrics.get("arms", []):
         la = lat.get(a)
-        lt = (f"{la['mean_ms']:.1f} ({la['ci95_ms'][0]:.1f}-{la['ci95_ms'][1]:.1f})"
-              if la else "n/a")
+        lt = f"{la['mean_ms']:.1f} ({_ci_text(la.get('ci95_ms'))})" if la else "n/a"
         tps = f"{la['tokens_per_s']:.0f}" if la else "n/a"
         qa = q.get(a)
         qv = f"{qa['value']:.2f}" if qa else "n/a"
