@@ -100,6 +100,10 @@ def main(argv):
                   file=sys.stderr)
             return 2
         cfg = config_lib.load(FLAGS.config, FLAGS.set)
+        if cmd == "pair" and FLAGS.pair_repeats < 30:
+            print(f"icd pair: --pair_repeats must be >= 30 (the paired test needs them), got "
+                  f"{FLAGS.pair_repeats}", file=sys.stderr)
+            return 2
         if cmd == "pair" and cfg.pipeline.mode != "iterative":
             cfg = config_lib.load(config_lib.resolved(cfg), ["pipeline.mode=iterative"])
         if FLAGS.dry_run:

@@ -13,6 +13,7 @@ A permutation ``pi`` is an order: ``pi[p]`` is the original channel at position 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +35,15 @@ class CostConfig:
     beta: float = 0.0
 
     def __post_init__(self):
+        for name in ("g", "k_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"CostConfig.{name} must be an integer, got {value!r}")
+        for name in ("lam", "tau", "alpha", "mu", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or (
+                    not math.isfinite(value)):
+                raise ConfigError(f"CostConfig.{name} must be a finite number, got {value!r}")
         if self.g < 1 or self.k_blocks < 1:
             raise ConfigError(f"g and k_blocks must be >= 1, got g={self.g}, "
                               f"k_blocks={self.k_blocks}")

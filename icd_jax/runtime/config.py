@@ -309,7 +309,8 @@ def read(path: str | os.PathLike) -> dict:
     """A config dict from a ``.json``, ``.yaml`` or ``.yml`` file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        what = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise ConfigError(f"config file {what}: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

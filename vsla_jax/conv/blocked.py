@@ -404,7 +404,7 @@ def compute_dtype(dtypes, method: str, accumulate_f64: bool, who: str
     Integers are promoted to the default float (except for ``method="fft"``, which
     raises); ``accumulate_f64`` computes in f64 and returns the input dtype.
     """
-    dtype = np.dtype(jnp.result_type(*dtypes))
+    dtype = np.result_type(*dtypes)
     if not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 is not a NumPy floating
         if method == "fft" or not jnp.issubdtype(dtype, jnp.integer):
             raise VSLATypeError(f"{who}(method={method!r}) needs floating data, got {dtype}")
