@@ -181,3 +181,11 @@ def test_sidecar_fields_of_a_wrong_type_are_artifact_errors(tmp_path, field, val
     if field != "tags":
         with pytest.raises(ArtifactError, match=field):
             load_exported(tmp_path / "model.stablehlo")
+
+
+def test_dry_run_plan_of_a_custom_target_names_only_what_applies():
+    cfg = config_lib.load("examples/tiny_gpt.yaml", [])
+    text = summary.plan_text(cfg)
+    assert "load custom" in text and "(L6)" not in text
+    assert "the target's own batches" in text and "tiles/token" not in text
+    assert "(400 items" in summary.plan_text(config_lib.load(None, []))

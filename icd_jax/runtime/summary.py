@@ -23,9 +23,12 @@ def plan_text(cfg) -> str:
           + (f"/smooth {q.smooth_alpha:g}" if q.smooth_alpha is not None else "")
           if q.enabled else None,
           f"K=drop {t.kv.drop:g}/block {t.kv.block}" if t.kv.enabled else None]
+    custom = cfg.model.name == "custom"  # the target's own batches decide what runs
+    model = f"custom {cfg.model.target}" if custom else f"{cfg.model.name} ({cfg.model.size})"
+    items = "the target's own batches" if custom else f"{g.sentences} items"
     lines = [
-        f"READY        load {cfg.model.name} ({cfg.model.size}); lock the run directory",
-        f"W_BUILT      {g.source} -> co-access W per axis ({g.sentences} items, "
+        f"READY        load {model}; lock the run directory",
+        f"W_BUILT      {g.source} -> co-access W per axis ({items}, "
         f"top {g.top_frac:g} active, top-{g.topk} neighbours)",
         f"PERMUTED     fit_permutation per axis ({cfg.solver.time_budget_s:g} s budget, "
         f"{cfg.solver.refine_steps} moves); cache {'reuse' if cfg.cache.reuse else 'write'}",
@@ -34,9 +37,12 @@ def plan_text(cfg) -> str:
     if cfg.pipeline.mode == "iterative":
         lines.append("REPERMUTED   W' on the transformed model -> pi1; transforms redone "
                      "under pi0 o pi1")
+    quality = "the target's own batches" if custom else f"{cfg.quality.sentences} items"
+    skip = not custom or (t.sparsity.enabled and t.sparsity.kind == "ffn")
+    tiles = f"tiles/token, simulated L{cfg.measure.sim_level}, " if skip else ""
     lines += [f"MEASURED     latency ({cfg.pipeline.repeats} interleaved rounds, "
-              f"{cfg.pipeline.warmup} warmup), quality ({cfg.quality.sentences} items), "
-              f"tiles/token, simulated L{cfg.measure.sim_level}, NVML/ncu where present",
+              f"{cfg.pipeline.warmup} warmup), quality ({quality}), "
+              f"{tiles}NVML/ncu where present",
               "REPORTED     gates, rollback decision, model.stablehlo, report.html/csv",
               f"config hash  {config_lib.digest(config_lib.resolved(cfg))[:16]}"]
     return "\n".join(lines)
