@@ -131,16 +131,16 @@ def test_permutation_cache_refits_entries_that_do_not_fit(tmp_path):
                                                           Q_identity=0.0)
 
     key = {"k": 1}
-    pi, _, hit = cache.get_or_fit(key, fit, size=4)
+    pi, _, hit = cache.get_or_fit(key, fit, size=4, stats=permcache.FIT_STATS)
     assert not hit and len(calls) == 1
     (entry,) = tmp_path.glob("*.json")
     good = json.loads(entry.read_text())
     for change in ({"perms": {"zzz": [0, 1, 2, 3]}}, {"perms": {"pi": [1, 0]}},
                    {"meta": {"stats": 5}}, {"meta": [1]}):
         entry.write_text(json.dumps({**good, **change}))
-        pi, st, hit = cache.get_or_fit(key, fit, size=4)
+        pi, st, hit = cache.get_or_fit(key, fit, size=4, stats=permcache.FIT_STATS)
         assert not hit and len(pi) == 4 and st["cache"] == "miss"
-    pi, _, hit = cache.get_or_fit(key, fit, size=4)
+    pi, _, hit = cache.get_or_fit(key, fit, size=4, stats=permcache.FIT_STATS)
     assert hit and len(calls) == 5
 
 

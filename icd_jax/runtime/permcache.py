@@ -26,9 +26,11 @@ class PermCache:
         self.timeout = cfg.lock_timeout_s
 
     def get_or_fit(self, key_payload: dict, fit: Callable[[], tuple[np.ndarray, dict]],
-                   size: int | None = None) -> tuple[np.ndarray, dict, bool]:
-        """``(perm, stats, hit)``; ``size``: the permutation's length (a cached entry of
-        another length, like any corrupt one, is refitted)."""
+                   size: int | None = None, stats: tuple[str, ...] = ()
+                   ) -> tuple[np.ndarray, dict, bool]:
+        """``(perm, stats, hit)``; ``size``: the permutation's length, ``stats``: the
+        numbers its stats must hold (a cached entry that does not fit, like a corrupt
+        one, is refitted)."""
         if not self.enabled:
             pi, st = fit()
             return pi, st, False
@@ -39,8 +41,8 @@ class PermCache:
             with FileLock(path + ".lock", timeout=self.timeout):
                 if self.reuse and os.path.exists(path):
                     try:
-                        pi, stats = checked_entry(path, size)
-                        return pi, dict(stats, cache="hit"), True
+                        pi, st = checked_entry(path, size, stats)
+                        return pi, dict(st, cache="hit"), True
                     except ICDError as e:
                         log.warning("permutation cache entry %s is corrupt (%s); refitting",
                                     path, e)
@@ -52,13 +54,15 @@ class PermCache:
                                  f"for more than {self.timeout} s") from e
 
 
-#: The statistics a cached entry must carry (what a fit reports and a run prints).
-STATS = ("C", "C_identity", "Q", "Q_identity")
+#: The statistics of a fit that a run prints (``get_or_fit(..., stats=FIT_STATS)``).
+FIT_STATS = ("C", "C_identity", "Q", "Q_identity")
 
 
-def checked_entry(path: str, size: int | None) -> tuple[np.ndarray, dict]:
+def checked_entry(path: str, size: int | None, names: tuple[str, ...] = ()
+                  ) -> tuple[np.ndarray, dict]:
     """``(pi, stats)`` of a cache entry, or ``ArtifactError`` naming what is wrong: no
-    ``pi``, a permutation of another length, or stats that are not numbers."""
+    ``pi``, a permutation of another length, stats that are not a dict or lack one of
+    the numbers ``names``."""
     perms, meta = artifacts.load_perms(path)
     if "pi" not in perms:
         raise ArtifactError(f"{path}: no 'pi' permutation (has {sorted(perms)[:3]})")
@@ -68,6 +72,7 @@ def checked_entry(path: str, size: int | None) -> tuple[np.ndarray, dict]:
     stats = meta.get("stats") if isinstance(meta, dict) else None
     if not isinstance(stats, dict) or not all(
             isinstance(stats.get(k), (int, float)) and not isinstance(stats.get(k), bool)
-            for k in STATS):
-        raise ArtifactError(f"{path}: meta.stats must hold the numbers {', '.join(STATS)}")
+            for k in names):
+        raise ArtifactError(f"{path}: meta.stats must be a dict holding the numbers "
+                            f"{', '.join(names) or '(none required)'}")
     return pi, stats

@@ -31,7 +31,7 @@ from icd_jax.runtime.arms import Arm
 from icd_jax.runtime.environment import environment
 from icd_jax.runtime.fitting import fit, mean_cost
 from icd_jax.runtime.measurement import Measurement
-from icd_jax.runtime.permcache import PermCache
+from icd_jax.runtime.permcache import FIT_STATS, PermCache
 from icd_jax.runtime.records import Metrics
 from icd_jax.runtime.runfiles import FILES, STATS, file_path
 
@@ -191,7 +191,7 @@ class Run:
                        solver=self.cfg.solver.model_dump(), cost=self.cfg.cost.model_dump(),
                        seed=self.cfg.pipeline.seed, **extra_key)
             pi, st, hit = self.cache.get_or_fit(key, lambda g=g: fit(g.csr, self.cfg),
-                                                size=g.csr.shape[0])
+                                                size=g.csr.shape[0], stats=FIT_STATS)
             hits += hit
             perms[ax], stats[ax] = pi, st
             self.say(f"  {stage} {ax}: C {st['C_identity']:.4f} -> {st['C']:.4f}, "
