@@ -207,12 +207,13 @@ def _row_valid(lq, lk, q0, qc):
     return ((qpos[None, :] < lq[:, None]) & (lk[:, None] > 0))[:, None, None, :]
 
 
-def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
+def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True, masked=False):
     """q ``[n, cq, H, D]``, k ``[n, ck, Hkv, D]``, v ``[n, ck, Hkv, Dv]`` -> out ``[n, cq,
     H, Dv]`` (compute dtype) and, when ``with_lse``, lse ``[n, Hkv, g, cq]``."""
     hk = k.shape[2]
     ct = jnp.promote_types(q.dtype, jnp.float32)
-    q, k, v = rows_within(q, lq), rows_within(k, lk), rows_within(v, lk)  # NaN in a slack
+    if not masked:  # NaN or inf in a slack must not reach a result through 0 * x
+        q, k, v = rows_within(q, lq), rows_within(k, lk), rows_within(v, lk)
     qt = _heads_first(q.astype(ct), hk)
     kt, vt = (x.astype(ct).transpose(0, 2, 1, 3) for x in (k, v))
     bias = _key_bias(lk, kt.shape[2], ct)
@@ -233,15 +234,16 @@ def _step_fwd(q, k, v, lq, lk, causal, scale, qc, with_lse=True):
     return (o, cat(lses)) if with_lse else (o, None)
 
 
-def _step_bwd(q, k, v, lq, lk, o, lse, do, causal, scale, qc):
+def _step_bwd(q, k, v, lq, lk, o, lse, do, causal, scale, qc, masked=False):
     """Recomputing backward of ``_step_fwd``: dq ``[n, cq, H, D]``, dk ``[n, ck, Hkv, D]``
     and dv ``[n, ck, Hkv, Dv]`` in the compute dtype."""
     hk = k.shape[2]
     ct = jnp.promote_types(q.dtype, jnp.float32)
     # rows past the lengths (NaN in a slack; inf in a cotangent where a loss took log(0)
-    # of the zero slack) must not reach the gradients through 0 * x
-    q, o, do = (rows_within(x, lq) for x in (q, o, do))
-    k, v = rows_within(k, lk), rows_within(v, lk)
+    # of the zero slack) must not reach the gradients through 0 * x (o is zero there)
+    do = rows_within(do, lq)
+    if not masked:
+        q, k, v = rows_within(q, lq), rows_within(k, lk), rows_within(v, lk)
     qt, ot, dot = (_heads_first(x.astype(ct), hk) for x in (q, o, do))
     kt, vt = (x.astype(ct).transpose(0, 2, 1, 3) for x in (k, v))
     delta = (dot * ot).sum(-1)  # [n, hk, g, cq]
@@ -292,7 +294,8 @@ def _step_inputs(s, idx, ips, lq, lk):
     return ids, get(lq), get(lk)
 
 
-def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc, with_lse):
+def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc, with_lse,
+               masked=False):
     """Write the group's rows into ``out [B, Cq, H, Dv]``; also return its log-sum-exp
     ``[n_pad, Hkv, g, cq]`` when ``with_lse`` (for the backward pass).
 
@@ -313,7 +316,7 @@ def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc,
         o_all, lse = carry
         ids, a, b = _step_inputs(s, idx, ips, lq, lk)
         o, lse_s = _step_fwd(_rows(qd, ids, cq), _rows(kd, ids, ck), _rows(vd, ids, ck), a,
-                             b, causal, scale, qc, with_lse)
+                             b, causal, scale, qc, with_lse, masked)
         o_all = jax.lax.dynamic_update_slice_in_dim(o_all, o.astype(o_all.dtype), s * ips, 0)
         if with_lse:
             lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_s, s * ips, axis=0)
@@ -327,7 +330,7 @@ def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc,
 
 
 def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, scale, cq,
-               ck, ips, qc):
+               ck, ips, qc, masked=False):
     """Add the group's gradients into ``dq``/``dk``/``dv`` (full batch shapes)."""
     idx, steps = _unpack(meta)
     lq, lk = _flat(lq), _flat(lk)
@@ -338,7 +341,7 @@ def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, 
         ids, a, b = _step_inputs(s, idx, ips, lq, lk)
         g = _step_bwd(_rows(qd, ids, cq), _rows(kd, ids, ck), _rows(vd, ids, ck), a, b,
                       _rows(out, ids, cq), jax.lax.dynamic_slice_in_dim(lse, s * ips, ips),
-                      _rows(dout, ids, cq), causal, scale, qc)
+                      _rows(dout, ids, cq), causal, scale, qc, masked)
         return tuple(jax.lax.dynamic_update_slice_in_dim(acc, x.astype(acc.dtype), s * ips, 0)
                      for acc, x in zip(carry, g))
 
@@ -348,7 +351,7 @@ def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, 
     return put(dq, gq, cq), put(dk, gk, ck), put(dv, gv, ck)
 
 
-_STATIC = ("causal", "scale", "cq", "ck", "ips", "qc")
+_STATIC = ("causal", "scale", "cq", "ck", "ips", "qc", "masked")
 # Two compiled versions of each: eager calls own the buffer they thread through the
 # groups and let XLA update it in place (donated); traced calls (under jit/grad) inline.
 _FWD = {False: jax.jit(_group_fwd, static_argnames=_STATIC + ("with_lse",)),
@@ -371,11 +374,12 @@ def _static(shape: tuple[int, int, int, int]) -> dict:
     return dict(zip(("cq", "ck", "ips", "qc"), shape))
 
 
-def _run_groups(qd, kd, vd, lq, lk, metas, shapes, causal, scale, with_lse, call):
+def _run_groups(qd, kd, vd, lq, lk, metas, shapes, causal, scale, with_lse, call,
+                masked=False):
     out, lses = jnp.zeros(qd.shape[:3] + vd.shape[3:], qd.dtype), []
     for meta, shp in zip(metas, shapes):
         out, lse = call(out, qd, kd, vd, meta, lq, lk, causal=causal, scale=scale,
-                        with_lse=with_lse, **_static(shp))
+                        with_lse=with_lse, masked=masked, **_static(shp))
         lses.append(lse)
     return out, lses
 
@@ -393,7 +397,7 @@ def _fused(qd, kd, vd, lq, lk, packed, *, shapes, sizes, causal, scale, with_lse
                        _group_fwd)
 
 
-def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse):
+def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse, masked=False):
     eager = _eager(qd, kd, vd, lq, lk)
     shapes = tuple(_shapes(g, causal) for g in groups)
     if eager and fuse and groups:
@@ -403,16 +407,17 @@ def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse):
                       sizes=tuple(len(g.idx) for g in groups), causal=causal, scale=scale,
                       with_lse=with_lse)
     return _run_groups(qd, kd, vd, lq, lk, [g.meta for g in groups], shapes, causal, scale,
-                       with_lse, _FWD[eager])
+                       with_lse, _FWD[eager], masked)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse):
-    return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse)[0]
+    """``bucketed_attention`` under a trace, on inputs zero past their lengths."""
+    return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse, True)[0]
 
 
 def _bucketed_fwd(qd, kd, vd, lq, lk, groups, causal, scale, fuse):
-    out, lses = _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, True, fuse)
+    out, lses = _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, True, fuse, True)
     return out, (qd, kd, vd, lq, lk, out, lses)
 
 
@@ -423,7 +428,8 @@ def _bucketed_bwd(groups, causal, scale, fuse, saved, dout):
     dq, dk, dv = (jnp.zeros(x.shape, ct) for x in (qd, kd, vd))
     for g, lse in zip(groups, lses):
         dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.meta, lq, lk, out, lse, dout,
-                          causal=causal, scale=scale, **_static(_shapes(g, causal)))
+                          causal=causal, scale=scale, masked=True,
+                          **_static(_shapes(g, causal)))
     return (dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), float0_zeros(lq),
             float0_zeros(lk))
 
@@ -444,8 +450,11 @@ def bucketed_attention(qd, kd, vd, lq, lk, groups: list[Group], causal: bool,
     arrays nothing can be differentiating, so the forward runs without the custom-VJP
     machinery (its per-call host cost is that of a small program here)."""
     groups, fuse = tuple(groups), bool(fuse)
-    if _eager(qd, kd, vd, lq, lk):
+    if _eager(qd, kd, vd, lq, lk):  # each step zeroes its rows past the lengths
         return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse)[0]
+    # traced: zero the rows past the lengths once, so the saved inputs are clean
+    a, b = _flat(lq), _flat(lk)
+    qd, kd, vd = rows_within(qd, a), rows_within(kd, b), rows_within(vd, b)
     return _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse)
 
 

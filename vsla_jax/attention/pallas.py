@@ -21,9 +21,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from vsla_jax.attention.tiled import TiledBackend, TilingStrategy, flash_backward
+from vsla_jax.attention.tiled import (
+    TiledBackend,
+    TilingStrategy,
+    flash_backward,
+    masked_inputs,
+)
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import is_traced, next_pow2, pad_axis, pad_axis_to, rows_within
+from vsla_jax.util import is_traced, next_pow2, pad_axis, pad_axis_to
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, causal):
@@ -79,8 +84,6 @@ def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int
         return jnp.zeros((0, cq, h, dv), q.dtype), jnp.zeros((0, h, cq), jnp.float32)
     hk = k.shape[2]
     g = h // hk
-    # a slack holding NaN/inf must not reach a result through 0 * x
-    q, k, v = rows_within(q, lq), rows_within(k, lk), rows_within(v, lk)
     qp = pad_axis(q, tq, axis=1)
     ck_pad = max(next_pow2(k.shape[1]), tk)
     kp, vp = pad_axis_to(k, ck_pad, axis=1), pad_axis_to(v, ck_pad, axis=1)
@@ -131,8 +134,7 @@ pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk", "interpret"))
 def _pallas_call(q, k, v, causal, scale, tq, tk, interpret):
-    out = pallas_attention(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal,
-                           scale, tq, tk, interpret)
+    out = pallas_attention(*masked_inputs(q, k, v), causal, scale, tq, tk, interpret)
     return VarTensor.trusted(out, q.lengths, q.model)
 
 

@@ -177,7 +177,6 @@ def _items(fn, *xs):
 
 def _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk):
     cq = qd.shape[1]
-    qd, kd, vd = rows_within(qd, lq), rows_within(kd, lk), rows_within(vd, lk)
     qp, kp, vp = pad_axis(qd, tq, axis=1), pad_axis(kd, tk, axis=1), pad_axis(vd, tk, axis=1)
     out, lse = _items(lambda q, k, v, a, b: _flash_fwd_item(q, k, v, a, b, causal, scale, tq, tk),
                       qp, kp, vp, lq, lk)
@@ -192,10 +191,12 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
     the unpadded capacities of the gradients. Returns the cotangents of
     ``(q, k, v, lq, lk)``.
     """
-    # rows past the lengths of the inputs and of the cotangent (inf where a loss took
-    # log(0) of the zero slack) must not reach the gradients through 0 * x
-    qp, outp, dop = (pad_axis(rows_within(x, lq), tq, axis=1) for x in (q, out, dout))
-    kp, vp = (pad_axis(rows_within(x, lk), tk, axis=1) for x in (k, v))
+    # the cotangent's rows past the lengths (inf where a loss took log(0) of the zero
+    # slack) must not reach the gradients through 0 * x; q, k and v come masked
+    # (``masked_inputs``) and ``out`` is zero there
+    qp, outp = pad_axis(q, tq, axis=1), pad_axis(out, tq, axis=1)
+    dop = pad_axis(rows_within(dout, lq), tq, axis=1)
+    kp, vp = pad_axis(k, tk, axis=1), pad_axis(v, tk, axis=1)
     lsep = pad_axis(lse, tq, axis=2)
     dq, dk, dv = _items(
         lambda q, k, v, a, b, o, s, do: _flash_bwd_item(q, k, v, a, b, o, s, do, causal, scale,
@@ -208,7 +209,8 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
 def flash_attention(qd, kd, vd, lq, lk, causal, scale, tq, tk):
     """Flash-style attention on padded arrays: qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv,
     D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk ``[B]`` -> ``[B, Cq, H, Dv]``; tiles ``tq``/``tk``
-    need not divide the capacities."""
+    need not divide the capacities. The rows past the lengths must be finite (zero:
+    ``masked_inputs``)."""
     return _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk)[0]
 
 
@@ -287,11 +289,17 @@ class TilingStrategy:
 
 
 # -- backend ----------------------------------------------------------------------------
+def masked_inputs(q: VarTensor, k: VarTensor, v: VarTensor):
+    """The data of q, k, v with the rows past their lengths zeroed (NaN or inf in a slack
+    must not reach a result through 0 * x) and the lengths ``[B]`` of q and k."""
+    lq, lk = q.lengths[:, 0], k.lengths[:, 0]
+    return rows_within(q.data, lq), rows_within(k.data, lk), rows_within(v.data, lk), lq, lk
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk"))
 def _tiled_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale, tq: int,
                 tk: int):
-    out = flash_attention(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal,
-                          scale, tq, tk)
+    out = flash_attention(*masked_inputs(q, k, v), causal, scale, tq, tk)
     return VarTensor.trusted(out, q.lengths, q.model)
 
 

@@ -234,7 +234,7 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
         if not jax.config.jax_enable_x64:
             raise VSLATypeError("accumulate_f64 needs jax_enable_x64 (jax.enable_x64(True))")
         a, b = _as_dtype(a, jnp.float64), _as_dtype(b, jnp.float64)
-    elif jnp.issubdtype(out_dtype, jnp.floating) and jnp.dtype(out_dtype).itemsize < 4:
+    elif out_dtype in HALF_FLOATS:
         a, b = _as_dtype(a, jnp.float32), _as_dtype(b, jnp.float32)  # sums of halves in f32
     out = None
     if policy.cpu_kernels and policy.plan == "auto" and method == "auto":
@@ -244,6 +244,10 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
     if out.dtype != out_dtype:
         out = VarTensor.trusted(out.data.astype(out_dtype), out.lengths, out.model)
     return out
+
+
+#: Storage dtypes whose convolutions sum in float32.
+HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _as_dtype(x: VarTensor, dtype) -> VarTensor:
