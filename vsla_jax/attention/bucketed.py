@@ -412,11 +412,20 @@ def _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, with_lse, fuse, masked=F
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse):
-    """``bucketed_attention`` under a trace, on inputs zero past their lengths."""
+    """``bucketed_attention`` under a trace."""
+    qd, kd, vd = _zero_past(qd, kd, vd, lq, lk)
     return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse, True)[0]
 
 
+def _zero_past(qd, kd, vd, lq, lk):
+    """The inputs with their rows past the lengths zeroed: NaN or inf in a slack must not
+    reach a result through 0 * x (done once, inside the custom VJP: no autodiff of it)."""
+    a, b = _flat(lq), _flat(lk)
+    return rows_within(qd, a), rows_within(kd, b), rows_within(vd, b)
+
+
 def _bucketed_fwd(qd, kd, vd, lq, lk, groups, causal, scale, fuse):
+    qd, kd, vd = _zero_past(qd, kd, vd, lq, lk)  # saved zeroed for the backward
     out, lses = _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, True, fuse, True)
     return out, (qd, kd, vd, lq, lk, out, lses)
 
@@ -452,9 +461,6 @@ def bucketed_attention(qd, kd, vd, lq, lk, groups: list[Group], causal: bool,
     groups, fuse = tuple(groups), bool(fuse)
     if _eager(qd, kd, vd, lq, lk):  # each step zeroes its rows past the lengths
         return _run_fwd(qd, kd, vd, lq, lk, groups, causal, scale, False, fuse)[0]
-    # traced: zero the rows past the lengths once, so the saved inputs are clean
-    a, b = _flat(lq), _flat(lk)
-    qd, kd, vd = rows_within(qd, a), rows_within(kd, b), rows_within(vd, b)
     return _bucketed(qd, kd, vd, lq, lk, groups, causal, scale, fuse)
 
 

@@ -21,14 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from vsla_jax.attention.tiled import (
-    TiledBackend,
-    TilingStrategy,
-    flash_backward,
-    masked_inputs,
-)
+from vsla_jax.attention.tiled import TiledBackend, TilingStrategy, flash_backward
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import is_traced, next_pow2, pad_axis, pad_axis_to
+from vsla_jax.util import is_traced, next_pow2, pad_axis, pad_axis_to, rows_within
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, causal):
@@ -113,11 +108,13 @@ def pallas_flash_forward(q, k, v, lq, lk, *, causal: bool, scale: float, tq: int
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def pallas_attention(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
     """Differentiable ``pallas_flash_forward`` (backward: ``tiled.flash_backward``)."""
-    return pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq, tk=tk,
-                                interpret=interpret)[0]
+    return _pallas_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret)[0]
 
 
 def _pallas_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk, interpret):
+    # NaN or inf in a slack must not reach a result through 0 * x: zeroed inside the
+    # custom VJP (no autodiff of the masks) and saved zeroed for the backward
+    qd, kd, vd = rows_within(qd, lq), rows_within(kd, lk), rows_within(vd, lk)
     out, lse = pallas_flash_forward(qd, kd, vd, lq, lk, causal=causal, scale=scale, tq=tq,
                                     tk=tk, interpret=interpret)
     return out, (qd, kd, vd, lq, lk, out, lse)
@@ -134,7 +131,8 @@ pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk", "interpret"))
 def _pallas_call(q, k, v, causal, scale, tq, tk, interpret):
-    out = pallas_attention(*masked_inputs(q, k, v), causal, scale, tq, tk, interpret)
+    out = pallas_attention(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal,
+                           scale, tq, tk, interpret)
     return VarTensor.trusted(out, q.lengths, q.model)
 
 

@@ -177,6 +177,9 @@ def _items(fn, *xs):
 
 def _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk):
     cq = qd.shape[1]
+    # NaN or inf in a slack must not reach a result through 0 * x; inside the custom VJP
+    # (no autodiff of the masks) and saved masked for the backward
+    qd, kd, vd = rows_within(qd, lq), rows_within(kd, lk), rows_within(vd, lk)
     qp, kp, vp = pad_axis(qd, tq, axis=1), pad_axis(kd, tk, axis=1), pad_axis(vd, tk, axis=1)
     out, lse = _items(lambda q, k, v, a, b: _flash_fwd_item(q, k, v, a, b, causal, scale, tq, tk),
                       qp, kp, vp, lq, lk)
@@ -192,8 +195,8 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
     ``(q, k, v, lq, lk)``.
     """
     # the cotangent's rows past the lengths (inf where a loss took log(0) of the zero
-    # slack) must not reach the gradients through 0 * x; q, k and v come masked
-    # (``masked_inputs``) and ``out`` is zero there
+    # slack) must not reach the gradients through 0 * x; q, k and v must come zero there
+    # (as the forwards save them) and ``out`` is
     qp, outp = pad_axis(q, tq, axis=1), pad_axis(out, tq, axis=1)
     dop = pad_axis(rows_within(dout, lq), tq, axis=1)
     kp, vp = pad_axis(k, tk, axis=1), pad_axis(v, tk, axis=1)
@@ -209,8 +212,7 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
 def flash_attention(qd, kd, vd, lq, lk, causal, scale, tq, tk):
     """Flash-style attention on padded arrays: qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv,
     D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk ``[B]`` -> ``[B, Cq, H, Dv]``; tiles ``tq``/``tk``
-    need not divide the capacities. The rows past the lengths must be finite (zero:
-    ``masked_inputs``)."""
+    need not divide the capacities."""
     return _flash_fwd(qd, kd, vd, lq, lk, causal, scale, tq, tk)[0]
 
 
@@ -289,17 +291,11 @@ class TilingStrategy:
 
 
 # -- backend ----------------------------------------------------------------------------
-def masked_inputs(q: VarTensor, k: VarTensor, v: VarTensor):
-    """The data of q, k, v with the rows past their lengths zeroed (NaN or inf in a slack
-    must not reach a result through 0 * x) and the lengths ``[B]`` of q and k."""
-    lq, lk = q.lengths[:, 0], k.lengths[:, 0]
-    return rows_within(q.data, lq), rows_within(k.data, lk), rows_within(v.data, lk), lq, lk
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "tq", "tk"))
 def _tiled_call(q: VarTensor, k: VarTensor, v: VarTensor, causal: bool, scale, tq: int,
                 tk: int):
-    out = flash_attention(*masked_inputs(q, k, v), causal, scale, tq, tk)
+    out = flash_attention(q.data, k.data, v.data, q.lengths[:, 0], k.lengths[:, 0], causal,
+                          scale, tq, tk)
     return VarTensor.trusted(out, q.lengths, q.model)
 
 
