@@ -13,11 +13,11 @@ A permutation ``pi`` is an order: ``pi[p]`` is the original channel at position 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import scipy.sparse as sp
 
+from icd_jax import checks
 from icd_jax.errors import ConfigError
 from icd_jax.permute import invert_order, validate_order
 
@@ -36,14 +36,9 @@ class CostConfig:
 
     def __post_init__(self):
         for name in ("g", "k_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ConfigError(f"CostConfig.{name} must be an integer, got {value!r}")
+            checks.integer(getattr(self, name), f"CostConfig.{name}")
         for name in ("lam", "tau", "alpha", "mu", "beta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or (
-                    not math.isfinite(value)):
-                raise ConfigError(f"CostConfig.{name} must be a finite number, got {value!r}")
+            checks.number(getattr(self, name), f"CostConfig.{name}")
         if self.g < 1 or self.k_blocks < 1:
             raise ConfigError(f"g and k_blocks must be >= 1, got g={self.g}, "
                               f"k_blocks={self.k_blocks}")

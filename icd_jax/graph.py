@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from icd_jax import checks
 from icd_jax.errors import (
     ConfigError,
     DegenerateGraphWarning,
@@ -202,20 +203,15 @@ def planted_blocks(
     multiplied by ``1 + noise * |N(0, 1)|``. With ``shuffle`` the channel order is random,
     so the identity order carries no information.
     """
-    for name, value in (("D", D), ("blocks", blocks), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ConfigError(f"planted_blocks: {name} must be an integer, got {value!r}")
+    checks.integer(D, "planted_blocks: D")
+    checks.integer(blocks, "planted_blocks: blocks")
+    checks.integer(seed, "planted_blocks: seed", 0, 2**32 - 1)
     if D < 2 or blocks < 1 or blocks > D:
         raise ConfigError(f"need D >= 2 and 1 <= blocks <= D, got D={D}, blocks={blocks}")
-    for name, value, lo, hi in (("avg_degree", avg_degree, 0, math.inf),
-                                ("p_intra", p_intra, 0, 1), ("intra", intra, 0, math.inf),
-                                ("inter", inter, 0, math.inf), ("noise", noise, 0, math.inf)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
-                lo <= value <= hi) or not math.isfinite(value):
-            raise ConfigError(f"planted_blocks: {name} must be a finite number in [{lo}, {hi}], "
-                              f"got {value!r}")
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"planted_blocks: seed must lie in [0, 2**32), got {seed}")
+    checks.number(p_intra, "planted_blocks: p_intra", 0, 1)
+    for name, value in (("avg_degree", avg_degree), ("intra", intra), ("inter", inter),
+                        ("noise", noise)):
+        checks.number(value, f"planted_blocks: {name}", 0)
     rng = np.random.default_rng(seed)
     labels = (np.arange(D) * blocks // D).astype(np.int32)
     starts = np.searchsorted(labels, np.arange(blocks))

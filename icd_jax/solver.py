@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
+from icd_jax import checks
 from icd_jax.cost import CostConfig, objective, phi
 from icd_jax.errors import ConfigError, WeightError
 from icd_jax.graph import CoAccessGraph, validate
@@ -432,13 +433,8 @@ def fit_permutation(
     budget = check_budget(time_budget_s)
     if not 0 <= spectral_share <= 1:
         raise ConfigError(f"spectral_share must be in [0, 1], got {spectral_share!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
-            0 <= seed < 2**32):
-        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, (int, np.integer)) or (
-            refine_steps < 0):
-        raise ConfigError(f"refine_steps must be a non-negative integer, got "
-                          f"{refine_steps!r}")
+    checks.integer(seed, "seed", 0, 2**32 - 1)
+    checks.integer(refine_steps, "refine_steps", 0)
     deadline = None if budget is None else t0 + budget
     w = _as_csr(W)
     n = w.shape[0]

@@ -72,7 +72,8 @@ class VarTensor:
         check_model(self.model)
         if hasattr(data, "shape") and hasattr(lengths, "shape"):
             validate_lengths(data.shape, lengths, "VarTensor")
-            object.__setattr__(self, "_checked", self.host_lengths is not None)
+            object.__setattr__(self, "_checked", not is_traced(lengths)
+                               or "_host_lengths" in self.__dict__)
 
     @classmethod
     def trusted(cls, data, lengths, model: str = "A", checked: bool = False,
@@ -372,15 +373,25 @@ def expand_mask(mask: jax.Array, n_features: int) -> jax.Array:
 def zero_slack(x: VarTensor) -> VarTensor:
     """Re-impose the zero-slack invariant; also masks gradients flowing back. The lengths
     (and their host copy) are kept."""
-    data = _zeroed_slack(x.data, x.lengths, x.batch_ndim, x.rank)
+    data = _zeroed_past(x.data, x.lengths, x.batch_ndim, x.rank)
     return VarTensor.trusted(data, x.lengths, x.model, x.lengths_checked, x.host_lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _zeroed_slack(data: jax.Array, lengths: jax.Array, batch_ndim: int, rank: int):
+def zeroed_past(data: jax.Array, lengths: jax.Array, batch_ndim: int, rank: int):
+    """``data [*batch, *capacity, *features]`` with every entry past ``lengths [*batch,
+    rank]`` set to zero: NaN or inf there cannot reach a result through ``0 * x``."""
     capacity = data.shape[batch_ndim:batch_ndim + rank]
     m = expand_mask(extent_mask(lengths, capacity), data.ndim - batch_ndim - rank)
     return jnp.where(m, data, jnp.zeros((), data.dtype))
+
+
+_zeroed_past = jax.jit(zeroed_past, static_argnums=(2, 3))
+
+
+def rows_within(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``zeroed_past`` of rank-1 items ``x [n, C, ...]`` with lengths ``[n]`` (or
+    ``[n, 1]``): rows ``>= lengths[i]`` of item ``i`` set to zero."""
+    return zeroed_past(x, lengths.reshape(-1, 1), 1, 1)
 
 
 def resize_capacity(

@@ -155,14 +155,6 @@ def pad_axis_to(x: jax.Array, size: int, axis: int = 0, value=0) -> jax.Array:
     return jnp.pad(x, pads, constant_values=value)
 
 
-def rows_within(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """``x [n, C, ...]`` with rows ``>= lengths[i]`` of item ``i`` set to zero (lengths
-    ``[n]``): a slack holding NaN or inf cannot reach a result through ``0 * x``."""
-    keep = jnp.arange(x.shape[1])[None, :] < lengths.reshape(-1, 1)
-    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x,
-                     jnp.zeros((), x.dtype))
-
-
 def neg_inf(dtype) -> jax.Array:
     """A large negative score for masked keys that stays finite after adding a real one."""
     return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)

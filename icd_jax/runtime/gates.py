@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from icd_jax.runtime import hostprobe, measure
+from icd_jax.runtime.records import ci_bounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +130,8 @@ def regressions(tol, m: Mapping, cand: str, prev: str) -> tuple[list[str], list[
     if cand in lat and prev in lat:
         a, b = lat[prev], lat[cand]
         slower = measure.change_pct(b["mean_ms"], a["mean_ms"])
-        lo, hi = (b.get("ci95_ms") or [None])[0], (a.get("ci95_ms") or [None, None])[1]
-        disjoint = (isinstance(lo, (int, float)) and isinstance(hi, (int, float))
-                    and lo > hi)  # False without an interval (one repeat, NaN or None)
+        ca, cb = ci_bounds(a.get("ci95_ms")), ci_bounds(b.get("ci95_ms"))
+        disjoint = ca is not None and cb is not None and cb[0] > ca[1]  # needs intervals
         if slower > tol.latency_pct and disjoint:
             reasons.append(f"latency {slower:+.1f}% vs {prev} (tolerance "
                            f"{tol.latency_pct}%, CI95s disjoint)")

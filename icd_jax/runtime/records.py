@@ -13,6 +13,7 @@ read (or set), so a load / dump round trip is the identity.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -24,6 +25,17 @@ from icd_jax.runtime import artifacts
 
 #: A JSON number (int or float; never a bool).
 Num = int | float
+def ci_bounds(ci) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a ``ci95_ms`` pair, or None where there is no interval (one repeat
+    gives NaN in memory and None in ``metrics.json``)."""
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
+        return None
+    lo, hi = ci
+    ok = all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+             for c in ci)
+    return (float(lo), float(hi)) if ok else None
+
+
 #: A gate's status (``gates.gate``).
 Status = Literal["met", "not met", "not measured"]
 

@@ -3,11 +3,10 @@ table a finished run prints."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 
-from icd_jax.runtime.records import Metrics
+from icd_jax.runtime.records import Metrics, ci_bounds
 from icd_jax.runtime.rundir import file_path
 
 
@@ -50,9 +49,8 @@ def plan_text(cfg) -> str:
 
 def _ci_text(ci) -> str:
     """``lo-hi`` of a CI95 pair; n/a where it is missing (one repeat has no interval)."""
-    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(
-        isinstance(c, (int, float)) and math.isfinite(c) for c in ci)
-    return f"{ci[0]:.1f}-{ci[1]:.1f}" if ok else "CI n/a"
+    bounds = ci_bounds(ci)
+    return "CI n/a" if bounds is None else f"{bounds[0]:.1f}-{bounds[1]:.1f}"
 
 
 def summary_text(metrics: Metrics | Mapping, out_dir: str | os.PathLike) -> str:

@@ -41,8 +41,8 @@ import numpy as np
 
 from vsla_jax.attention.reference import masked_softmax
 from vsla_jax.capacity import COUNT_POLICY, CapacityPolicy
-from vsla_jax.tensor import VarTensor
-from vsla_jax.util import float0_zeros, is_traced, neg_inf, pad_axis_to, prev_pow2, rows_within
+from vsla_jax.tensor import VarTensor, rows_within
+from vsla_jax.util import float0_zeros, is_traced, neg_inf, pad_axis_to, prev_pow2
 
 #: Attention buckets: 4 rungs per doubling from 16 (16, 20, 24, 28, 32, 40, ...).
 ATTENTION_POLICY = CapacityPolicy.octave(steps=4, minimum=16)
@@ -330,8 +330,9 @@ def _group_fwd(out, qd, kd, vd, meta, lq, lk, *, causal, scale, cq, ck, ips, qc,
 
 
 def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, scale, cq,
-               ck, ips, qc, masked=False):
-    """Add the group's gradients into ``dq``/``dk``/``dv`` (full batch shapes)."""
+               ck, ips, qc):
+    """Add the group's gradients into ``dq``/``dk``/``dv`` (full batch shapes); ``qd``,
+    ``kd``, ``vd`` are zero past their lengths (as ``_bucketed_fwd`` saves them)."""
     idx, steps = _unpack(meta)
     lq, lk = _flat(lq), _flat(lk)
     n_pad = idx.shape[0]
@@ -341,7 +342,7 @@ def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, 
         ids, a, b = _step_inputs(s, idx, ips, lq, lk)
         g = _step_bwd(_rows(qd, ids, cq), _rows(kd, ids, ck), _rows(vd, ids, ck), a, b,
                       _rows(out, ids, cq), jax.lax.dynamic_slice_in_dim(lse, s * ips, ips),
-                      _rows(dout, ids, cq), causal, scale, qc, masked)
+                      _rows(dout, ids, cq), causal, scale, qc, masked=True)
         return tuple(jax.lax.dynamic_update_slice_in_dim(acc, x.astype(acc.dtype), s * ips, 0)
                      for acc, x in zip(carry, g))
 
@@ -351,11 +352,12 @@ def _group_bwd(dq, dk, dv, qd, kd, vd, meta, lq, lk, out, lse, dout, *, causal, 
     return put(dq, gq, cq), put(dk, gk, ck), put(dv, gv, ck)
 
 
-_STATIC = ("causal", "scale", "cq", "ck", "ips", "qc", "masked")
+_STATIC = ("causal", "scale", "cq", "ck", "ips", "qc")
 # Two compiled versions of each: eager calls own the buffer they thread through the
 # groups and let XLA update it in place (donated); traced calls (under jit/grad) inline.
-_FWD = {False: jax.jit(_group_fwd, static_argnames=_STATIC + ("with_lse",)),
-        True: jax.jit(_group_fwd, static_argnames=_STATIC + ("with_lse",), donate_argnums=0)}
+_FWD = {False: jax.jit(_group_fwd, static_argnames=_STATIC + ("with_lse", "masked")),
+        True: jax.jit(_group_fwd, static_argnames=_STATIC + ("with_lse", "masked"),
+                      donate_argnums=0)}
 _BWD = {False: jax.jit(_group_bwd, static_argnames=_STATIC),
         True: jax.jit(_group_bwd, static_argnames=_STATIC, donate_argnums=(0, 1, 2))}
 
@@ -437,8 +439,7 @@ def _bucketed_bwd(groups, causal, scale, fuse, saved, dout):
     dq, dk, dv = (jnp.zeros(x.shape, ct) for x in (qd, kd, vd))
     for g, lse in zip(groups, lses):
         dq, dk, dv = call(dq, dk, dv, qd, kd, vd, g.meta, lq, lk, out, lse, dout,
-                          causal=causal, scale=scale, masked=True,
-                          **_static(_shapes(g, causal)))
+                          causal=causal, scale=scale, **_static(_shapes(g, causal)))
     return (dq.astype(qd.dtype), dk.astype(kd.dtype), dv.astype(vd.dtype), float0_zeros(lq),
             float0_zeros(lk))
 

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy, flash_backward
-from vsla_jax.tensor import VarTensor
-from vsla_jax.util import is_traced, next_pow2, pad_axis, pad_axis_to, rows_within
+from vsla_jax.tensor import VarTensor, rows_within
+from vsla_jax.util import is_traced, next_pow2, pad_axis, pad_axis_to
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tq, tk, scale, causal):

@@ -12,8 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vsla_jax.tensor import VarTensor
-from vsla_jax.util import neg_inf, rows_within
+from vsla_jax.tensor import VarTensor, rows_within
+from vsla_jax.util import neg_inf
 
 
 def masked_softmax(s: jax.Array, mask: jax.Array | None = None):

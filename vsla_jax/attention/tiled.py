@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsla_jax.errors import VSLAError
-from vsla_jax.tensor import VarTensor
-from vsla_jax.util import cdiv, float0_zeros, neg_inf, next_pow2, pad_axis, rows_within
+from vsla_jax.tensor import VarTensor, rows_within
+from vsla_jax.util import cdiv, float0_zeros, neg_inf, next_pow2, pad_axis
 
 
 # -- one item ---------------------------------------------------------------------------
@@ -195,8 +195,8 @@ def flash_backward(q, k, v, lq, lk, out, lse, dout, causal, scale, tq, tk, cq, c
     ``(q, k, v, lq, lk)``.
     """
     # the cotangent's rows past the lengths (inf where a loss took log(0) of the zero
-    # slack) must not reach the gradients through 0 * x; q, k and v must come zero there
-    # (as the forwards save them) and ``out`` is
+    # slack) must not reach the gradients through 0 * x; q, k and v come zero there (the
+    # forwards save them so) and ``out`` is zero there
     qp, outp = pad_axis(q, tq, axis=1), pad_axis(out, tq, axis=1)
     dop = pad_axis(rows_within(dout, lq), tq, axis=1)
     kp, vp = pad_axis(k, tk, axis=1), pad_axis(v, tk, axis=1)
