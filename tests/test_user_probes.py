@@ -321,3 +321,28 @@ def test_bucketize_checks_its_rank():
         vs.bucketize([np.ones(3)], rank=2)
     with pytest.raises(vs.ShapeError, match="a scalar item has none"):
         vs.bucketize([1.0, 2.0])
+
+
+# -- third probe (2026-12-07) ---------------------------------------------------------------
+def test_heterogeneity_profile_names_bad_lengths():
+    with pytest.raises(LengthError, match="negative lengths"):
+        vs.heterogeneity_profile([3, -1])
+    with pytest.raises(LengthError, match="negative kernel lengths"):
+        vs.heterogeneity_profile([3, 4], [2, -2])
+    with pytest.raises(vs.ShapeError, match="3 kernel lengths for 2 lengths"):
+        vs.heterogeneity_profile([3, 4], [1, 2, 3])
+    assert vs.heterogeneity_profile([3, 4], 5).n == 2
+
+
+def test_items_of_a_batch_keep_host_lengths_also_under_jit():
+    batch = vs.stack([np.ones((3, 2, 4), np.float32), np.ones((5, 2, 4), np.float32)])
+    for item, n in zip(batch, (3, 5)):
+        assert item.host_lengths.tolist() == [n, 2, 4]
+    assert batch[[1, 0]].host_lengths[:, 0].tolist() == [5, 3]
+
+    def inside(x):  # a stacked (rank-3) item needs concrete lengths to find its heads
+        t = vs.tensor(x)
+        assert t.host_lengths.tolist() == [5, 2, 4]
+        return vs.attention(t, t, t).data.sum()
+
+    jax.jit(jax.grad(inside))(jnp.ones((5, 2, 4)))

@@ -196,7 +196,11 @@ def _stack_traced(arrays, lengths, rank: int, feats, policy, model, dtype) -> Va
         else:
             rows.append(resize_capacity(jnp.asarray(a, dtype), 0, a.shape[:rank], cap))
             lens.append(jnp.asarray(np.asarray(n, np.int32)))
-    return VarTensor.trusted(jnp.stack(rows), jnp.stack(lens).astype(jnp.int32), model)
+    if any(s is None for s in static):
+        return VarTensor.trusted(jnp.stack(rows), jnp.stack(lens).astype(jnp.int32), model)
+    host = np.asarray(static, np.int32).reshape(len(arrays), rank)  # known on the host
+    return VarTensor.trusted(jnp.stack(rows), jnp.asarray(host), model, checked=True,
+                             host_lengths=host)
 
 
 def _as_batch(items: Sequence[Any] | VarTensor, policy: CapacityPolicy | None) -> VarTensor:

@@ -222,7 +222,15 @@ class VarTensor:
             )
         index = tuple(_check_batch_index(i, ax, self.batch_shape[ax])
                       for ax, i in enumerate(index))
-        return VarTensor.trusted(self.data[index], self.lengths[index], self.model)
+        host = self.__dict__.get("_host_lengths")
+        if host is not None and not any(is_traced(i) for i in index):
+            host = np.asarray(host[tuple(np.asarray(i) if isinstance(i, jax.Array) else i
+                                         for i in index)])
+        else:
+            host = None
+        return VarTensor.trusted(self.data[index], self.lengths[index], self.model,
+                                 checked=self.lengths_checked,
+                                 host_lengths=host)
 
     # ``+``, ``-``, unary ``-`` and ``*`` are attached by ``vsla_jax.ops`` (which
     # depends on this module, not the other way round).

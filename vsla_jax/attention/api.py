@@ -8,7 +8,8 @@ zero slack. Query ``i`` of item ``b`` attends to keys
 ``j < lk[b]`` (and ``j <= i`` when causal, positions aligned at the start); items with
 no keys return zeros. Batches stacked with every axis variable (``vs.stack(items)`` of
 ``[n, H, D]`` arrays) are accepted when the trailing axes have the same concrete lengths
-in every item.
+in every item. Unbatched inputs (one sequence each, or what ``jax.vmap`` over a batch
+hands over) run as a batch of one and give an unbatched result.
 
 Backends (all exact), one module each:
   ``xla``       ``reference``: dense masked attention over the padded batch;
@@ -251,6 +252,14 @@ def check_layouts(q, k, v) -> tuple[Layout, Layout, Layout]:
     return lq, lk, lv
 
 
+def as_batch(x: VarTensor) -> VarTensor:
+    """An unbatched VarTensor as a batch of one (a new leading axis of size 1)."""
+    host = x.__dict__.get("_host_lengths")
+    return VarTensor.trusted(x.data[None], x.lengths[None], x.model,
+                             checked=x.lengths_checked,
+                             host_lengths=None if host is None else host[None])
+
+
 def check_inputs(q: VarTensor, k: VarTensor, v: VarTensor) -> tuple[VarTensor, ...]:
     """Validate ``q, k, v`` for attention (``check_layouts``) and return them as rank-1
     batches with features ``(H, D)`` (batches stacked with every axis variable are
@@ -341,6 +350,16 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     under forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
     ``custom_vjp`` backends refuse, the ``xla`` backend runs instead.
     """
+    items = [isinstance(x, VarTensor) and x.batch_ndim == 0 for x in (q, k, v)]
+    if all(items):  # one sequence each (also what jax.vmap over a batch hands over)
+        out = attention(as_batch(q), as_batch(k), as_batch(v), causal=causal, scale=scale,
+                        backend=backend, tile=tile, config=config)
+        return VarTensor.trusted(out.data[0], out.lengths[0], out.model,
+                                 checked=out.lengths_checked)
+    if any(items):
+        raise ShapeError("attention: q, k and v must all be batches or all be single "
+                         f"items; got batch shapes {q.batch_shape}, {k.batch_shape}, "
+                         f"{v.batch_shape}")
     layouts = check_layouts(q, k, v)
     tiles = check_tile(tile)
     if config is not None and not isinstance(config, AttentionConfig):

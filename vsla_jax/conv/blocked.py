@@ -47,7 +47,7 @@ from vsla_jax.capacity import CapacityPolicy
 from vsla_jax.conv import kernels
 from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel
 from vsla_jax.errors import ShapeError, VSLATypeError
-from vsla_jax.util import aligned_empty, as_arrays
+from vsla_jax.util import aligned_empty, as_arrays, is_traced
 
 METHODS = ("auto", "direct", "fft")
 
@@ -87,6 +87,14 @@ class FlatRagged:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def items(self) -> list[jax.Array]:
+        """Exact-length JAX items in their original order (slices: also under ``jit``
+        and ``grad``)."""
+        dtype = self.values[0].dtype if self.values else jnp.float32
+        return [self.values[p][o : o + n] if p >= 0 else jnp.zeros(0, dtype)
+                for p, o, n in zip(self.part.tolist(), self.offsets.tolist(),
+                                   self.lengths.tolist())]
 
     def to_list(self) -> list[np.ndarray]:
         """Exact-length NumPy items in their original order (one copy per array)."""
@@ -261,14 +269,21 @@ def cached_plan(key_a: bytes, key_b: bytes, method: str, cost: CostModel):
 
 
 def pack_blocks(plan: BlockPlan, xs: Sequence[np.ndarray], ks: Sequence[np.ndarray],
-                dtype) -> np.ndarray:
+                dtype) -> np.ndarray | jax.Array:
     """The packed ``[plan.total_in]`` host input of ``conv_blocked_values``.
 
     Per class: every item's longer operand, zero-padded to its blocks
     (``[blocks, block]`` row-major), then every block's copy of its item's shorter
     operand, zero-padded to ``taps`` (``[blocks, taps]``). One ``np.concatenate`` and
-    one ``np.take`` with the plan's ``source`` index.
+    one ``np.take`` with the plan's ``source`` index (``jnp`` ops when an operand is
+    traced, so that ``conv_packed`` works under ``jit`` and ``grad``).
     """
+    if any(map(is_traced, (*xs, *ks))):
+        if not plan.source.size:
+            return jnp.zeros(1, dtype)
+        flat = jnp.concatenate([*(jnp.asarray(a, dtype) for a in (*xs, *ks)),
+                                jnp.zeros(1, dtype)])
+        return jnp.take(flat, plan.source, mode="clip")
     flat = np.concatenate([*xs, *ks, np.zeros(1, dtype)], dtype=dtype, casting="unsafe")
     if not plan.source.size:
         return np.zeros(1, dtype)

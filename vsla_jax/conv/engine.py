@@ -30,7 +30,7 @@ from vsla_jax.conv import blocked, bucketed, cpu
 from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel, calibrate, calibrated_or_none
 from vsla_jax.conv.kernels import conv_output_lengths
 from vsla_jax.conv.padded import all_finite, check_dtypes, conv_arrays, conv_padded
-from vsla_jax.errors import ShapeError, VSLATypeError
+from vsla_jax.errors import LengthError, ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor, check_pair, zero_slack
 from vsla_jax.util import is_traced
 
@@ -177,9 +177,17 @@ def heterogeneity_profile(
     if ln.size == 0:
         raise ShapeError("heterogeneity_profile needs at least one length")
     if (ln < 0).any():
-        raise ShapeError(f"negative lengths in profile: min {ln.min()}")
-    kl = np.ones_like(ln) if kernel_lengths is None else np.broadcast_to(
-        np.asarray(kernel_lengths, np.int64).reshape(-1), ln.shape)
+        raise LengthError(f"heterogeneity_profile: negative lengths, min {ln.min()}")
+    kl = np.ones_like(ln)
+    if kernel_lengths is not None:
+        kl = np.asarray(kernel_lengths, np.int64).reshape(-1)
+        if kl.size not in (1, ln.size):
+            raise ShapeError(f"heterogeneity_profile: {kl.size} kernel lengths for "
+                             f"{ln.size} lengths (give one, or one per item)")
+        if (kl < 0).any():
+            raise LengthError(f"heterogeneity_profile: negative kernel lengths, min "
+                              f"{kl.min()}")
+        kl = np.broadcast_to(kl, ln.shape)
     pos = ln[ln > 0]
     mx = float(ln.max())
     mn = float(pos.min()) if pos.size else 0.0
