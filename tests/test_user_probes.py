@@ -346,3 +346,68 @@ def test_items_of_a_batch_keep_host_lengths_also_under_jit():
         return vs.attention(t, t, t).data.sum()
 
     jax.jit(jax.grad(inside))(jnp.ones((5, 2, 4)))
+
+
+def test_vartensor_over_shape_specs_is_abstract_for_eval_shape():
+    spec = vs.VarTensor(jax.ShapeDtypeStruct((3, 8), jnp.float32),
+                        jax.ShapeDtypeStruct((3, 1), jnp.int32))
+    assert spec.host_lengths is None and not spec.lengths_checked
+    fn = lambda a: vs.conv(a, vs.tensor([1.0, 2.0]))
+    out = jax.eval_shape(fn, spec)
+    real = fn(vs.VarTensor(np.ones((3, 8), np.float32), [[1], [8], [0]]))
+    assert out.data.shape == real.data.shape and out.lengths.shape == (3, 1)
+
+
+def test_exported_functions_of_vartensors_serialize_and_run():
+    q = vs.stack([np.ones((n, 2, 4), np.float32) for n in (3, 5)], rank=1)
+    fn = jax.jit(lambda x: vs.attention(x, x, x, backend="xla") + x)
+    exp = jax.export.export(fn)(q)
+    back = jax.export.deserialize(exp.serialize())
+    got = back.call(q)
+    assert isinstance(got, vs.VarTensor)
+    np.testing.assert_allclose(got.data, fn(q).data, rtol=1e-6)
+
+
+def test_ambient_ops_export_with_a_symbolic_batch():
+    (b,) = jax.export.symbolic_shape("b")
+    d = jax.ShapeDtypeStruct((b, 8), jnp.float32)
+    n = jax.ShapeDtypeStruct((b, 1), jnp.int32)
+    exp = jax.export.export(jax.jit(lambda d, n: (vs.VarTensor(d, n) * 2.0
+                                                  + vs.VarTensor(d, n)).data))(d, n)
+    x = vs.stack([np.arange(3.0, dtype=np.float32), np.ones(8, np.float32)])
+    np.testing.assert_allclose(exp.call(x.data, x.lengths), 3 * x.data)
+
+
+def test_shard_batch_takes_the_only_axis_of_a_mesh_or_names_the_axes():
+    x = vs.stack([np.ones(n, np.float32) for n in (1, 2)])
+    out = vs.shard_batch(x, vs.batch_mesh(axis="data"))
+    assert out.data.sharding.spec[0] == "data"
+    with pytest.raises(vs.ShapeError, match=r"no axis 'rows' \(its axes: \('data',\)\)"):
+        vs.shard_batch(x, vs.batch_mesh(axis="data"), axis="rows")
+
+
+def test_pallas_attention_in_float64_is_float64_accurate():
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        q = vs.stack([rng.standard_normal((n, 2, 4)) for n in (5, 2)], rank=1)
+        assert q.dtype == jnp.float64
+        got = vs.attention(q, q, q, backend="pallas", causal=True).data
+        want = vs.attention(q, q, q, backend="xla", causal=True).data
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("features", [(), (2,)])
+def test_fft_conv_of_large_finite_items_stays_finite(features):
+    # |x| ~ 1e36 with a long kernel: the exact result (|y| ~ 1e35) fits float32, but
+    # unscaled spectra overflowed and the XLA engine's FFT returned NaN everywhere
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3000, *features)) * 1e36).astype(np.float32)
+    k = (rng.standard_normal((2000, *features)) * 1e-3).astype(np.float32)
+    policy = vs.ConvPolicy(cpu_kernels=False, calibrate=False)
+    got = vs.conv(vs.stack([x], rank=1), vs.stack([k], rank=1), method="fft",
+                  policy=policy).to_list()[0]
+    x64, k64 = x.astype(np.float64), k.astype(np.float64)
+    want = np.stack([np.convolve(x64[:, c], k64[:, c]) for c in range(x.shape[1])], 1) if (
+        features) else np.convolve(x64, k64)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

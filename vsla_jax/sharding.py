@@ -33,14 +33,21 @@ def pad_batch(x: VarTensor, multiple: int) -> VarTensor:
     return VarTensor(data, lengths, x.model)
 
 
-def shard_batch(x: VarTensor, mesh: Mesh | None = None, axis: str = "batch",
+def shard_batch(x: VarTensor, mesh: Mesh | None = None, axis: str | None = None,
                 pad: bool = False) -> VarTensor:
     """Place ``x`` with its leading batch axis split over ``mesh`` axis ``axis``.
 
-    The batch size must divide evenly over the devices, or pass ``pad=True`` to append
-    empty items.
+    ``axis`` defaults to ``"batch"``, or to the mesh's only axis. The batch size must
+    divide evenly over the devices, or pass ``pad=True`` to append empty items.
     """
-    mesh = mesh or batch_mesh(axis=axis)
+    if mesh is None:
+        mesh = batch_mesh(axis=axis or "batch")
+    names = tuple(mesh.axis_names)
+    if axis is None:
+        axis = names[0] if len(names) == 1 else "batch"
+    if axis not in names:
+        raise ShapeError(f"shard_batch: the mesh has no axis {axis!r} (its axes: {names}); "
+                         "pass axis= one of them")
     n_dev = mesh.shape[axis]
     if x.batch_ndim == 0:
         raise ShapeError("shard_batch needs a batched VarTensor")

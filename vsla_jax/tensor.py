@@ -72,8 +72,9 @@ class VarTensor:
         check_model(self.model)
         if hasattr(data, "shape") and hasattr(lengths, "shape"):
             validate_lengths(data.shape, lengths, "VarTensor")
-            object.__setattr__(self, "_checked", not is_traced(lengths)
-                               or "_host_lengths" in self.__dict__)
+            object.__setattr__(self, "_checked", not (
+                is_traced(lengths) or isinstance(lengths, jax.ShapeDtypeStruct))
+                or "_host_lengths" in self.__dict__)
 
     @classmethod
     def trusted(cls, data, lengths, model: str = "A", checked: bool = False,
@@ -105,7 +106,8 @@ class VarTensor:
         """The lengths as a read-only NumPy ``[*batch, rank]`` array (None when traced),
         read once and kept: a VarTensor is immutable (``vs.stack`` hands its copy over)."""
         host = self.__dict__.get("_host_lengths")
-        if host is None and not is_traced(self.lengths):
+        if host is None and not (is_traced(self.lengths)
+                                 or isinstance(self.lengths, jax.ShapeDtypeStruct)):
             host = np.array(self.lengths, copy=isinstance(self.lengths, np.ndarray) or None)
             host.setflags(write=False)
             self.__dict__["_host_lengths"] = host
@@ -248,6 +250,11 @@ def _unflatten(model, children) -> VarTensor:
 jax.tree_util.register_pytree_with_keys(
     VarTensor, _flatten_with_keys, _unflatten,
     flatten_func=lambda x: ((x.data, x.lengths), x.model))
+# functions taking or returning VarTensors serialize with jax.export (auxdata: the model)
+jax.export.register_pytree_node_serialization(
+    VarTensor, serialized_name="vsla_jax.VarTensor",
+    serialize_auxdata=lambda model: model.encode(),
+    deserialize_auxdata=lambda raw: raw.decode())
 
 
 def validate_lengths(data_shape, lengths, who: str) -> None:
@@ -265,8 +272,8 @@ def validate_lengths(data_shape, lengths, who: str) -> None:
     if tuple(data_shape[:nb]) != tuple(lengths.shape[:-1]):
         raise ShapeError(f"{who}: data batch shape {tuple(data_shape[:nb])} != lengths batch "
                          f"shape {tuple(lengths.shape[:-1])}")
-    if is_traced(lengths):
-        return
+    if is_traced(lengths) or isinstance(lengths, jax.ShapeDtypeStruct):
+        return  # trusted: traced, or abstract (jax.eval_shape / export specs)
     ln = np.asarray(lengths)
     if not np.issubdtype(ln.dtype, np.integer):
         raise VSLATypeError(f"{who}: lengths must be integers, got dtype {ln.dtype}")
@@ -464,7 +471,7 @@ def check_pair_shapes(lengths_a: tuple, data_a: tuple, lengths_b: tuple, data_b:
     if rank_a != rank_b:
         raise ShapeError(f"{op}: ranks differ ({rank_a} vs {rank_b})")
     try:
-        np.broadcast_shapes(tuple(batch_a), tuple(batch_b))
+        jnp.broadcast_shapes(tuple(batch_a), tuple(batch_b))
     except ValueError:
         raise ShapeError(f"{op}: batch shapes {tuple(batch_a)} and {tuple(batch_b)} do not "
                          "broadcast") from None
@@ -484,7 +491,7 @@ def align_batch(x: VarTensor, nb: int) -> tuple[jax.Array, jax.Array]:
 def broadcast_operands(a: VarTensor, b: VarTensor):
     """``(batch, da, la, db, lb)``: zero-slack data and lengths broadcast to one batch."""
     nb = max(a.batch_ndim, b.batch_ndim)
-    batch = tuple(np.broadcast_shapes(a.batch_shape, b.batch_shape))
+    batch = tuple(jnp.broadcast_shapes(a.batch_shape, b.batch_shape))
     da, la = align_batch(zero_slack(a), nb)
     db, lb = align_batch(zero_slack(b), nb)
     da = jnp.broadcast_to(da, batch + da.shape[nb:])

@@ -141,7 +141,8 @@ class PallasBackend(TiledBackend):
 
     ``interpret``: run the kernel in the Pallas interpreter (True), compile it (False), or
     interpret exactly when the default JAX backend is not a GPU (None). Tiles are powers
-    of two (at least 16, as Triton requires for ``dot``)."""
+    of two (at least 16, as Triton requires for ``dot``). The kernel computes in float32;
+    float64 inputs run the ``tiled`` backend (the same algorithm in XLA) instead."""
 
     name = "pallas"
 
@@ -150,6 +151,8 @@ class PallasBackend(TiledBackend):
         self.interpret = interpret
 
     def compute(self, q, k, v, causal, scale, plan) -> VarTensor:
+        if q.dtype == jnp.float64:  # the kernel scores in float32: float64 runs tiled
+            return super().compute(q, k, v, causal, scale, plan)
         interpret = (jax.default_backend() != "gpu") if self.interpret is None else bool(
             self.interpret)
         tq, tk = (max(16, next_pow2(plan[t])) for t in ("tq", "tk"))

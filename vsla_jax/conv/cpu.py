@@ -126,7 +126,7 @@ def _cpu_arrays(da, la, db, lb, max_threads: int = 0):
     """da ``[*batch_a, Ca]``, la ``[*batch_a, 1]``, db/lb likewise (batch shapes
     broadcast) -> ``(out [*batch, Ca + Cb - 1], lengths int32 [*batch, 1])``. Arrays in
     and out: VarTensor pytrees cost the jitted call's dispatch ~15 us more."""
-    batch = tuple(np.broadcast_shapes(da.shape[:-1], db.shape[:-1]))
+    batch = tuple(jnp.broadcast_shapes(da.shape[:-1], db.shape[:-1]))
     dt = jnp.result_type(da.dtype, db.dtype)
     da = jnp.broadcast_to(da.astype(dt), batch + da.shape[-1:])
     db = jnp.broadcast_to(db.astype(dt), batch + db.shape[-1:])

@@ -350,7 +350,7 @@ def _dispatch(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy) -> Va
     choice, _, key = _choose(a, b, method, policy)
     if choice == "padded":
         cost = policy.cost_model(may_measure=False)
-        items = int(np.prod(np.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
+        items = int(np.prod(jnp.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
         m = cost.choose(a.capacity, b.capacity, max(items, 1)) if method == "auto" else method
         return conv_padded(a, b, m, method == "auto", pmode)
     policy.layouts.record(_family(a, b), _layout(choice, key))

@@ -168,11 +168,26 @@ def fft_conv(a: jax.Array, b: jax.Array, nb: int, rank: int) -> jax.Array:
     axes = tuple(range(nb, nb + rank))
     dt = jnp.result_type(a.dtype, b.dtype)
     ft = jnp.promote_types(dt, jnp.float32)  # XLA's FFT takes float32/float64, not halves
-    fa = jnp.fft.rfftn(a.astype(ft), s=sizes, axes=axes)
-    fb = jnp.fft.rfftn(b.astype(ft), s=sizes, axes=axes)
+    a, b = a.astype(ft), b.astype(ft)
+    # each item scaled by a power of two to |x| <= 1 (exact): the spectra of large finite
+    # items (|x| ~ 1e36 in float32) would overflow where the result itself does not
+    sa, sb = pow2_scale(a, nb), pow2_scale(b, nb)
+    fa = jnp.fft.rfftn(a / sa, s=sizes, axes=axes)
+    fb = jnp.fft.rfftn(b / sb, s=sizes, axes=axes)
     out = jnp.fft.irfftn(fa * fb, s=sizes, axes=axes)
     idx = tuple([slice(None)] * nb + [slice(0, c) for c in cap_o])
-    return out[idx].astype(dt)
+    return (out[idx] * sa * sb).astype(dt)
+
+
+def pow2_scale(x: jax.Array, nb: int) -> jax.Array:
+    """Per item (all axes after the ``nb`` batch axes, kept as size 1): the power of two
+    ``2**e >= max |x|`` (1 for all-zero or non-finite items), within the normal range of
+    ``x.dtype``. Dividing by it is exact; it carries no gradient."""
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=tuple(range(nb, x.ndim)),
+                                         keepdims=True, initial=0))
+    info = jnp.finfo(x.dtype)
+    e = jnp.clip(jnp.frexp(peak)[1], info.minexp, info.maxexp - 1)
+    return jnp.exp2(e.astype(x.dtype))
 
 
 def conv_output_lengths(la, lb):
