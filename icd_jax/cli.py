@@ -108,7 +108,7 @@ def main(argv):
             cfg = config_lib.load(config_lib.resolved(cfg), ["pipeline.mode=iterative"])
         if FLAGS.dry_run:
             print(json.dumps(config_lib.resolved(cfg), indent=1))
-            print(plan_text(cfg))
+            print(plan_text(cfg, FLAGS.pair_repeats if cmd == "pair" else None))
             return 0
         from icd_jax.runtime import artifacts
         say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

@@ -255,6 +255,16 @@ def permute_output(spec: ModelSpec, output: str, y, perms: Mapping[str, object])
     return _take(y, order, -1)
 
 
+def restore_output(spec: ModelSpec, output: str, y, perms: Mapping[str, object]):
+    """Undo ``permute_output``: ``y``, output ``output`` of the model under ``perms``,
+    back in the dense order of its last axis (unlisted outputs are returned as they are)."""
+    ax = spec.outputs.get(output)
+    if ax is None or ax not in perms:
+        return y
+    order = check_order(ax, perms[ax], spec.axis(ax).size)
+    return _take(y, np.argsort(order), -1)
+
+
 def random_perms(spec: ModelSpec, seed: int = 0,
                  names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """A random order for every axis (or for ``names``), reproducible from ``seed``."""

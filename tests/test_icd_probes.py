@@ -189,3 +189,10 @@ def test_dry_run_plan_of_a_custom_target_names_only_what_applies():
     assert "load custom" in text and "(L6)" not in text
     assert "the target's own batches" in text and "tiles/token" not in text
     assert "(400 items" in summary.plan_text(config_lib.load(None, []))
+
+
+def test_pair_dry_run_names_the_rounds_pair_times():
+    res = icd("pair", "--dry-run", "--pair_repeats", "40")
+    assert res.returncode == 0, res.stderr
+    assert "latency (40 interleaved rounds" in res.stdout
+    assert "latency (10 interleaved rounds" in icd("run", "--dry-run").stdout

@@ -497,7 +497,13 @@ def test_run_refuses_a_user_folder_before_touching_it(tmp_path):
 
 
 def test_restart_removes_only_stale_files_a_run_wrote(tmp_path):
-    stale = ("perm_after.json", "W_after.npz", "stats_repermuted.json")
+    # every file a run writes as it goes: a failed new run must not report the old W,
+    # orders, stats or StableHLO as its own (a probe found them in the new report)
+    from icd_jax.runtime.runfiles import FILES, RUN_OUTPUTS
+
+    stale = tuple(FILES[k] for k in RUN_OUTPUTS)
+    assert {"W.npz", "perm_before.json", "stats_permuted.json", "model.stablehlo",
+            "model.mlir", "model.json", "metrics.json", "report.html"} <= set(stale)
     cfg = config.load(tiny(tmp_path, pipeline={"mode": "linear"}))
 
     def folder(name, force, marked=True):

@@ -217,3 +217,92 @@ def test_a_user_target_runs_the_whole_loop(tmp_path):
     assert m["transforms"]["quant"]["ok"]
     assert any("weight-only" in f for f in m["fallbacks"]) is False  # act none: as asked
     assert "stablehlo" in res.files, m["warnings"]
+
+
+# -- outputs on a permuted axis (a probe found the pipeline scoring them permuted) ----------
+class Embedder(MLP):
+    """The MLP's hidden layer as the output: ``relu(x W0 + b0)``, on the ``hidden`` axis
+    (listed in ``spec.outputs``), scored by cosine fidelity to the dense output (%)."""
+
+    def __init__(self, seed: int = 0, as_dict: bool = False, key: str = "embedding"):
+        uses = (permute.AxisUse("dense_0/kernel", 1), permute.AxisUse("dense_0/bias", 0),
+                permute.AxisUse("dense_1/kernel", 0))
+        super().__init__(seed, permute.ModelSpec(
+            "emb", (permute.PermAxis("hidden", HIDDEN, uses),), outputs={key: "hidden"}))
+        self.as_dict = as_dict
+
+    def forward(self, params, batch):
+        h = jnp.maximum(batch[0] @ params["dense_0"]["kernel"] + params["dense_0"]["bias"], 0)
+        return {"embedding": h, "logits": h @ params["dense_1"]["kernel"]} if (
+            self.as_dict) else h
+
+    def quality(self, outputs, dense_outputs, batches):
+        pick = (lambda o: o["embedding"]) if self.as_dict else (lambda o: o)
+        return np.concatenate([100.0 * np.sum(pick(o) * pick(d), -1) / np.maximum(
+            np.linalg.norm(pick(o), axis=-1) * np.linalg.norm(pick(d), axis=-1), 1e-12)
+            for o, d in zip(outputs, dense_outputs)])
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_outputs_on_a_permuted_axis_are_scored_in_the_dense_order(as_dict):
+    user = Embedder(as_dict=as_dict)
+    target.check(user)
+    cfg = custom_cfg(quant={"enabled": False})
+    ut = usertarget.UserTarget(cfg, user)
+    arm = ut.arm("before", permute.random_perms(user.spec, seed=5), cfg.transform)
+    q = ut.quality(arm)
+    assert q["value"] == pytest.approx(100.0, abs=1e-4) and abs(q["drop_pp"]) < 1e-4
+    out = ut.outputs(arm)[0]
+    dense = ut.outputs(ut.dense_arm())[0]
+    np.testing.assert_allclose(out["embedding"] if as_dict else out,
+                               dense["embedding"] if as_dict else dense, rtol=1e-5, atol=1e-5)
+
+
+def test_check_permutes_output_axes_too():
+    user = Embedder()
+    user.params["dense_0"]["bias"] += 1.0  # a forgotten bias use must show on the output
+    user.spec = permute.ModelSpec("emb", (permute.PermAxis("hidden", HIDDEN, (
+        permute.AxisUse("dense_0/kernel", 1), permute.AxisUse("dense_1/kernel", 0))),),
+        outputs={"embedding": "hidden"})
+    with pytest.raises(TargetError, match="not function-preserving"):
+        target.check(user)
+
+
+def _with(obj, **attrs):
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    return obj
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: Embedder(as_dict=True, key="emb"), "spec.outputs names ['emb'], which "
+     "forward's dict does not have"),
+    (lambda: _with(MLP(), forward=lambda p, b: {"y": ["not", "an", "array"]}),
+     "forward must return an array or a dict of arrays"),
+])
+def test_check_names_outputs_it_cannot_read(make, needle):
+    with pytest.raises(TargetError, match=None) as e:
+        target.check(make())
+    assert needle in str(e.value), str(e.value)
+
+
+def test_latency_gate_needs_the_change_beyond_the_noise():
+    targets = config.load(None, []).gates
+    dense = dict(mean_ms=1.0, ci95_ms=[0.9, 1.1])
+    for active, status, disjoint in (
+            (dict(mean_ms=0.5, ci95_ms=[0.45, 0.55]), "met", True),
+            (dict(mean_ms=0.5, ci95_ms=[0.0, 1.0]), "not met", False),
+            (dict(mean_ms=0.5, ci95_ms=[None, None]), "not met", None),
+            (dict(mean_ms=0.95, ci95_ms=[0.9, 1.0]), "not met", False)):
+        g = gates.evaluate(targets, dict(latency=dict(dense=dense, after=active)), "after")
+        assert g["latency"]["status"] == status and g["latency"]["ci95_disjoint"] is disjoint
+        if status == "not met" and active["mean_ms"] == 0.5:
+            assert "within the timing noise" in g["latency"]["reason"]
+
+
+def test_a_slowdown_budget_is_met_by_the_means():
+    targets = config.load({"gates": {"latency_pct": 5.0}}).gates
+    lat = dict(dense=dict(mean_ms=1.0, ci95_ms=[0.5, 1.5]),
+               after=dict(mean_ms=1.02, ci95_ms=[0.5, 1.5]))
+    g = gates.evaluate(targets, dict(latency=lat), "after")["latency"]
+    assert g["status"] == "met" and g["ci95_disjoint"] is False

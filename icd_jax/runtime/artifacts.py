@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ArtifactError, ConfigError
-from icd_jax.runtime.runfiles import FILES, file_path
+from icd_jax.runtime.runfiles import FILES, RUN_OUTPUTS, file_path
 from vsla_jax.util import atomic_write_bytes
 
 #: Atomic write (temp file, fsync, rename) of bytes: the project's one writer.
@@ -110,10 +110,12 @@ def foreign_files(path: str | os.PathLike) -> frozenset[str] | None:
 
 
 def archive_unfinished(path: str | os.PathLike, say=print) -> None:
-    """Before a run starts in ``path``: a previous run that did not reach REPORTED has its
-    ``events.jsonl`` archived as ``.prev``, and the files only an iterative run writes are
-    removed; only known run files, only in a folder carrying the run marker, never one its
-    marker lists as there before a run claimed the folder (``--force``). ``say`` reports."""
+    """Before a run starts in ``path``: the previous run's ``events.jsonl`` is archived as
+    ``.prev`` and every file it wrote as it went (``RUN_OUTPUTS``: W, the orders, stats,
+    metrics, report, StableHLO) is removed, so that a report shows only what the new run
+    ran; only known run files, only in a folder carrying the run marker, never one its
+    marker lists as there before a run claimed the folder (``--force``). ``say`` reports
+    a previous run that did not finish."""
     foreign = foreign_files(path)
     if foreign is None:
         return
@@ -130,7 +132,7 @@ def archive_unfinished(path: str | os.PathLike, say=print) -> None:
         prev_ev = file_path(folder, "events_prev")
         if os.path.exists(ev) and ours(ev) and ours(prev_ev):
             os.replace(ev, prev_ev)
-    for key in ("perm_after", "w_after", "stats_repermuted"):
+    for key in RUN_OUTPUTS:
         stale = file_path(folder, key)
         if os.path.exists(stale) and ours(stale):
             os.unlink(stale)

@@ -63,6 +63,24 @@ def gate(value: float | None, target: float, unit: str, lower: bool,
                 reason=None)
 
 
+def latency_significance(record: dict, active: Mapping, dense: Mapping) -> dict:
+    """A latency gate that claims a speedup (a negative target) is met only when the
+    speedup is beyond the timing noise: the active arm's CI95 lies wholly below dense's.
+    Records ``ci95_disjoint``; a speedup met by the means alone becomes ``not met`` with
+    the reason (overlapping intervals, or one repeat and so no interval). A target of 0
+    or more is a slowdown budget, met by the means."""
+    ca, cd = ci_bounds(active.get("ci95_ms")), ci_bounds(dense.get("ci95_ms"))
+    disjoint = None if ca is None or cd is None else bool(ca[1] < cd[0] or ca[0] > cd[1])
+    out = dict(record, ci95_disjoint=disjoint)
+    if record["status"] == "met" and record["target"] < 0 and not disjoint:
+        out["status"] = "not met"
+        out["reason"] = ("within the timing noise: one repeat gives no CI95"
+                         if disjoint is None else
+                         f"within the timing noise: the CI95s overlap (active "
+                         f"{ca[0]:.3g}-{ca[1]:.3g} ms, dense {cd[0]:.3g}-{cd[1]:.3g} ms)")
+    return out
+
+
 def evaluate(targets, m: Mapping, active: str) -> dict:
     """Every gate of ``DEFINITIONS`` for the ``active`` arm of metrics ``m``, against
     ``targets`` (the config's ``Gates``); a fallback turns measured gates ``not met``."""
@@ -78,6 +96,8 @@ def evaluate(targets, m: Mapping, active: str) -> dict:
     v = (measure.change_pct(lat[active]["mean_ms"], lat["dense"]["mean_ms"])
          if active in lat and "dense" in lat else None)
     out["latency"] = make("latency", v, None if v is not None else "latency not measured")
+    if v is not None:
+        out["latency"] = latency_significance(out["latency"], lat[active], lat["dense"])
     hw = m.get("l2_hit_pct")
     v = (hw[active] - hw["identity"] if isinstance(hw, dict) and active in hw
          and "identity" in hw else None)

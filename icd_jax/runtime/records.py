@@ -160,6 +160,7 @@ class Gate(Record):
     simulated_value: Num | None = None
     p_vs_dense: Num | None = None
     significant_loss: bool | None = None
+    ci95_disjoint: bool | None = None
 
 
 class Verdict(Record):

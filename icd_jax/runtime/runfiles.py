@@ -18,8 +18,15 @@ FILES = dict(lock="config.lock.json", events="events.jsonl", events_prev="events
              perm_active="perm_active.json", stats_permuted="stats_permuted.json",
              stats_repermuted="stats_repermuted.json", metrics="metrics.json",
              html="report.html", csv="report.csv", stablehlo="model.stablehlo",
+             stablehlo_mlir="model.mlir", stablehlo_jax="model.jax",
+             stablehlo_sidecar="model.json",
              compare="compare.json", compare_html="compare.html", state="state.json",
              marker="icd_run.json", run_lock=".icd.lock")
+#: What a run writes as it goes: a new run in the folder removes the previous run's copies
+#: first, so that nothing of it is reported as the new run's (the events and the folder's
+#: marker and lock are handled apart; ``compare`` is ``icd pair``'s).
+RUN_OUTPUTS = tuple(k for k in FILES if k not in (
+    "events", "events_prev", "marker", "run_lock", "compare", "compare_html"))
 #: The solver-stats file of each cost stage (keys of ``FILES``).
 STATS = {"permuted": "stats_permuted", "repermuted": "stats_repermuted"}
 #: The graph files (``.npz``) and the permutation files (JSON) among ``FILES``.

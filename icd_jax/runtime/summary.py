@@ -10,8 +10,9 @@ from icd_jax.runtime.records import Metrics, ci_bounds
 from icd_jax.runtime.rundir import file_path
 
 
-def plan_text(cfg) -> str:
-    """The stages a run with ``cfg`` goes through, one line each."""
+def plan_text(cfg, pair_repeats: int | None = None) -> str:
+    """The stages a run with ``cfg`` goes through, one line each (``pair_repeats``: the
+    rounds ``icd pair`` times, at least ``pipeline.repeats``)."""
     from icd_jax.runtime import config as config_lib
 
     t, g = cfg.transform, cfg.graph
@@ -39,7 +40,8 @@ def plan_text(cfg) -> str:
     quality = "the target's own batches" if custom else f"{cfg.quality.sentences} items"
     skip = not custom or (t.sparsity.enabled and t.sparsity.kind == "ffn")
     tiles = f"tiles/token, simulated L{cfg.measure.sim_level}, " if skip else ""
-    lines += [f"MEASURED     latency ({cfg.pipeline.repeats} interleaved rounds, "
+    rounds = max(cfg.pipeline.repeats, pair_repeats or 0)
+    lines += [f"MEASURED     latency ({rounds} interleaved rounds, "
               f"{cfg.pipeline.warmup} warmup), quality ({quality}), "
               f"{tiles}NVML/ncu where present",
               "REPORTED     gates, rollback decision, model.stablehlo, report.html/csv",

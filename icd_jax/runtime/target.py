@@ -21,7 +21,10 @@ it takes a ``seed`` argument) and returns an object with these members:
                     graph W and one order pi each), all of one size.
 ``quality_metric``  ``str``: the name of what ``quality`` scores (higher is better, in %).
 ``forward``         ``forward(params, batch) -> outputs``: the model over one batch (a
-                    tuple of arrays); pure and jit-able.
+                    tuple of arrays); pure and jit-able. The outputs are one array or a
+                    dict of arrays; an output on a permuted axis is listed in
+                    ``spec.outputs`` (by its dict key, or under any one name for a
+                    single array) and handed to ``quality`` back in the dense order.
 ``batches``         ``batches(split) -> Sequence[batch]`` for ``split`` in ``"graph"``
                     (activations for W), ``"calib"`` (quantisation calibration),
                     ``"quality"`` and ``"time"`` (the timed set).
@@ -147,6 +150,44 @@ def load(ref: str, kwargs: Mapping[str, Any] | None = None, seed: int | None = N
     return target
 
 
+def restore_outputs(spec: permute.ModelSpec, outputs, perms: Mapping[str, object]):
+    """``forward``'s outputs under ``perms`` back in the dense order: each dict entry
+    named in ``spec.outputs`` (or a single array, when the spec lists one output) has its
+    last axis un-permuted (``permute.restore_output``); the rest is returned as is."""
+    if isinstance(outputs, Mapping):
+        return {k: permute.restore_output(spec, k, v, perms) for k, v in outputs.items()}
+    if len(spec.outputs) == 1:
+        return permute.restore_output(spec, next(iter(spec.outputs)), outputs, perms)
+    return outputs
+
+
+def output_arrays(spec: permute.ModelSpec, outputs, ref: str = "target"
+                  ) -> dict[str, np.ndarray]:
+    """``forward``'s outputs as ``{name: float64 array}`` (a single array is ``{"": y}``),
+    or ``TargetError`` when they are neither an array nor a dict of arrays, or when
+    ``spec.outputs`` names outputs that ``forward`` does not return."""
+    if isinstance(outputs, Mapping):
+        named = dict(outputs)
+        missing = sorted(set(spec.outputs) - set(named))
+        if missing:
+            raise TargetError(f"{ref}: spec.outputs names {missing}, which forward's dict "
+                              f"does not have (its keys: {sorted(named)})")
+    else:
+        if len(spec.outputs) > 1:
+            raise TargetError(f"{ref}: spec.outputs names {len(spec.outputs)} outputs but "
+                              "forward returns one array; return a dict keyed by those names")
+        named = {"": outputs}
+    out = {}
+    for k, v in named.items():
+        try:
+            out[k] = np.asarray(v, np.float64)
+        except (TypeError, ValueError) as e:
+            what = f"output {k!r}" if k else "the output"
+            raise TargetError(f"{ref}: forward must return an array or a dict of arrays; "
+                              f"{what} is a {type(v).__name__} ({e})") from None
+    return out
+
+
 def check(target, ref: str = "target", atol: float = 1e-4) -> None:
     """Reject a target that breaks the protocol (``TargetError`` naming what): a missing
     member, an axis the spec lacks or of another size, a split with no batches, or a
@@ -187,17 +228,18 @@ def check(target, ref: str = "target", atol: float = 1e-4) -> None:
         if len(shape) != 2 or shape[1] != spec.axis(a).size:
             raise TargetError(f"{ref}: activations()[{a!r}] has shape {shape}; expected "
                               f"[tokens, {spec.axis(a).size}]")
-    dense = np.asarray(target.forward(target.params, batch), np.float64)
-    # orders of every axis no output lies on (those outputs would move, by design)
-    moving = set(spec.outputs.values())
-    perms = permute.random_perms(spec, seed=0, names=[n for n in spec.names if n not in moving])
-    got = np.asarray(target.forward(permute.apply(spec, target.params, perms), batch),
-                     np.float64)
-    if got.shape != dense.shape:
+    dense = output_arrays(spec, target.forward(target.params, batch), ref)
+    # every axis permuted; outputs on a permuted axis are compared in the dense order
+    perms = permute.random_perms(spec, seed=0)
+    got = output_arrays(spec, restore_outputs(
+        spec, target.forward(permute.apply(spec, target.params, perms), batch), perms), ref)
+    shapes = {k: v.shape for k, v in dense.items()}
+    if {k: v.shape for k, v in got.items()} != shapes:
         raise TargetError(f"{ref}: forward's output shape changed under a permutation "
-                          f"({dense.shape} -> {got.shape})")
-    err = float(np.max(np.abs(got - dense))) if dense.size else 0.0
-    scale = float(np.max(np.abs(dense))) if dense.size else 1.0
+                          f"({shapes} -> { {k: v.shape for k, v in got.items()} })")
+    err = max((float(np.max(np.abs(got[k] - v))) for k, v in dense.items() if v.size),
+              default=0.0)
+    scale = max((float(np.max(np.abs(v))) for v in dense.values() if v.size), default=1.0)
     if not np.isfinite(err) or err > atol * max(1.0, scale):
         raise TargetError(f"{ref}: forward is not function-preserving under the spec: a "
                           f"random permutation of every spec axis changed the output by "

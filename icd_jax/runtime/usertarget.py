@@ -21,7 +21,7 @@ from icd_jax import capture, permute
 from icd_jax.adapters import tree
 from icd_jax.runtime.arms import Arm, params_hash, weight_only_quant, weight_sparsity
 from icd_jax.runtime.config import Config, Transform
-from icd_jax.runtime.target import Target
+from icd_jax.runtime.target import Target, restore_outputs
 
 
 class Sown:
@@ -99,7 +99,10 @@ class UserTarget:
         return [int(self.user.tokens(b)) for b in self.split["time"]]
 
     def outputs(self, arm: Arm) -> list:
-        return [np.asarray(arm.runner(arm.params, b)) for b in self.split["quality"]]
+        """The ``"quality"`` split's outputs under ``arm``, in the dense order (outputs on
+        a permuted axis are un-permuted, ``target.restore_outputs``)."""
+        return [jax.tree.map(np.asarray, restore_outputs(
+            self.spec, arm.runner(arm.params, b), arm.perms)) for b in self.split["quality"]]
 
     def quality(self, arm: Arm) -> dict:
         """The target's per-sample quality (%) and its drop against dense, in pp."""
