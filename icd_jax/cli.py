@@ -85,7 +85,10 @@ def main(argv):
             target = args[1] if len(args) > 1 else FLAGS.run or FLAGS.out
             res = report.build(target)
             print(f"report: {res['html']} ({res['elapsed_s']:.1f} s)")
-            return 0
+            for problem in res["problems"]:  # written anyway, the problems listed in it
+                print(f"icd report: unreadable artefact, shown as not measured: {problem}",
+                      file=sys.stderr)
+            return 2 if res["problems"] else 0
         if cmd == "export":
             from icd_jax.runtime import orchestrator
             run_dir = FLAGS.run or (args[1] if len(args) > 1 else None)

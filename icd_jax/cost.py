@@ -64,6 +64,15 @@ def phi(d, lam: float, tau: float):
     return np.where(d <= lam, d, lam + tau * (d - lam))
 
 
+def check_graph(w) -> sp.spmatrix:
+    """``w`` as a sparse matrix if it is a square co-access graph ``[D, D]``, else
+    ``ConfigError`` naming its shape."""
+    shape = getattr(w, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+        raise ConfigError(f"W must be a square [D, D] co-access graph, got shape {shape}")
+    return w if sp.issparse(w) else sp.csr_matrix(np.asarray(w, np.float64))
+
+
 def _coo(w: sp.spmatrix):
     c = sp.coo_matrix(w)
     return c.row.astype(np.int64), c.col.astype(np.int64), c.data.astype(np.float64)
@@ -71,6 +80,7 @@ def _coo(w: sp.spmatrix):
 
 def cache_cost(w: sp.spmatrix, pi, cfg: CostConfig = CostConfig()) -> float:
     """C(pi) in [0, 1] (0 when every edge lies within one block)."""
+    w = check_graph(w)
     pi = check_permutation(pi, w.shape[0])
     n_blocks = -(-w.shape[0] // cfg.g)
     phi_max = float(phi(max(n_blocks - 1, 0), cfg.lam, cfg.tau))
@@ -88,8 +98,11 @@ def q_blocks(n: int, k: int) -> np.ndarray:
 
 
 def modularity(w: sp.spmatrix, pi, k_blocks: int = 4) -> float:
-    """Newman modularity of the ``k_blocks`` contiguous position blocks under ``pi``."""
+    """Newman modularity of the ``k_blocks`` contiguous position blocks under ``pi``
+    (``k_blocks`` an integer >= 1)."""
+    w = check_graph(w)
     pi = check_permutation(pi, w.shape[0])
+    k_blocks = checks.integer(k_blocks, "k_blocks", 1)
     r, c, v = _coo(w)
     two_m = v.sum()
     if two_m == 0:

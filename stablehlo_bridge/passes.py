@@ -204,9 +204,12 @@ def apply_permutation(target: mlir_io.Target, perms, transform_meta: Mapping | N
     passes ``permute.apply(spec, params, perms)``). A function-preserving set of orders
     (a model's named axes, or e.g. ``{"w1:1": p, "w2:0": p}``) leaves the module
     computing the same function. Applying twice composes: tags always give the held
-    layout relative to the exported weights. Arguments as ``attach_layout_tags``.
+    layout relative to the exported weights. Arguments as ``attach_layout_tags``, except
+    ``metrics``: None drops the metrics a previous tagging recorded (they describe the
+    layout before this one); only the new ``pi_hash`` is written.
     """
     plan = layout.resolve(perms, spec)
+    metrics = {} if metrics is None else metrics
 
     def change(module: ir.Module) -> None:
         with module.context:

@@ -154,6 +154,11 @@ def test_apply_twice_composes_the_tags(toy):
                                   params["w1"][:, composed])
     np.testing.assert_array_equal(tags.read(module)["@main"][tags.LAYOUT_PERM]["w1:1"], composed)
     assert rel_err(exp.call(x), want) <= TOL
+    # a second order without metrics drops the first one's (they described that layout)
+    again = mlir_io.load(apply_permutation(export(mlp, params, x), perms, META, METRICS))
+    assert set(tags.read(again)["@main"][tags.METRICS]) > {"pi_hash"}
+    again = mlir_io.load(apply_permutation(again, second))
+    assert set(tags.read(again)["@main"][tags.METRICS]) == {"pi_hash"}
 
 
 def test_apply_on_arguments_records_the_layout_callers_pass(toy):

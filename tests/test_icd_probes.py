@@ -196,3 +196,20 @@ def test_pair_dry_run_names_the_rounds_pair_times():
     assert res.returncode == 0, res.stderr
     assert "latency (40 interleaved rounds" in res.stdout
     assert "latency (10 interleaved rounds" in icd("run", "--dry-run").stdout
+
+
+def test_cost_api_names_a_bad_graph_or_block_count():
+    import scipy.sparse as sp
+
+    from icd_jax import cost
+
+    w = sp.random(6, 6, density=0.5, random_state=0)
+    w = w + w.T
+    pi = np.arange(6)
+    dense = cost.modularity(w.toarray(), pi, 2)  # dense arrays are accepted
+    assert dense == pytest.approx(cost.modularity(w, pi, 2))
+    with pytest.raises(ConfigError, match=r"k_blocks must be an integer in \[1"):
+        cost.modularity(w, pi, 0)
+    for fn in (lambda g: cost.modularity(g, pi, 2), lambda g: cost.cache_cost(g, pi)):
+        with pytest.raises(ConfigError, match=r"square \[D, D\] co-access graph, got shape"):
+            fn(sp.random(6, 5, density=0.5, random_state=0))

@@ -7,6 +7,8 @@ import csv
 import html.parser
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,7 +84,7 @@ def linear(tmp_path_factory):
 
 def test_build_writes_both_files_and_returns_paths(iterative):
     d, out = iterative
-    assert set(out) == {"html", "csv", "figures", "elapsed_s"}
+    assert set(out) == {"html", "csv", "figures", "problems", "elapsed_s"}
     assert out["html"] == os.path.join(d, "report.html") and os.path.isfile(out["html"])
     assert out["csv"] == os.path.join(d, "report.csv") and os.path.isfile(out["csv"])
     assert 0 <= out["elapsed_s"] < 30
@@ -279,6 +281,13 @@ def test_corrupt_optional_artefact_is_listed_not_fatal(tmp_path):
     p = _parse(out["html"])
     assert "Artefact problems" in p.plain and "W_after.npz" in p.plain
     assert "w_heatmaps" in out["figures"]
+    assert len(out["problems"]) == 1 and "W_after.npz" in out["problems"][0]
+    # the command line writes the report too, then says what it could not read (exit 2)
+    os.unlink(out["html"])
+    res = subprocess.run([sys.executable, "-m", "icd_jax.cli", "report", d],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and os.path.exists(out["html"])
+    assert "unreadable artefact" in res.stderr and "W_after.npz" in res.stderr
 
 
 def test_rollback_notice(tmp_path):

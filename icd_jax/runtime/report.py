@@ -22,7 +22,9 @@ from icd_jax.runtime.tables import CSV_COLUMNS, csv_rows  # noqa: F401 (public h
 
 def build(run_dir: str | os.PathLike, heatmap_cap: int = views.HEATMAP_MAX) -> dict:
     """Write ``report.html`` and ``report.csv`` into ``run_dir`` (atomically) and return
-    ``{"html": path, "csv": path, "figures": [names], "elapsed_s": float}``.
+    ``{"html": path, "csv": path, "figures": [names], "problems": [str], "elapsed_s":
+    float}`` (``problems``: optional artefacts present but unreadable, shown in the
+    report as not measured).
 
     ``ArtifactError`` (naming the file) if ``run_dir`` is no run folder or its
     ``metrics.json`` is missing or malformed; other artefacts are optional. Heatmaps have
@@ -38,7 +40,7 @@ def build(run_dir: str | os.PathLike, heatmap_cap: int = views.HEATMAP_MAX) -> d
     artifacts.write_bytes(rd.path("csv"), tables.csv_bytes(tables.csv_rows(run.metrics)))
     artifacts.write_bytes(rd.path("html"), html.page(f"icd report: {model}", body))
     return {"html": rd.path("html"), "csv": rd.path("csv"), "figures": list(figs),
-            "elapsed_s": time.perf_counter() - t0}
+            "problems": list(run.problems), "elapsed_s": time.perf_counter() - t0}
 
 
 def compare_order(blob: Mapping) -> list[str]:
