@@ -30,7 +30,7 @@ from jaxlib.mlir import ir
 
 from stablehlo_bridge import mlir_io
 from stablehlo_bridge import tags as icd_tags
-from stablehlo_bridge.errors import ArtifactError
+from stablehlo_bridge.errors import ArtifactError, ModuleError
 from vsla_jax.util import atomic_write_bytes
 
 FORMAT = "icd.bridge.artifact.v1"
@@ -157,15 +157,18 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError:
         raise ArtifactError(f"{side} is not a sidecar: its bytes are not UTF-8 text "
                             f"({expected})") from None
-    except ValueError as e:
-        raise ArtifactError(f"{side} is not a sidecar: not JSON ({e}; {expected})") from None
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"{side} is not a sidecar: not JSON ({type(e).__name__}: "
+                            f"{str(e)[:80]}; {expected})") from None
     if not isinstance(out, dict) or out.get("format") != FORMAT:
         raise ArtifactError(f"{side} is not a {FORMAT} sidecar ({expected})")
     return out
 
 
 def checked_bytes(sidecar_path: str, sidecar: dict, kind: str) -> bytes:
-    """The bytes of file ``kind``, after checking its size and SHA-256."""
+    """The bytes of file ``kind`` of the artefact ``sidecar_path`` belongs to (by its own
+    path, never a name the sidecar gives: a sidecar copied from another artefact must
+    not load that one), after checking their size and SHA-256 against the sidecar."""
     files = sidecar.get("files")
     entry = files.get(kind) if isinstance(files, dict) else None
     if not isinstance(entry, dict) or not {"name", "bytes", "sha256"} <= set(entry):
@@ -175,7 +178,7 @@ def checked_bytes(sidecar_path: str, sidecar: dict, kind: str) -> bytes:
         if not isinstance(entry[field], types) or isinstance(entry[field], bool):
             raise ArtifactError(f"the sidecar {sidecar_path}: files.{kind}.{field} must be "
                                 f"a {types.__name__}, got {entry[field]!r:.40}")
-    path = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), str(entry["name"]))
+    path = paths_for(sidecar_path)[kind]
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -201,10 +204,12 @@ def load_module(path: str | os.PathLike, *, checksum: bool = True,
         except OSError as e:
             raise ArtifactError(f"cannot read {p}: {e}") from e
         try:
-            return mlir_io.from_portable(data, ctx)
-        except ArtifactError as e:
+            module = mlir_io.from_portable(data, ctx)
+            mlir_io.entry(module)  # empty text parses as `module {}`: no model in it
+        except (ArtifactError, ModuleError) as e:
             raise ArtifactError(f"{p}: {e} (expected a portable artefact, "
                                 f"DIR/model.stablehlo)") from e
+        return module
     side = paths_for(p)["sidecar"]
     sidecar = read_sidecar(p)
     module = mlir_io.from_portable(checked_bytes(side, sidecar, "stablehlo"), ctx)

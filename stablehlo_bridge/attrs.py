@@ -21,6 +21,8 @@ from jaxlib.mlir import ir
 
 from stablehlo_bridge.errors import TagError
 
+I32, I64 = np.iinfo(np.int32), np.iinfo(np.int64)
+
 
 def order_attr(order: np.ndarray) -> ir.DenseIntElementsAttr:
     """``int32[n]`` as ``dense<...> : tensor<nxi32>``."""
@@ -63,14 +65,22 @@ def to_attr(value: Any) -> ir.Attribute:
     if isinstance(value, (bool, np.bool_)):
         return ir.BoolAttr.get(bool(value))
     if isinstance(value, (int, np.integer)):
+        if not I64.min <= int(value) <= I64.max:
+            raise TagError(f"integer {int(value)} does not fit a 64-bit tag (store it as a "
+                           "string)")
         return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), int(value))
     if isinstance(value, (float, np.floating)):
         return ir.FloatAttr.get_f64(float(value))
     if isinstance(value, str):
         return ir.StringAttr.get(value)
     if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer):
-        return order_attr(value) if value.ndim == 1 else ir.DenseIntElementsAttr.get(
-            np.ascontiguousarray(value.astype(np.int64)))
+        if value.size and not (I64.min <= int(value.min()) and int(value.max()) <= I64.max):
+            raise TagError(f"integer array values up to {int(value.max())} do not fit a "
+                           "64-bit tag")
+        fits32 = not value.size or (I32.min <= int(value.min()) and int(value.max()) <= I32.max)
+        if value.ndim == 1 and fits32:
+            return order_attr(value)
+        return ir.DenseIntElementsAttr.get(np.ascontiguousarray(value.astype(np.int64)))
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -99,7 +109,7 @@ def from_attr(attr: ir.Attribute) -> Any:
     if (a := cast(ir.StringAttr, attr)) is not None:
         return a.value
     if (a := cast(ir.DenseIntElementsAttr, attr)) is not None:
-        return np.array(a).astype(np.int64).reshape(-1).tolist()
+        return np.array(a).astype(np.int64).tolist()  # nested lists keep the shape
     if (a := cast(ir.DictAttr, attr)) is not None:
         return {na.name: from_attr(na.attr) for na in a}
     if (a := cast(ir.ArrayAttr, attr)) is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -71,9 +73,9 @@ def json_numbers(text: str) -> dict[str, float]:
     anything); ``ValueError`` otherwise."""
     value = json_object(text)
     bad = [k for k, v in value.items() if k != "pi_hash" and (
-        isinstance(v, bool) or not isinstance(v, (int, float)))]
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v))]
     if bad:
-        raise ValueError(f"values must be numbers; {bad[:3]} are not")
+        raise ValueError(f"values must be finite numbers; {bad[:3]} are not")
     return value
 
 
@@ -116,7 +118,10 @@ def flag_values() -> flags.FlagValues:
 
 
 def dashed(text: str, fv: flags.FlagValues) -> str:
-    """``text`` with each flag named as users type it (``--batch-size``)."""
+    """``text`` with each flag named as users type it (``--batch-size``), also an
+    unknown one (absl names it with underscores)."""
+    text = re.sub(r"(Unknown command line flag ')([^']*)'",
+                  lambda m: m.group(1) + m.group(2).replace("_", "-") + "'", text)
     for name in fv:
         if "_" in name:
             for pre in ("--", "--[no]"):

@@ -73,6 +73,8 @@ def compile_module(target: mlir_io.Target | bytes, *, backend: str = "llvm-cpu",
             tags.strip(module)
         source = mlir_io.to_portable(module, target_version)
     flags = list(extra_args)
+    if not any(f.startswith("--iree-input-demote-f64-to-f32") for f in flags):
+        flags.append("--iree-input-demote-f64-to-f32=false")  # f64 models stay f64
     if backend == "llvm-cpu" and target_cpu:
         flags.append(f"--iree-llvmcpu-target-cpu={target_cpu}")
     try:
@@ -105,11 +107,28 @@ class Program:
         if tree != self.exported.in_tree:
             raise BackendError(f"arguments have structure {tree}; "
                                f"{self.exported.fun_name} takes {self.exported.in_tree}")
-        kept = [np.asarray(flat[i]) for i in self.exported.module_kept_var_idx]
-        out = self.function(*kept)
+        kept = [as_input(flat[i], self.exported.in_avals[i], i)
+                for i in self.exported.module_kept_var_idx]
+        try:
+            out = self.function(*kept)
+        except (RuntimeError, ValueError) as e:
+            raise BackendError(f"IREE refused the call of {self.exported.fun_name}: {e}") from e
         outs = out if isinstance(out, (tuple, list)) else (out,)
         host = [np.asarray(o.to_host() if hasattr(o, "to_host") else o) for o in outs]
         return self.exported.out_tree.unflatten(host)
+
+
+def as_input(value, aval, index: int) -> np.ndarray:
+    """Argument ``index`` as the NumPy array the compiled function takes: cast to the
+    export's dtype (as ``Exported.call`` does for Python scalars and default-dtype
+    arrays); ``BackendError`` for a shape the export does not take."""
+    arr = np.asarray(value, dtype=aval.dtype)
+    want = tuple(aval.shape)
+    if len(arr.shape) != len(want) or any(
+            isinstance(w, int) and w != g for w, g in zip(want, arr.shape)):
+        raise BackendError(f"argument {index} has shape {arr.shape}; the export takes "
+                           f"{want} ({aval.dtype})")
+    return arr
 
 
 def load(vmfb: bytes, exported: jax_export.Exported, driver: str = "local-sync"

@@ -78,8 +78,13 @@ def factory(model: str) -> Callable[..., Case]:
 
 def case(model: str, **kwargs) -> Case:
     """The ``Case`` the factory of ``model`` builds from ``kwargs`` (``seed``,
-    ``batch_size``, ...); ``SpecError`` when it returns anything else."""
-    got = factory(model)(**kwargs)
+    ``batch_size``, ...); ``SpecError`` when it returns anything else or raises."""
+    make = factory(model)
+    try:
+        got = make(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's factory: any error is its own
+        raise SpecError(f"model {model!r}: the factory raised {type(e).__name__}: "
+                        f"{e}") from e
     if not isinstance(got, Case):
         raise SpecError(f"model {model!r}: the factory returned a {type(got).__name__}, "
                         f"not a stablehlo_bridge.models.Case")

@@ -14,6 +14,7 @@ is returned). They work on the in-memory MLIR through the ``jaxlib.mlir`` bindin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,8 +114,9 @@ def metrics_attr(metrics: Mapping[str, Any], orders: Mapping[str, np.ndarray]
     for k, v in metrics.items():
         if k == "pi_hash":
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise TagError(f"{tags.METRICS}[{k!r}] must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(v):
+            raise TagError(f"{tags.METRICS}[{k!r}] must be a finite number, got {v!r}")
         out[k] = ir.FloatAttr.get_f64(float(v))
     out["pi_hash"] = ir.StringAttr.get(layout.pi_hash(orders))
     return ir.DictAttr.get(out)
@@ -217,6 +219,7 @@ def apply_permutation(target: mlir_io.Target, perms, transform_meta: Mapping | N
             composed = []
             for w, axes in found:
                 held = weight_perms(w)
+                check_same_keys(w, axes, plan)
                 if w.op is not None:
                     value = dense_value(w.op.attributes["value"], w.describe())
                     for axis, index in axes.items():
@@ -240,6 +243,21 @@ def compose(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray],
         return permute.compose(first, second)
     except PermutationError as e:
         raise TagError(f"{what}: {e}") from e
+
+
+def check_same_keys(w: tags.Weight, axes: Mapping[int, np.ndarray], plan: Layout) -> None:
+    """``SpecError`` when an axis of ``w`` already holds an order under another key
+    (a named axis, then ``"path:axis"``, or the reverse): the function-level orders
+    could not say what the weight holds."""
+    names = dict_attr(w.get().get(tags.LAYOUT_AXES), f"{tags.LAYOUT_AXES} of {w.describe()}")
+    src = plan.sources[w.path]
+    for axis in axes:
+        old = names.get(str(axis))
+        new = next(src[a] for a in src if a % w.type.rank == axis)
+        if old is not None and ir.StringAttr(old).value != new:
+            raise SpecError(f"{w.describe()} axis {axis} holds an order of "
+                            f"{ir.StringAttr(old).value!r}; a further order must use the "
+                            f"same key, got {new!r}")
 
 
 def then_axes(held: Mapping[int, np.ndarray], axes: Mapping[int, np.ndarray],

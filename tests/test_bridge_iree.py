@@ -84,3 +84,26 @@ def test_iree_runs_the_permuted_artifact(name, tmp_path):
     got = iree.load(vmfb, load_exported(paths["sidecar"]))(*case.args)
     assert rel_err(got, want) <= TOL
     assert rel_err(got, exp.call(*case.args)) <= TOL
+
+
+def test_iree_keeps_float64_models_in_float64():
+    # IREE demotes f64 to f32 by default: the program then refused the export's own f64
+    # input, and a 1e-12 term vanished in f32
+    with jax.enable_x64(True):
+        params = {"w": np.eye(3), "b": np.full(3, 1e-12)}
+        x = np.ones((2, 3))
+        exp = export(lambda p, x: x @ p["w"] + p["b"], params, x)
+        got = iree.compile_exported(exp)(x)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got - 1.0, 1e-12, rtol=1e-3)  # f32 would give 0
+
+
+def test_iree_program_is_called_like_the_export(toy):
+    params, x, _ = toy
+    exp = export(mlp, params, x)
+    program = iree.compile_exported(exp)
+    want = np.asarray(exp.call(x))
+    assert rel_err(program(x.astype(np.float64)), want) <= TOL  # cast like Exported.call
+    with pytest.raises(BackendError, match=r"argument 0 has shape \(6, 2\); the export "
+                                           r"takes \(6, 3\)"):
+        program(x[:, :2])
