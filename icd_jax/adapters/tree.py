@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+import jax
 import numpy as np
 
 from icd_jax.adapters import meta as meta_lib
@@ -24,6 +25,14 @@ def kernel_paths(params, include: Callable[[str], bool] | None = None) -> list[s
     """Flat paths of the 2-D ``.../kernel`` leaves (optionally filtered by ``include``)."""
     return [p for p, v in flat(params).items()
             if p.endswith("kernel") and np.ndim(v) == 2 and (include is None or include(p))]
+
+
+def quantized_paths(params) -> list[str]:
+    """Flat paths of the leaves that are already ``quant.Quantized`` kernels."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, quant.Quantized))[0]
+    return ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            for path, leaf in leaves if isinstance(leaf, quant.Quantized)]
 
 
 def input_axes(spec: ModelSpec, paths: Iterable[str]) -> dict[str, list[str]]:

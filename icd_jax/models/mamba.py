@@ -354,6 +354,23 @@ def step(config: MambaConfig, params, state: State, token_ids) -> tuple[jax.Arra
                                 method=MambaLM.step)
 
 
+def check_step_ids(token_ids, config: MambaConfig, state: State):
+    """``token_ids`` for ``step``: ``int[B]`` matching the state's batch, each id in
+    ``[0, vocab)`` (out of range, the embedding would read NaN or wrap); ``ModelError``
+    otherwise. Traced ids are trusted."""
+    if isinstance(token_ids, jax.core.Tracer):
+        return token_ids
+    ids = np.asarray(token_ids)
+    b = state.ssm.shape[1]
+    if ids.shape != (b,) or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ModelError(f"token_ids must be int[{b}] (one per item of the state), got "
+                         f"shape {ids.shape} dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise ModelError(f"token ids must be in [0, {config.vocab_size}), got min {ids.min()}, "
+                         f"max {ids.max()}")
+    return token_ids
+
+
 def last_logits(logits: vs.VarTensor) -> jax.Array:
     """Each item's logits at its last real position, ``float32[B, vocab]`` (zeros for an
     empty item)."""
@@ -422,9 +439,11 @@ class Mamba:
     """A Mamba LM handle: ``config``, ``params`` and the scan ``chunk``."""
 
     def __init__(self, config: MambaConfig, params, *, chunk: int = DEFAULT_CHUNK):
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+            raise ConfigError(f"chunk must be an integer >= 0 (0: one chunk), got {chunk!r}")
         self.config = config
         self.params = params
-        self.chunk = chunk
+        self.chunk = int(chunk)
 
     def with_params(self, params) -> Mamba:
         """The same model with other parameters (a permuted or transformed copy)."""
@@ -457,7 +476,10 @@ class Mamba:
         return prefill(self.config, self.params, batch, chunk=self.chunk)
 
     def step(self, state: State, token_ids) -> tuple[jax.Array, State]:
-        return step(self.config, self.params, state, token_ids)
+        """``step`` with this model's config and params; concrete ``token_ids`` are checked
+        (``int[B]`` for the state's ``B`` items, each in the vocabulary)."""
+        return step(self.config, self.params, state,
+                    check_step_ids(token_ids, self.config, state))
 
     def generate(self, prompt, n: int, **kwargs) -> np.ndarray:
         """``generate`` with this model's config and params."""

@@ -262,7 +262,8 @@ class MiniLM:
         """``(indices, Packed)`` per batch of ``batch_size`` items, longest first (as
         sentence-transformers orders them) so items of one batch have similar lengths;
         ``sort=False`` keeps the input order."""
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         n = len(token_ids)
         order = (np.argsort(-np.fromiter(map(len, token_ids), np.int64, n), kind="stable")
@@ -380,7 +381,8 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "aut
         than the dense masked ``"xla"`` backend on the corpus,
         ``experiments/bench_minilm.py --backend``).
       policy: capacity ladders of packed batches.
-      max_tokens: truncation length, special tokens included (256, as sentence-transformers).
+      max_tokens: truncation length, special tokens included (256, as sentence-transformers;
+        an integer in [2, 512]: [CLS] and [SEP] need two).
       layout: ``"packed"`` (default) or ``"padded"`` (dense layers on the padding too; for
         comparison).
       quant: None, or one of ``QUANT_MODES``: every linear layer runs real
@@ -399,8 +401,11 @@ def load(dtype: str = "float32", path: str | None = None, *, backend: str = "aut
     t = weights.read(os.path.join(folder, "model.safetensors"))
     heads = config_heads(os.path.join(folder, "config.json"))
     config = config_from_weights(t, heads)
-    if not 1 <= max_tokens <= config.max_positions:
-        raise ConfigError(f"max_tokens must be in [1, {config.max_positions}], got {max_tokens}")
+    # [CLS] and [SEP] need two: below that the tokenizer silently skips truncation
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or not (
+            2 <= max_tokens <= config.max_positions):
+        raise ConfigError(f"max_tokens must be an integer in [2, {config.max_positions}], "
+                          f"got {max_tokens!r}")
     params = params_from_hf(t, config, dtype)
     tok = load_tokenizer(os.path.join(folder, "tokenizer.json"), max_tokens)
     enc = MiniLM(config, params, tok, dtype=dtype, policy=policy, backend=backend,
@@ -412,16 +417,24 @@ def quantized(enc: MiniLM, mode: str = "int8", calibration: Sequence[str] | None
               ) -> MiniLM:
     """``enc`` with every linear layer in real int8 (``QUANT_MODES``, see ``load``);
     ``calibration``: sentences for the SmoothQuant input ranges (default: the first 128
-    of ``icd_jax.corpus.sentences()``)."""
+    of ``icd_jax.corpus.sentences()``; one string is one sentence; at least one).
+    ``enc`` must be a float encoder (``ConfigError`` for one already quantised)."""
     from icd_jax import corpus
 
     if mode not in QUANT_MODES:
         raise ConfigError(f"quant must be one of {QUANT_MODES}, got {mode!r}")
     paths = tree.kernel_paths(enc.params)
+    if tree.quantized_paths(enc.params):
+        raise ConfigError("quantized: the encoder is already quantised; quantise the "
+                          "float encoder (minilm.load() without quant) in the mode you want")
     if mode == "int8-plain":
         params, _ = tree.quantize(enc.params, paths, "int8", act="dynamic")
         return enc.with_params(params)
+    if isinstance(calibration, str):  # list("a sentence") would be its characters
+        calibration = [calibration]
     texts = list(corpus.sentences(128)) if calibration is None else list(calibration)
+    if not texts:
+        raise ConfigError("quantized: calibration needs at least one sentence")
     absmax: dict[str, np.ndarray] = {}
     for b in enc.packed_batches(texts, 32):
         for p, x in enc.kernel_inputs(b).items():
