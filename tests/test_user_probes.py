@@ -411,3 +411,87 @@ def test_fft_conv_of_large_finite_items_stays_finite(features):
         features) else np.convolve(x64, k64)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# -- fourth probe: the rest of the public surface ------------------------------------------
+@pytest.mark.parametrize("values, dtype, want", [
+    (np.ones(200), np.int8, 1.0), (np.ones(256), np.uint8, 1.0),
+    (np.array([True, True, False]), bool, 2 / 3)])
+def test_mean_counts_in_float_whatever_the_data_dtype(values, dtype, want):
+    got = vs.mean(vs.tensor(values.astype(dtype), dtype=dtype))
+    assert float(got) == pytest.approx(want) and jnp.issubdtype(got.dtype, jnp.floating)
+
+
+@pytest.mark.parametrize("values, dtype", [([100, 100], np.int8), ([50000], np.int32)])
+def test_norm_of_integer_data_does_not_wrap(values, dtype):
+    got = vs.norm(vs.tensor(np.array(values, dtype), dtype=dtype))
+    assert float(got) == pytest.approx(np.linalg.norm(np.array(values, np.float64)))
+
+
+def test_from_padded_with_rank_reads_lengths_ending_in_the_rank():
+    data = np.arange(20.0, dtype=np.float32).reshape(4, 1, 5)
+    lengths = [[1], [0], [1], [1]]
+    x = vs.from_padded(data, lengths, rank=1)
+    assert x.batch_shape == (4,) and x.capacity == (1,) and x.features == (5,)
+    np.testing.assert_array_equal(x.to_padded(), vs.from_padded(data, lengths).to_padded())
+    # a plain [B] vector with rank=1 is still B rank-1 items
+    assert vs.from_padded(np.ones((3, 4)), [1, 2, 4], rank=1).batch_shape == (3,)
+
+
+def test_to_padded_masks_a_slack_that_is_not_zero():
+    x = vs.VarTensor(np.ones((2, 4), np.float32), [[2], [3]])
+    want = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], np.float32)
+    np.testing.assert_array_equal(x.to_padded(4), want)
+    np.testing.assert_array_equal(jax.jit(lambda t: t.to_padded(4))(x), want)
+    np.testing.assert_array_equal(x.to_padded(), want[:, :3])
+    shifted = jax.tree.map(lambda a: a + 1 if a.dtype == jnp.float32 else a, x)
+    np.testing.assert_array_equal(shifted.to_padded(4), 2 * want)
+
+
+def test_numpy_on_the_left_defers_to_the_vartensor():
+    a = vs.stack([np.ones(2, np.float32), np.ones(3, np.float32)])
+    s = np.array([2.0, 3.0])
+    for got in ((s * a).to_list(), (np.float64(2) * a).to_list()):
+        assert all(isinstance(g, np.ndarray) for g in got)
+    np.testing.assert_array_equal((s * a).to_list()[1], [3, 3, 3])
+    with pytest.raises(VSLATypeError, match="got ndarray"):
+        np.ones(2) + vs.tensor([1.0, 2.0])
+    with pytest.raises(VSLATypeError, match="is not an array: use .to_numpy"):
+        np.asarray(a)
+
+
+def test_bool_tensors_have_no_negation_or_difference():
+    b = vs.tensor(np.array([True, False]), dtype=bool)
+    for f in (lambda: -b, lambda: b - b, lambda: vs.neg(b)):
+        with pytest.raises(VSLATypeError, match="bool tensors have no negation"):
+            f()
+    i = vs.tensor(np.array([3, 4]), dtype=np.int32)
+    np.testing.assert_array_equal((i - b).to_numpy(), [2, 4])  # promoted: defined
+
+
+@pytest.mark.parametrize("call, error, needle", [
+    (lambda: vs.stack([[1.0, 2.0]], "B"), VSLATypeError, "policy must be a vs.CapacityPolicy"),
+    (lambda: vs.bucketize([[1.0]], "B"), VSLATypeError, "policy must be a vs.CapacityPolicy"),
+    (lambda: vs.stack([[1.0]], dtype=str), VSLATypeError, "dtype must be numeric"),
+    (lambda: vs.stack([[1.0]], dtype="foo"), VSLATypeError, "is not a NumPy/JAX dtype"),
+    (lambda: vs.bucketize([[1.0]], dtype=object), VSLATypeError, "dtype must be numeric"),
+    (lambda: vs.CapacityPolicy.octave(0), vs.PolicyError, "needs steps >= 1"),
+    (lambda: vs.CapacityPolicy(growth=float("inf")), vs.PolicyError, "finite number > 1"),
+    (lambda: vs.CapacityPolicy(growth=None), vs.PolicyError, "finite number > 1"),
+    (lambda: vs.CapacityPolicy(minimum=2.5), VSLATypeError, "minimum must be an integer"),
+    (lambda: vs.CapacityPolicy().bucket(8.7), LengthError, "must be an integer"),
+    (lambda: vs.window(vs.stack([[1.0]]), True), vs.ShapeError, "positive integer"),
+    (lambda: vs.window(vs.stack([[1.0]]), 2, partial="pad"), vs.ShapeError, "partial"),
+    (lambda: vs.pyramid(vs.stack([[1.0]]), 0, 2), vs.ShapeError, "levels"),
+    (lambda: vs.pad_batch([[1.0]], 2), VSLATypeError, "takes a VarTensor batch"),
+    (lambda: vs.tensor([1.0, 2.0], rank=2), vs.ShapeError, "rank=2 needs items with at"),
+])
+def test_bad_arguments_get_typed_errors(call, error, needle):
+    with pytest.raises(error, match=None) as e:
+        call()
+    assert needle in str(e.value), str(e.value)
+
+
+def test_tensor_of_a_model_b_tensor_keeps_its_model():
+    xb = vs.tensor([1.0, 2.0], model="B")
+    assert vs.tensor(xb).model == "B" and vs.tensor([1.0]).model == "A"

@@ -32,7 +32,14 @@ from vsla_jax.conv import (
     conv_packed,
     heterogeneity_profile,
 )
-from vsla_jax.errors import LengthError, ModelMismatchError, ShapeError, VSLAError, VSLATypeError
+from vsla_jax.errors import (
+    LengthError,
+    ModelMismatchError,
+    PolicyError,
+    ShapeError,
+    VSLAError,
+    VSLATypeError,
+)
 from vsla_jax.host_memory import retain_host_memory
 from vsla_jax.ops import (
     add,
@@ -58,6 +65,7 @@ __all__ = [
     # the type, its capacity ladders and its errors
     "VarTensor", "CapacityPolicy", "DEFAULT_POLICY", "COUNT_POLICY",
     "VSLAError", "ShapeError", "LengthError", "ModelMismatchError", "VSLATypeError",
+    "PolicyError",
     # constructors and conversions
     "tensor", "stack", "from_padded", "from_dlpack",
     # ops

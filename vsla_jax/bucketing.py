@@ -14,10 +14,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsla_jax.capacity import COUNT_POLICY, DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.capacity import COUNT_POLICY, CapacityPolicy, check_policy
 from vsla_jax.errors import ShapeError
 from vsla_jax.tensor import VarTensor, check_model
-from vsla_jax.util import as_array, default_float
+from vsla_jax.util import as_array, default_float, numeric_dtype
 
 
 @jax.tree_util.register_dataclass
@@ -108,7 +108,7 @@ def bucketize(
     capacity share one VarTensor whose item axis is padded to ``count_policy.bucket(n)``
     (pass ``count_policy=None`` for exact counts). ``rank`` defaults to ``ndim``.
     """
-    policy = policy or DEFAULT_POLICY
+    policy = check_policy(policy, "bucketize")
     check_model(model)
     arrays = [as_array(it, f"item {i}") for i, it in enumerate(items)]
     if not arrays:
@@ -129,6 +129,8 @@ def bucketize(
         groups.setdefault(policy.capacity(a.shape[:rank]), []).append(i)
     if dtype is None:
         dtype = np.result_type(*[default_float(a[:0]) for a in arrays])
+    else:
+        dtype = numeric_dtype(dtype, "bucketize")
     dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
     buckets, index = [], []
     for cap in sorted(groups):

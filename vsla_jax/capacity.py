@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vsla_jax.errors import LengthError
+from vsla_jax.errors import LengthError, PolicyError, VSLATypeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +45,27 @@ class CapacityPolicy:
     steps_per_octave: int = 0
 
     def __post_init__(self):
+        for name in ("minimum", "alignment", "steps_per_octave"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise VSLATypeError(f"CapacityPolicy {name} must be an integer, got {v!r}")
+        if not isinstance(self.powers_of_two, (bool, np.bool_)):
+            raise VSLATypeError(f"CapacityPolicy powers_of_two must be a bool, got "
+                                f"{self.powers_of_two!r}")
+        if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float, np.number)) \
+                or not math.isfinite(self.growth):
+            raise PolicyError(f"CapacityPolicy growth must be a finite number > 1, got "
+                              f"{self.growth!r}")
+        if self.steps_per_octave < 0:
+            raise PolicyError(f"CapacityPolicy steps_per_octave must be >= 0 (0: off), got "
+                              f"{self.steps_per_octave}")
         if self.minimum < 1 or self.alignment < 1:
-            raise ValueError(
+            raise PolicyError(
                 f"CapacityPolicy needs minimum >= 1 and alignment >= 1, got "
                 f"minimum={self.minimum}, alignment={self.alignment}"
             )
         if self.minimum % self.alignment:
-            raise ValueError(
+            raise PolicyError(
                 f"CapacityPolicy minimum={self.minimum} is not a multiple of "
                 f"alignment={self.alignment}"
             )
@@ -59,15 +73,15 @@ class CapacityPolicy:
             m = self.minimum
             if self.powers_of_two or self.steps_per_octave < 1 or m & (m - 1) or (
                     m < self.steps_per_octave):
-                raise ValueError(
+                raise PolicyError(
                     f"CapacityPolicy steps_per_octave={self.steps_per_octave} needs a "
                     f"power-of-two minimum >= steps_per_octave and powers_of_two=False, got "
                     f"minimum={m}, powers_of_two={self.powers_of_two}")
         elif not self.powers_of_two:
             if not self.growth > 1.0:
-                raise ValueError(f"CapacityPolicy growth must be > 1, got {self.growth}")
+                raise PolicyError(f"CapacityPolicy growth must be > 1, got {self.growth}")
             if self.minimum * (self.growth - 1.0) < self.alignment - self.growth:
-                raise ValueError(
+                raise PolicyError(
                     f"CapacityPolicy(minimum={self.minimum}, alignment={self.alignment}, "
                     f"growth={self.growth}) cannot keep capacity/length <= growth: raise "
                     f"minimum to at least "
@@ -82,6 +96,8 @@ class CapacityPolicy:
     @classmethod
     def octave(cls, steps: int = 4, minimum: int = 16) -> CapacityPolicy:
         """``steps`` rungs per doubling from ``minimum`` (a power of two): ratio <= 1 + 1/steps."""
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise PolicyError(f"CapacityPolicy.octave needs steps >= 1, got {steps!r}")
         return cls(minimum=minimum, alignment=1, steps_per_octave=steps)
 
     def _next(self, c: int) -> int:
@@ -95,7 +111,9 @@ class CapacityPolicy:
         return max(c + a, int(math.floor(self.growth * (c + 1) / a)) * a)
 
     def bucket(self, n: int) -> int:
-        """The smallest capacity on the ladder that holds length ``n`` (>= 0)."""
+        """The smallest capacity on the ladder that holds length ``n`` (an integer >= 0)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise LengthError(f"a length must be an integer, got {n!r}")
         return _bucket(self, int(n))
 
     def capacity(self, lengths: Sequence[int]) -> tuple[int, ...]:
@@ -134,5 +152,17 @@ def _ladder(policy: CapacityPolicy, top: int) -> tuple[int, ...]:
 
 
 DEFAULT_POLICY = CapacityPolicy()
+
+
+def check_policy(policy, who: str) -> CapacityPolicy:
+    """``policy`` if it is a ``CapacityPolicy``, ``DEFAULT_POLICY`` for None, else
+    ``VSLATypeError`` naming ``who`` (``vs.stack(items, "B")`` passes a model as the
+    policy)."""
+    if policy is None:
+        return DEFAULT_POLICY
+    if not isinstance(policy, CapacityPolicy):
+        raise VSLATypeError(f"{who}: policy must be a vs.CapacityPolicy or None, got "
+                            f"{type(policy).__name__} {policy!r:.40}")
+    return policy
 #: Ladder for the number of items per bucket (1, 3, 6, 10, 16, 25, ...: ratio <= 1.5).
 COUNT_POLICY = CapacityPolicy(minimum=1, alignment=1, growth=1.5)

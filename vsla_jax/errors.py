@@ -20,6 +20,10 @@ class ModelMismatchError(VSLAError, ValueError):
     """Operands from different semirings (Model A and Model B) were combined."""
 
 
+class PolicyError(VSLAError, ValueError):
+    """A ``CapacityPolicy`` whose settings cannot make a ladder (or keep its ratio)."""
+
+
 class VSLATypeError(VSLAError, TypeError):
     """Non-numeric data, or a dtype the operation does not support."""
 

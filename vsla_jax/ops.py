@@ -58,6 +58,14 @@ def _jit_api(call, jitted):
     return call
 
 
+def no_bool(dtype, op: str) -> None:
+    """``VSLATypeError`` for a bool result ``dtype``, which ``op`` (a subtraction) does
+    not define."""
+    if dtype == jnp.bool_:
+        raise VSLATypeError(f"{op}: bool tensors have no negation or difference; build "
+                            "them with a numeric dtype (vs.tensor(x, dtype=jnp.int32))")
+
+
 def _ambient(a: VarTensor, b: VarTensor, fn) -> VarTensor:
     cap = tuple(max(ca, cb) for ca, cb in zip(a.capacity, b.capacity))
     nb = max(a.batch_ndim, b.batch_ndim)
@@ -80,6 +88,7 @@ def add(a: VarTensor, b: VarTensor) -> VarTensor:
 def sub(a: VarTensor, b: VarTensor) -> VarTensor:
     """Ambient difference ``a - b``."""
     a, b = check_pair(a, b, "sub")
+    no_bool(jnp.result_type(a.dtype, b.dtype), "sub")
     return _ambient(a, b, jnp.subtract)
 
 
@@ -119,6 +128,7 @@ _jit_api(scale, _scale)
 @_typed_jit("neg", "x")
 def neg(x: VarTensor) -> VarTensor:
     """``-x``."""
+    no_bool(x.dtype, "neg")
     x = zero_slack(x)
     return dataclasses.replace(x, data=-x.data)
 
@@ -206,18 +216,26 @@ def norm(x: VarTensor) -> jax.Array:
     The gradient at a zero tensor is defined as zero.
     """
     x = zero_slack(x)
-    sq = jnp.sum(jnp.real(x.data * jnp.conj(x.data)), axis=x.var_axes)
+    data = x.data.astype(inexact_dtype(x.dtype))  # int8 [100, 100] squared would wrap
+    sq = jnp.sum(jnp.real(data * jnp.conj(data)), axis=x.var_axes)
     safe = jnp.where(sq > 0, sq, 1.0)
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
+def inexact_dtype(dtype):
+    """``dtype`` if it is a float or complex type, else JAX's default float."""
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.result_type(float)
+
+
 @_typed_jit("mean", "x")
 def mean(x: VarTensor) -> jax.Array:
-    """Mean over each item's logical entries: ``[*batch, *features]`` (0 if empty)."""
+    """Mean over each item's logical entries: ``[*batch, *features]`` (0 if empty), in
+    the data's float dtype (the default float for integer and bool data)."""
     x = zero_slack(x)
-    count = jnp.prod(x.lengths, axis=-1).astype(x.dtype)
+    ft = inexact_dtype(x.dtype)  # counts in int8 or bool wrapped: 200 -> -56, 3 -> True
+    count = jnp.prod(x.lengths, axis=-1).astype(ft)
     count = count.reshape(count.shape + (1,) * len(x.features))
-    total = jnp.sum(x.data, axis=x.var_axes)
+    total = jnp.sum(x.data.astype(ft), axis=x.var_axes)
     return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vsla_jax.errors import ShapeError
+from vsla_jax.errors import ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor
 
 
@@ -19,6 +19,8 @@ def batch_mesh(devices=None, axis: str = "batch") -> Mesh:
 
 def pad_batch(x: VarTensor, multiple: int) -> VarTensor:
     """Append empty items (length 0) so the leading batch axis is a multiple of ``multiple``."""
+    if not isinstance(x, VarTensor):
+        raise VSLATypeError(f"pad_batch takes a VarTensor batch, got {type(x).__name__}")
     if x.batch_ndim == 0:
         raise ShapeError("pad_batch needs a batched VarTensor")
     if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or (

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsla_jax.capacity import DEFAULT_POLICY, CapacityPolicy
+from vsla_jax.capacity import CapacityPolicy, check_policy
 from vsla_jax.errors import ModelMismatchError, ShapeError, VSLATypeError
 from vsla_jax.tensor import (
     VarTensor,
@@ -21,14 +21,14 @@ from vsla_jax.tensor import (
     resize_capacity,
     zero_slack,
 )
-from vsla_jax.util import aligned_zeros, as_array, default_float, is_traced
+from vsla_jax.util import aligned_zeros, as_array, default_float, is_traced, numeric_dtype
 
 PARTIAL_MODES = ("flush", "discard")
 
 
 def tensor(
     values,
-    model: str = "A",
+    model: str | None = None,
     policy: CapacityPolicy | None = None,
     rank: int | None = None,
     dtype=None,
@@ -38,7 +38,7 @@ def tensor(
     Args:
       values: array-like, JAX arrays and tracers included (inside ``jit``, ``grad`` or
         ``vmap`` the logical shape is the static shape); its shape is the logical shape.
-      model: ``"A"`` or ``"B"``.
+      model: ``"A"`` or ``"B"`` (default: a VarTensor's own model, else ``"A"``).
       policy: capacity ladder (default ``CapacityPolicy()``).
       rank: number of leading variable axes (``1 <= rank <= ndim``); trailing axes are
         dense features. Defaults to ``values.ndim``.
@@ -74,11 +74,13 @@ def stack(
     under ``jit``/``grad``/``vmap`` the batch is built with ``jnp`` ops, and lengths are
     the items' static shapes.
     """
-    policy = policy or DEFAULT_POLICY
+    policy = check_policy(policy, "stack")
     if isinstance(items, VarTensor):
         raise VSLATypeError("stack takes a sequence of items; this is already a VarTensor "
                             "batch (index it, or use vs.merge_batch to stack its items)")
     check_rank(rank, None, "")
+    if dtype is not None:
+        dtype = numeric_dtype(dtype, "stack")
     arrays, lengths, feats, models = [], [], None, set()
     item_rank, traced = rank, False
     fast = _numpy_items(items, rank)
@@ -105,8 +107,9 @@ def stack(
                                      "axis (write [x] for a length-1 vector)")
             if arr.ndim < item_rank:
                 raise ShapeError(
-                    f"ragged ranks: item {i} has {arr.ndim} axes, expected rank {item_rank}"
-                )
+                    f"rank={rank} needs items with at least {rank} axes; item {i} has "
+                    f"{arr.ndim}" if rank is not None else
+                    f"ragged ranks: item {i} has {arr.ndim} axes, expected rank {item_rank}")
             if rank is None and arr.ndim != item_rank:
                 raise ShapeError(
                     f"ragged ranks: item {i} has rank {arr.ndim}, item 0 has rank {item_rank}"
@@ -232,10 +235,10 @@ def window(
       has lengths ``(items in window, max n_1, ...)`` and capacity ``(w, *cap)``, the
       VSLA stack of its items. Data is reshaped, never copied item by item.
     """
-    if not isinstance(w, (int, np.integer)) or w < 1:
-        raise ValueError(f"window size must be a positive integer, got {w!r}")
+    if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+        raise ShapeError(f"window size must be a positive integer, got {w!r}")
     if partial not in PARTIAL_MODES:
-        raise ValueError(f"partial must be one of {PARTIAL_MODES}, got {partial!r}")
+        raise ShapeError(f"partial must be one of {PARTIAL_MODES}, got {partial!r}")
     x = zero_slack(_as_batch(items, policy))  # also keeps gradient slack at zero
     k = x.batch_shape[0]
     n_windows = -(-k // w) if partial == "flush" else k // w
@@ -264,8 +267,8 @@ def pyramid(
 
     Level ``l`` (1-based) is a batch of rank ``r + l`` tensors.
     """
-    if not isinstance(levels, (int, np.integer)) or levels < 1:
-        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise ShapeError(f"levels must be a positive integer, got {levels!r}")
     out, x = [], _as_batch(items, policy)
     for _ in range(levels):
         x = window(x, w, partial=partial)

@@ -178,8 +178,8 @@ class VarTensor:
 
         ``width=None`` pads to the largest length per axis in the batch (pad-to-max),
         which needs concrete lengths. Cropping below a concrete logical length raises
-        ``LengthError``; traced lengths (under ``jit``) cannot be checked, and entries at
-        or past each item's length are masked to zero with ``jnp`` ops.
+        ``LengthError``; traced lengths (under ``jit``) cannot be checked. Entries at or
+        past each item's length are zero, whatever the slack held.
         """
         lengths = self.host_lengths
         if width is None and lengths is None:
@@ -188,15 +188,23 @@ class VarTensor:
                 "concrete lengths; under jit the lengths are traced, so pass a static "
                 f"width (the capacity is {self.capacity})")
         width = _padded_width(width, self.rank, lengths)
-        out = resize_capacity(self.data, self.batch_ndim, self.capacity, width)
-        if lengths is not None:
-            return out  # concrete lengths within width: the zero slack is already there
-        m = expand_mask(extent_mask(self.lengths, width), len(self.features))
-        return jnp.where(m, out, jnp.zeros((), out.dtype))
+        # masked always: a VarTensor built directly, or mapped by jax.tree.map, may hold
+        # anything in its slack (the ops mask it the same way)
+        data = _zeroed_past(self.data, self.lengths, self.batch_ndim, self.rank)
+        return resize_capacity(data, self.batch_ndim, self.capacity, width)
 
     def to_dlpack(self) -> tuple[jax.Array, jax.Array]:
         """``(data, lengths)``, both DLPack producers (zero-copy on CPU and GPU)."""
         return self.data, self.lengths
+
+    # NumPy on the left (``np.array([1., 2.]) * x``, ``np.float64(2) * x``) defers to
+    # VarTensor's own operators instead of broadcasting over it as an object
+    __array_ufunc__ = None
+
+    def __array__(self, dtype=None, copy=None):
+        raise VSLATypeError(
+            f"a VarTensor (batch {self.batch_shape}, rank {self.rank}) is not an array: "
+            "use .to_numpy(), .to_list() or .to_padded() (or .data for the padded buffer)")
 
     def __len__(self) -> int:
         """Number of items along the leading batch axis."""
@@ -521,8 +529,9 @@ def from_padded(
 ) -> VarTensor:
     """Wrap a padded array ``[*batch, *capacity, *features]`` and its lengths.
 
-    ``lengths`` is ``[*batch, rank]``; with ``rank=1`` a plain ``[*batch]`` vector is
-    accepted too. A 1-D ``lengths`` whose size equals ``data.shape[0]`` of a data array
+    ``lengths`` is ``[*batch, rank]``; with ``rank=1`` a plain ``[*batch]`` array is
+    accepted too (lengths whose last axis is already 1 are read as ``[*batch, 1]``,
+    as without ``rank``). A 1-D ``lengths`` whose size equals ``data.shape[0]`` of a data array
     with two or more axes is ambiguous (a batch of rank-1 items, or one item of rank
     ``len(lengths)``) and needs ``rank``. The slack is zeroed unless
     ``trust_zero_slack`` (a zero-copy wrap for data that already satisfies the
@@ -548,8 +557,8 @@ def from_padded(
                 "for one item")
         rank = lengths.shape[-1]
     elif lengths.ndim == 0 or lengths.shape[-1] != rank or (
-            rank == 1 and data.ndim > lengths.ndim
-            and tuple(lengths.shape) == tuple(data.shape[: lengths.ndim])):
+            rank == 1 and lengths.ndim == 1 and data.ndim > 1
+            and lengths.shape[0] == data.shape[0]):  # [B] lengths of B rank-1 items
         if rank != 1:
             raise LengthError(f"lengths shape {lengths.shape} does not end in rank {rank}")
         lengths = lengths[..., None]

@@ -41,6 +41,17 @@ def check_numeric(arr, what: str) -> None:
                             f"float32, float64 or complex), got dtype {dt}")
 
 
+def numeric_dtype(dtype, who: str) -> np.dtype:
+    """``dtype`` as a NumPy dtype if it is numeric or bool (``check_numeric``'s set), else
+    ``VSLATypeError`` naming ``who``."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise VSLATypeError(f"{who}: dtype {dtype!r} is not a NumPy/JAX dtype") from None
+    check_numeric(np.zeros(0, dt), f"{who}: dtype")
+    return dt
+
+
 def as_array(values, what: str) -> np.ndarray | jax.Array:
     """``values`` as a numeric NumPy or JAX array (JAX arrays and tracers pass through).
 
