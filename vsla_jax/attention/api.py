@@ -254,7 +254,7 @@ def check_layouts(q, k, v) -> tuple[Layout, Layout, Layout]:
 
 def as_batch(x: VarTensor) -> VarTensor:
     """An unbatched VarTensor as a batch of one (a new leading axis of size 1)."""
-    host = x.__dict__.get("_host_lengths")
+    host = x.host_lengths
     return VarTensor.trusted(x.data[None], x.lengths[None], x.model,
                              checked=x.lengths_checked,
                              host_lengths=None if host is None else host[None])
