@@ -70,3 +70,10 @@ def test_one_calibration_sentence_is_one_sentence_not_its_characters(enc):
 def test_encode_batch_size_must_be_a_positive_integer(enc, batch_size):
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         enc.encode(["a"], batch_size=batch_size)
+
+
+def test_minilm_names_an_unknown_attention_backend_at_load():
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        minilm.load(backend="nope")
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        minilm.load().with_backend("nope")

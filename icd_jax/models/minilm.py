@@ -54,6 +54,7 @@ from icd_jax.models.bert import (
 )
 from icd_jax.models.packing import DEFAULT_POLICY, Packed, PackPolicy, pack
 from icd_jax.permute import AxisUse, ModelSpec, PermAxis, flat
+from vsla_jax.attention import BACKENDS as ATTENTION_BACKENDS
 
 #: The public names, including those re-exported from ``bert`` (the Flax modules) and
 #: ``packing`` (packed batches), so ``minilm.X`` keeps working for all of them.
@@ -210,6 +211,9 @@ class MiniLM:
                  transforms: Transforms = NO_TRANSFORMS):
         if layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if isinstance(backend, str) and backend not in ("auto", *ATTENTION_BACKENDS):
+            raise ConfigError(f"backend must be one of {('auto', *ATTENTION_BACKENDS)} or "
+                              f"an AttentionBackend, got {backend!r}")
         self.layout = layout
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
