@@ -60,3 +60,25 @@ def test_batches_and_items_do_not_mix():
     batch = vs.stack([q], rank=1)
     with pytest.raises(ShapeError, match="all be batches or all be single items"):
         vs.attention(vs.tensor(q), batch, batch)
+
+
+def test_small_default_calls_take_the_cached_kernel_path_with_the_same_result(monkeypatch):
+    from vsla_jax.attention import api
+
+    rng = np.random.default_rng(2)
+    items = [rng.standard_normal((n, 2, 8)).astype(np.float32) for n in (3, 1, 6)]
+    calls = []
+    for q in (vs.stack(items, rank=1), vs.stack(items)):  # rank 1, and every axis variable
+        want = vs.attention(q, q, q, causal=True, config=api.AttentionConfig()).data
+        monkeypatch.setattr(api, "check_layouts", lambda *a: calls.append(a))
+        got = vs.attention(q, q, q, causal=True).data
+        monkeypatch.undo()
+        assert calls == []  # the per-tensor layout and the per-signature plan were enough
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    bad = vs.stack([items[0], rng.standard_normal((2, 3, 8)).astype(np.float32)])
+    with pytest.raises(ShapeError, match="ragged trailing axes"):  # still the full path's
+        vs.attention(bad, bad, bad)
+    q = vs.stack(items, rank=1)
+    k = vs.stack(items[:2], rank=1)
+    with pytest.raises(ShapeError, match="batch shapes differ"):
+        vs.attention(q, k, k)

@@ -406,7 +406,7 @@ def test_rank3_stacked_batches_read_through_strides_match_numpy(dtype, causal):
         tol = 1e-5 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(np.asarray(out.data), ref, atol=tol, rtol=tol)
         from vsla_jax.attention import cpu
-        hlo = cpu._kernel_call.lower(q.data, k.data, v.data, q.lengths, k.lengths, causal,
+        hlo = cpu.kernel_call.lower(q.data, k.data, v.data, q.lengths, k.lengths, causal,
                                      1 / np.sqrt(13), (6, 13, 3, 22)).compile().as_text()
         assert not moves_floats(hlo), hlo
         # the lengths' column 0 is read by the kernel: no slice fusions beside it

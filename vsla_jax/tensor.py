@@ -101,6 +101,15 @@ class VarTensor:
         (``jax.tree.map`` may have changed the lengths)."""
         return self.__dict__.get("_checked", False)
 
+    def derived(self, key: str, fn):
+        """``fn(self)``, computed once per tensor and kept under ``key`` (a VarTensor is
+        immutable): for facts its consumers derive from its shapes and host lengths on
+        every call (attention's layout), so that small calls pay for them once."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if key not in memo:
+            memo[key] = fn(self)
+        return memo[key]
+
     @property
     def host_lengths(self) -> np.ndarray | None:
         """The lengths as a read-only NumPy ``[*batch, rank]`` array (None when traced),

@@ -327,6 +327,61 @@ def _backend(backend, config: AttentionConfig | None, q, k) -> AttentionBackend:
     return impls[name]
 
 
+def kernel_facts(x: VarTensor) -> tuple | None:
+    """What the cached kernel path needs of one input: ``(signature, sequence lengths)``
+    with ``signature = (batch, capacity, heads, head_dim, stacked, dtype)`` and the
+    sequence lengths as bytes, or None where the full path must decide (an invalid
+    layout, which it raises named, or lengths not known on the host)."""
+    try:
+        lay = layout(x, "x")
+    except VSLAError:
+        return None
+    host = x.host_lengths
+    if host is None:
+        return None
+    return ((lay.batch, lay.capacity, lay.heads, lay.head_dim, lay.stacked, x.data.dtype),
+            host[:, 0].tobytes())
+
+
+@functools.lru_cache(maxsize=1024)
+def kernel_plan(sig_q: tuple, sig_k: tuple, sig_v: tuple,
+                scale) -> tuple[float, tuple | None] | None:
+    """``(scale, sizes)`` of a kernel call for inputs of these ``kernel_facts``
+    signatures, or None where the full path must decide (an error to raise, zero
+    capacities). Cached: it is the per-call work of small calls, and
+    depends on nothing but its arguments."""
+    (bq, cq, hq, dq, sq, tq), (bk, ck, hk, dk, sk, tk), (bv, cv, hv, dv, sv, tv) = (
+        sig_q, sig_k, sig_v)
+    if not (bq == bk == bv and dk == dq and hk == hv and ck == cv and hk and not hq % hk
+            and cq and ck and all(map(is_floating, (tq, tk, tv)))):
+        return None
+    try:
+        scale = check_scale(scale, dq)
+    except VSLAError:
+        return None
+    return scale, ((hq, dq, hk, dv) if sq or sk or sv else None)
+
+
+def fast_kernel_call(q, k, v, causal, scale, backend, tile, config) -> VarTensor | None:
+    """The common call on the C++ kernels, every setting at its default: the checks of
+    the full path, kept per tensor (``kernel_facts``) and per signature
+    (``kernel_plan``), then the kernel call. None where it does not apply: the full path
+    runs (and raises what it must)."""
+    if (tile is not None or config is not None or type(causal) is not bool
+            or backend not in ("auto", "cpu") or type(q) is not VarTensor
+            or type(k) is not VarTensor or type(v) is not VarTensor
+            or not (scale is None or type(scale) is float)):
+        return None
+    fq, fk, fv = (x.derived("attention_kernel_facts", kernel_facts) for x in (q, k, v))
+    if fq is None or fk is None or fv is None or fk[1] != fv[1]:
+        return None
+    plan = kernel_plan(fq[0], fk[0], fv[0], scale)
+    if plan is None or (backend == "auto" and choose_backend(q, k) != "cpu"):
+        return None
+    impl = backends_for()["cpu"]
+    return call_or_none(impl.compute_strided, q, k, v, plan[1], causal, plan[0])
+
+
 def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
               scale: float | None = None, backend: str | AttentionBackend = "auto",
               tile: int | tuple[int, int] | None = None,
@@ -350,6 +405,9 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
     under forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
     ``custom_vjp`` backends refuse, the ``xla`` backend runs instead.
     """
+    out = fast_kernel_call(q, k, v, causal, scale, backend, tile, config)
+    if out is not None:
+        return out
     items = [isinstance(x, VarTensor) and x.batch_ndim == 0 for x in (q, k, v)]
     if all(items):  # one sequence each (also what jax.vmap over a batch hands over)
         out = attention(as_batch(q), as_batch(k), as_batch(v), causal=causal, scale=scale,

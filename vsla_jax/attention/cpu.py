@@ -136,7 +136,7 @@ def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "sizes"))
-def _kernel_call(qd, kd, vd, lengths_q, lengths_k, causal: bool, scale: float,
+def kernel_call(qd, kd, vd, lengths_q, lengths_k, causal: bool, scale: float,
                  sizes: tuple | None):
     """qd/kd/vd ``[B, C, Hc, Dc]`` (any float dtypes; the kernels run in float32 or
     float64, the output has qd's dtype), lengths ``[B, rank]`` -> (o, output lengths
@@ -175,7 +175,7 @@ class CPUBackend:
         if not self.available(q.data, k.data, v.data):
             return self.fallback.compute(q, k, v, causal, scale,
                                          self.fallback.prepare(q, k, v))
-        out, lengths = _kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
+        out, lengths = kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
                                     bool(causal), float(scale), None)
         return VarTensor.trusted(out, lengths, q.model)
 
@@ -188,6 +188,6 @@ class CPUBackend:
         takes ``compute``, which falls back)."""
         if not self.available(q.data, k.data, v.data):
             return None
-        out, lengths = _kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
+        out, lengths = kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
                                     bool(causal), float(scale), sizes)
         return VarTensor.trusted(out, lengths, q.model)
