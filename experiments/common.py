@@ -207,6 +207,14 @@ def torch_sdpa_per_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     return forward, forward_backward
 
 
+def jax_backward(forward: Callable[..., jax.Array], *args) -> Callable[[], object]:
+    """JAX's backward alone of ``sum(forward(*args) ** 2)``: the forward runs once, here,
+    and the callable applies its jitted ``vjp`` to the loss's cotangent ``2 o``."""
+    o, vjp = jax.vjp(forward, *args)
+    apply, ct = jax.jit(lambda f, c: f(c)), 2.0 * o
+    return lambda: apply(vjp, ct)
+
+
 def torch_sdpa_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray,
                         causal: bool = False) -> SelfTimed:
     """PyTorch's backward alone, timed directly: each call runs the forward with grad

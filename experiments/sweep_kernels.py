@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 from common import (
     cpu_flags,
+    jax_backward,
     pad,
     pad_to_max_fft,
     timed_interleaved,
@@ -185,9 +186,7 @@ def attention_draw(rng: np.random.Generator) -> dict:
         forward = lambda qd, kd, vd: vs.attention(
             vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
             vs.VarTensor(vd, v.lengths), causal=causal).data
-        o, vjp = jax.vjp(forward, q.data, k.data, v.data)
-        apply, ct = jax.jit(lambda f, ct: f(ct)), 2.0 * o  # the cotangent of sum(o ** 2)
-        fns["ours bwd"] = lambda: apply(vjp, ct)
+        fns["ours bwd"] = jax_backward(forward, q.data, k.data, v.data)
     # PyTorch's rows are timed in their own rounds, after ours: its OpenMP workers keep
     # spinning after each call and slowed a row timed right after them by up to 60%
     late = {}

@@ -77,3 +77,23 @@ def test_minilm_names_an_unknown_attention_backend_at_load():
         minilm.load(backend="nope")
     with pytest.raises(ConfigError, match="backend must be one of"):
         minilm.load().with_backend("nope")
+
+
+@pytest.mark.parametrize("seed", [None, "0", 1.5, True])
+def test_mamba_init_names_a_bad_seed(seed):
+    with pytest.raises(ModelError, match="seed must be an int or a PRNG key"):
+        mamba.init(mamba.MambaConfig.tiny(), seed=seed)
+
+
+def test_mamba_init_takes_an_int_or_a_key_alike():
+    import jax
+
+    cfg = mamba.MambaConfig.tiny()
+    a, b = mamba.init(cfg, seed=3), mamba.init(cfg, seed=jax.random.PRNGKey(3))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_a_flat_list_of_ids_is_named_as_such(tiny):
+    with pytest.raises(ModelError, match=r"flat list of ints.*\[\[\.\.\.\]\]"):
+        tiny.logits([1, 2, 3])
+    assert tiny.logits([[1, 2, 3]]).data.shape[0] == 1  # the batch of one it meant

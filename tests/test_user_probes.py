@@ -495,3 +495,11 @@ def test_bad_arguments_get_typed_errors(call, error, needle):
 def test_tensor_of_a_model_b_tensor_keeps_its_model():
     xb = vs.tensor([1.0, 2.0], model="B")
     assert vs.tensor(xb).model == "B" and vs.tensor([1.0]).model == "A"
+
+
+def test_scale_by_an_int_past_jax_int_range_is_a_typed_error():
+    x = vs.tensor(np.array([1, 2, 3], np.int32))
+    with pytest.raises(VSLATypeError, match="does not fit in int"):
+        vs.scale(x, 2**70)
+    np.testing.assert_array_equal(vs.scale(x, 3).to_numpy(), [3, 6, 9])  # in range: as before
+    np.testing.assert_allclose(vs.scale(x, 2.0**40).to_numpy(), np.array([1, 2, 3]) * 2.0**40)

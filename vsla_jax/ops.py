@@ -107,6 +107,11 @@ def scale(x: VarTensor, s) -> VarTensor:
             not isinstance(s, bool) and jnp.issubdtype(jnp.result_type(s), jnp.number)):
         raise VSLATypeError(f"scale: s must be a number or a numeric array of shape () or "
                             f"{x.batch_shape}, got {type(s).__name__}")
+    if isinstance(s, int) and not isinstance(s, bool):
+        bits = 64 if jax.config.jax_enable_x64 else 32
+        if not -(2 ** (bits - 1)) <= s < 2 ** (bits - 1):
+            raise VSLATypeError(f"scale: s = {s} does not fit in int{bits}, JAX's integer "
+                                f"type here; pass a float (or enable jax_enable_x64)")
     return _scale(x, s)
 
 

@@ -95,7 +95,13 @@ def init(config: MambaConfig, seed: int = 0):
 
     ``seed``: an int, or a PRNG key. Traceable: ``jax.eval_shape(lambda: init(c, 0))``
     gives the shapes without allocating."""
-    key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        key = jax.random.PRNGKey(seed)
+    elif isinstance(seed, jax.Array):  # a PRNG key (raw uint32[2] or typed), maybe traced
+        key = seed
+    else:
+        raise ModelError(f"init: seed must be an int or a PRNG key, got "
+                         f"{type(seed).__name__}")
     return init_params(config, key)
 
 
@@ -286,6 +292,10 @@ def as_tokens(tokens, config: MambaConfig | None = None,
         items = []
         for i, s in enumerate(tokens):
             a = np.asarray(s)
+            if a.ndim == 0 and np.issubdtype(a.dtype, np.integer):
+                raise ModelError(f"tokens must be a list of int sequences (a batch), got a "
+                                 f"flat list of ints at item {i}: wrap one sequence as "
+                                 f"[[...]]")
             if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
                 raise ModelError(f"token sequence {i} must be a 1-D list of ints, got shape "
                                  f"{a.shape} dtype {a.dtype}")
