@@ -82,3 +82,34 @@ def test_small_default_calls_take_the_cached_kernel_path_with_the_same_result(mo
     k = vs.stack(items[:2], rank=1)
     with pytest.raises(ShapeError, match="batch shapes differ"):
         vs.attention(q, k, k)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_the_cached_kernel_path_equals_the_full_path_on_every_default_variant(rank):
+    """GQA, a value head size of its own, cross lengths, half dtypes, causal and scale:
+    the cached path (every setting at its default) and the full path (a config given)
+    agree to the bit, in values, dtype, shape, lengths and rank."""
+    import jax.numpy as jnp
+
+    from vsla_jax.attention import api
+
+    rng = np.random.default_rng(rank)
+
+    def batch(lens, heads, dim, dtype):
+        xs = [rng.standard_normal((n, heads, dim)).astype(dtype) for n in lens]
+        return vs.stack(xs, rank=1) if rank == 1 else vs.stack(xs)
+
+    for dtype in (np.float32, jnp.bfloat16, np.float16):
+        for heads, kv_heads in ((4, 4), (6, 3)):
+            q = batch([3, 1, 6], heads, 8, dtype)
+            k, v = batch([5, 2, 4], kv_heads, 8, dtype), batch([5, 2, 4], kv_heads, 16, dtype)
+            for causal, scale in ((False, None), (True, 0.3)):
+                got = vs.attention(q, k, v, causal=causal, scale=scale)
+                want = vs.attention(q, k, v, causal=causal, scale=scale,
+                                    config=api.AttentionConfig())
+                assert (got.data.dtype, got.data.shape, got.rank) == (
+                    want.data.dtype, want.data.shape, want.rank)
+                np.testing.assert_array_equal(np.asarray(got.data, np.float32),
+                                              np.asarray(want.data, np.float32))
+                np.testing.assert_array_equal(np.asarray(got.lengths),
+                                              np.asarray(want.lengths))
