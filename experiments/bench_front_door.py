@@ -10,7 +10,11 @@ custom call. This script times, in the same process on the same data, in loops o
                (the floor of the natural call: JAX's dispatch plus the kernel)
   peer         the NumPy per-item loop (conv) / PyTorch SDPA per sequence (attention)
 
-and prints the front door (natural - kernel call) and the ratio peer / natural.
+and prints the front door (natural - kernel call) and the ratio peer / natural. Then
+the floors below the kernel call, on the first conv case's arrays: a jitted identity of
+the two data arrays (JAX's dispatch of any jitted call), and handing a NumPy array of
+the output's size to JAX (``jnp.asarray``: what a route around XLA, calling the kernel
+on host buffers, would pay to return its result).
 
   cd experiments && python bench_front_door.py
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from common import cpu_flags, torch_sdpa_per_sequence
@@ -51,10 +56,26 @@ def per_call_us(fns: dict, rounds: int, inner: int) -> dict[str, float]:
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def conv_case(rng, n: int, sig: tuple[int, int], ker: tuple[int, int]) -> dict:
+def conv_batches(rng, n: int, sig: tuple[int, int], ker: tuple[int, int]):
+    """Two stacked batches of n float32 signals / kernels with lengths in [lo, hi)."""
     xs = [rng.standard_normal(int(m)).astype(np.float32) for m in rng.integers(*sig, n)]
     ks = [rng.standard_normal(int(m)).astype(np.float32) for m in rng.integers(*ker, n)]
-    a, k = vs.stack(xs), vs.stack(ks)
+    return xs, ks, vs.stack(xs), vs.stack(ks)
+
+
+def floors(rng) -> dict[str, float]:
+    """Microseconds of a jitted identity of two arrays and of ``jnp.asarray`` of a
+    NumPy array of a conv output's size, on the first conv case's shapes."""
+    _, _, a, k = conv_batches(rng, 16, (2, 9), (3, 17))
+    identity = jax.jit(lambda x, y: (x, y))
+    host = np.zeros((a.data.shape[0], a.data.shape[1] + k.data.shape[1] - 1), np.float32)
+    return per_call_us({"jitted identity of (a, k)": lambda: identity(a.data, k.data),
+                        f"jnp.asarray of a NumPy {host.shape} array": lambda: jnp.asarray(
+                            host)}, FLAGS.rounds, FLAGS.inner)
+
+
+def conv_case(rng, n: int, sig: tuple[int, int], ker: tuple[int, int]) -> dict:
+    xs, ks, a, k = conv_batches(rng, n, sig, ker)
     bare = jax.jit(conv_cpu.conv_with_lengths)
     la, lb = a.lengths[:, 0], k.lengths[:, 0]
     t = per_call_us({
@@ -107,6 +128,9 @@ def main(argv):
         print(f"| {r['case']} | {r['natural']:.1f} | {r['kernel call']:.1f} | "
               f"{r['natural'] - r['kernel call']:.1f} | {r['peer_name']} | "
               f"{r['peer']:.1f} | {r['peer'] / r['natural']:.2f}x |")
+    print("\n| floor | us |\n|---|---|")
+    for name, us in floors(rng).items():
+        print(f"| {name} | {us:.1f} |")
 
 
 if __name__ == "__main__":
