@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from common import (
+    attention_on,
     jax_backward,
     timed_clean,
     torch_sdpa_backward,
@@ -127,20 +128,15 @@ def run(name, lengths, rng) -> dict:
     fwd, bwd, bwd_only, notes = {}, {}, {}, {}
 
     def vs_grad(backend):
-        def f(qd, kd, vd):
-            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
-                             vs.VarTensor(vd, v.lengths), backend=backend)
-            return jnp.sum(o.data * o.data)
-        g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+        forward = attention_on(q, k, v, backend=backend)
+        g = jax.jit(jax.grad(lambda *d: jnp.sum(forward(*d) ** 2), argnums=(0, 1, 2)))
         return lambda: g(q.data, k.data, v.data)
 
     backends = ("auto", "bucketed", "tiled", "xla") if FLAGS.all_rows else ("auto",)
     for backend in backends:
         fwd[f"vsla {backend}"] = lambda b=backend: vs.attention(q, k, v, backend=b).data
         bwd[f"vsla {backend}"] = vs_grad(backend)
-    bwd_only[OURS] = jax_backward(
-        lambda qd, kd, vd: vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(
-            kd, k.lengths), vs.VarTensor(vd, v.lengths)).data, q.data, k.data, v.data)
+    bwd_only[OURS] = jax_backward(attention_on(q, k, v), q.data, k.data, v.data)
     if kernels.target(CPU_FWD, q.data) is not None:
         cpu = CPUBackend()
         fwd[CPU] = lambda: vs.attention(q, k, v, backend=cpu).data

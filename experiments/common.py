@@ -174,6 +174,24 @@ def pad_to_max_fft(xp: jax.Array, kp: jax.Array) -> jax.Array:
     return y[:, : xp.shape[1] + kp.shape[1] - 1]
 
 
+def torch_sequences(x: np.ndarray, lengths: np.ndarray, grad: bool = False) -> list:
+    """Item ``i`` of a padded ``[B, C, H, D]`` host array as a contiguous torch tensor
+    ``[H, lengths[i], D]`` (requiring grad when ``grad``)."""
+    import torch
+
+    return [torch.from_numpy(np.array(x[i, :n])).transpose(0, 1).contiguous()
+            .requires_grad_(grad) for i, n in enumerate(lengths)]
+
+
+def attention_on(q, k, v, **kwargs) -> Callable[..., jax.Array]:
+    """``(qd, kd, vd) -> vs.attention(...).data`` with q/k/v's lengths (VarTensors) and
+    ``kwargs``: the function of the data that ``jax.grad`` and ``jax_backward`` take."""
+    import vsla_jax as vs
+
+    return lambda qd, kd, vd: vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(
+        kd, k.lengths), vs.VarTensor(vd, v.lengths), **kwargs).data
+
+
 def torch_sdpa_per_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray,
                             lengths: np.ndarray, causal: bool = False):
     """PyTorch SDPA on each sequence, with every core: ``(forward, forward+backward)``
@@ -186,9 +204,7 @@ def torch_sdpa_per_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count() or 1)
-    per_item = lambda x: [torch.from_numpy(np.array(x[i, :n])).transpose(0, 1).contiguous()
-                          for i, n in enumerate(lengths)]
-    tq, tk, tv = per_item(q), per_item(k), per_item(v)
+    tq, tk, tv = (torch_sequences(x, lengths) for x in (q, k, v))
 
     def forward():
         with torch.no_grad():
@@ -229,9 +245,7 @@ def torch_sdpa_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count() or 1)
-    per_item = lambda x: [torch.from_numpy(np.array(x[i, :n])).transpose(0, 1).contiguous()
-                          .requires_grad_(True) for i, n in enumerate(lengths)]
-    gq, gk, gv = per_item(q), per_item(k), per_item(v)
+    gq, gk, gv = (torch_sequences(x, lengths, grad=True) for x in (q, k, v))
 
     def backward_seconds() -> float:
         loss = sum((F.scaled_dot_product_attention(a, b, c, is_causal=causal) ** 2).sum()

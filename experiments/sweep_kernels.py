@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from common import (
+    attention_on,
     cpu_flags,
     jax_backward,
     pad,
@@ -177,15 +178,9 @@ def attention_draw(rng: np.random.Generator) -> dict:
                         for x in xs]) for xs in items]
     fns = {"ours": lambda: vs.attention(q, k, v, causal=causal).data}
     if FLAGS.backward:
-        def loss(qd, kd, vd):
-            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
-                             vs.VarTensor(vd, v.lengths), causal=causal)
-            return jnp.sum(o.data * o.data)
-        g = jax.jit(jax.grad(loss, (0, 1, 2)))
+        forward = attention_on(q, k, v, causal=causal)
+        g = jax.jit(jax.grad(lambda *d: jnp.sum(forward(*d) ** 2), (0, 1, 2)))
         fns["ours fwd+bwd"] = lambda: g(q.data, k.data, v.data)
-        forward = lambda qd, kd, vd: vs.attention(
-            vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
-            vs.VarTensor(vd, v.lengths), causal=causal).data
         fns["ours bwd"] = jax_backward(forward, q.data, k.data, v.data)
     # PyTorch's rows are timed in their own rounds, after ours: its OpenMP workers keep
     # spinning after each call and slowed a row timed right after them by up to 60%

@@ -15,7 +15,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 from absl import app, flags
-from common import cpu_flags, jax_backward, timed_interleaved, torch_sdpa_backward
+from common import (
+    attention_on,
+    cpu_flags,
+    jax_backward,
+    timed_interleaved,
+    torch_sdpa_backward,
+)
 
 import vsla_jax as vs
 
@@ -27,12 +33,6 @@ flags.DEFINE_integer("heads", 4, "H.")
 flags.DEFINE_integer("dim", 80, "D.")
 flags.DEFINE_integer("repeats", 7, "Timed interleaved rounds (median).")
 flags.DEFINE_integer("seed", 0, "Seed of the lengths and data.")
-
-
-def attention_on(q: vs.VarTensor, k: vs.VarTensor, v: vs.VarTensor):
-    """``(qd, kd, vd) -> vs.attention(...).data`` with q/k/v's lengths."""
-    return lambda qd, kd, vd: vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(
-        kd, k.lengths), vs.VarTensor(vd, v.lengths)).data
 
 
 def main(argv):

@@ -137,7 +137,7 @@ def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "sizes"))
 def kernel_call(qd, kd, vd, lengths_q, lengths_k, causal: bool, scale: float,
-                 sizes: tuple | None):
+                sizes: tuple | None):
     """qd/kd/vd ``[B, C, Hc, Dc]`` (any float dtypes; the kernels run in float32 or
     float64, the output has qd's dtype), lengths ``[B, rank]`` -> (o, output lengths
     int32 ``[B, 1]``). Arrays in and out, and one custom call inside: VarTensor pytrees
@@ -176,7 +176,7 @@ class CPUBackend:
             return self.fallback.compute(q, k, v, causal, scale,
                                          self.fallback.prepare(q, k, v))
         out, lengths = kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
-                                    bool(causal), float(scale), None)
+                                   bool(causal), float(scale), None)
         return VarTensor.trusted(out, lengths, q.model)
 
     def compute_strided(self, q: VarTensor, k: VarTensor, v: VarTensor, sizes: tuple,
@@ -189,5 +189,5 @@ class CPUBackend:
         if not self.available(q.data, k.data, v.data):
             return None
         out, lengths = kernel_call(q.data, k.data, v.data, q.lengths, k.lengths,
-                                    bool(causal), float(scale), sizes)
+                                   bool(causal), float(scale), sizes)
         return VarTensor.trusted(out, lengths, q.model)
