@@ -1,17 +1,18 @@
 // Ragged Model A convolution of rank-1 items on capacity-padded batches: forward and
-// backward, one XLA FFI custom call per batch each.
+// correlation (its transposes), one XLA FFI custom call per batch each.
 //
 // Layout (row-major, as XLA hands the buffers over; `...` is any batch shape, the same
 // for every operand, flattened to B items):
 //   a [..., Ca], b [..., Cb], la/lb int32 [...] -> out [..., Ca + Cb - 1] and the output
 //   lengths int32 [...] (la + lb - 1, 0 when la or lb is 0)
-//   backward: g [..., Ca + Cb - 1] -> ga [..., Ca], gb [..., Cb]
+//   correlation: g [..., Cy + Cw - 1], w [..., Cw], lo/lw -> y [..., Cy] (the transposes)
 // Item i: out[n] = sum_j a[n - j] * b[j] over the pairs with 0 <= n - j < la and
 // 0 <= j < lb, for n < la + lb - 1; everything past that (and the whole row when la or
 // lb is 0) is zero. Only products of two logical values are ever formed, so inf/nan
 // reach exactly the outputs numpy.convolve gives them, and the slack is never read.
-// Backward: ga[p] = sum_j g[p + j] b[j] (p < la), gb[j] = sum_p g[j + p] a[p] (j < lb),
-// zero past the lengths.
+// Correlation: y[p] = sum_{j < lw} g[p + j] w[j] for p < lo, zero past lo. The forward's
+// transposes are ga = corr(g, b) (lo = la, lw = lb) and gb = corr(g, a) (lo = lb, lw = la);
+// the correlation's are the forward and the correlation again (vsla_jax/conv/cpu.py).
 //
 // Algorithm: direct summation, output-stationary in tiles of kTile outputs; inside a
 // tile the taps of the shorter operand go in blocks of kTaps fused into one pass (one
@@ -198,10 +199,10 @@ inline void corr_kernel(const double* g, const double* w, int64_t nw, int64_t p0
 }
 
 // ------------------------------------------------------------------ threading ---------
-// A piece of work: item, which output (0: out or ga, 1: gb), output range [lo, hi)
+// A piece of work: item, output range [lo, hi)
 // (hi may reach into the slack, which the piece zeroes), and its cost.
 struct Piece {
-  int64_t item, which, lo, hi;
+  int64_t item, lo, hi;
   double cost;
 };
 
@@ -266,7 +267,7 @@ void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t thread
 // Cuts outputs [0, valid) of one item (work `work`) into pieces of about `piece_work`;
 // the last piece also covers the slack [valid, cap). A piece costs its share of the work
 // plus `per_output` for each output it zeroes.
-inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t which, int64_t valid,
+inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t valid,
                        int64_t cap, double work, double piece_work, double per_output) {
   int64_t k = 1;
   if (valid > 0 && work > piece_work) {
@@ -274,14 +275,14 @@ inline void add_pieces(std::vector<Piece>* out, int64_t item, int64_t which, int
                           (valid + kTile - 1) / kTile);
   }
   if (k <= 1) {  // most items of a batch: one piece, no divisions
-    out->push_back({item, which, 0, cap, work + per_output * static_cast<double>(cap)});
+    out->push_back({item, 0, cap, work + per_output * static_cast<double>(cap)});
     return;
   }
   const double per = work / static_cast<double>(k);
   for (int64_t q = 0; q < k; ++q) {
     const int64_t lo = valid * q / k;
     const int64_t hi = q + 1 == k ? cap : valid * (q + 1) / k;
-    out->push_back({item, which, lo, hi, per + per_output * static_cast<double>(hi - lo)});
+    out->push_back({item, lo, hi, per + per_output * static_cast<double>(hi - lo)});
   }
 }
 
@@ -387,74 +388,58 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const
     }
   };
   if (threads_for(total, zero_bytes, threads) == 1) {  // whole items in order, no list
-    for (int64_t i = 0; i < d.B; ++i) run(Piece{i, 0, 0, d.Co, 0.0});
+    for (int64_t i = 0; i < d.B; ++i) run(Piece{i, 0, d.Co, 0.0});
     if (stream) stream_fence();
     return;
   }
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(d.B));
   for (int64_t i = 0; i < d.B; ++i) {
-    add_pieces(&pieces, i, 0, out_length(la[i], lb[i]), d.Co,
+    add_pieces(&pieces, i, out_length(la[i], lb[i]), d.Co,
                static_cast<double>(la[i]) * lb[i], piece_work, zeroed ? 0.0 : kZeroCost);
   }
   run_pieces(pool, std::move(pieces), threads, run, stream);
 }
 
+// Correlation of each item with a weight row: y[p] = sum_{j < lw} g[p + j] w[j] for
+// p < lo, zero from lo on (all zero when lo or lw is 0). g [B, Cy + Cw - 1], w [B, Cw],
+// y [B, Cy]. The transposes of the forward: ga = corr(g, b) (lo = la, lw = lb) and
+// gb = corr(g, a) (lo = lb, lw = la); and of the correlation itself.
 template <class T>
-void backward(ffi::ThreadPool& pool, const Dims& d, const T* a, const T* b, const int32_t* la,
-              const int32_t* lb, const T* g, T* ga, T* gb, int64_t max_threads) {
-  const int64_t threads = thread_count(pool, max_threads);
+void correlate(ffi::ThreadPool& pool, int64_t B, int64_t Cy, int64_t Cw, const T* g,
+               const T* w, const int32_t* lo, const int32_t* lw, T* y, int64_t max_threads) {
+  const int64_t threads = thread_count(pool, max_threads), Cg = Cy + Cw - 1;
+  auto valid = [&](int64_t i) -> int64_t { return lo[i] > 0 && lw[i] > 0 ? lo[i] : 0; };
   double total = 0;
-  for (int64_t i = 0; i < d.B; ++i) total += 2.0 * la[i] * lb[i];
+  for (int64_t i = 0; i < B; ++i) total += static_cast<double>(valid(i)) * lw[i];
   const double piece_work = piece_work_for(total, threads);
-  // the pages a gradient's valid outputs touch (`own`: that operand's lengths)
-  auto written = [&](const T* o, int64_t cap, const int32_t* own) {
-    double pages = 0;
-    for (int64_t i = 0; i < d.B; ++i)
-      pages += pages_touched(o, i * cap, i * cap + (la[i] > 0 && lb[i] > 0 ? own[i] : 0));
+  const bool zeroed = zero_output(y, B, Cy, [&] {
+    double pages = 0;  // the pages the valid outputs touch
+    for (int64_t i = 0; i < B; ++i) pages += pages_touched(y, i * Cy, i * Cy + valid(i));
     return pages;
-  };
-  const bool zeroed_a = zero_output(ga, d.B, d.Ca, [&] { return written(ga, d.Ca, la); });
-  const bool zeroed_b = zero_output(gb, d.B, d.Cb, [&] { return written(gb, d.Cb, lb); });
-  const bool stream_a = beyond_l2(static_cast<size_t>(d.B * d.Ca) * sizeof(T));
-  const bool stream_b = beyond_l2(static_cast<size_t>(d.B * d.Cb) * sizeof(T));
-  const double zero_bytes = static_cast<double>(
-      ((zeroed_a ? 0 : d.B * d.Ca) + (zeroed_b ? 0 : d.B * d.Cb)) * sizeof(T));
+  });
+  const bool stream = beyond_l2(static_cast<size_t>(B * Cy) * sizeof(T));
+  const double zero_bytes = static_cast<double>(zeroed ? 0 : B * Cy) * sizeof(T);
   auto run = [&](const Piece& p) {
-    const int64_t na = la[p.item], nb = lb[p.item];
-    const T* gi = g + p.item * d.Co;
-    // ga = corr(g, b) over la outputs; gb = corr(g, a) over lb outputs
-    const int64_t cap = p.which == 0 ? d.Ca : d.Cb;
-    T* o = (p.which == 0 ? ga : gb) + p.item * cap;
-    const int64_t valid = na > 0 && nb > 0 ? (p.which == 0 ? na : nb) : 0;
-    clear_piece(o, p.lo, p.hi, valid, p.which == 0 ? zeroed_a : zeroed_b,
-                p.which == 0 ? stream_a : stream_b);
-    const int64_t hi = std::min(p.hi, valid);
-    if (p.lo < hi) {
-      if (p.which == 0) {
-        corr_kernel(gi, b + p.item * d.Cb, nb, p.lo, hi, o);
-      } else {
-        corr_kernel(gi, a + p.item * d.Ca, na, p.lo, hi, o);
-      }
-    }
+    T* o = y + p.item * Cy;
+    const int64_t n = valid(p.item);
+    clear_piece(o, p.lo, p.hi, n, zeroed, stream);
+    const int64_t hi = std::min(p.hi, n);
+    if (p.lo < hi) corr_kernel(g + p.item * Cg, w + p.item * Cw, lw[p.item], p.lo, hi, o);
   };
   if (threads_for(total, zero_bytes, threads) == 1) {  // whole items in order, no list
-    for (int64_t i = 0; i < d.B; ++i) {
-      run(Piece{i, 0, 0, d.Ca, 0.0});
-      run(Piece{i, 1, 0, d.Cb, 0.0});
-    }
-    if (stream_a || stream_b) stream_fence();
+    for (int64_t i = 0; i < B; ++i) run(Piece{i, 0, Cy, 0.0});
+    if (stream) stream_fence();
     return;
   }
   std::vector<Piece> pieces;
-  pieces.reserve(static_cast<size_t>(2 * d.B));
-  for (int64_t i = 0; i < d.B; ++i) {
-    const bool any = la[i] > 0 && lb[i] > 0;
-    const double work = static_cast<double>(la[i]) * lb[i];
-    add_pieces(&pieces, i, 0, any ? la[i] : 0, d.Ca, work, piece_work, zeroed_a ? 0.0 : kZeroCost);
-    add_pieces(&pieces, i, 1, any ? lb[i] : 0, d.Cb, work, piece_work, zeroed_b ? 0.0 : kZeroCost);
+  pieces.reserve(static_cast<size_t>(B));
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = valid(i);
+    add_pieces(&pieces, i, n, Cy, static_cast<double>(n) * lw[i], piece_work,
+               zeroed ? 0.0 : kZeroCost);
   }
-  run_pieces(pool, std::move(pieces), threads, run, stream_a || stream_b);
+  run_pieces(pool, std::move(pieces), threads, run, stream);
 }
 
 // ------------------------------------------------------------------ validation --------
@@ -550,25 +535,40 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                    ffi::Buffer<ffi::S32> la, ffi::Buffer<ffi::S32> lb, ffi::AnyBuffer g,
-                    ffi::Result<ffi::AnyBuffer> ga, ffi::Result<ffi::AnyBuffer> gb,
-                    int64_t max_threads) {
-  Dims d;
-  if (ffi::Error e = check_inputs(a, b, la, lb, &d); e.failure()) return e;
-  const auto t = a.element_type();
-  const auto batch = la.dimensions();
-  if (ffi::Error e = check_out("g", g, t, batch, d.Co); e.failure()) return e;
-  if (ffi::Error e = check_out("ga", *ga, t, batch, d.Ca); e.failure()) return e;
-  if (ffi::Error e = check_out("gb", *gb, t, batch, d.Cb); e.failure()) return e;
+// y = corr(g, w) (see correlate): g [*batch, Cy + Cw - 1], w [*batch, Cw], lo/lw int32
+// [*batch] with lo <= Cy and lw <= Cw; y [*batch, Cy].
+ffi::Error Correlate(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer w,
+                     ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> lw,
+                     ffi::Result<ffi::AnyBuffer> y, int64_t max_threads) {
+  const auto t = g.element_type();
+  if (t != ffi::F32 && t != ffi::F64) return bad("g must be float32 or float64");
+  if (w.element_type() != t) return bad("g and w must have one dtype");
+  const auto batch = lo.dimensions();
+  if (!std::equal(batch.begin(), batch.end(), lw.dimensions().begin(),
+                  lw.dimensions().end()))
+    return bad("lo " + dims_str(batch) + " and lw " + dims_str(lw.dimensions()) +
+               " must have one shape");
+  const auto dy = y->dimensions(), dw = w.dimensions();
+  if (dy.size() < 1 || dw.size() < 1)
+    return bad("y and w must have a capacity axis, got y " + dims_str(dy) + ", w " +
+               dims_str(dw));
+  const int64_t Cy = dy.back(), Cw = dw.back();
+  if (!fits(dy, batch, Cy) || !fits(dw, batch, Cw))
+    return bad("y " + dims_str(dy) + " and w " + dims_str(dw) +
+               " must be [*batch, capacity] with batch " + dims_str(batch));
+  if (Cy < 1 || Cw < 1)
+    return bad("capacities must be >= 1, got y " + dims_str(dy) + ", w " + dims_str(dw));
+  if (ffi::Error e = check_out("g", g, t, batch, Cy + Cw - 1); e.failure()) return e;
+  if (y->element_type() != t) return bad("y has the wrong dtype");
+  if (ffi::Error e = check_lengths("lo", lo, Cy); e.failure()) return e;
+  if (ffi::Error e = check_lengths("lw", lw, Cw); e.failure()) return e;
+  const int64_t B = static_cast<int64_t>(lo.element_count());
   if (t == ffi::F32) {
-    backward(pool, d, a.typed_data<float>(), b.typed_data<float>(), la.typed_data(),
-             lb.typed_data(), g.typed_data<float>(), ga->typed_data<float>(),
-             gb->typed_data<float>(), max_threads);
+    correlate(pool, B, Cy, Cw, g.typed_data<float>(), w.typed_data<float>(), lo.typed_data(),
+              lw.typed_data(), y->typed_data<float>(), max_threads);
   } else {
-    backward(pool, d, a.typed_data<double>(), b.typed_data<double>(), la.typed_data(),
-             lb.typed_data(), g.typed_data<double>(), ga->typed_data<double>(),
-             gb->typed_data<double>(), max_threads);
+    correlate(pool, B, Cy, Cw, g.typed_data<double>(), w.typed_data<double>(),
+              lo.typed_data(), lw.typed_data(), y->typed_data<double>(), max_threads);
   }
   return ffi::Error::Success();
 }
@@ -587,14 +587,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_fwd, vsla::rconv::Forward,
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Attr<int64_t>("max_threads"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_bwd, vsla::rconv::Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vsla_conv_corr, vsla::rconv::Correlate,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("max_threads"));

@@ -9,7 +9,7 @@
 extern "C" {
 
 // The ABI version of the exported handlers, checked by vsla_jax/kernels.py.
-VSLA_EXPORT int vsla_kernels_abi_version() { return 2; }
+VSLA_EXPORT int vsla_kernels_abi_version() { return 3; }
 
 }  // extern "C"
 

@@ -62,12 +62,14 @@ def profile(name: str) -> None:
 
     step = jax.jit(jax.grad(loss, (0, 1, 2)))
     temp = step.lower(q.data, k.data, v.data).compile().memory_analysis().temp_size_in_bytes
-    forward = jax.jit(lambda a, b, c: cpu._fwd_call(a, b, c, lq, lk, False, scale))
+    sizes = cpu.own_sizes(q.data, k.data, v.data)
+    forward = jax.jit(lambda a, b, c: cpu.forward_call(a, b, c, lq, lk, causal=False,
+                                                       scale=scale, sizes=sizes))
     o, lse, _ = forward(q.data, k.data, v.data)
     cotangent = jax.jit(lambda o: 2 * o)
     do = cotangent(o)
-    backward = jax.jit(lambda a, b, c, o, lse, do: cpu._bwd_call(a, b, c, lq, lk, o, lse, do,
-                                                                False, scale))
+    backward = jax.jit(lambda a, b, c, o, lse, do: cpu.backward_call(
+        a, b, c, lq, lk, o, lse, do, causal=False, scale=scale, sizes=sizes))
     calls = {
         "step": lambda: step(q.data, k.data, v.data),
         "forward": lambda: forward(q.data, k.data, v.data)[0],

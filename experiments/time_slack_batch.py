@@ -50,7 +50,7 @@ def main(argv):
     ks = [rng.standard_normal(int(j)).astype(np.float32) for j in m]
     a, k = vs.stack(xs), vs.stack(ks)
     kernels.registered(conv_cpu.FWD)
-    kernels.registered(conv_cpu.BWD)
+    kernels.registered(conv_cpu.CORR)
     bare = jax.jit(conv_cpu.conv_with_lengths)
     la, lb = a.lengths[:, 0], k.lengths[:, 0]
     out = {"padded output": [int(a.data.shape[0]), a.capacity[0] + k.capacity[0] - 1],

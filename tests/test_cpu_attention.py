@@ -339,9 +339,10 @@ def test_non_finite_values_stay_in_their_item_and_match_numpy(value):
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "bucketed", "tiled"])
-def test_forward_mode_autodiff_falls_back_to_xla(backend):
-    """The custom_vjp backends are reverse-mode only; under jvp/jacfwd/hessian
-    vs.attention runs the XLA backend, so forward mode works and agrees with it."""
+def test_forward_mode_autodiff_on_every_backend(backend):
+    """The kernels' primitives (auto, cpu) take forward mode themselves; the custom_vjp
+    backends (bucketed, tiled) are reverse-mode only, and under jvp/jacfwd/hessian
+    vs.attention runs the XLA backend for them. Either way forward mode agrees with xla."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(4)
         q, k, v = qkv(rng, [5, 0, 3], [4, 2, 6], 5, 6, h=2, hkv=1, d=3, dv=4,
@@ -354,8 +355,8 @@ def test_forward_mode_autodiff_falls_back_to_xla(backend):
 
         f, ref = run(backend), run("xla")
         jax.test_util.check_grads(f, (q.data, k.data), order=2, modes=("fwd",))
-        # reverse over reverse: the C++ path falls back too; bucketed and tiled do not
-        # support it (second-order reverse through their custom_vjp backward)
+        # reverse over reverse: the kernels' primitives take it; bucketed and tiled do not
+        # (second-order reverse through their custom_vjp backward)
         modes = ("fwd", "rev") if backend in ("auto", "cpu") else ("rev",)
         jax.test_util.check_grads(f, (q.data, k.data), order=2 if len(modes) == 2 else 1,
                                   modes=modes)
@@ -453,3 +454,65 @@ def test_gradient_items_are_cleared_exactly_where_the_units_do_not_write(
     owned[:rows, :heads, :width] = True
     assert np.isnan(buf[owned]).all()
     np.testing.assert_array_equal(buf[~owned], 0.0)
+
+
+def _attention_calls(fn, *args) -> tuple[int, int, bool]:
+    """(forward kernel calls, backward kernel calls, any XLA dot) in the lowered jit(fn)."""
+    hlo = jax.jit(fn).lower(*args).as_text()
+    return (hlo.count("@vsla_attention_fwd("), hlo.count("@vsla_attention_bwd("),
+            "dot_general" in hlo)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_transformations_of_a_jitted_attention_stay_on_the_kernels(rank):
+    """jvp / jacfwd / hessian of an already jitted function (a custom_vjp cannot take
+    them: JAX refuses forward mode after tracing), reverse over reverse, vmap of grad and
+    grad of vmap agree with the xla backend; reverse mode runs the two kernels and no XLA
+    product. rank 3: vs.stack's padded head axes, read through strides (sizes)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(8)
+        shapes = [(5, 0, 3), (4, 2, 6)]
+        items = [[rng.standard_normal((n, h, d)) for n in lens]
+                 for lens, (h, d) in zip(shapes + [shapes[1]], [(4, 3), (2, 3), (2, 5)])]
+        q, k, v = (vs.stack(it, rank=rank) for it in items)
+        lq, lk = q.lengths, k.lengths
+
+        def make(backend):
+            def f(qd, kd, vd):
+                o = vs.attention(vs.VarTensor(qd, lq), vs.VarTensor(kd, lk),
+                                 vs.VarTensor(vd, lk), causal=True, backend=backend)
+                return jnp.sum(jnp.sin(o.data) ** 2)
+            return f
+
+        ours, ref = make("auto"), make("xla")
+        jours = jax.jit(ours)
+        args = (q.data, k.data, v.data)
+        t = (jnp.cos(q.data), jnp.ones_like(k.data), jnp.sin(v.data))
+        close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+        close(jax.jvp(jours, args, t)[1], jax.jvp(ref, args, t)[1])
+        for got, want in zip(jax.jacfwd(jours, argnums=(0, 1, 2))(*args),
+                             jax.jacfwd(ref, argnums=(0, 1, 2))(*args)):
+            close(got, want)
+        for i in range(3):
+            close(jax.hessian(jours, argnums=i)(*args), jax.hessian(ref, argnums=i)(*args))
+        rr = lambda f: jax.grad(lambda *x: jnp.sum(jax.grad(f, argnums=1)(*x) ** 2))
+        close(rr(jours)(*args), rr(ref)(*args))
+        qs = jnp.stack([q.data, -q.data])
+        close(jax.vmap(jax.grad(jours), (0, None, None))(qs, k.data, v.data),
+              jax.vmap(jax.grad(ref), (0, None, None))(qs, k.data, v.data))
+        vsum = lambda f: lambda x: jnp.sum(jax.vmap(f, (0, None, None))(x, k.data, v.data))
+        close(jax.grad(vsum(ours))(qs), jax.grad(vsum(ref))(qs))
+        assert _attention_calls(jax.grad(ours, argnums=(0, 1, 2)), *args) == (1, 1, False)
+        assert _attention_calls(jax.grad(ref), *args)[:2] == (0, 0)
+
+
+def test_check_grads_of_the_kernels_in_both_modes_to_second_order():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(9)
+        q, k, v = qkv(rng, [4, 0, 3], [3, 2, 0], 4, 4, h=2, hkv=1, d=3, dv=2,
+                      dtype=np.float64)
+
+        def f(qd, kd, vd):
+            return cpu_attention(qd, kd, vd, q.lengths[:, 0], k.lengths[:, 0], True, 0.6)
+
+        jax.test_util.check_grads(f, (q.data, k.data, v.data), order=2, modes=("fwd", "rev"))

@@ -291,9 +291,38 @@ def test_bad_traced_lengths_kernel_error(bad):
 def test_kernel_rejects_mismatched_dims():
     x = jnp.zeros((2, 8), jnp.float32)
     with pytest.raises(Exception, match="must be \\[\\*batch, capacity\\]"):
-        jax.block_until_ready(cpu._fwd_call(x, jnp.zeros((3, 4), jnp.float32),
+        jax.block_until_ready(cpu.forward_call(x, jnp.zeros((3, 4), jnp.float32),
                                             jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32),
-                                            0))
+                                            max_threads=0))
+
+
+@pytest.mark.parametrize("g_cap,w_cap,lo,lw,match", [
+    (10, 4, [7, 7], [4, 4], "g \\[2, 10\\] must be \\[\\*batch, 11\\]"),  # not Cy + Cw - 1
+    (11, 4, [9, 1], [4, 4], "lo\\[0\\] = 9 is outside \\[0, capacity 8\\]"),
+    (11, 4, [8, 1], [4, -1], "lw\\[1\\] = -1 is outside"),
+])
+def test_correlation_kernel_rejects_bad_shapes_and_lengths(g_cap, w_cap, lo, lw, match):
+    g, w = jnp.ones((2, g_cap), jnp.float32), jnp.ones((2, w_cap), jnp.float32)
+    lo, lw = jnp.asarray(lo, jnp.int32), jnp.asarray(lw, jnp.int32)
+    y = jax.ShapeDtypeStruct((2, 8), jnp.float32)
+    with pytest.raises(Exception, match=match):
+        jax.block_until_ready(jax.ffi.ffi_call(cpu.CORR, y)(g, w, lo, lw,
+                                                             max_threads=np.int64(0)))
+
+
+def test_correlation_kernel_matches_numpy():
+    """y[p] = sum_{j < lw} g[p + j] w[j] for p < lo, zero after (what the transposes use)."""
+    rng = np.random.default_rng(5)
+    lo, lw = np.array([8, 0, 3, 1, 5]), np.array([4, 2, 0, 1, 3])
+    g = rng.standard_normal((5, 11)).astype(np.float32)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    (y,) = cpu.corr_call(jnp.asarray(g), jnp.asarray(w), jnp.asarray(lo, jnp.int32),
+                          jnp.asarray(lw, jnp.int32), max_threads=0)
+    want = np.zeros((5, 8), np.float32)
+    for i in range(5):
+        if lo[i] and lw[i]:
+            want[i, :lo[i]] = np.correlate(g[i, :lo[i] + lw[i] - 1], w[i, :lw[i]], "valid")
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
 
 
 def test_fallback_and_unsupported_return_none(monkeypatch):
@@ -320,8 +349,8 @@ def test_threads_agree_with_one_thread():
 
 
 def test_every_autodiff_mode_through_the_natural_call():
-    """vs.conv routes to the reverse-only kernels on CPU; forward mode (jvp, jacfwd,
-    hessian) falls back to the XLA engine, so every mode works and agrees."""
+    """vs.conv routes to the kernel primitives on CPU in every autodiff mode, and each
+    agrees with the XLA engine."""
     with jax.enable_x64(True):
         a = batch([5, 0, 9, 1], 9, np.float64, seed=10)
         b = batch([3, 4, 2, 1], 4, np.float64, seed=11)
@@ -338,9 +367,59 @@ def test_every_autodiff_mode_through_the_natural_call():
         t = jnp.ones_like(a.data)
         np.testing.assert_allclose(jax.jvp(loss, (a.data,), (t,))[1],
                                    jax.jvp(ref, (a.data,), (t,))[1], rtol=1e-10)
-        # reverse mode still runs the kernels: their custom call is in the jitted grad
+        # reverse mode runs the correlation kernel: its custom call is in the jitted grad
         hlo = jax.jit(jax.grad(loss)).lower(a.data).as_text()
-        assert "vsla_conv_bwd" in hlo
+        assert "vsla_conv_corr" in hlo
+
+
+def _kernel_calls(fn, *args) -> tuple[int, int]:
+    """(forward, correlation) custom calls in the lowered ``jit(fn)``; the XLA engine's
+    paths show up as neither."""
+    hlo = jax.jit(fn).lower(*args).as_text()
+    return hlo.count("@vsla_conv_fwd("), hlo.count("@vsla_conv_corr(")
+
+
+def test_transformations_of_a_jitted_conv_stay_on_the_kernels():
+    """jvp / jacfwd / hessian of an already jitted function (which a custom_vjp cannot
+    take: JAX refuses forward mode after tracing), grad of one operand, vmap of grad,
+    grad of vmap and third-order mixed derivatives: all on the kernels, all equal to the
+    XLA engine."""
+    with jax.enable_x64(True):
+        a = batch([5, 0, 9, 1], 9, np.float64, seed=12)
+        b = batch([3, 4, 2, 1], 4, np.float64, seed=13)
+        xla = vs.ConvPolicy(cpu_kernels=False)
+
+        def loss(x, y, **kwargs):
+            out = vs.conv(vs.VarTensor(x, a.lengths), vs.VarTensor(y, b.lengths), **kwargs)
+            return jnp.sum(jnp.sin(out.data))
+
+        ref = functools.partial(loss, method="direct", policy=xla)
+        jloss = jax.jit(loss)
+        args, t = (a.data, b.data), (jnp.ones_like(a.data), jnp.cos(b.data))
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-9, atol=1e-12)
+        close(jax.jvp(jloss, args, t)[1], jax.jvp(ref, args, t)[1])
+        close(jax.jacfwd(jloss)(*args), jax.jacfwd(ref)(*args))
+        for i in (0, 1):
+            close(jax.hessian(jloss, argnums=i)(*args), jax.hessian(ref, argnums=i)(*args))
+        def third(f):  # reverse over reverse over reverse, mixing the operands
+            g2 = lambda x, y: jnp.sum(jax.grad(f, argnums=1)(x, y) ** 2)
+            return jax.grad(lambda x, y: jnp.sum(jax.grad(g2)(x, y) ** 2), argnums=(0, 1))
+
+        for got, want in zip(third(jloss)(*args), third(ref)(*args)):
+            close(got, want)
+        check_grads(loss, args, order=3, modes=("fwd", "rev"))
+        xs = jnp.stack([a.data, 2 * a.data, -a.data])
+        close(jax.vmap(jax.grad(jloss), (0, None))(xs, b.data),
+              jax.vmap(jax.grad(ref), (0, None))(xs, b.data))
+        close(jax.grad(lambda x: jax.vmap(loss, (0, None))(x, b.data).sum())(xs),
+              jax.grad(lambda x: jax.vmap(ref, (0, None))(x, b.data).sum())(xs))
+        assert _kernel_calls(jax.grad(ref), *args) == (0, 0)  # the reference is XLA's
+        # one correlation per operand that has a gradient; forward mode runs the forward
+        assert _kernel_calls(jax.grad(loss, argnums=1), *args) == (1, 1)
+        assert _kernel_calls(jax.grad(loss, argnums=(0, 1)), *args) == (1, 2)
+        assert _kernel_calls(lambda x, y: jax.jvp(loss, (x, y), t), *args) == (3, 0)
+        fwd, corr = _kernel_calls(jax.hessian(loss), *args)
+        assert fwd >= 1 and corr >= 1
 
 
 def test_jvp_of_the_single_item_front_door():

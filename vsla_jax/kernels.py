@@ -19,7 +19,7 @@ import jax
 from vsla_jax.errors import KernelFallbackWarning
 
 #: The ABI version ``csrc/module.cc`` reports; a stale build is not used.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 @functools.cache

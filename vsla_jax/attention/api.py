@@ -379,7 +379,7 @@ def fast_kernel_call(q, k, v, causal, scale, backend, tile, config) -> VarTensor
     if plan is None or (backend == "auto" and choose_backend(q, k) != "cpu"):
         return None
     impl = backends_for()["cpu"]
-    return call_or_none(impl.compute_strided, q, k, v, plan[1], causal, plan[0])
+    return impl.compute_strided(q, k, v, plan[1], causal, plan[0])
 
 
 def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
@@ -401,9 +401,11 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
       config: ``AttentionConfig`` (bucketed plan, tiling strategy, Pallas interpreter);
         default ``AttentionConfig()``.
 
-    Differentiable in every mode: reverse mode runs the chosen backend's backward;
-    under forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
-    ``custom_vjp`` backends refuse, the ``xla`` backend runs instead.
+    Differentiable in every mode: reverse mode runs the chosen backend's backward. The
+    ``cpu`` kernels take forward mode too (docs/kernels.md, "Gradients"); under
+    forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
+    ``custom_vjp`` backends (``bucketed``, ``tiled``, ``pallas``) refuse, the ``xla``
+    backend runs instead of those.
     """
     out = fast_kernel_call(q, k, v, causal, scale, backend, tile, config)
     if out is not None:

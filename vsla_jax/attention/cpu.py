@@ -2,10 +2,11 @@
 
 One XLA FFI custom call per batch runs the flash-style forward (online softmax over key
 tiles clipped to each item's lengths; padding is never computed) and one runs the
-FlashAttention-2 style backward (scores recomputed from the saved log-sum-exp); a
-``jax.custom_vjp`` ties them together. Lengths are arguments of the custom call, so the
-backend works under ``jit`` with traced lengths and never reads them on the host; under
-``vmap`` the call runs once per mapped element (``vmap_method="sequential"``).
+FlashAttention-2 style backward (scores recomputed from the saved log-sum-exp). Both are
+JAX primitives whose JVP and transpose rules tie them together, so every transformation
+works (below). Lengths are arguments of the custom call, so the backend works under
+``jit`` with traced lengths and never reads them on the host; under ``vmap`` the mapped
+axis is merged into the batch axis of one call.
 
 Where the kernels cannot run (no extension build, or not on CPU; ``kernels.target``
 returns None after one ``KernelFallbackWarning``), ``compute`` runs the ``fallback``
@@ -19,12 +20,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad
 
 from vsla_jax import kernels
+from vsla_jax.attention import derivatives
 from vsla_jax.attention.bucketed import BucketedBackend
 from vsla_jax.errors import VSLAError, VSLATypeError
+from vsla_jax.primitive import is_zero, kernel_primitive, zero_like
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import float0_zeros
 
 FWD, BWD = "vsla_attention_fwd", "vsla_attention_bwd"
 DTYPES = (jnp.float32, jnp.float64)
@@ -60,43 +63,116 @@ def _merged(shape: tuple) -> tuple:
     return (*shape[:-2], shape[-2] * shape[-1])
 
 
-def _fwd_call(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
-    """qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]`` (one float
-    dtype), lq/lk int32 ``[B]`` or ``[B, R]`` (column 0 is the sequence length; a
-    VarTensor's lengths as they are) -> (o ``[B, Cq, H, Dv]``, lse ``[B, H, Cq]``,
-    out_lengths int32 ``[B, 1]``, column 0 of ``lq``).
+def own_sizes(qd, kd, vd) -> tuple:
+    """``(H, D, Hkv, Dv)`` of the buffers themselves (nothing cropped)."""
+    return (qd.shape[2], qd.shape[3], kd.shape[2], vd.shape[3])
 
-    ``sizes = (H, D, Hkv, Dv)``: the kernel reads ``[..., :H, :D]`` of larger buffers
-    (strides, no copy); None: the buffers' own sizes. The kernel reads the lengths'
-    column 0 in place and returns it as the output lengths, so the program is one custom
-    call: XLA slices beside it cost more than the kernel on small batches."""
+
+def _sizes(qd, kd, vd, sizes) -> dict:
+    """The kernels' logical-size attributes (0: the buffer's own size)."""
+    own = sizes is None or tuple(sizes) == own_sizes(qd, kd, vd)
+    return dict(zip(("heads", "head_dim", "kv_heads", "v_head_dim"),
+                    map(np.int64, (0, 0, 0, 0) if own else sizes)))
+
+
+def forward_call(qd, kd, vd, lq, lk, *, causal: bool, scale: float, sizes: tuple):
+    """qd ``[B, Cq, Hc, Dc]``, kd ``[B, Ck, Hkc, Dc']``, vd ``[B, Ck, Hkc, Dvc]`` (one
+    float dtype), lq/lk int32 ``[B]`` or ``[B, R]`` (column 0 is the sequence length; a
+    VarTensor's lengths as they are), ``sizes = (H, D, Hkv, Dv)``, the part of the
+    buffers read (strides, no copy) -> (o ``[B, Cq, H * Dv]`` (heads merged: ``_merged``),
+    lse ``[B, H, Cq]``, out_lengths int32 ``[B, 1]``, column 0 of ``lq``).
+
+    The kernel reads the lengths' column 0 in place and returns it as the output lengths,
+    so the program is one custom call: XLA slices beside it cost more than the kernel on
+    small batches."""
     b, cq = qd.shape[:2]
-    h, _, _, dv = sizes or (qd.shape[2], qd.shape[3], kd.shape[2], vd.shape[3])
+    h, _, _, dv = sizes
     out = (jax.ShapeDtypeStruct(_merged((b, cq, h, dv)), qd.dtype),
            jax.ShapeDtypeStruct((b, h, cq), qd.dtype),
            jax.ShapeDtypeStruct((b, 1), jnp.int32))
-    o, lse, lengths = jax.ffi.ffi_call(_target(FWD, qd), out, vmap_method="sequential")(
-        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale), **_sizes(sizes))
-    return o.reshape(b, cq, h, dv), lse, lengths
+    return jax.ffi.ffi_call(_target(FWD, qd), out)(
+        qd, kd, vd, lq, lk, causal=bool(causal), scale=np.float64(scale),
+        **_sizes(qd, kd, vd, sizes))
 
 
-def _sizes(sizes) -> dict:
-    """The kernels' logical-size attributes (0: the buffer's own size)."""
-    return dict(zip(("heads", "head_dim", "kv_heads", "v_head_dim"),
-                    map(np.int64, sizes or (0, 0, 0, 0))))
-
-
-def _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal: bool, scale: float, sizes=None):
-    """The cotangents (dq, dk, dv), shaped like (qd, kd, vd) (zero in head padding past
-    ``sizes``, as in ``_fwd_call``)."""
+def backward_call(qd, kd, vd, lq, lk, o, lse, do, *, causal: bool, scale: float, sizes: tuple):
+    """The cotangents (dq, dk, dv) of the buffers, each with its last two axes merged
+    (zero in the padding and the head padding past ``sizes``); ``o``/``do`` merged."""
     out = tuple(jax.ShapeDtypeStruct(_merged(x.shape), x.dtype) for x in (qd, kd, vd))
-    grads = jax.ffi.ffi_call(_target(BWD, qd), out, vmap_method="sequential")(
+    return jax.ffi.ffi_call(_target(BWD, qd), out)(
         qd, kd, vd, lq, lk, o, lse, do, causal=bool(causal), scale=np.float64(scale),
-        **_sizes(sizes))
-    return tuple(g.reshape(x.shape) for g, x in zip(grads, (qd, kd, vd)))
+        **_sizes(qd, kd, vd, sizes))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+# Three primitives (vsla_jax.primitive) make the kernels differentiable in every mode:
+#   attn_fwd_p  (q, k, v, lq, lk) -> (o, lse, lengths): the forward kernel;
+#   attn_tan_p  (q, k, v, lq, lk, o, lse, tq, tk, tv) -> (t_o, t_lse): the forward-mode
+#               tangent, linear in (tq, tk, tv), in XLA (derivatives.tangent); its
+#               transpose is the backward kernel;
+#   attn_bwd_p  (q, k, v, lq, lk, o, lse, do) -> (dq, dk, dv): the backward kernel; its
+#               JVP is XLA's (derivatives.backward), its transpose in do is attn_tan_p.
+# Reverse mode (grad, vjp) runs the two kernels and nothing else; jvp, jacfwd of a
+# jitted function and hessian work too, with XLA computing the tangents.
+attn_fwd_p = kernel_primitive("vsla_attention", forward_call, merge_batch=True)
+attn_tan_p = kernel_primitive("vsla_attention_tangent", derivatives.tangent, merge_batch=True)
+attn_bwd_p = kernel_primitive("vsla_attention_backward", backward_call, merge_batch=True)
+
+
+def _fwd_jvp(primals, tangents, **params):
+    o, lse, lengths = attn_fwd_p.bind(*primals, **params)
+    lin = tangents[:3]
+    if all(is_zero(t) for t in lin):
+        return (o, lse, lengths), (zero_like(o), zero_like(lse), zero_like(lengths))
+    t_o, t_lse = attn_tan_p.bind(*primals, o, lse, *map(ad.instantiate_zeros, lin), **params)
+    return (o, lse, lengths), (t_o, t_lse, zero_like(lengths))
+
+
+def _tan_transpose(cts, *args, **params):
+    res, lin = args[:7], args[7:]
+    ct_o, ct_lse = cts
+    if is_zero(ct_o) and is_zero(ct_lse):
+        return [None] * len(args)
+    shapes = [t.aval.shape if ad.is_undefined_primal(t) else t.shape for t in lin]
+    if is_zero(ct_lse):  # the only case reverse mode meets: the backward kernel
+        grads = attn_bwd_p.bind(*res, ct_o.astype(res[5].dtype), **params)
+        grads = [g.reshape(s) for g, s in zip(grads, shapes)]
+    else:  # a cotangent on lse (never from vs.attention, which drops lse): XLA's
+        ct = (ad.instantiate_zeros(ct_o), ct_lse)
+        specs = [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, res[:3])]
+        grads = jax.linear_transpose(
+            lambda *t: derivatives.tangent(*res, *t, **params), *specs)(ct)
+    return [None] * 7 + [g if ad.is_undefined_primal(t) else None for g, t in zip(grads, lin)]
+
+
+def _xla_jvp(impl, prim=None):
+    """A JVP rule from ``jax.jvp`` of the XLA form ``impl``; the primal output comes from
+    ``prim`` (the kernel) when given."""
+    def rule(primals, tangents, **params):
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        out, t_out = jax.jvp(lambda *x: impl(*x, **params), tuple(primals), tuple(tangents))
+        if prim is not None:
+            out = prim.bind(*primals, **params)
+        return tuple(out), tuple(t_out)
+    return rule
+
+
+def _bwd_transpose(cts, *args, **params):
+    """The backward is linear in ``do``; its transpose is the tangent's o-part."""
+    res, do = args[:7], args[7]
+    if all(is_zero(c) for c in cts):
+        return [None] * 8
+    lin = [ad.instantiate_zeros(c).reshape(x.shape) for c, x in zip(cts, res[:3])]
+    t_o, _ = attn_tan_p.bind(*res, *lin, **params)
+    return [None] * 7 + [t_o.astype(do.aval.dtype)]
+
+
+ad.primitive_jvps[attn_fwd_p] = _fwd_jvp
+ad.primitive_transposes[attn_tan_p] = _tan_transpose
+ad.primitive_jvps[attn_tan_p] = _xla_jvp(derivatives.tangent)
+ad.primitive_jvps[attn_bwd_p] = _xla_jvp(derivatives.backward, attn_bwd_p)
+ad.primitive_transposes[attn_bwd_p] = _bwd_transpose
+
+
 def attention_with_lengths(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes=None):
     """Attention on ``[..., :H, :D]`` of the buffers and the output lengths, from one
     custom call.
@@ -105,24 +181,11 @@ def attention_with_lengths(qd, kd, vd, lq, lk, causal: bool, scale: float, sizes
     Hkv, Dv)`` (None: the buffers' own sizes); lq/lk int32 ``[B]`` or ``[B, R]``
     (column 0 is read) -> (o ``[B, Cq, H, Dv]``, lengths int32 ``[B, 1]``). Both kernels
     read the buffers through strides (no cropped copy); the gradients have the buffers'
-    shapes, zero in the head padding."""
-    o, _, lengths = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
-    return o, lengths
-
-
-def _fwd_rule(qd, kd, vd, lq, lk, causal, scale, sizes):
-    o, lse, lengths = _fwd_call(qd, kd, vd, lq, lk, causal, scale, sizes)
-    return (o, lengths), (qd, kd, vd, lq, lk, o, lse)
-
-
-def _bwd_rule(causal, scale, sizes, saved, cts):
-    qd, kd, vd, lq, lk, o, lse = saved
-    do = cts[0].astype(o.dtype)
-    grads = _bwd_call(qd, kd, vd, lq, lk, o, lse, do, causal, scale, sizes)
-    return (*grads, float0_zeros(lq), float0_zeros(lk))
-
-
-attention_with_lengths.defvjp(_fwd_rule, _bwd_rule)
+    shapes, zero in the head padding. Differentiable in every mode (``attn_fwd_p``)."""
+    sizes = tuple(int(n) for n in sizes) if sizes is not None else own_sizes(qd, kd, vd)
+    o, _, lengths = attn_fwd_p.bind(qd, kd, vd, lq, lk, causal=bool(causal),
+                                    scale=float(scale), sizes=sizes)
+    return o.reshape(*qd.shape[:2], sizes[0], sizes[3]), lengths
 
 
 def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):

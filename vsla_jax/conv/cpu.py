@@ -2,9 +2,11 @@
 kernels of ``csrc/conv.cc``.
 
 One XLA FFI custom call per batch runs the forward (direct summation over each item's
-logical extent only, tiled and threaded over items; see ``docs/kernels.md``) and one
-runs the backward (both correlations, ``grad_a`` and ``grad_b``); a ``jax.custom_vjp``
-ties them together. The lengths are arguments of the custom call, so the path works
+logical extent only, tiled and threaded over items; see ``docs/kernels.md``), and one
+runs each correlation of the backward (``grad_a`` and ``grad_b``). Both are JAX
+primitives (``conv_p``, ``corr_p``) whose JVP and transpose rules call each other, so
+every transformation (``grad``, ``jvp``, ``jacfwd`` of a jitted function, ``hessian``,
+``vmap``) runs on the kernels. The lengths are arguments of the custom call, so the path works
 under ``jit`` with traced lengths, never reads them on the host there and never builds
 a padded copy. Under ``vmap`` the mapped axis becomes one more batch axis of the call.
 
@@ -15,8 +17,7 @@ is 0). It returns None where it cannot run (no extension build or not on CPU, af
 than float32/float64), and the caller takes the XLA engine.
 
 Gradients are zero in the operands' slack (the kernels never read it), like the
-engine's blocked plan; on the logical extents they equal the engine's. Forward-mode
-autodiff (``jax.jvp``) is not defined through a ``custom_vjp``.
+engine's blocked plan; on the logical extents they equal the engine's.
 """
 
 from __future__ import annotations
@@ -26,34 +27,73 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad
 
 from vsla_jax import kernels
 from vsla_jax.errors import LengthError
+from vsla_jax.primitive import bilinear_jvp, is_zero, kernel_primitive
 from vsla_jax.tensor import VarTensor, check_pair
-from vsla_jax.util import call_or_none, float0_zeros
 
-FWD, BWD = "vsla_conv_fwd", "vsla_conv_bwd"
+FWD, CORR = "vsla_conv_fwd", "vsla_conv_corr"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
-def _fwd_call(da, db, la, lb, max_threads: int):
+def forward_call(da, db, la, lb, *, max_threads: int):
     """da ``[*batch, Ca]``, db ``[*batch, Cb]`` (one float dtype), la/lb int32 ``[*batch]``
     -> ``(out [*batch, Ca + Cb - 1], out_lengths int32 [*batch])``."""
     out = (jax.ShapeDtypeStruct(da.shape[:-1] + (da.shape[-1] + db.shape[-1] - 1,),
                                 da.dtype),
            jax.ShapeDtypeStruct(la.shape, jnp.int32))
-    return jax.ffi.ffi_call(FWD, out, vmap_method="broadcast_all")(
-        da, db, la, lb, max_threads=np.int64(max_threads))
+    return jax.ffi.ffi_call(FWD, out)(da, db, la, lb, max_threads=np.int64(max_threads))
 
 
-def _bwd_call(da, db, la, lb, g, max_threads: int):
-    """The cotangents ``(ga, gb)`` shaped like ``(da, db)``, zero past the lengths."""
-    out = (jax.ShapeDtypeStruct(da.shape, da.dtype), jax.ShapeDtypeStruct(db.shape, db.dtype))
-    return jax.ffi.ffi_call(BWD, out, vmap_method="broadcast_all")(
-        da, db, la, lb, g, max_threads=np.int64(max_threads))
+def corr_call(g, w, lo, lw, *, max_threads: int):
+    """g ``[*batch, Cy + Cw - 1]``, w ``[*batch, Cw]``, lo/lw int32 ``[*batch]`` ->
+    ``(y [*batch, Cy],)`` with ``y[p] = sum_{j < lw} g[p + j] w[j]`` for ``p < lo``, zero
+    from ``lo`` on (all zero when ``lo`` or ``lw`` is 0)."""
+    out = jax.ShapeDtypeStruct(g.shape[:-1] + (g.shape[-1] - w.shape[-1] + 1,), g.dtype)
+    return (jax.ffi.ffi_call(CORR, out)(g, w, lo, lw, max_threads=np.int64(max_threads)),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+# conv(a, b; la, lb) is bilinear in (a, b) and so is corr(g, w; lo, lw); the transposes
+# of each are the other or itself (docs/kernels.md, "Gradients"):
+#   conv  w.r.t. a: corr(ct, b; la, lb)    w.r.t. b: corr(ct, a; lb, la)
+#   corr  w.r.t. g: conv(h, w; lo, lw)     w.r.t. w: corr(g, h; lw, lo)
+# so reverse mode runs the correlation kernel, and forward mode, jvp of jit and higher
+# orders all stay on the kernels.
+conv_p = kernel_primitive("vsla_ragged_conv", forward_call, merge_batch=False)
+corr_p = kernel_primitive("vsla_ragged_corr", corr_call, merge_batch=False)
+
+
+def _bilinear_transpose(wrt_x, wrt_y):
+    """The transpose rule of ``prim(x, y, l1, l2)``, linear in whichever of x, y is
+    undefined: ``wrt_x(ct, y, l1, l2)`` or ``wrt_y(ct, x, l1, l2)``."""
+    def rule(cts, x, y, l1, l2, *, max_threads):
+        ct = cts[0]
+        if is_zero(ct):
+            return [None] * 4
+        if ad.is_undefined_primal(x):
+            return [wrt_x(ct.astype(x.aval.dtype), y, l1, l2, max_threads), None, None, None]
+        return [None, wrt_y(ct.astype(y.aval.dtype), x, l1, l2, max_threads), None, None]
+    return rule
+
+
+def _corr(g, w, lo, lw, max_threads):
+    return corr_p.bind(g, w, lo, lw, max_threads=max_threads)[0]
+
+
+def _conv(a, b, la, lb, max_threads):
+    return conv_p.bind(a, b, la, lb, max_threads=max_threads)[0]
+
+
+ad.primitive_jvps[conv_p] = bilinear_jvp(conv_p)
+ad.primitive_transposes[conv_p] = _bilinear_transpose(
+    _corr, lambda ct, a, la, lb, n: _corr(ct, a, lb, la, n))
+ad.primitive_jvps[corr_p] = bilinear_jvp(corr_p)
+ad.primitive_transposes[corr_p] = _bilinear_transpose(
+    _conv, lambda h, g, lo, lw, n: _corr(g, h, lw, lo, n))
+
+
 def conv_with_lengths(da, db, la, lb, max_threads: int = 0):
     """Full convolution of each item's logical extent (the slack is never read), and the
     output lengths, both from the one custom call.
@@ -64,21 +104,10 @@ def conv_with_lengths(da, db, la, lb, max_threads: int = 0):
     is ``la + lb - 1`` (0 when either is 0). ``max_threads=0`` uses XLA's whole
     intra-op pool. Computing the lengths in the kernel keeps the program one custom call:
     a separate XLA fusion for them cost more than the convolution of a small batch.
+    Differentiable in every mode (``conv_p``); gradients are zero in the slack.
     """
-    return _fwd_call(da, db, la, lb, max_threads)
-
-
-def _conv_fwd_rule(da, db, la, lb, max_threads):
-    return _fwd_call(da, db, la, lb, max_threads), (da, db, la, lb)
-
-
-def _conv_bwd_rule(max_threads, saved, cts):
-    da, db, la, lb = saved
-    ga, gb = _bwd_call(da, db, la, lb, cts[0].astype(da.dtype), max_threads)
-    return ga, gb, float0_zeros(la), float0_zeros(lb)
-
-
-conv_with_lengths.defvjp(_conv_fwd_rule, _conv_bwd_rule)
+    out, lengths = conv_p.bind(da, db, la, lb, max_threads=int(max_threads))
+    return out, lengths
 
 
 def conv_arrays(da, db, la, lb, max_threads: int = 0):
@@ -148,9 +177,8 @@ def ragged_conv(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor |
     float32/float64) -> VarTensor ``[*batch, Ca + Cb - 1]`` of dtype
     ``result_type(a, b)``, lengths ``la + lb - 1`` (0 when either is 0), exactly the
     shape ``vs.conv`` returns. None when the kernels cannot run here, do not take the
-    pair, or the call is traced under forward-mode AD (the caller then runs the XLA
-    engine). Concrete lengths outside
-    ``[0, capacity]`` raise ``LengthError``. Differentiable (reverse mode) in the data.
+    pair (the caller then runs the XLA engine). Concrete lengths outside ``[0, capacity]``
+    raise ``LengthError``. Differentiable in the data, in every mode.
     """
     a, b = check_pair(a, b, "conv")
     return ragged_conv_checked(a, b, max_threads)
@@ -160,9 +188,8 @@ def ragged_conv_checked(a: VarTensor, b: VarTensor, max_threads: int = 0) -> Var
     """``ragged_conv`` for a pair that already passed ``check_pair`` (``vs.conv``)."""
     if not supported(a, b) or kernels.target(FWD, a.data, b.data) is None:
         return None
-    if not kernels.registered(BWD):  # same device as FWD: registration only
+    if not kernels.registered(CORR):  # same device as FWD: registration only
         return None
     check_lengths(a, "a")
     check_lengths(b, "b")
-    # None under forward-mode AD (the kernels are reverse-mode only): the XLA engine runs
-    return call_or_none(_cpu_call, a, b, max_threads=int(max_threads))
+    return _cpu_call(a, b, max_threads=int(max_threads))

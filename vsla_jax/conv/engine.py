@@ -89,9 +89,8 @@ class ConvPolicy:
       cpu_kernels: with ``plan="auto"`` and ``method="auto"``, run rank-1 batches
         through the C++ direct kernels on CPU (``conv.cpu.ragged_conv``: one custom call
         per batch, forward and backward; exact on non-finite values); the XLA engine
-        where they cannot run. The kernels differentiate in reverse mode only; under
-        forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) the call runs
-        the XLA engine instead, so every transformation works.
+        where they cannot run. The kernels differentiate in every mode (JAX
+        primitives with JVP and transpose rules; docs/kernels.md, "Gradients").
       pallas: ``"auto"`` (the Pallas kernel for rank-1 direct convolution on GPU),
         ``"off"`` or ``"interpret"`` (the Pallas interpreter, for CPU tests).
       layouts: the ``LayoutBudget`` that bounds how many bucketed/blocked programs
