@@ -157,7 +157,8 @@ def export(fn: Callable, params, *example_args, embed_params: bool = True,
             raise
         raise ModuleError(
             f"export: {lowered.__name__} calls a custom call that StableHLO cannot carry "
-            "(the C++ CPU kernels of vsla_jax run in this process only); build the model "
+            "(a kernel of this process, called outside vsla_jax's primitives, which export "
+            "their XLA form); build the model "
             "with a portable backend, e.g. vs.attention(..., backend='xla') or "
             "minilm.load(backend='xla')") from e
     module = mlir_io.load(exp)

@@ -748,22 +748,35 @@ def test_export_saved_rebuilds_the_target_of_a_run_folder(tmp_path):
         to.with_suffix(".json"))
 
 
-def test_export_of_a_cpu_kernel_call_names_the_portable_backend():
-    """The C++ attention kernels are custom calls of this process; exporting a model that
-    uses them is a ModuleError that says which backend to build it with."""
+def test_export_of_the_cpu_kernels_is_portable_and_a_raw_custom_call_is_refused():
+    """A model on the C++ attention kernels exports their XLA form (no custom call in the
+    module) with the kernels' results; a raw custom call of this process (the FFI target
+    called directly) is a ModuleError that says which backend to build the model with."""
     import jax.numpy as jnp
 
     import vsla_jax as vs
     from vsla_jax import kernels
+    from vsla_jax.attention import cpu
 
     if kernels.target("vsla_attention_fwd") is None:
         pytest.skip("vsla_jax.cpu_kernels not built")
     lens = jnp.asarray([[3], [5]], jnp.int32)
+    params = {"w": np.linspace(0.5, 1.5, 4).astype(np.float32)}
 
     def fn(params, x):
         q = vs.VarTensor(x * params["w"], lens)
         return vs.attention(q, q, q, backend="cpu").data
 
-    x = np.ones((2, 5, 2, 4), np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 5, 2, 4)).astype(np.float32)
+    exp = export(fn, params, x)
+    assert "stablehlo.custom_call" not in exp.mlir_module()
+    np.testing.assert_allclose(np.asarray(exp.call(x)), np.asarray(fn(params, x)),
+                               rtol=1e-5, atol=1e-6)
+
+    def raw(params, x):
+        d = x * params["w"]
+        return cpu.forward_call(d, d, d, lens, lens, causal=False, scale=0.5,
+                                sizes=cpu.own_sizes(d, d, d))[0]
+
     with pytest.raises(ModuleError, match="backend=.xla."):
-        export(fn, {"w": np.ones((4,), np.float32)}, x)
+        export(raw, params, x)

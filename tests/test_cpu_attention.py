@@ -516,3 +516,37 @@ def test_check_grads_of_the_kernels_in_both_modes_to_second_order():
             return cpu_attention(qd, kd, vd, q.lengths[:, 0], k.lengths[:, 0], True, 0.6)
 
         jax.test_util.check_grads(f, (q.data, k.data, v.data), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_jax_export_lowers_the_kernels_to_portable_xla(rank):
+    """jax.export of vs.attention and of its gradient carries no custom call, and the
+    deserialised programs give the kernels' results (rank 3: strided head axes)."""
+    from jax import export
+
+    rng = np.random.default_rng(10)
+    items = [[rng.standard_normal((n, 4, 6)).astype(np.float32) for n in (5, 1, 7)]
+             for _ in range(3)]
+    items[1] = [x[:, :2] for x in items[1]]  # GQA: 2 K/V heads
+    items[2] = [x[:, :2] for x in items[2]]
+    q, k, v = (vs.stack(it, rank=rank) for it in items)
+    k = vs.VarTensor(k.data, jnp.asarray(np.array([[4], [0], [7]]) if rank == 1 else
+                                         np.array([[4, 2, 6], [0, 2, 6], [7, 2, 6]]),
+                                         jnp.int32))
+    v = vs.VarTensor(v.data, k.lengths)
+
+    def f(qd, kd, vd):
+        return vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                            vs.VarTensor(vd, v.lengths), causal=True).data
+
+    grad = jax.grad(lambda *x: jnp.sum(jnp.sin(f(*x))), argnums=(0, 1, 2))
+    args = (q.data, k.data, v.data)
+    for fn in (f, grad):
+        exported = export.export(jax.jit(fn))(*args)
+        assert "stablehlo.custom_call" not in exported.mlir_module()
+        assert _attention_calls(fn, *args)[0] == 1  # the kernels, outside export
+        restored = export.deserialize(exported.serialize())
+        for got, want in zip(jax.tree.leaves(restored.call(*args)),
+                             jax.tree.leaves(jax.jit(fn)(*args))):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5,
+                                       atol=2e-6)

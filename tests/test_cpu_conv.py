@@ -431,3 +431,46 @@ def test_jvp_of_the_single_item_front_door():
     assert float(primal) == pytest.approx(float(np.sum(want**2)))
     assert float(tangent) == pytest.approx(float(2 * np.sum(want * np.convolve(np.ones(5),
                                                                             [1, -2, 3]))))
+
+
+def test_jax_export_lowers_the_kernels_to_portable_xla():
+    """jax.export of the natural call (and of its gradient) carries no custom call, and
+    the deserialised program gives the kernels' results, inf and nan included."""
+    from jax import export
+
+    a = batch([5, 0, 9, 1], 9, seed=14)
+    b = batch([3, 4, 2, 1], 4, seed=15)
+    data = np.asarray(a.data).copy()
+    data[0, 1], data[2, 3] = np.inf, np.nan
+    data[2, 8] = -np.inf
+    a = vs.VarTensor(jnp.asarray(data), a.lengths)
+
+    def f(x, y):
+        out = vs.conv(vs.VarTensor(x, a.lengths), vs.VarTensor(y, b.lengths))
+        return out.data, out.lengths
+
+    grad = jax.grad(lambda x, y: jnp.sum(jnp.tanh(f(x, y)[0])), argnums=(0, 1))
+    for fn in (f, grad):
+        exported = export.export(jax.jit(fn))(a.data, b.data)
+        assert "stablehlo.custom_call" not in exported.mlir_module()
+        restored = export.deserialize(exported.serialize())
+        assert _kernel_calls(fn, a.data, b.data) != (0, 0)  # the kernels, outside export
+        for got, want in zip(restored.call(a.data, b.data), jax.jit(fn)(a.data, b.data)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
+                                       atol=1e-6, equal_nan=True)
+
+
+def test_jax_export_with_a_symbolic_batch():
+    from jax import export
+
+    a, b = batch([5, 0, 9, 1], 9, seed=16), batch([3, 4, 2, 1], 4, seed=17)
+    f = lambda x, lx, y, ly: vs.conv(vs.VarTensor(x, lx), vs.VarTensor(y, ly)).data
+    (n,) = export.symbolic_shape("n")
+    specs = [jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
+             for x in (a.data, a.lengths, b.data, b.lengths)]
+    exported = export.export(jax.jit(f))(*specs)
+    assert "custom_call @vsla_" not in exported.mlir_module()  # JAX adds shape assertions
+    for m in (4, 2):
+        got = exported.call(a.data[:m], a.lengths[:m], b.data[:m], b.lengths[:m])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(vs.conv(a, b).data[:m]),
+                                   rtol=1e-6, atol=1e-6)

@@ -24,8 +24,13 @@ from jax.interpreters import ad, batching, mlir
 
 
 def kernel_primitive(name: str, impl: Callable[..., Sequence[jax.Array]],
-                     merge_batch: bool) -> Primitive:
+                     merge_batch: bool,
+                     portable: Callable[..., Sequence[jax.Array]] | None = None) -> Primitive:
     """A multiple-result primitive that runs ``impl(*arrays, **params)``.
+
+    ``portable`` (same signature and results, in plain JAX ops) is what ``jax.export``
+    lowers instead: the kernels are custom calls of this process that an exported,
+    serialised program could not carry (JAX refuses them), so an export gets XLA's form.
 
     Under ``vmap`` the mapped axis goes to the front of every operand (unmapped operands
     are broadcast). ``merge_batch=False``: it stays a leading batch axis (kernels that
@@ -42,8 +47,13 @@ def kernel_primitive(name: str, impl: Callable[..., Sequence[jax.Array]],
         return [jax.core.ShapedArray(s.shape, s.dtype) for s in shapes]
 
     prim.def_abstract_eval(abstract)
-    mlir.register_lowering(prim, mlir.lower_fun(
-        lambda *args, **params: tuple(impl(*args, **params)), multiple_results=True))
+    def lower(ctx, *args, **params):
+        export = portable is not None and ctx.module_context.lowering_parameters.for_export
+        fn = portable if export else impl
+        return mlir.lower_fun(lambda *a: tuple(fn(*a, **params)),
+                              multiple_results=True)(ctx, *args)
+
+    mlir.register_lowering(prim, lower)
     batching.primitive_batchers[prim] = functools.partial(_batch, prim, merge_batch)
     return prim
 

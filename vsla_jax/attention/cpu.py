@@ -113,9 +113,11 @@ def backward_call(qd, kd, vd, lq, lk, o, lse, do, *, causal: bool, scale: float,
 #               JVP is XLA's (derivatives.backward), its transpose in do is attn_tan_p.
 # Reverse mode (grad, vjp) runs the two kernels and nothing else; jvp, jacfwd of a
 # jitted function and hessian work too, with XLA computing the tangents.
-attn_fwd_p = kernel_primitive("vsla_attention", forward_call, merge_batch=True)
+attn_fwd_p = kernel_primitive("vsla_attention", forward_call, merge_batch=True,
+                              portable=derivatives.forward)
 attn_tan_p = kernel_primitive("vsla_attention_tangent", derivatives.tangent, merge_batch=True)
-attn_bwd_p = kernel_primitive("vsla_attention_backward", backward_call, merge_batch=True)
+attn_bwd_p = kernel_primitive("vsla_attention_backward", backward_call, merge_batch=True,
+                              portable=derivatives.backward)
 
 
 def _fwd_jvp(primals, tangents, **params):

@@ -5,6 +5,7 @@ What they do not run is written here in ``jnp``, over the same operands: the for
 tangent (``tangent``) and the backward as a function of all of its inputs (``backward``,
 whose JVP serves forward-over-reverse, e.g. ``jax.hessian``). Both take the saved
 log-sum-exp, as the backward kernel does, so they agree with the kernels' outputs.
+``forward`` and ``backward`` are also what ``jax.export`` lowers in place of the kernels.
 
 Layout (as the kernels): q ``[B, Cq, Hc, Dc]``, k ``[B, Ck, Hkc, Dc']``, v ``[B, Ck,
 Hkc, Dvc]``, of which ``[..., :H, :D]`` etc. are read (``sizes = (H, D, Hkv, Dv)``);
@@ -58,6 +59,27 @@ def probabilities(q, k, lq, lk, lse, causal: bool, scale: float):
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
     p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - safe), 0.0)
     return p, mask
+
+
+def forward(q, k, v, lq, lk, *, causal: bool, scale: float, sizes):
+    """What the forward kernel computes, ``(o [B, Cq, H * Dv], lse [B, H, Cq], lengths
+    int32 [B, 1])``, in XLA ops (what ``jax.export`` lowers)."""
+    h, _, _, dv = sizes
+    qc, kc, vc = _crop(q, k, v, sizes)
+    kg, vg = _group(kc, h), _group(vc, h)
+    ninf = jnp.full((), -jnp.inf, q.dtype)
+    zero_lse = jnp.zeros(q.shape[:1] + (h, q.shape[1]), q.dtype)
+    _, mask = probabilities(qc, kg, lq, lk, zero_lse, causal, scale)
+    s = jnp.where(mask, scale * jnp.einsum("bihd,bjhd->bhij", qc, kg), ninf)
+    top = jnp.max(s, axis=-1)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = jnp.sum(jnp.where(mask, jnp.exp(s - top[..., None]), 0.0), axis=-1)
+    lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), ninf)
+    p, _ = probabilities(qc, kg, lq, lk, lse, causal, scale)
+    o = jnp.einsum("bhij,bjhd->bihd", p, vg)
+    b, cq = q.shape[:2]
+    lengths = _column0(lq).astype(jnp.int32)[:, None]
+    return o.reshape(b, cq, h * dv).astype(q.dtype), lse.astype(q.dtype), lengths
 
 
 def tangent(q, k, v, lq, lk, o, lse, tq, tk, tv, *, causal: bool, scale: float, sizes):

@@ -30,6 +30,7 @@ import numpy as np
 from jax.interpreters import ad
 
 from vsla_jax import kernels
+from vsla_jax.conv.kernels import direct_conv_masked
 from vsla_jax.errors import LengthError
 from vsla_jax.primitive import bilinear_jvp, is_zero, kernel_primitive
 from vsla_jax.tensor import VarTensor, check_pair
@@ -55,14 +56,42 @@ def corr_call(g, w, lo, lw, *, max_threads: int):
     return (jax.ffi.ffi_call(CORR, out)(g, w, lo, lw, max_threads=np.int64(max_threads)),)
 
 
+def _extent(lengths: jax.Array, cap: int) -> jax.Array:
+    """``[*batch]`` lengths -> the boolean extents ``[*batch, cap]``."""
+    return jnp.arange(cap) < lengths[..., None]
+
+
+def portable_forward(da, db, la, lb, *, max_threads: int):
+    """``forward_call`` in XLA ops (exact on non-finite values: slack never multiplies)."""
+    del max_threads
+    nb = da.ndim - 1
+    out = direct_conv_masked(da, db, _extent(la, da.shape[-1]), _extent(lb, db.shape[-1]),
+                             nb, 1)
+    lengths = jnp.where((la > 0) & (lb > 0), la + lb - 1, 0).astype(jnp.int32)
+    return out.astype(da.dtype), lengths
+
+
+def portable_corr(g, w, lo, lw, *, max_threads: int):
+    """``corr_call`` in XLA ops: the full convolution of g with w reversed, sliced."""
+    del max_threads
+    nb, cw = g.ndim - 1, w.shape[-1]
+    cy = g.shape[-1] - cw + 1
+    full = direct_conv_masked(g, w[..., ::-1], jnp.ones(g.shape, bool),
+                              _extent(lw, cw)[..., ::-1], nb, 1)
+    keep = _extent(lo, cy) & (lw > 0)[..., None]
+    return (jnp.where(keep, full[..., cw - 1: cw - 1 + cy], 0).astype(g.dtype),)
+
+
 # conv(a, b; la, lb) is bilinear in (a, b) and so is corr(g, w; lo, lw); the transposes
 # of each are the other or itself (docs/kernels.md, "Gradients"):
 #   conv  w.r.t. a: corr(ct, b; la, lb)    w.r.t. b: corr(ct, a; lb, la)
 #   corr  w.r.t. g: conv(h, w; lo, lw)     w.r.t. w: corr(g, h; lw, lo)
 # so reverse mode runs the correlation kernel, and forward mode, jvp of jit and higher
 # orders all stay on the kernels.
-conv_p = kernel_primitive("vsla_ragged_conv", forward_call, merge_batch=False)
-corr_p = kernel_primitive("vsla_ragged_corr", corr_call, merge_batch=False)
+conv_p = kernel_primitive("vsla_ragged_conv", forward_call, merge_batch=False,
+                          portable=portable_forward)
+corr_p = kernel_primitive("vsla_ragged_corr", corr_call, merge_batch=False,
+                          portable=portable_corr)
 
 
 def _bilinear_transpose(wrt_x, wrt_y):
