@@ -47,6 +47,7 @@ def kernel_primitive(name: str, impl: Callable[..., Sequence[jax.Array]],
         return [jax.core.ShapedArray(s.shape, s.dtype) for s in shapes]
 
     prim.def_abstract_eval(abstract)
+
     def lower(ctx, *args, **params):
         export = portable is not None and ctx.module_context.lowering_parameters.for_export
         fn = portable if export else impl

@@ -195,7 +195,7 @@ def cpu_attention(qd, kd, vd, lq, lk, causal: bool, scale: float):
 
     qd ``[B, Cq, H, D]``, kd ``[B, Ck, Hkv, D]``, vd ``[B, Ck, Hkv, Dv]``, lq/lk int32
     ``[B]`` -> ``[B, Cq, H, Dv]``, zero at rows ``>= lq`` and for items without keys.
-    Differentiable (reverse mode) through the backward kernel.
+    Differentiable in every mode; reverse mode runs the backward kernel.
     """
     return attention_with_lengths(qd, kd, vd, lq, lk, causal, scale, None)[0]
 
