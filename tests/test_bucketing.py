@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +22,12 @@ def test_bucketize_round_trip_and_storage(lengths, seed):
         assert all(policy.bucket(n) == b.capacity[0] for n in lens)
         assert b.batch_shape[0] == vs.COUNT_POLICY.bucket(int(real.sum()))
     assert rb.logical_elements() == sum(lengths)
+    # a sequence of its items, in the original order
+    assert len(rb) == len(items)
+    for i in (0, len(items) - 1, -1, -len(items)):
+        np.testing.assert_array_equal(rb[i], items[i])
+    for a, b in zip(items, rb, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bucketize_map_conv():
@@ -29,3 +36,14 @@ def test_bucketize_map_conv():
     out = vs.bucketize(items).map(lambda x: vs.conv(x, k)).to_list()
     assert [o.shape for o in out] == [(4,), (51,), (5,)]
     np.testing.assert_array_equal(out[0], [1, 2, 2, 1])
+
+
+def test_ragged_batch_indexing_errors():
+    rb = vs.bucketize([np.ones(n, np.float32) for n in [3, 50, 4]])
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match="out of range"):
+            rb[bad]
+    for bad in (slice(0, 2), 1.0, True, [0, 1]):
+        with pytest.raises(TypeError, match="integers"):
+            rb[bad]
+    assert len(vs.bucketize([])) == 0 and list(vs.bucketize([])) == []

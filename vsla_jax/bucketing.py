@@ -36,6 +36,27 @@ class RaggedBatch:
     index: tuple[np.ndarray, ...]
     size: int = dataclasses.field(metadata=dict(static=True))
 
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Item ``i`` (in original order; negative counts from the end) at its exact
+        shape, as ``to_list()[i]`` without converting the other items."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"RaggedBatch indices must be integers, got "
+                            f"{type(i).__name__} (use to_list() for slices)")
+        if not -self.size <= i < self.size:
+            raise IndexError(f"item {i} out of range for a RaggedBatch of {self.size}")
+        i = int(i) % self.size
+        for b, idx in zip(self.buckets, self.index):
+            slots = np.flatnonzero(np.asarray(idx) == i)
+            if slots.size:
+                return b[int(slots[0])].to_numpy()
+        raise IndexError(f"item {i} is in no bucket (a RaggedBatch built by hand?)")
+
+    def __iter__(self):
+        return iter(self.to_list())
+
     def map(self, fn: Callable[[VarTensor], VarTensor]) -> RaggedBatch:
         """Apply ``fn`` bucket by bucket (one compiled program per bucket shape)."""
         return dataclasses.replace(self, buckets=tuple(fn(b) for b in self.buckets))
