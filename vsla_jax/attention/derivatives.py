@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vsla_jax.attention.reference import masked_softmax, safe_den
+
 
 def _column0(lengths: jax.Array) -> jax.Array:
     return lengths if lengths.ndim == 1 else lengths[:, 0]
@@ -67,16 +69,11 @@ def forward(q, k, v, lq, lk, *, causal: bool, scale: float, sizes):
     h, _, _, dv = sizes
     qc, kc, vc = _crop(q, k, v, sizes)
     kg, vg = _group(kc, h), _group(vc, h)
-    ninf = jnp.full((), -jnp.inf, q.dtype)
-    zero_lse = jnp.zeros(q.shape[:1] + (h, q.shape[1]), q.dtype)
-    _, mask = probabilities(qc, kg, lq, lk, zero_lse, causal, scale)
-    s = jnp.where(mask, scale * jnp.einsum("bihd,bjhd->bhij", qc, kg), ninf)
-    top = jnp.max(s, axis=-1)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    total = jnp.sum(jnp.where(mask, jnp.exp(s - top[..., None]), 0.0), axis=-1)
-    lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), ninf)
-    p, _ = probabilities(qc, kg, lq, lk, lse, causal, scale)
-    o = jnp.einsum("bhij,bjhd->bihd", p, vg)
+    finite = jnp.zeros(q.shape[:1] + (h, q.shape[1]), q.dtype)  # every row, for the mask
+    _, mask = probabilities(qc, kg, lq, lk, finite, causal, scale)
+    p, m, den = masked_softmax(scale * jnp.einsum("bihd,bjhd->bhij", qc, kg), mask)
+    lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(safe_den(den[..., 0])), -jnp.inf)
+    o = jnp.einsum("bhij,bjhd->bihd", p / safe_den(den), vg)
     b, cq = q.shape[:2]
     lengths = _column0(lq).astype(jnp.int32)[:, None]
     return o.reshape(b, cq, h * dv).astype(q.dtype), lse.astype(q.dtype), lengths

@@ -6,9 +6,9 @@ logical extent only, tiled and threaded over items; see ``docs/kernels.md``), an
 runs each correlation of the backward (``grad_a`` and ``grad_b``). Both are JAX
 primitives (``conv_p``, ``corr_p``) whose JVP and transpose rules call each other, so
 every transformation (``grad``, ``jvp``, ``jacfwd`` of a jitted function, ``hessian``,
-``vmap``) runs on the kernels. The lengths are arguments of the custom call, so the path works
-under ``jit`` with traced lengths, never reads them on the host there and never builds
-a padded copy. Under ``vmap`` the mapped axis becomes one more batch axis of the call.
+``vmap``) runs on the kernels. The lengths are arguments of the custom call, so the path
+works under ``jit`` with traced lengths, never reads them on the host there and never
+builds a padded copy. Under ``vmap`` the mapped axis becomes one more batch axis of the call.
 
 ``ragged_conv(a, b)`` returns the engine's result shape exactly: data
 ``[*batch, cap_a + cap_b - 1]`` with zero slack, lengths ``la + lb - 1`` (0 when either
@@ -33,7 +33,7 @@ from vsla_jax import kernels
 from vsla_jax.conv.kernels import direct_conv_masked
 from vsla_jax.errors import LengthError
 from vsla_jax.primitive import bilinear_jvp, is_zero, kernel_primitive
-from vsla_jax.tensor import VarTensor, check_pair
+from vsla_jax.tensor import VarTensor, check_pair, extent_mask
 
 FWD, CORR = "vsla_conv_fwd", "vsla_conv_corr"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
@@ -58,7 +58,7 @@ def corr_call(g, w, lo, lw, *, max_threads: int):
 
 def _extent(lengths: jax.Array, cap: int) -> jax.Array:
     """``[*batch]`` lengths -> the boolean extents ``[*batch, cap]``."""
-    return jnp.arange(cap) < lengths[..., None]
+    return extent_mask(lengths[..., None], (cap,))
 
 
 def portable_forward(da, db, la, lb, *, max_threads: int):
