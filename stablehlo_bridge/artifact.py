@@ -1,7 +1,8 @@
 """Artefacts on disk and the round trip they must survive.
 
-``export_artifacts(exported, "DIR/model.stablehlo")`` writes, each atomically (a temp
-file in the folder, then ``os.replace``):
+``export_artifacts(exported, "DIR/model.stablehlo")`` writes these files as one set
+(``vsla_jax.util.atomic_write_files``: all are staged as temp files in the folder first,
+then renamed into place, so a failed write leaves the previous artefact whole):
 
 - ``model.stablehlo``: the StableHLO portable artefact (VHLO bytecode), tags included;
 - ``model.mlir``: its MLIR text (without locations);
@@ -31,7 +32,7 @@ from jaxlib.mlir import ir
 from stablehlo_bridge import mlir_io
 from stablehlo_bridge import tags as icd_tags
 from stablehlo_bridge.errors import ArtifactError, ModuleError
-from vsla_jax.util import atomic_write_bytes
+from vsla_jax.util import atomic_write_files
 
 FORMAT = "icd.bridge.artifact.v1"
 KINDS = ("stablehlo", "mlir", "jax")
@@ -41,12 +42,6 @@ SUFFIXES = {"stablehlo": ".stablehlo", "mlir": ".mlir", "jax": ".jax", "sidecar"
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in its folder and a rename
-    (``vsla_jax.util.atomic_write_bytes``)."""
-    atomic_write_bytes(path, data)
 
 
 def tag_diff(want: dict, got: dict, limit: int = 3) -> str:
@@ -132,10 +127,10 @@ def export_artifacts(exported: jax_export.Exported, out_path: str | os.PathLike,
                       "bytes": len(v)} for k, v in data.items()},
         "tags": found, "tags_in_module": bool(held),
     }
-    for kind, blob in data.items():
-        write_atomic(paths[kind], blob)
-    write_atomic(paths["sidecar"], json.dumps(sidecar, sort_keys=True,
-                                                    separators=(",", ":")).encode())
+    files = {paths[kind]: blob for kind, blob in data.items()}
+    files[paths["sidecar"]] = json.dumps(sidecar, sort_keys=True,
+                                         separators=(",", ":")).encode()
+    atomic_write_files(files)
     return paths
 
 

@@ -475,6 +475,36 @@ def test_artifacts_write_load_and_detect_tampering(toy, tmp_path):
         load_exported(paths["sidecar"])
 
 
+def test_a_failed_artefact_write_leaves_the_previous_artefact_whole(toy, tmp_path,
+                                                                   monkeypatch):
+    params, x, perms, want = toy
+    first = apply_permutation(export(mlp, params, x), perms, META, METRICS)
+    paths = export_artifacts(first, tmp_path / "model.stablehlo")
+    before = {k: open(p, "rb").read() for k, p in paths.items()}
+    second = export(mlp, params, x)  # another module: every file would change
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):  # the third staged file hits a full disk
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        export_artifacts(second, tmp_path / "model.stablehlo")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert sorted(os.listdir(tmp_path)) == ["model.jax", "model.json", "model.mlir",
+                                            "model.stablehlo"]  # no temps left behind
+    assert {k: open(p, "rb").read() for k, p in paths.items()} == before
+    assert tags.read(load_module(paths["stablehlo"])) == tags.read(mlir_io.load(first))
+    assert rel_err(load_exported(paths["sidecar"]).call(x), want) <= TOL
+    export_artifacts(second, tmp_path / "model.stablehlo")  # and a retry succeeds
+    assert tags.read(load_module(paths["stablehlo"])) == tags.read(mlir_io.load(second))
+    assert tags.read(mlir_io.load(second)) != tags.read(mlir_io.load(first))
+    assert rel_err(load_exported(paths["sidecar"]).call(x), mlp(params, x)) <= TOL
+
+
 def test_loading_a_file_that_is_no_artefact_names_it(toy, tmp_path):
     params, x, perms, want = toy
     paths = export_artifacts(apply_permutation(export(mlp, params, x), perms),

@@ -211,6 +211,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_files(files: dict) -> None:
+    """Write several files as one set: every ``{path: bytes}`` is first staged as a
+    fsynced temp file beside its target, and only when all are staged are they renamed
+    into place, in the dict's order (put the file that commits the set last). A failure
+    while staging (disk full, a folder that cannot be written) removes the temps and
+    leaves every target as it was; only a crash during the renames themselves can leave
+    a mixed set."""
+    staged = []
+    try:
+        for path, data in files.items():
+            path = os.fspath(path)
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                       suffix=".tmp")
+            staged.append((tmp, path))
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
 def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` as JSON to ``path`` atomically (``atomic_write_bytes``)."""
     atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
