@@ -194,21 +194,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsynced, with
     the mode ``open()`` would give, then renamed over ``path``. The one atomic writer of
     the project (the runtime's artefacts and the StableHLO bridge use it too)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what open() would give
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_files({path: data})
 
 
 def atomic_write_files(files: dict) -> None:
@@ -218,7 +204,7 @@ def atomic_write_files(files: dict) -> None:
     while staging (disk full, a folder that cannot be written) removes the temps and
     leaves every target as it was; only a crash during the renames themselves can leave
     a mixed set."""
-    staged = []
+    staged = []  # (temp, target); each temp gets the mode open() would give
     try:
         for path, data in files.items():
             path = os.fspath(path)
@@ -227,8 +213,8 @@ def atomic_write_files(files: dict) -> None:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
                                        suffix=".tmp")
             staged.append((tmp, path))
-            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -237,8 +223,13 @@ def atomic_write_files(files: dict) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:  # a failed rename leaves no temps behind either
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
