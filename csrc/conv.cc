@@ -60,6 +60,7 @@ constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product 
 constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs,
 constexpr double kSerialZeroBytes = 2 << 20;  // unless it has this much slack to zero
 constexpr double kMinPieceWork = 1 << 15;
+constexpr int64_t kChunksPerThread = 16;  // pieces are pulled in about this many chunks a thread
 constexpr double kZeroCost = 8;  // a piece's cost of zeroing one output, in multiply-adds
 // From this many bytes on an output is taken to be freshly mapped for each call: glibc's
 // largest mmap threshold (see zero_output).
@@ -208,6 +209,7 @@ struct Piece {
 
 struct Job {
   std::vector<Piece> pieces;
+  std::vector<int64_t> chunks;  // chunk c is pieces [chunks[c], chunks[c + 1])
   std::function<void(const Piece&)> fn;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -215,19 +217,43 @@ struct Job {
   std::condition_variable cv;
   bool fence = false;
 
-  // Runs pieces until none is left, then counts them done (one fence per thread first).
+  // Runs chunks until none is left, then counts their pieces done (one fence per thread
+  // first).
   void drain() {
-    const int64_t n = static_cast<int64_t>(pieces.size());
+    const int64_t n = static_cast<int64_t>(chunks.size()) - 1;
     int64_t mine = 0;
-    for (int64_t u; (u = next.fetch_add(1)) < n; ++mine) fn(pieces[u]);
+    for (int64_t c; (c = next.fetch_add(1)) < n;) {
+      for (int64_t u = chunks[c]; u < chunks[c + 1]; ++u) fn(pieces[u]);
+      mine += chunks[c + 1] - chunks[c];
+    }
     if (mine == 0) return;
     if (fence) stream_fence();
-    if (done.fetch_add(mine) + mine == n) {
+    const int64_t total = static_cast<int64_t>(pieces.size());
+    if (done.fetch_add(mine) + mine == total) {
       std::lock_guard<std::mutex> lock(mu);
       cv.notify_all();
     }
   }
 };
+
+// Groups pieces sorted by cost (largest first) into chunks that threads pull whole:
+// a piece of at least `target` is a chunk of its own, smaller ones are gathered until
+// their cost reaches it. Returns the chunk bounds (first piece of each, then the count).
+// One atomic pull per chunk instead of per piece: on 1,024 small items the counter's
+// cache line, bouncing between the cores, took ~14% of the call.
+inline std::vector<int64_t> chunk_bounds(const std::vector<Piece>& pieces, double target) {
+  std::vector<int64_t> out{0};
+  double acc = 0;
+  const int64_t n = static_cast<int64_t>(pieces.size());
+  for (int64_t u = 0; u < n; ++u) {
+    acc += pieces[u].cost;
+    if (acc >= target || u + 1 == n) {
+      out.push_back(u + 1);
+      acc = 0;
+    }
+  }
+  return out;
+}
 
 // The threads a call gets: the caller alone below kSerialWork multiply-adds and
 // kSerialZeroBytes of slack to zero (waking XLA's pool costs more than a second thread
@@ -256,6 +282,10 @@ void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t thread
   job->pieces = std::move(pieces);
   std::stable_sort(job->pieces.begin(), job->pieces.end(),
                    [](const Piece& x, const Piece& y) { return x.cost > y.cost; });
+  double total = 0;
+  for (const Piece& p : job->pieces) total += p.cost;
+  job->chunks = chunk_bounds(job->pieces, total / static_cast<double>(kChunksPerThread *
+                                                                      (extra + 1)));
   job->fn = std::forward<Fn>(fn);
   // Late-starting tasks find the counter exhausted and touch nothing but the job.
   for (int64_t w = 0; w < extra; ++w) pool.Schedule([job] { job->drain(); });

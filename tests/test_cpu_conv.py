@@ -348,6 +348,26 @@ def test_threads_agree_with_one_thread():
     check_against_numpy(many, a, b, 1e-3)
 
 
+def test_many_small_items_pulled_in_chunks_agree_with_one_thread():
+    """Hundreds of small items next to a few long ones: the threads pull the small
+    pieces in chunks (several items per pull); forward and both correlations equal the
+    single-thread result and NumPy."""
+    rng = np.random.default_rng(23)
+    la = np.concatenate([rng.integers(0, 300, 700), [4000, 3500, 3999]])
+    lb = np.concatenate([rng.integers(0, 40, 700), [64, 1, 40]])
+    a, b = batch(la, 4000, seed=24), batch(lb, 64, seed=25)
+    one = cpu._cpu_call(a, b, max_threads=1)
+    many = cpu._cpu_call(a, b)
+    np.testing.assert_array_equal(np.asarray(one.data), np.asarray(many.data))
+    check_against_numpy(many, a, b, 1e-3)
+    g = jnp.asarray(rng.standard_normal(many.data.shape), jnp.float32)
+    for lo, lw, w, cap in ((a.lengths[:, 0], b.lengths[:, 0], b.data, 4000),
+                           (b.lengths[:, 0], a.lengths[:, 0], a.data, 64)):
+        y1, y2 = (cpu.corr_call(g[:, : cap + w.shape[1] - 1], w, lo, lw, max_threads=t)[0]
+                  for t in (1, 0))
+        np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+
+
 def test_every_autodiff_mode_through_the_natural_call():
     """vs.conv routes to the kernel primitives on CPU in every autodiff mode, and each
     agrees with the XLA engine."""

@@ -31,11 +31,20 @@ from jax.interpreters import ad
 
 from vsla_jax import kernels
 from vsla_jax.conv.kernels import direct_conv_masked
-from vsla_jax.errors import LengthError
+from vsla_jax.errors import LengthError, VSLAError
 from vsla_jax.primitive import bilinear_jvp, is_zero, kernel_primitive
 from vsla_jax.tensor import VarTensor, check_pair, extent_mask
 
 FWD, CORR = "vsla_conv_fwd", "vsla_conv_corr"
+
+
+def _registered(symbol: str) -> str:
+    """``symbol``, registered as an FFI target (once); VSLAError where the extension
+    lacks it (the callers of the primitives check ``kernels.target`` first)."""
+    if not kernels.registered(symbol):
+        raise VSLAError(f"cpu conv: the C++ kernel {symbol} cannot run here (no build of "
+                        "vsla_jax.cpu_kernels); vs.conv falls back to the XLA engine")
+    return symbol
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
@@ -45,7 +54,8 @@ def forward_call(da, db, la, lb, *, max_threads: int):
     out = (jax.ShapeDtypeStruct(da.shape[:-1] + (da.shape[-1] + db.shape[-1] - 1,),
                                 da.dtype),
            jax.ShapeDtypeStruct(la.shape, jnp.int32))
-    return jax.ffi.ffi_call(FWD, out)(da, db, la, lb, max_threads=np.int64(max_threads))
+    return jax.ffi.ffi_call(_registered(FWD), out)(da, db, la, lb,
+                                                  max_threads=np.int64(max_threads))
 
 
 def corr_call(g, w, lo, lw, *, max_threads: int):
@@ -53,7 +63,8 @@ def corr_call(g, w, lo, lw, *, max_threads: int):
     ``(y [*batch, Cy],)`` with ``y[p] = sum_{j < lw} g[p + j] w[j]`` for ``p < lo``, zero
     from ``lo`` on (all zero when ``lo`` or ``lw`` is 0)."""
     out = jax.ShapeDtypeStruct(g.shape[:-1] + (g.shape[-1] - w.shape[-1] + 1,), g.dtype)
-    return (jax.ffi.ffi_call(CORR, out)(g, w, lo, lw, max_threads=np.int64(max_threads)),)
+    return (jax.ffi.ffi_call(_registered(CORR), out)(g, w, lo, lw,
+                                                     max_threads=np.int64(max_threads)),)
 
 
 def _extent(lengths: jax.Array, cap: int) -> jax.Array:
