@@ -17,6 +17,15 @@ def ambient(a: np.ndarray, b: np.ndarray, rank: int, op) -> np.ndarray:
     return op(zero_extend(a, shape, rank), zero_extend(b, shape, rank))
 
 
+def hadamard_nd(a: np.ndarray, b: np.ndarray, rank: int) -> np.ndarray:
+    """Product where both operands have an entry, 0 where only one has (no 0 * inf)."""
+    shape = [max(p, q) for p, q in zip(a.shape[:rank], b.shape[:rank])]
+    out = np.zeros(tuple(shape) + a.shape[rank:], np.result_type(a, b))
+    both = tuple(slice(0, min(p, q)) for p, q in zip(a.shape[:rank], b.shape[:rank]))
+    out[both] = a[both] * b[both]
+    return out
+
+
 def conv_nd(a: np.ndarray, b: np.ndarray, rank: int) -> np.ndarray:
     """Full N-D convolution by explicit loops over b's taps (depthwise over features)."""
     feat = a.shape[rank:]

@@ -57,6 +57,23 @@ def test_ambient_ops(op, npop, case):
     assert_items_close(out, [ref.ambient(x, y, rank, npop) for x, y in zip(ia, ib)])
 
 
+@given(ragged_pair(), st.integers(0, 2**31 - 1))
+def test_hadamard_of_non_finite_items_is_zero_where_one_operand_has_no_entry(case, salt):
+    """inf/nan in one operand never reach positions the other operand lacks (docs:
+    entries present in one operand only are 0), in values or gradients."""
+    sa, sb, rank, feat, exact, seed = case
+    rng = np.random.default_rng(salt)
+    ia, ib = (make_items(s, feat, seed + k) for k, s in enumerate((sa, sb)))
+    for x in ia + ib:
+        x[rng.random(x.shape) < 0.3] = rng.choice([np.inf, -np.inf, np.nan])
+    a, b = make_batch(ia, rank, exact, "A"), make_batch(ib, rank, exact, "A")
+    with np.errstate(invalid="ignore"):
+        want = [ref.hadamard_nd(x, y, rank) for x, y in zip(ia, ib)]
+    got = vs.hadamard(a, b).to_list()
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g, e)
+
+
 @given(ragged_pair(same_k=False))
 @pytest.mark.parametrize("method", ["direct", "fft"])
 def test_conv_matches_loop_reference(method, case):

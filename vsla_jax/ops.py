@@ -22,6 +22,7 @@ from vsla_jax.tensor import (
     broadcast_operands,
     check_pair,
     expand_mask,
+    extent_mask,
     require,
     resize_capacity,
     zero_slack,
@@ -96,7 +97,13 @@ def sub(a: VarTensor, b: VarTensor) -> VarTensor:
 def hadamard(a: VarTensor, b: VarTensor) -> VarTensor:
     """Elementwise product at the ambient shape; entries present in one operand are 0."""
     a, b = check_pair(a, b, "hadamard")
-    return _ambient(a, b, jnp.multiply)
+    out = _ambient(a, b, jnp.multiply)
+    # Only where both operands have an entry: an inf/nan of one operand times the other's
+    # zero extension would otherwise be nan where the result is defined as 0.
+    la, lb = align_batch(a, out.batch_ndim)[1], align_batch(b, out.batch_ndim)[1]
+    both = expand_mask(extent_mask(jnp.minimum(la, lb), out.capacity), len(out.features))
+    return VarTensor.trusted(jnp.where(both, out.data, jnp.zeros((), out.dtype)),
+                             out.lengths, out.model)
 
 
 def scale(x: VarTensor, s) -> VarTensor:
