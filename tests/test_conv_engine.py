@@ -313,6 +313,50 @@ def test_bad_input():
         vs.ConvPolicy(plan="fastest")
 
 
+@pytest.mark.parametrize("bad,match", [
+    ("padded", "policy must be a vs.ConvPolicy or None, got str"),
+    (vs.CapacityPolicy(), "policy must be a vs.ConvPolicy or None, got CapacityPolicy"),
+])
+def test_conv_policy_argument_of_the_wrong_type_is_named(bad, match):
+    a = vs.stack([np.ones(3, np.float32), np.ones(5, np.float32)])
+    with pytest.raises(vs.VSLATypeError, match=match):
+        vs.conv(a, a, policy=bad)
+
+
+@pytest.mark.parametrize("fields,error,match", [
+    (dict(capacity=8), vs.VSLATypeError, "capacity must be CapacityPolicy, got int"),
+    (dict(count="x"), vs.VSLATypeError, "count must be CapacityPolicy or None, got str"),
+    (dict(calibrate="no"), vs.VSLATypeError, "calibrate must be bool, got str"),
+    (dict(cpu_kernels=1), vs.VSLATypeError, "cpu_kernels must be bool, got int"),
+    (dict(cost="static"), vs.VSLATypeError, "cost must be CostModel or None"),
+    (dict(bucketing_min_buckets=True), vs.VSLATypeError, "bucketing_min_buckets must be"),
+    (dict(fft_min_efficiency=float("nan")), vs.PolicyError, "fft_min_efficiency must be"),
+    (dict(direct_max_min_ratio=0), vs.PolicyError, "direct_max_min_ratio must be"),
+    (dict(plan=["auto"]), vs.PolicyError, "plan must be one of"),
+])
+def test_conv_policy_fields_are_checked(fields, error, match):
+    with pytest.raises(error, match=match):
+        vs.ConvPolicy(**fields)
+    assert vs.ConvPolicy(direct_max_min_ratio=np.float32(50), bucketing_min_buckets=np.int64(4))
+
+
+def test_conv_exports_with_a_symbolic_batch_on_every_method():
+    """jax.export of vs.conv with a symbolic item count, on the XLA engine too (the cost
+    model's item count used to force the batch size to a constant)."""
+    from jax import export
+    (n,) = export.symbolic_shape("n")
+    spec = vs.VarTensor(jax.ShapeDtypeStruct((n, 8), jnp.float32),
+                        jax.ShapeDtypeStruct((n, 1), jnp.int32))
+    x = vs.stack([np.arange(3.0, dtype=np.float32), np.arange(5.0, dtype=np.float32),
+                  np.ones(8, np.float32)])
+    want = [np.convolve(v, v) for v in x.to_list()]
+    for kw in (dict(), dict(method="direct"), dict(method="fft"),
+               dict(policy=vs.ConvPolicy(cpu_kernels=False))):
+        exp = export.export(jax.jit(lambda a, kw=kw: vs.conv(a, a, **kw)))(spec)
+        for got, w in zip(exp.call(x).to_list(), want):
+            np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
+
+
 def test_calibration_is_explicit_cached_and_survives_corruption(tmp_path, monkeypatch):
     monkeypatch.setattr(cost, "CALIBRATION_SHAPES", {"direct": ((4, 32, 8), (4, 32, 16)),
                                                      "fft": ((4, 64), (4, 128)),

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ from vsla_jax.conv import blocked, bucketed, cpu
 from vsla_jax.conv.cost import STATIC_COST_MODEL, CostModel, calibrate, calibrated_or_none
 from vsla_jax.conv.kernels import conv_output_lengths
 from vsla_jax.conv.padded import all_finite, check_dtypes, conv_arrays, conv_padded
-from vsla_jax.errors import LengthError, ShapeError, VSLATypeError
+from vsla_jax.errors import LengthError, PolicyError, ShapeError, VSLATypeError
 from vsla_jax.tensor import VarTensor, check_pair, zero_slack
 from vsla_jax.util import is_traced
 
@@ -66,6 +69,17 @@ class LayoutBudget:
 
 
 DEFAULT_LAYOUT_BUDGET = LayoutBudget()
+
+
+#: The type each ConvPolicy field must have (plan and pallas are checked by value).
+POLICY_FIELD_TYPES = {
+    "calibrate": (bool,), "cache_dir": (str, os.PathLike, type(None)),
+    "cost": (CostModel, type(None)), "capacity": (CapacityPolicy,),
+    "count": (CapacityPolicy, type(None)), "merge_groups": (bool,),
+    "accumulate_f64": (bool,), "cpu_kernels": (bool,), "layouts": (LayoutBudget,),
+    "direct_max_min_ratio": (numbers.Real,), "fft_min_efficiency": (numbers.Real,),
+    "bucketing_min_buckets": (numbers.Integral,),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +130,21 @@ class ConvPolicy:
     bucketing_min_buckets: int = 10
 
     def __post_init__(self):
-        if self.plan not in PLANS:
-            raise ValueError(f"ConvPolicy plan must be one of {PLANS}, got {self.plan!r}")
-        if self.pallas not in ("auto", "off", "interpret"):
-            raise ValueError(f"ConvPolicy pallas must be 'auto', 'off' or 'interpret', got "
-                             f"{self.pallas!r}")
+        if not isinstance(self.plan, str) or self.plan not in PLANS:
+            raise PolicyError(f"ConvPolicy plan must be one of {PLANS}, got {self.plan!r}")
+        if not isinstance(self.pallas, str) or self.pallas not in ("auto", "off", "interpret"):
+            raise PolicyError(f"ConvPolicy pallas must be 'auto', 'off' or 'interpret', got "
+                              f"{self.pallas!r}")
+        for name, types in POLICY_FIELD_TYPES.items():
+            v = getattr(self, name)
+            if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+                want = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                raise VSLATypeError(f"ConvPolicy {name} must be {want}, got "
+                                    f"{type(v).__name__} {v!r:.40}")
+        for name in ("direct_max_min_ratio", "fft_min_efficiency", "bucketing_min_buckets"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise PolicyError(f"ConvPolicy {name} must be a finite number > 0, got {v!r}")
 
     def cost_model(self, may_measure: bool = True) -> CostModel:
         """The model to plan with: ``cost``, else the fit (measured only if
@@ -234,7 +258,11 @@ def conv(a: VarTensor, b: VarTensor, method: str = "auto",
     a, b = check_pair(a, b, "conv")
     if method not in METHODS:
         raise ValueError(f"conv method must be one of {METHODS}, got {method!r}")
-    policy = policy or DEFAULT_CONV_POLICY
+    if policy is None:
+        policy = DEFAULT_CONV_POLICY
+    elif not isinstance(policy, ConvPolicy):
+        raise VSLATypeError(f"conv: policy must be a vs.ConvPolicy or None, got "
+                            f"{type(policy).__name__} {policy!r:.40}")
     check_dtypes(a, b, method)
     out_dtype = a.dtype if a.dtype == b.dtype else jnp.result_type(a.dtype, b.dtype)
     if policy.accumulate_f64:
@@ -348,9 +376,12 @@ def _dispatch(a: VarTensor, b: VarTensor, method: str, policy: ConvPolicy) -> Va
     pmode = policy.pallas_mode(a.rank)
     choice, _, key = _choose(a, b, method, policy)
     if choice == "padded":
-        cost = policy.cost_model(may_measure=False)
-        items = int(np.prod(jnp.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features))
-        m = cost.choose(a.capacity, b.capacity, max(items, 1)) if method == "auto" else method
+        m = method
+        if method == "auto":
+            items = math.prod(jnp.broadcast_shapes(a.batch_shape, b.batch_shape) + a.features)
+            items = items if isinstance(items, int) else 1  # a symbolic batch (jax.export)
+            m = policy.cost_model(may_measure=False).choose(a.capacity, b.capacity,
+                                                             max(items, 1))
         return conv_padded(a, b, m, method == "auto", pmode)
     policy.layouts.record(_family(a, b), _layout(choice, key))
     if choice == "bucketed":
