@@ -503,3 +503,19 @@ def test_scale_by_an_int_past_jax_int_range_is_a_typed_error():
         vs.scale(x, 2**70)
     np.testing.assert_array_equal(vs.scale(x, 3).to_numpy(), [3, 6, 9])  # in range: as before
     np.testing.assert_allclose(vs.scale(x, 2.0**40).to_numpy(), np.array([1, 2, 3]) * 2.0**40)
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla", "bucketed", "tiled"])
+def test_attention_with_empty_query_key_heads_averages_the_values(backend):
+    """Head size 0 for q and k: every score is 0, so each query averages the values it
+    may see (the default scale 1/sqrt(0) raised ZeroDivisionError)."""
+    rng = np.random.default_rng(0)
+    vals = [rng.standard_normal((n, 2, 5)).astype(np.float32) for n in (4, 1)]
+    q = vs.stack([np.zeros((n, 2, 0), np.float32) for n in (3, 2)], rank=1)
+    k = vs.stack([np.zeros((n, 2, 0), np.float32) for n in (4, 1)], rank=1)
+    v = vs.stack(vals, rank=1)
+    for got, x in zip(vs.attention(q, k, v, backend=backend).to_list(), vals):
+        np.testing.assert_allclose(got, np.broadcast_to(x.mean(0), got.shape), atol=1e-6)
+    causal = vs.attention(q, k, v, backend=backend, causal=True).to_list()[0]
+    want = np.cumsum(vals[0], 0)[:3] / np.arange(1, 4)[:, None, None]
+    np.testing.assert_allclose(causal, want, atol=1e-6)

@@ -279,8 +279,8 @@ def check_causal(causal) -> bool:
 def check_scale(scale, head_dim: int) -> float:
     """``scale`` as a Python float: ``None`` gives ``1 / sqrt(head_dim)``; otherwise a
     positive finite real number (static: it keys the compiled programs)."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+    if scale is None:  # head_dim 0: every score is 0, whatever the scale
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, (bool, np.bool_, str, bytes)) or is_traced(scale):
         kind = "a traced array" if is_traced(scale) else f"{scale!r}"
         raise VSLATypeError(f"attention: scale must be a positive finite number or None, "
