@@ -217,3 +217,33 @@ def test_stacked_k_v_compare_sequence_lengths_only():
     for _ in range(2):  # the shape checks are cached; the length check runs every call
         with pytest.raises(vs.LengthError, match="k and v lengths differ"):
             vs.attention(q, k, v_short)
+
+
+@pytest.mark.parametrize("backend", ["bucketed", "tiled"])
+def test_forward_mode_on_reverse_only_backends_runs_xla_also_inside_jit(backend):
+    """jvp, jit(jvp), jacfwd and hessian of a call on a custom-VJP backend equal the
+    `xla` backend's (they raised TypeError inside jit: JAX defers its refusal there)."""
+    import jax.numpy as jnp
+    close = lambda a, b, atol: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                          atol=atol, rtol=1e-4)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((5, 2, 4)).astype(np.float32)
+    k = rng.standard_normal((7, 2, 4)).astype(np.float32)
+
+    def f(q, be):
+        t = lambda x: vs.tensor(x, rank=1)
+        return jnp.sum(jnp.sin(vs.attention(t(q), t(k), t(k), backend=be).to_padded(5)))
+
+    t = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    for wrap in (lambda g: g, jax.jit):
+        got = wrap(lambda q: jax.jvp(lambda x: f(x, backend), (q,), (t,)))(q)
+        want = jax.jvp(lambda x: f(x, "xla"), (q,), (t,))
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+        close(wrap(jax.jacfwd(lambda x: f(x, backend)))(q), jax.grad(lambda x: f(x, "xla"))(q),
+               atol=1e-4)
+    close(jax.hessian(lambda x: f(x, backend))(q[:2]), jax.hessian(lambda x: f(x, "xla"))(q[:2]),
+           atol=1e-3)
+    # reverse mode still runs the backend's own backward
+    close(jax.jit(jax.grad(lambda x: f(x, backend)))(q), jax.grad(lambda x: f(x, "xla"))(q),
+           atol=1e-4)

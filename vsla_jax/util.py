@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad
 
 from vsla_jax.errors import ShapeError, VSLAError, VSLATypeError
 
@@ -116,6 +117,20 @@ def aligned_zeros(shape: Sequence[int], dtype) -> np.ndarray:
 _FORWARD_MODE_REFUSALS = ("forward-mode autodiff (jvp) to a custom_vjp",
                           "cannot be differentiated",
                           "Differentiation rule for 'custom_lin'")
+
+
+def forward_mode(*arrays) -> bool:
+    """Whether any of ``arrays`` carries a forward-mode tangent (``jax.jvp``, ``jacfwd``,
+    ``hessian``'s outer ``jacfwd``, also inside ``jit``): a JVP tracer at any level of
+    its tracer chain. Reverse mode (``grad``, ``vjp``) traces with linearize tracers and
+    is not forward mode. A function jitted before forward mode is applied to it
+    (``jax.jvp(jax.jit(f))``) is traced without tangents: False there."""
+    for x in arrays:
+        while isinstance(x, jax.core.Tracer):
+            if isinstance(x, ad.JVPTracer):
+                return True
+            x = getattr(x, "primal", getattr(x, "val", None))
+    return False
 
 
 def call_or_none(fn: Callable[..., Any], *args, **kwargs) -> Any | None:

@@ -41,7 +41,7 @@ from vsla_jax.attention.reference import XLABackend
 from vsla_jax.attention.tiled import TiledBackend, TilingStrategy
 from vsla_jax.errors import LengthError, ShapeError, VSLAError, VSLATypeError
 from vsla_jax.tensor import VarTensor
-from vsla_jax.util import call_or_none, is_traced
+from vsla_jax.util import call_or_none, forward_mode, is_traced
 
 BACKENDS = ("xla", "bucketed", "tiled", "pallas", "cpu")
 
@@ -401,11 +401,15 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
       config: ``AttentionConfig`` (bucketed plan, tiling strategy, Pallas interpreter);
         default ``AttentionConfig()``.
 
-    Differentiable in every mode: reverse mode runs the chosen backend's backward. The
-    ``cpu`` kernels take forward mode too (docs/kernels.md, "Gradients"); under
-    forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), which the
-    ``custom_vjp`` backends (``bucketed``, ``tiled``, ``pallas``) refuse, the ``xla``
-    backend runs instead of those.
+    Differentiable: reverse mode runs the chosen backend's backward. ``auto`` on CPU
+    (the ``cpu`` kernels) and ``xla`` take every mode, also applied to an already jitted
+    function (docs/kernels.md, "Gradients"). The ``custom_vjp`` backends (``bucketed``,
+    ``tiled``, ``pallas``) are reverse-mode only: when this call is traced under
+    forward-mode AD (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, also inside ``jit``)
+    the ``xla`` backend runs instead. A function that holds one of them and is jitted
+    *before* forward mode is applied (``jax.jvp(jax.jit(f))``) is traced without
+    tangents, so JAX refuses it ("can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function"): choose ``auto`` or ``xla`` there.
     """
     out = fast_kernel_call(q, k, v, causal, scale, backend, tile, config)
     if out is not None:
@@ -445,8 +449,14 @@ def attention(q: VarTensor, k: VarTensor, v: VarTensor, *, causal: bool = False,
         plan = dict(tq=tiles[0], tk=tiles[1])
     else:
         plan = impl.prepare(q, k, v)
-    out = call_or_none(impl.compute, q, k, v, causal, scale, plan)
-    if out is None:  # forward-mode AD: the custom_vjp backends are reverse-mode only
+    # The custom_vjp backends (bucketed, tiled, pallas) are reverse-mode only: under
+    # forward mode the XLA backend runs, seen from the tangents (also inside jit) or from
+    # JAX's refusal while tracing.
+    reverse_only = not isinstance(impl, (XLABackend, CPUBackend))
+    out = None
+    if not (reverse_only and forward_mode(q.data, k.data, v.data)):
+        out = call_or_none(impl.compute, q, k, v, causal, scale, plan)
+    if out is None:
         xla = XLABackend()
         out = xla.compute(q, k, v, causal, scale, xla.prepare(q, k, v))
     return out
