@@ -485,6 +485,13 @@ def test_bool_tensors_have_no_negation_or_difference():
     (lambda: vs.pyramid(vs.stack([[1.0]]), 0, 2), vs.ShapeError, "levels"),
     (lambda: vs.pad_batch([[1.0]], 2), VSLATypeError, "takes a VarTensor batch"),
     (lambda: vs.tensor([1.0, 2.0], rank=2), vs.ShapeError, "rank=2 needs items with at"),
+    (lambda: vs.stack(5), VSLATypeError, "stack takes a sequence of items"),
+    (lambda: vs.bucketize([[1.0]], count_policy="x"), VSLATypeError,
+     "bucketize count_policy: policy must be a vs.CapacityPolicy or None, got str"),
+    (lambda: vs.LayoutBudget("3"), VSLATypeError, "max_layouts must be an integer"),
+    (lambda: vs.LayoutBudget(-1), vs.PolicyError, "max_layouts must be >= 0"),
+    (lambda: jax.jit(lambda x: len(vs.tensor(x).to_list()))(jnp.ones(3)), VSLATypeError,
+     "use to_padded(capacity) inside it"),
 ])
 def test_bad_arguments_get_typed_errors(call, error, needle):
     with pytest.raises(error, match=None) as e:

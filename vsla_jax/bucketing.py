@@ -130,6 +130,8 @@ def bucketize(
     (pass ``count_policy=None`` for exact counts). ``rank`` defaults to ``ndim``.
     """
     policy = check_policy(policy, "bucketize")
+    if count_policy is not None:
+        count_policy = check_policy(count_policy, "bucketize count_policy")
     check_model(model)
     arrays = [as_array(it, f"item {i}") for i, it in enumerate(items)]
     if not arrays:

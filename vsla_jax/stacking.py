@@ -78,6 +78,9 @@ def stack(
     if isinstance(items, VarTensor):
         raise VSLATypeError("stack takes a sequence of items; this is already a VarTensor "
                             "batch (index it, or use vs.merge_batch to stack its items)")
+    if not hasattr(items, "__iter__") or isinstance(items, (str, bytes)):
+        raise VSLATypeError(f"stack takes a sequence of items (arrays, lists or unbatched "
+                            f"VarTensors), got {type(items).__name__} {items!r:.40}")
     check_rank(rank, None, "")
     if dtype is not None:
         dtype = numeric_dtype(dtype, "stack")

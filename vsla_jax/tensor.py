@@ -171,7 +171,13 @@ class VarTensor:
         An unbatched tensor returns a single array. Items are read-only views of one
         host copy of ``data`` (no per-item copies).
         """
-        return _to_nested(np.asarray(self.data), self.host_lengths, self.batch_ndim)
+        lengths = self.host_lengths
+        if is_traced(self.data) or lengths is None:
+            raise VSLATypeError("to_list()/to_numpy() give exact-shape NumPy arrays, which a "
+                                "traced VarTensor (inside jit, grad or vmap) cannot have: "
+                                "return the VarTensor from the transformed function, or "
+                                "use to_padded(capacity) inside it")
+        return _to_nested(np.asarray(self.data), lengths, self.batch_ndim)
 
     def to_numpy(self) -> np.ndarray:
         """The exact-shape array of an unbatched tensor."""

@@ -55,8 +55,11 @@ class LayoutBudget:
     """
 
     def __init__(self, max_layouts: int = 8):
+        if isinstance(max_layouts, bool) or not isinstance(max_layouts, numbers.Integral):
+            raise VSLATypeError(f"LayoutBudget max_layouts must be an integer >= 0, got "
+                                f"{type(max_layouts).__name__} {max_layouts!r:.40}")
         if max_layouts < 0:
-            raise ValueError(f"LayoutBudget max_layouts must be >= 0, got {max_layouts}")
+            raise PolicyError(f"LayoutBudget max_layouts must be >= 0, got {max_layouts}")
         self.max_layouts = max_layouts
         self.compiled: dict[tuple, set] = {}
 
