@@ -121,6 +121,11 @@ def test_bad_out_and_unreadable_config_exit_2_with_one_line(tmp_path):
     one_line_error(icd("run", "-c", str(latin), "--out", str(tmp_path / "new")),
                    "not UTF-8")
     assert not (tmp_path / "new").exists()
+    dated = tmp_path / "date.yaml"
+    dated.write_text("pipeline:\n  seed: 2020-01-01\n")  # a YAML date crashed json.dumps
+    one_line_error(icd("run", "--dry-run", "-c", str(dated)), "pipeline.seed", "date")
+    one_line_error(icd("run", "--dry-run", "--set", "gates.quality_drop_pp=NaN"),
+                   "gates.quality_drop_pp", "not a finite number")
 
 
 def test_force_keeps_foreign_files_and_fail_on_gates_exits_3(tmp_path):

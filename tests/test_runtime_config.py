@@ -125,3 +125,76 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
     bad.write_bytes("model:\n  name: minilm # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         config.load(bad)
+
+
+# -- values JSON cannot hold (a probe crashed on a YAML date, and NaN/inf reached the
+#    lock file as null, which `icd export` then rejected) -------------------------------
+def test_a_yaml_date_is_a_config_error_naming_its_key(tmp_path):
+    y = tmp_path / "date.yaml"
+    y.write_text("pipeline:\n  seed: 2020-01-01\n")
+    with pytest.raises(ConfigError, match=r"pipeline\.seed: 2020-01-01 is a date"):
+        config.load(y)
+    y.write_text("model:\n  kwargs:\n    2020-01-01: 1\n")
+    with pytest.raises(ConfigError, match="model.kwargs: the key"):
+        config.load(y)
+    with pytest.raises(ConfigError, match=r"pipeline\.seed: .* is a set"):
+        config.load({"pipeline": {"seed": {1}}})
+
+
+def float_fields(model=config.Config, prefix=""):
+    """Dotted paths of every float-typed key of the schema (walked independently of the
+    validation code)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        args = typing.get_args(ann) or (ann,)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += float_fields(ann, f"{prefix}{name}.")
+        elif float in args:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def test_float_fields_cover_every_section_with_floats():
+    keys = float_fields()
+    for key in ("solver.time_budget_s", "gates.quality_drop_pp", "gates.latency_pct",
+                "rollback.alpha", "transform.quant.smooth_alpha", "cache.lock_timeout_s",
+                "pipeline.retry_backoff_s", "measure.nvml_interval_s"):
+        assert key in keys
+    assert any(k.startswith("cost.") for k in keys)
+
+
+@pytest.mark.parametrize("key", float_fields())
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_every_float_key_rejects_nan_and_inf(key, value):
+    with pytest.raises(ConfigError, match=f"{key}: .*not a finite number"):
+        config.load(None, [f"{key}={value}"])
+    section, _, leaf = key.rpartition(".")
+    data: dict = {}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[leaf] = float(value.replace("Infinity", "inf"))
+    with pytest.raises(ConfigError, match=f"{key}: .*not a finite number"):
+        config.load(data)
+
+
+def test_nan_and_inf_from_yaml_and_in_model_kwargs_are_rejected(tmp_path):
+    y = tmp_path / "inf.yaml"
+    y.write_text("solver:\n  time_budget_s: .inf\n")
+    with pytest.raises(ConfigError, match="solver.time_budget_s: inf is not a finite"):
+        config.load(y)
+    with pytest.raises(ConfigError, match=r"model.kwargs.scale\[1\]: nan is not a finite"):
+        config.load({"model": {"target": "pkg.mod:make", "kwargs": {"scale": [1, "nan"]}}},
+                    ["model.kwargs.scale=[1, NaN]"])
+
+
+def test_a_typed_section_rejects_nan_too():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="finite number"):
+        config.Gates(quality_drop_pp=float("nan"))

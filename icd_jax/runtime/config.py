@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,9 +32,11 @@ from icd_jax.runtime import gates as gates_lib
 
 
 class Section(BaseModel):
-    """A config section: unknown keys rejected, values frozen, types strict-ish."""
+    """A config section: unknown keys rejected, values frozen, types strict-ish, numbers
+    finite (NaN and inf are rejected: ``config.lock.json`` could not record them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class Pipeline(Section):
@@ -347,11 +350,45 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return keys, value
 
 
+def key_text(key, path: str) -> str:
+    """A mapping key as JSON writes it (``1`` -> ``"1"``, ``True`` -> ``"true"``);
+    ``ConfigError`` naming ``path`` for a key JSON cannot hold (a YAML date)."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key)
+    raise ConfigError(f"invalid config: {path or '<root>'}: the key {key!r} is a "
+                      f"{type(key).__name__}; keys must be strings")
+
+
+def plain(value, path: str = ""):
+    """A copy of ``value`` as plain JSON data (mappings, lists, str, int, finite float,
+    bool, None); ``ConfigError`` naming the key path of anything else: a YAML date or
+    timestamp, a set, NaN or inf (``config.lock.json`` could not record them)."""
+    where = path or "<root>"
+    if isinstance(value, Mapping):
+        return {k: plain(v, f"{path}.{k}" if path else k)
+                for k, v in ((key_text(k, path), v) for k, v in value.items())}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"invalid config: {where}: {value} is not a finite number")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    hint = (" (YAML reads an unquoted date as a date: quote it, or give a number)"
+            if type(value).__name__ in ("date", "datetime") else "")
+    raise ConfigError(f"invalid config: {where}: {value!s:.60} is a {type(value).__name__}, "
+                      f"not a config value (a number, string, bool, null, list or "
+                      f"mapping){hint}")
+
+
 def with_overrides(data: Mapping, overrides: Sequence[str] = ()) -> dict:
-    """``data`` (nested dict) with each ``key.path=value`` set."""
-    out = json.loads(json.dumps(dict(data)))
+    """A plain copy of ``data`` (nested dict, see ``plain``) with each ``key.path=value``
+    set."""
+    out = plain(dict(data))
     for item in overrides:
         keys, value = parse_override(item)
+        value = plain(value, ".".join(keys))
         node = out
         for i, k in enumerate(keys[:-1]):
             nxt = node.setdefault(k, {})
