@@ -109,6 +109,8 @@ def main(argv):
             return 2
         if cmd == "pair" and cfg.pipeline.mode != "iterative":
             cfg = config_lib.load(config_lib.resolved(cfg), ["pipeline.mode=iterative"])
+        from icd_jax.runtime.permcache import check_dir
+        check_dir(cfg.cache)  # before the run folder is touched
         if FLAGS.dry_run:
             print(json.dumps(config_lib.resolved(cfg), indent=1))
             print(plan_text(cfg, FLAGS.pair_repeats if cmd == "pair" else None))

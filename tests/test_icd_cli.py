@@ -126,6 +126,9 @@ def test_bad_out_and_unreadable_config_exit_2_with_one_line(tmp_path):
     one_line_error(icd("run", "--dry-run", "-c", str(dated)), "pipeline.seed", "date")
     one_line_error(icd("run", "--dry-run", "--set", "gates.quality_drop_pp=NaN"),
                    "gates.quality_drop_pp", "not a finite number")
+    one_line_error(icd("run", "--out", str(tmp_path / "new"), "--set",
+                       f"cache.dir={afile}"), "cache.dir", "not a folder")
+    assert not (tmp_path / "new").exists()
 
 
 def test_force_keeps_foreign_files_and_fail_on_gates_exits_3(tmp_path):

@@ -366,6 +366,23 @@ def test_concurrent_runs_share_one_fit_under_the_lock(tmp_path):
     assert all(np.array_equal(r[0], [4, 3, 2, 1, 0]) for r in results)
 
 
+def test_an_unusable_cache_dir_is_a_config_error_before_any_stage(tmp_path):
+    # a probe saw it as a rollback after W_BUILT (os.makedirs inside get_or_fit)
+    from icd_jax.errors import ConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad, needle in ((afile, "exists and is not a folder"),
+                        (afile / "sub", "is not a folder, so")):
+        out = tmp_path / "out"
+        with pytest.raises(ConfigError, match=f"cache.dir: .*{needle}"):
+            orchestrator.run(tiny(tmp_path, cache={"dir": str(bad)}), str(out))
+        assert not out.exists()
+    assert permcache.dir_problem(str(tmp_path / "new" / "deeper")) is None
+    permcache.check_dir(config.Cache(dir=str(afile), enabled=False))  # unused: fine
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+
+
 def test_run_directory_lock(tmp_path, target):
     out = tmp_path / "locked"
     out.mkdir()

@@ -198,3 +198,9 @@ def test_a_typed_section_rejects_nan_too():
 
     with pytest.raises(ValidationError, match="finite number"):
         config.Gates(quality_drop_pp=float("nan"))
+
+
+def test_cache_dir_must_name_a_folder():
+    for bad in ("", "   "):
+        with pytest.raises(ConfigError, match="cache.dir: must name a folder"):
+            config.load({"cache": {"dir": bad}})

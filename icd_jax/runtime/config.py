@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -218,6 +219,13 @@ class Cache(Section):
     reuse: bool = Field(False, description="reuse cached permutations (--reuse-perm)")
     dir: str = Field("~/.cache/icd_jax/perms", description="permutation cache folder")
     lock_timeout_s: float = Field(600.0, ge=0)
+
+    @field_validator("dir")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a folder, got an empty string")
+        return v
 
 
 class Quality(Section):

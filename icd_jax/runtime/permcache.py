@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 from filelock import FileLock, Timeout
 
-from icd_jax.errors import ArtifactError, ICDError, RunLockedError
+from icd_jax.errors import ArtifactError, ConfigError, ICDError, RunLockedError
 from icd_jax.runtime import artifacts
 from icd_jax.runtime import config as config_lib
 
@@ -21,6 +21,7 @@ class PermCache:
     key makes a concurrent run wait and then reuse instead of fitting twice."""
 
     def __init__(self, cfg: config_lib.Cache, reuse: bool):
+        check_dir(cfg)
         self.enabled, self.reuse = cfg.enabled, reuse
         self.dir = os.path.expanduser(cfg.dir)
         self.timeout = cfg.lock_timeout_s
@@ -52,6 +53,33 @@ class PermCache:
         except Timeout as e:
             raise RunLockedError(f"permutation cache entry {path} is locked by another run "
                                  f"for more than {self.timeout} s") from e
+
+
+def dir_problem(path: str) -> str | None:
+    """Why the folder ``path`` (``~`` expanded) cannot hold the cache, or None: it is a
+    file, lies under a file, or cannot be written or created (nothing is created)."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.lexists(full):
+        if not os.path.isdir(full):
+            return f"{path} exists and is not a folder"
+        return None if os.access(full, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = os.path.dirname(full)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a folder, so {path} cannot be created"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {parent} is not writable"
+    return None
+
+
+def check_dir(cfg: config_lib.Cache) -> None:
+    """``ConfigError`` naming ``cache.dir`` when the cache is enabled and its folder is
+    unusable (``dir_problem``): raised before any stage runs, not as a rollback."""
+    problem = dir_problem(cfg.dir) if cfg.enabled else None
+    if problem:
+        raise ConfigError(f"invalid config: cache.dir: {problem}; choose another folder or "
+                          "set cache.enabled to false")
 
 
 #: The statistics of a fit that a run prints (``get_or_fit(..., stats=FIT_STATS)``).
