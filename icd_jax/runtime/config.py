@@ -238,8 +238,8 @@ Gates = create_model("Gates", __base__=Section, __module__=__name__, **{
 
 
 class Report(Section):
-    html: bool = True
-    csv: bool = True
+    html: bool = Field(True, description="write report.html")
+    csv: bool = Field(True, description="write report.csv")
     stablehlo: bool = Field(True, description="export the active model to model.stablehlo")
     heatmap_max: int = Field(256, ge=8, description="heatmaps are down-sampled to this size")
 

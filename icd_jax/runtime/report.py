@@ -20,11 +20,13 @@ from icd_jax.runtime.rundir import FILES, RunDir, file_path
 from icd_jax.runtime.tables import CSV_COLUMNS, csv_rows  # noqa: F401 (public here too)
 
 
-def build(run_dir: str | os.PathLike, heatmap_cap: int = views.HEATMAP_MAX) -> dict:
-    """Write ``report.html`` and ``report.csv`` into ``run_dir`` (atomically) and return
-    ``{"html": path, "csv": path, "figures": [names], "problems": [str], "elapsed_s":
-    float}`` (``problems``: optional artefacts present but unreadable, shown in the
-    report as not measured).
+def build(run_dir: str | os.PathLike, heatmap_cap: int = views.HEATMAP_MAX, *,
+          html_page: bool = True, csv_table: bool = True) -> dict:
+    """Write ``report.html`` (``html_page``) and ``report.csv`` (``csv_table``) into
+    ``run_dir`` (atomically) and return ``{"html": path | None, "csv": path | None,
+    "figures": [names], "problems": [str], "elapsed_s": float}`` (None: not written;
+    ``problems``: optional artefacts present but unreadable, shown in the report as not
+    measured).
 
     ``ArtifactError`` (naming the file) if ``run_dir`` is no run folder or its
     ``metrics.json`` is missing or malformed; other artefacts are optional. Heatmaps have
@@ -33,13 +35,17 @@ def build(run_dir: str | os.PathLike, heatmap_cap: int = views.HEATMAP_MAX) -> d
     t0 = time.perf_counter()
     rd = RunDir(run_dir)
     run = views.open_run(rd)
-    figs = figures.report_figures(run, views.heatmap_max(run.lock, heatmap_cap))
-    body = html.report_body(run, views.gate_rows(run.metrics), figs)
-    body += html.footer(rd.dir, time.perf_counter() - t0)
-    model = (run.metrics.run.model if run.metrics.run else None) or "run"
-    artifacts.write_bytes(rd.path("csv"), tables.csv_bytes(tables.csv_rows(run.metrics)))
-    artifacts.write_bytes(rd.path("html"), html.page(f"icd report: {model}", body))
-    return {"html": rd.path("html"), "csv": rd.path("csv"), "figures": list(figs),
+    figs: dict = {}
+    if csv_table:
+        artifacts.write_bytes(rd.path("csv"), tables.csv_bytes(tables.csv_rows(run.metrics)))
+    if html_page:
+        figs = figures.report_figures(run, views.heatmap_max(run.lock, heatmap_cap))
+        body = html.report_body(run, views.gate_rows(run.metrics), figs)
+        body += html.footer(rd.dir, time.perf_counter() - t0)
+        model = (run.metrics.run.model if run.metrics.run else None) or "run"
+        artifacts.write_bytes(rd.path("html"), html.page(f"icd report: {model}", body))
+    return {"html": rd.path("html") if html_page else None,
+            "csv": rd.path("csv") if csv_table else None, "figures": list(figs),
             "problems": list(run.problems), "elapsed_s": time.perf_counter() - t0}
 
 

@@ -378,5 +378,6 @@ class Run:
         if self.cfg.report.html or self.cfg.report.csv:
             from icd_jax.runtime import report
 
-            out["report"] = report.build(self.out)
+            out["report"] = report.build(self.out, html_page=self.cfg.report.html,
+                                         csv_table=self.cfg.report.csv)
         return out

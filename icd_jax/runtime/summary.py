@@ -44,9 +44,16 @@ def plan_text(cfg, pair_repeats: int | None = None) -> str:
     lines += [f"MEASURED     latency ({rounds} interleaved rounds, "
               f"{cfg.pipeline.warmup} warmup), quality ({quality}), "
               f"{tiles}NVML/ncu where present",
-              "REPORTED     gates, rollback decision, model.stablehlo, report.html/csv",
+              f"REPORTED     gates, rollback decision, {written(cfg.report)}",
               f"config hash  {config_lib.digest(config_lib.resolved(cfg))[:16]}"]
     return "\n".join(lines)
+
+
+def written(r) -> str:
+    """The files the REPORTED stage writes under the ``Report`` section ``r``."""
+    files = [name for name, on in (("model.stablehlo", r.stablehlo), ("report.html", r.html),
+                                   ("report.csv", r.csv)) if on]
+    return ", ".join(files) if files else "no files (report.* all off)"
 
 
 def _ci_text(ci) -> str:
@@ -101,5 +108,13 @@ def summary_text(metrics: Metrics | Mapping, out_dir: str | os.PathLike) -> str:
     rb = metrics.get("rollback") or {}
     if rb.get("happened"):
         rows.append(f"ROLLBACK to {rb.get('to')}: {rb.get('reason')}")
-    rows.append(f"report: {file_path(out_dir, 'html')}")
+    rows.append(report_line(out_dir))
     return "\n".join(rows)
+
+
+def report_line(out_dir: str | os.PathLike) -> str:
+    """``report: PATH[, PATH]`` naming the report files that exist in ``out_dir`` (none
+    when ``report.html`` and ``report.csv`` are off or the report failed)."""
+    found = [file_path(out_dir, k) for k in ("html", "csv")
+             if os.path.isfile(file_path(out_dir, k))]
+    return f"report: {', '.join(found)}" if found else "report: none written"
