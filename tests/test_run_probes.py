@@ -7,10 +7,14 @@ from __future__ import annotations
 import copy
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from icd_jax.runtime import orchestrator, runfiles
+from icd_jax.runtime import artifacts, orchestrator, runfiles
 from icd_jax.runtime.summary import summary_text
+from tests.test_target import MLP
 
 MLP_RUN = {"model": {"target": "tests.test_target:make_mlp"},
            "pipeline": {"mode": "linear", "repeats": 1, "warmup": 0},
@@ -39,3 +43,33 @@ def test_report_switches_decide_what_is_written_and_summarised(tmp_path, html_on
     want = [p for p, on in ((html, html_on), (csv, csv_on)) if on]
     last = summary_text(res.metrics, res.out_dir).splitlines()[-1]
     assert last == ("report: " + ", ".join(want) if want else "report: none written")
+
+
+class HostCallbackMLP(MLP):
+    """The MLP with a host callback in ``forward``: jit-able, but ``jax.export`` cannot
+    serialise it, so the StableHLO export fails."""
+
+    def forward(self, params, batch):
+        zero = jax.pure_callback(lambda a: np.asarray(a, np.float32),
+                                 jax.ShapeDtypeStruct((), jnp.float32), jnp.float32(0.0))
+        return super().forward(params, batch) + zero
+
+
+def make_callback_mlp(seed: int = 0) -> HostCallbackMLP:
+    return HostCallbackMLP(seed)
+
+
+def test_a_failed_stablehlo_export_is_loud(tmp_path):
+    # it was only an event's stablehlo_error: appended to the warnings after metrics.json
+    said: list[str] = []
+    out = tmp_path / "run"
+    res = orchestrator.run(mlp_cfg(model={"target": "tests.test_run_probes:make_callback_mlp"},
+                                   report={"stablehlo": True}), str(out), log_fn=said.append)
+    assert res.ok and not os.path.exists(runfiles.file_path(out, "stablehlo"))
+    assert any(s.startswith("WARNING: REPORTED: StableHLO export failed") for s in said), said
+    saved = artifacts.read_json(runfiles.file_path(out, "metrics"))
+    assert [w for w in saved["warnings"] if "StableHLO export failed" in w] == [
+        w for w in res.metrics["warnings"] if "StableHLO export failed" in w]
+    assert len([w for w in saved["warnings"] if "StableHLO export failed" in w]) == 1
+    page = open(runfiles.file_path(out, "html"), encoding="utf-8").read()
+    assert "StableHLO export failed" in page

@@ -364,6 +364,17 @@ class Run:
         self.metrics = Metrics.parse(jsonable(m)).dump()
         artifacts.write_json(self.file("metrics"), self.metrics)
 
+    def late_warning(self, msg: str) -> None:
+        """A warning after ``finish`` wrote ``metrics.json``: said on the console, added to
+        the run's and the metrics' ``warnings`` and ``metrics.json`` rewritten, so that the
+        report (built from it next) lists it too."""
+        self.say(f"WARNING: {msg}")
+        self.warnings.append(msg)
+        listed = self.metrics.setdefault("warnings", [])
+        if listed is not self.warnings:
+            listed.append(msg)
+        artifacts.write_json(self.file("metrics"), self.metrics)
+
     def reported(self) -> dict:
         out: dict = {}
         if self.cfg.report.stablehlo and self.t is not None:
@@ -373,7 +384,9 @@ class Run:
                 out["stablehlo"] = export.export_run(self.t, self.file("perm_active"),
                                                      self.file("stablehlo"), self.metrics)
             except Exception as e:  # noqa: BLE001 - the report still gets written
-                self.warnings.append(f"REPORTED: StableHLO export failed ({e})")
+                first = (str(e).splitlines() or [""])[0][:300]
+                self.late_warning(f"REPORTED: StableHLO export failed ({type(e).__name__}: "
+                                  f"{first}); no {FILES['stablehlo']} was written")
                 out["stablehlo_error"] = str(e)
         if self.cfg.report.html or self.cfg.report.csv:
             from icd_jax.runtime import report
