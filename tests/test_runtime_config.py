@@ -204,3 +204,31 @@ def test_cache_dir_must_name_a_folder():
     for bad in ("", "   "):
         with pytest.raises(ConfigError, match="cache.dir: must name a folder"):
             config.load({"cache": {"dir": bad}})
+
+
+def test_trace_source_needs_linear_mode(tmp_path):
+    # iterative mode silently fitted pi1 on a random planted mock W' (a probe found it)
+    trace = {"graph": {"source": "trace", "trace_path": "t.jsonl"}}
+    assert config.load(trace, ["pipeline.mode=linear"]).graph.source == "trace"
+    for overrides in ([], ["pipeline.mode=iterative"]):  # iterative is the default
+        with pytest.raises(ConfigError, match="graph.source: 'trace' .* set pipeline.mode "
+                                              "to linear"):
+            config.load(trace, overrides)
+
+
+def test_no_silent_mock_w_after_for_a_trace(tmp_path):
+    from icd_jax.runtime.stages import Run
+
+    cfg = config.load({"graph": {"source": "trace", "trace_path": "t.jsonl",
+                                 "fallback_mock": True},
+                       "pipeline": {"mode": "linear"}, "cache": {"dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="graph.source: 'trace'"):
+        Run(cfg, str(tmp_path / "out")).build_graphs(arm=object())
+
+
+def test_dry_run_plan_says_what_w_after_is():
+    from icd_jax.runtime.summary import plan_text
+
+    mock = plan_text(config.load({"graph": {"source": "mock"}}))
+    assert "REPERMUTED   W' = the same planted mock W" in mock
+    assert "REPERMUTED   W' on the transformed model" in plan_text(config.load(None))

@@ -262,7 +262,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _transforms_fit_model(self):
-        problems = unsupported_transforms(self)
+        problems = unsupported_transforms(self) + unsupported_graph(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -287,6 +287,20 @@ def unsupported_transforms(cfg: Config) -> list[str]:
                    "so its quantisation is weight-only; set act to none (and smooth_alpha "
                    "to null)")
     return out
+
+
+#: Why iterative mode cannot run on a trace (``unsupported_graph``, ``stages``).
+TRACE_ITERATIVE = (
+    "graph.source: 'trace' gives W of the dense model only, and pipeline.mode 'iterative' "
+    "(also what icd pair runs) rebuilds W' on the transformed model, which a fixed trace "
+    "cannot give; set pipeline.mode to linear, or graph.source to activations")
+
+
+def unsupported_graph(cfg: Config) -> list[str]:
+    """``"key.path: why"`` when the graph source cannot give what the mode needs."""
+    if cfg.graph.source == "trace" and cfg.pipeline.mode == "iterative":
+        return [TRACE_ITERATIVE]
+    return []
 
 
 def _path(loc: Sequence) -> str:

@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from icd_jax import graph as graph_lib
 from icd_jax import permute
 from icd_jax.adapters.meta import jsonable
-from icd_jax.errors import ICDError, RunLockedError, StageError, TraceError
+from icd_jax.errors import ConfigError, ICDError, RunLockedError, StageError, TraceError
 from icd_jax.runtime import artifacts, gates, targets
 from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.arms import Arm
@@ -162,24 +162,37 @@ class Run:
         return dict(model=self.model_id, tokens_timed=self.t.tokens, axes=self.t.axes)
 
     def build_graphs(self, arm: Arm | None) -> dict[str, graph_lib.CoAccessGraph]:
+        """W per co-designed axis: of the dense model (``arm`` None) or of ``arm`` (W');
+        a trace gives only the dense model's (the config rejects trace + iterative)."""
         g = self.cfg.graph
         if g.source == "activations":
             acts = self.t.activations(arm, show_progress=True)
             return {ax: graph_lib.build_w("activations", acts=a, topk=g.topk, hub=g.hub)
                     for ax, a in acts.items()}
-        if g.source == "trace" and arm is None:
+        if g.source == "trace":
+            if arm is not None:
+                raise ConfigError(config_lib.TRACE_ITERATIVE)
             try:
-                if not g.trace_path:
-                    raise TraceError("graph.source is 'trace' but graph.trace_path is not set")
-                w = graph_lib.build_w("trace", path=g.trace_path, D=self.t.size)
-                if w.csr.nnz == 0:
-                    raise TraceError(f"trace {g.trace_path} holds no edges")
-                return {ax: w for ax in self.t.axes}
+                return self.trace_graphs()
             except (TraceError, ICDError) as e:
                 if not g.fallback_mock:
                     raise
                 self.warnings.append(f"W_BUILT: trace unusable ({e}); fell back to mock")
                 self.say(f"trace unusable ({e}); graph.fallback_mock: using a planted mock W")
+        return self.mock_graphs()
+
+    def trace_graphs(self) -> dict[str, graph_lib.CoAccessGraph]:
+        """The trace's W, for every co-designed axis; ``TraceError`` if it is unusable."""
+        g = self.cfg.graph
+        if not g.trace_path:
+            raise TraceError("graph.source is 'trace' but graph.trace_path is not set")
+        w = graph_lib.build_w("trace", path=g.trace_path, D=self.t.size)
+        if w.csr.nnz == 0:
+            raise TraceError(f"trace {g.trace_path} holds no edges")
+        return {ax: w for ax in self.t.axes}
+
+    def mock_graphs(self) -> dict[str, graph_lib.CoAccessGraph]:
+        """A planted mock W per axis (``graph.source: mock``, or a trace's fallback)."""
         seed = self.cfg.pipeline.seed
         return {ax: graph_lib.build_w("mock", D=self.t.size, blocks=max(2, self.t.size // 64),
                                       seed=seed + i) for i, ax in enumerate(self.t.axes)}

@@ -35,8 +35,10 @@ def plan_text(cfg, pair_repeats: int | None = None) -> str:
         f"TRANSFORMED  {' '.join(x for x in on if x) or 'no transforms'}",
     ]
     if cfg.pipeline.mode == "iterative":
-        lines.append("REPERMUTED   W' on the transformed model -> pi1; transforms redone "
-                     "under pi0 o pi1")
+        w_after = ("W' = the same planted mock W (graph.source mock: nothing is measured "
+                   "on the transformed model)" if g.source == "mock"
+                   else "W' on the transformed model")
+        lines.append(f"REPERMUTED   {w_after} -> pi1; transforms redone under pi0 o pi1")
     quality = "the target's own batches" if custom else f"{cfg.quality.sentences} items"
     skip = not custom or (t.sparsity.enabled and t.sparsity.kind == "ffn")
     tiles = f"tiles/token, simulated L{cfg.measure.sim_level}, " if skip else ""
