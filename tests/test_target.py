@@ -306,3 +306,62 @@ def test_a_slowdown_budget_is_met_by_the_means():
                after=dict(mean_ms=1.02, ci95_ms=[0.5, 1.5]))
     g = gates.evaluate(targets, dict(latency=lat), "after")["latency"]
     assert g["status"] == "met" and g["ci95_disjoint"] is False
+
+
+# -- quant settings a weight-only target ignored (a probe found the plan and lock claiming
+#    smoothing and groups on permuted axes while every kernel was grouped, unsmoothed) -----
+def naive_int8(w: np.ndarray, group: int | None = None) -> np.ndarray:
+    """Symmetric int8 of ``w [in, out]``, dequantised: one scale per output channel, or per
+    ``group`` input rows and output channel."""
+    rows = w.shape[0] if group is None else group
+    amax = np.abs(w).reshape(-1, rows, w.shape[1]).max(1)
+    scale = np.repeat(amax / 127.0, rows, axis=0)
+    return np.round(w / scale) * scale
+
+
+@pytest.mark.parametrize("groups_on", ["permuted", "all"])
+def test_generic_adapter_groups_only_kernels_reading_a_codesigned_axis(groups_on):
+    user = MLP()
+    cfg = custom_cfg(quant={"act": "none", "smooth_alpha": None, "group_size": 2,
+                            "groups_on": groups_on})
+    perms = permute.random_perms(user.spec, seed=3)
+    arm = usertarget.UserTarget(cfg, user).arm("before", perms, cfg.transform)
+    p = perms["hidden"]
+    w0 = np.asarray(user.params["dense_0"]["kernel"])[:, p]  # input: x (not ordered)
+    w1 = np.asarray(user.params["dense_1"]["kernel"])[p]  # input: the "hidden" axis
+    got0, got1 = (np.asarray(arm.params[k]["kernel"]) for k in ("dense_0", "dense_1"))
+    np.testing.assert_allclose(got1, naive_int8(w1, 2), rtol=1e-5, atol=1e-6)
+    want0 = naive_int8(w0, None if groups_on == "permuted" else 2)
+    np.testing.assert_allclose(got0, want0, rtol=1e-5, atol=1e-6)
+    settings = arm.meta["quant"]["settings"]
+    assert settings["grouped_kernels"] == (1 if groups_on == "permuted" else 2)
+    assert settings["smooth_alpha"] is None and arm.meta["quant"]["fallbacks"] == []
+
+
+def test_custom_target_rejects_smooth_alpha_and_weight_only_lists_it_as_a_fallback():
+    with pytest.raises(ConfigError, match="transform.quant.smooth_alpha: .*weight-only"):
+        config.load({"model": {"target": "tests.test_target:make_mlp"},
+                     "transform": {"quant": {"act": "none", "smooth_alpha": 0.5}}})
+    from icd_jax.runtime.arms import weight_only_quant
+
+    user = MLP()
+    q = config.load({"transform": {"quant": {"act": "none", "smooth_alpha": 0.5}}}
+                    ).transform.quant
+    _, meta = weight_only_quant(user.params, ["dense_0/kernel", "dense_1/kernel"], q,
+                                False, "mlp's layers")  # mamba's path: a loud fallback
+    assert meta["settings"]["smooth_alpha"] is None
+    assert meta["fallbacks"] == ["quant: smooth_alpha 0.5 not applied: mlp's layers run "
+                                 "weight-only quantisation, which has no activation scales "
+                                 "to smooth"]
+
+
+def test_plan_of_a_weight_only_model_says_what_runs():
+    from icd_jax.runtime.summary import plan_text
+
+    custom = plan_text(custom_cfg(quant={"act": "none", "smooth_alpha": None,
+                                         "group_size": 2}))
+    assert "Q=int8 weight-only/g2 on permuted" in custom and "not applied" not in custom
+    mamba = plan_text(config.load({"model": {"name": "mamba"},
+                                   "transform": {"sparsity": {"enabled": False}}}))
+    assert "Q=int8 weight-only (act dynamic, smooth 0.5: not applied, listed as fallbacks)" \
+        in mamba

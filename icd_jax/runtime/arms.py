@@ -97,19 +97,34 @@ def active_positions(acts: sp.csr_matrix, d: int) -> np.ndarray:
 
 
 
-def weight_only_quant(params, paths: list[str], q, strict: bool, note: str
-                      ) -> tuple[Any, dict]:
+def grouped_paths(spec: permute.ModelSpec, paths: list[str], axes, groups_on: str
+                  ) -> list[str] | None:
+    """The kernels ``transform.quant.group_size`` applies to: all (None) with
+    ``groups_on="all"``; with ``"permuted"`` those whose input axis is one of ``axes``
+    (the axes the run orders, so the fitted order decides their groups)."""
+    if groups_on == "all":
+        return None
+    by_axis = tree.input_axes(spec, paths)
+    return [p for ax in axes for p in by_axis.get(ax, [])]
+
+
+def weight_only_quant(params, paths: list[str], q, strict: bool, note: str,
+                      group_paths: list[str] | None = None) -> tuple[Any, dict]:
     """Quantise ``paths`` per the ``Quant`` section ``q`` and dequantise once (weight-only:
-    the model's layers take float arrays); meta records the fallback from int8 compute
-    when ``q.act`` asked for it."""
+    the model's layers take float arrays); ``group_paths``: the kernels ``q.group_size``
+    applies to (None: all, see ``grouped_paths``). Meta lists as fallbacks what weight-only
+    cannot run: int8 activations (``q.act``) and SmoothQuant (``q.smooth_alpha``)."""
     def quantize():
-        qp, m = tree.quantize(params, paths, q.dtype, q.group_size)
+        qp, m = tree.quantize(params, paths, q.dtype, q.group_size, group_paths=group_paths)
         return tree.dequantized(qp), {**m, "note": "weight-only (dequantised float32 "
                                       "compute)"}
 
     out, meta = guarded("quant", quantize, params, strict)
+    ran = meta.get("ok", True)
     meta["fallbacks"] = quant_fallbacks(q, meta, len(paths)) + (
         [f"quant: {note} run the {q.dtype} weights dequantised to float32 once "
-         "(weight-only), not int8 arithmetic"]
-        if q.act != "none" and meta.get("ok", True) else [])
+         "(weight-only), not int8 arithmetic"] if q.act != "none" and ran else []) + (
+        [f"quant: smooth_alpha {q.smooth_alpha:g} not applied: {note} run weight-only "
+         "quantisation, which has no activation scales to smooth"]
+        if q.smooth_alpha is not None and ran else [])
     return out, meta

@@ -286,6 +286,10 @@ def unsupported_transforms(cfg: Config) -> list[str]:
         out.append("transform.quant.act: a custom target's forward takes float parameters, "
                    "so its quantisation is weight-only; set act to none (and smooth_alpha "
                    "to null)")
+    if name == "custom" and t.quant.enabled and t.quant.smooth_alpha is not None:
+        out.append("transform.quant.smooth_alpha: a custom target's quantisation is "
+                   "weight-only, with no activation scales to smooth; set smooth_alpha to "
+                   "null")
     return out
 
 

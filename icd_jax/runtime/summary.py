@@ -18,10 +18,7 @@ def plan_text(cfg, pair_repeats: int | None = None) -> str:
     t, g = cfg.transform, cfg.graph
     q = t.quant
     on = [f"S={t.sparsity.kind}" if t.sparsity.enabled else None,
-          f"Q={q.dtype}/act {q.act}" + (f"/g{q.group_size} on {q.groups_on}"
-                                         if q.group_size else "")
-          + (f"/smooth {q.smooth_alpha:g}" if q.smooth_alpha is not None else "")
-          if q.enabled else None,
+          quant_plan(q, weight_only=cfg.model.name != "minilm") if q.enabled else None,
           f"K=drop {t.kv.drop:g}/block {t.kv.block}" if t.kv.enabled else None]
     custom = cfg.model.name == "custom"  # the target's own batches decide what runs
     model = f"custom {cfg.model.target}" if custom else f"{cfg.model.name} ({cfg.model.size})"
@@ -49,6 +46,20 @@ def plan_text(cfg, pair_repeats: int | None = None) -> str:
               f"REPORTED     gates, rollback decision, {written(cfg.report)}",
               f"config hash  {config_lib.digest(config_lib.resolved(cfg))[:16]}"]
     return "\n".join(lines)
+
+
+def quant_plan(q, weight_only: bool) -> str:
+    """What the ``Quant`` section ``q`` runs, for the plan; ``weight_only``: the model's
+    layers take float weights (mamba, a custom target), so int8 activations and SmoothQuant
+    are not applied (the run lists them as fallbacks)."""
+    groups = f"/g{q.group_size} on {q.groups_on}" if q.group_size else ""
+    if not weight_only:
+        smooth = f"/smooth {q.smooth_alpha:g}" if q.smooth_alpha is not None else ""
+        return f"Q={q.dtype}/act {q.act}{groups}{smooth}"
+    skipped = ([f"act {q.act}"] if q.act != "none" else []) + (
+        [f"smooth {q.smooth_alpha:g}"] if q.smooth_alpha is not None else [])
+    return (f"Q={q.dtype} weight-only{groups}"
+            + (f" ({', '.join(skipped)}: not applied, listed as fallbacks)" if skipped else ""))
 
 
 def written(r) -> str:

@@ -24,6 +24,7 @@ from icd_jax.errors import ConfigError
 from icd_jax.runtime.arms import (
     Arm,
     active_positions,
+    grouped_paths,
     guarded,
     params_hash,
     quant_fallbacks,
@@ -153,12 +154,8 @@ class MiniLMTarget:
         return [int(b.n_tokens) for b in self.time_batches]
 
     def grouped(self, q) -> list[str] | None:
-        """Kernels ``q.group_size`` applies to: with ``groups_on="permuted"``, those whose
-        input axis the run permutes (``self.axes``), so the pi decides their groups."""
-        if q.groups_on == "all":
-            return None
-        by_axis = tree.input_axes(self.spec, self.paths)
-        return [p for ax in self.axes for p in by_axis.get(ax, [])]
+        """Kernels ``q.group_size`` applies to (``arms.grouped_paths``)."""
+        return grouped_paths(self.spec, self.paths, self.axes, q.groups_on)
 
     def absmax(self) -> dict[str, np.ndarray]:
         """Calibrated per-kernel input ``|x|`` maxima of the dense model (original order)."""
@@ -364,8 +361,9 @@ class MambaTarget:
             del meta["sparsity"]
         q = t.quant
         if q.enabled:
-            params, meta["quant"] = weight_only_quant(params, self.paths, q, strict,
-                                                      "mamba's dense layers")
+            params, meta["quant"] = weight_only_quant(
+                params, self.paths, q, strict, "mamba's dense layers",
+                grouped_paths(self.spec, self.paths, self.axes, q.groups_on))
         if t.kv.enabled:
             meta["kv"] = dict(transform="kv", ok=True, applicable=False,
                               note="a state-space model has no KV cache")

@@ -19,7 +19,13 @@ import scipy.sparse as sp
 
 from icd_jax import capture, permute
 from icd_jax.adapters import tree
-from icd_jax.runtime.arms import Arm, params_hash, weight_only_quant, weight_sparsity
+from icd_jax.runtime.arms import (
+    Arm,
+    grouped_paths,
+    params_hash,
+    weight_only_quant,
+    weight_sparsity,
+)
 from icd_jax.runtime.config import Config, Transform
 from icd_jax.runtime.target import Target, restore_outputs
 
@@ -83,8 +89,9 @@ class UserTarget:
             params, meta["sparsity"] = weight_sparsity(params, self.paths, t.sparsity,
                                                        strict, {})
         if t.quant.enabled:
-            params, meta["quant"] = weight_only_quant(params, self.paths, t.quant, strict,
-                                                      f"{self.user.name}'s layers")
+            params, meta["quant"] = weight_only_quant(
+                params, self.paths, t.quant, strict, f"{self.user.name}'s layers",
+                grouped_paths(self.spec, self.paths, self.axes, t.quant.groups_on))
         return Arm(name, dict(perms), jax.tree.map(np.asarray, params), self.fwd, meta)
 
     def dense_arm(self) -> Arm:
