@@ -543,6 +543,27 @@ def test_restart_removes_only_stale_files_a_run_wrote(tmp_path):
     assert not any((d / n).exists() for n in stale)
 
 
+def test_a_forced_file_a_run_overwrote_is_the_runs(tmp_path):
+    # a probe: user files of run names in a --force folder, overwritten by the first run,
+    # were never cleaned, so a later failed run reported the first run's stats
+    cfg = config.load(tiny(tmp_path, pipeline={"mode": "linear"}))
+    d = tmp_path / "forced"
+    d.mkdir()
+    names = ("W.npz", "stats_permuted.json", "metrics.json", "perm_before.json")
+    for n in names:
+        (d / n).write_text("user")
+    artifacts.prepare_run_dir(d, force=True)
+    artifacts.write_json(d / "stats_permuted.json", {"C": 1.0})  # a run's atomic write
+    (d / "W.npz").unlink()  # gone, then written by a run
+    artifacts.write_bytes(d / "W.npz", b"run")
+    with open(d / "metrics.json", "a") as f:  # written in place
+        f.write("run")
+    assert artifacts.foreign_files(d) == {"perm_before.json"}
+    orchestrator.Run(cfg, str(d)).restart_cleanly()
+    assert sorted(p.name for p in d.iterdir() if p.name in names) == ["perm_before.json"]
+    assert (d / "perm_before.json").read_text() == "user"
+
+
 def test_an_injected_fallback_is_loud_in_metrics_gates_report_and_summary(tmp_path, target,
                                                                            monkeypatch):
     from icd_jax.runtime.summary import summary_text

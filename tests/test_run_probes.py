@@ -73,3 +73,19 @@ def test_a_failed_stablehlo_export_is_loud(tmp_path):
     assert len([w for w in saved["warnings"] if "StableHLO export failed" in w]) == 1
     page = open(runfiles.file_path(out, "html"), encoding="utf-8").read()
     assert "StableHLO export failed" in page
+
+
+def test_a_failed_run_after_a_forced_one_reports_nothing_of_it(tmp_path):
+    out = tmp_path / "forced"
+    out.mkdir()
+    for name in ("W.npz", "stats_permuted.json"):  # user files of run names
+        (out / name).write_text("user")
+    cfg = mlp_cfg(report={"csv": False})
+    artifacts.prepare_run_dir(out, force=True)
+    assert orchestrator.run(cfg, str(out)).ok
+    assert "Solver stats per axis" in (out / "report.html").read_text()
+    bad = mlp_cfg(model={"kwargs": {"width": 3}}, report={"csv": False})  # fails at READY
+    res = orchestrator.run(bad, str(out))
+    assert not res.ok and res.failed_stage == "READY"
+    assert not (out / "W.npz").exists() and not (out / "stats_permuted.json").exists()
+    assert "Solver stats per axis" not in (out / "report.html").read_text()

@@ -73,9 +73,10 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> str:
     """Make ``path`` a run folder and return its state before (``run_dir_state``).
 
     A folder that is not empty and lacks the run marker holds files no run wrote: it is
-    refused (``ArtifactError``) unless ``force``; the marker then lists those files, which
-    no later run removes. An empty path is a ``ConfigError``; a path that is a file or
-    cannot be written is an ``ArtifactError``.
+    refused (``ArtifactError``) unless ``force``; the marker then lists those files with
+    their ``file_signature`` (``foreign_files``: no later run removes one until a run has
+    written it). An empty path is a ``ConfigError``; a path that is a file or cannot be
+    written is an ``ArtifactError``.
     """
     raw = os.fspath(path)
     if not raw.strip():
@@ -91,22 +92,43 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> str:
         if state != "run":
             names = sorted(os.listdir(raw)) if state == "foreign" else []
             write_json(os.path.join(raw, FILES["marker"]), dict(
-                tool="icd_jax", created=time.time(), foreign=names))
+                tool="icd_jax", created=time.time(), foreign=names, foreign_stat={
+                    n: file_signature(os.path.join(raw, n)) for n in names}))
     except OSError as e:
         raise ArtifactError(f"--out {raw}: cannot write the run folder "
                             f"({e.strerror or e})") from None
     return state
 
 
+def file_signature(path: str | os.PathLike) -> list[int] | None:
+    """``[inode, size, mtime_ns]`` of ``path`` (not following a link), None if absent: a
+    file written since (atomically: a new inode; or appended to) has another one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 def foreign_files(path: str | os.PathLike) -> frozenset[str] | None:
     """Names the run marker of folder ``path`` lists as there before a run claimed it
-    (``--force``); None without a readable marker (then nothing in it is the run's)."""
+    (``--force``) and that are still those files: once a run writes a file of that name
+    (its ``file_signature`` changed) or it is gone, it is no longer foreign. A marker
+    without signatures (older runs) keeps every name it lists. None without a readable
+    marker (then nothing in it is the run's)."""
     try:
         marker = read_json(os.path.join(os.fspath(path), FILES["marker"]))
     except ArtifactError:
         return None
     names = marker.get("foreign", [])
-    return frozenset(str(n) for n in names) if isinstance(names, list) else None
+    if not isinstance(names, list):
+        return None
+    names = [str(n) for n in names]
+    sigs = marker.get("foreign_stat")
+    if not isinstance(sigs, dict):
+        return frozenset(names)
+    return frozenset(n for n in names if n not in sigs or sigs[n] == file_signature(
+        os.path.join(os.fspath(path), n)))
 
 
 def archive_unfinished(path: str | os.PathLike, say=print) -> None:
@@ -114,8 +136,9 @@ def archive_unfinished(path: str | os.PathLike, say=print) -> None:
     ``.prev`` and every file it wrote as it went (``RUN_OUTPUTS``: W, the orders, stats,
     metrics, report, StableHLO) is removed, so that a report shows only what the new run
     ran; only known run files, only in a folder carrying the run marker, never one its
-    marker lists as there before a run claimed the folder (``--force``). ``say`` reports
-    a previous run that did not finish."""
+    marker lists as there before a run claimed the folder (``--force``) unless a run has
+    written it since (``foreign_files``). ``say`` reports a previous run that did not
+    finish."""
     foreign = foreign_files(path)
     if foreign is None:
         return
