@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -220,6 +221,29 @@ def test_perms_of_the_wrong_type_and_unreadable_events_raise_naming_the_file(tmp
     (tmp_path / "e.jsonl").write_bytes(b"\xff\xfe{}\n")
     with pytest.raises(ArtifactError, match="e.jsonl"):
         artifacts.read_events(tmp_path / "e.jsonl")
+
+@pytest.mark.parametrize("order, needle", [
+    ([1.9, 0.2, 2.7], "entry 0 is 1.9"),  # truncated to [1, 0, 2], a valid order
+    ([True, False], "entry 0 is True"),  # read as [1, 0]
+    ([0.0, 1.0], "entry 0 is 0.0"),
+    ([0, 1, 2**70], "entry 2 is out of range"),
+    ("10", "got str"),
+])
+def test_perms_that_are_not_integer_lists_name_the_file_and_axis(tmp_path, order, needle):
+    # a probe: load_perms truncated floats and bools, so icd export, icd report and the
+    # permutation cache accepted them
+    from icd_jax.runtime import permcache
+
+    path = tmp_path / "perm_active.json"
+    path.write_text(json.dumps({"perms": {"ffn": order}, "meta": {"stats": {}}}))
+    with pytest.raises(ArtifactError, match=rf"perm_active.json: perms\['ffn'\] is not a "
+                                            rf"list of integers \({re.escape(needle)}"):
+        artifacts.load_perms(path)
+    cache = tmp_path / "entry.json"
+    cache.write_text(json.dumps({"perms": {"pi": order}, "meta": {"stats": {}}}))
+    with pytest.raises(ArtifactError, match="entry.json"):
+        permcache.checked_entry(str(cache), None)
+
 
 def test_pickled_npz_is_refused(tmp_path):
     path = tmp_path / "evil.npz"

@@ -205,21 +205,35 @@ def save_perms(path: str | os.PathLike, perms: Mapping[str, np.ndarray], meta: d
                       "meta": meta or {}})
 
 
+def not_integers(v) -> str | None:
+    """What keeps ``v`` from being a JSON list of integers (a float, even ``2.0``, or a
+    bool is not one: truncating it would pass a wrong order as valid), or None."""
+    if not isinstance(v, list):
+        return f"got {type(v).__name__}"
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, int):
+            return f"entry {i} is {x!r:.30}"
+        if not -2**63 <= x < 2**63:
+            return f"entry {i} is out of range"
+    return None
+
+
 def load_perms(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """``(perms, meta)`` from ``save_perms``' file; each order is checked to be a
-    permutation."""
+    """``(perms, meta)`` from ``save_perms``' file; each order is checked to be a list of
+    integers (``not_integers``) that is a permutation; ``ArtifactError`` naming the file
+    and axis otherwise."""
     blob = read_json(path)
     perms = blob.get("perms")
     if not isinstance(perms, dict):
         raise ArtifactError(f"{os.fspath(path)}: no 'perms' object")
     out = {}
     for k, v in perms.items():
-        try:
-            a = np.asarray(v, np.int64)
-        except (TypeError, ValueError, OverflowError):
+        bad = not_integers(v)
+        if bad:
             raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a list of "
-                                "integers") from None
-        if a.ndim != 1 or not np.array_equal(np.sort(a), np.arange(a.size)):
+                                f"integers ({bad})")
+        a = np.asarray(v, np.int64)
+        if not np.array_equal(np.sort(a), np.arange(a.size)):
             raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a permutation")
         out[k] = a.astype(np.int32)
     return out, blob.get("meta", {})
