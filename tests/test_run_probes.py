@@ -89,3 +89,40 @@ def test_a_failed_run_after_a_forced_one_reports_nothing_of_it(tmp_path):
     assert not res.ok and res.failed_stage == "READY"
     assert not (out / "W.npz").exists() and not (out / "stats_permuted.json").exists()
     assert "Solver stats per axis" not in (out / "report.html").read_text()
+
+
+def test_export_of_a_lock_without_config_names_the_lock(tmp_path):
+    # a probe: icd export silently rebuilt the default MiniLM config instead
+    from icd_jax.errors import ArtifactError
+    from icd_jax.runtime import export
+
+    run = tmp_path / "run"
+    artifacts.prepare_run_dir(run)
+    lock = runfiles.file_path(run, "lock")
+
+    def rebuilt(cfg):
+        raise AssertionError(f"the model was rebuilt from {cfg.model.name}")
+
+    for blob, needle in (({"config_hash": "x"}, "no 'config' object"),
+                         ({"config": []}, "no 'config' object"),
+                         ({"config": {"pipeline": {"mode": "both"}}}, "does not validate")):
+        artifacts.write_json(lock, blob)
+        with pytest.raises(ArtifactError, match=f"config.lock.json: .*{needle}"):
+            export.export_saved(str(run), str(tmp_path / "m.stablehlo"), rebuilt)
+
+
+@pytest.mark.parametrize("perms, needle", [
+    ({"hidden": list(range(8))}, "perms['hidden'] has 8 entries, the model's axis 'hidden' "
+                                 "has 16"),
+    ({"zzz": [1, 0]}, "perms['zzz'] names no axis of the model 'mlp' (it has hidden)"),
+])
+def test_export_of_orders_that_do_not_fit_names_the_file(tmp_path, perms, needle):
+    from icd_jax.errors import ArtifactError
+    from icd_jax.runtime import config, export, usertarget
+
+    path = tmp_path / "perm_active.json"
+    artifacts.save_perms(path, perms)
+    t = usertarget.UserTarget(config.load(MLP_RUN), MLP())
+    with pytest.raises(ArtifactError) as e:
+        export.export_run(t, str(path), str(tmp_path / "m.stablehlo"))
+    assert str(e.value) == f"{path}: {needle}"

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from icd_jax.errors import ArtifactError
 from icd_jax.runtime import artifacts, gates
-from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.rundir import RunDir
 
 #: Example sentences of ``minilm_case`` (a batch up to their number takes the first ones).
@@ -99,10 +99,24 @@ def export_run(target, perm_path: str, out_path: str, metrics: dict | None = Non
     import stablehlo_bridge as bridge
 
     perms, meta = artifacts.load_perms(perm_path)
+    check_orders(perms, target.spec, perm_path)
     exp = bridge.build(target_case(target), perms, transform_meta=dict(
         arm=meta.get("arm"), transforms=sorted((metrics or {}).get("transforms") or {})),
         metrics=gates.headline(metrics or {}))
     return bridge.export_artifacts(exp, out_path, large_elements_limit=16)
+
+
+def check_orders(perms: dict, spec, path: str) -> None:
+    """``ArtifactError`` naming ``path`` when an order names no axis of ``spec`` (a
+    ``permute.ModelSpec``) or has another length than its axis."""
+    sizes = {ax.name: ax.size for ax in spec.axes}
+    for name, order in perms.items():
+        if name not in sizes:
+            raise ArtifactError(f"{path}: perms[{name!r}] names no axis of the model "
+                                f"{spec.model!r} (it has {', '.join(sizes)})")
+        if np.size(order) != sizes[name]:
+            raise ArtifactError(f"{path}: perms[{name!r}] has {np.size(order)} entries, the "
+                                f"model's axis {name!r} has {sizes[name]}")
 
 
 def export_saved(run_dir: str, to: str | None = None,
@@ -115,7 +129,7 @@ def export_saved(run_dir: str, to: str | None = None,
 
         make_target = targets.make
     run = RunDir(run_dir)
-    cfg = config_lib.load(run.lock().get("config", {}))
+    cfg = run.config()
     metrics = run.metrics().dump() if run.exists("metrics") else None
     return export_run(make_target(cfg), run.path("perm_active"),
                       to or run.path("stablehlo"), metrics)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 
 from icd_jax.errors import ConfigError
-from icd_jax.runtime import config, targets
+from icd_jax.runtime import targets
 from icd_jax.runtime.rundir import RunDir
 
 PERM_FILES = {"before": "perm_before", "after": "perm_after"}
@@ -33,7 +33,7 @@ CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart
 def arm_of(run_dir: str, arm: str):
     """``(target, Arm)`` of ``arm`` in the run at ``run_dir``."""
     rd = RunDir(run_dir)
-    cfg = config.load(rd.lock().get("config", {}))
+    cfg = rd.config()
     t = targets.make(cfg)
     if arm == "dense":
         return t, t.dense_arm()

@@ -68,6 +68,23 @@ class RunDir:
         """``config.lock.json``: ``{"config", "config_hash", "env", "env_hash"}``."""
         return self.json("lock")
 
+    def config(self):
+        """The ``config.Config`` the run ran with, from ``config.lock.json``;
+        ``ArtifactError`` naming the file when it holds no ``config`` object or one that
+        does not validate (never the default config in its place)."""
+        from icd_jax.errors import ConfigError
+        from icd_jax.runtime import config as config_lib
+
+        data = self.lock().get("config")
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{self.path('lock')}: no 'config' object (the run's "
+                                "resolved config), so the run's model cannot be rebuilt")
+        try:
+            return config_lib.load(data)
+        except ConfigError as e:
+            raise ArtifactError(f"{self.path('lock')}: its config does not validate "
+                                f"({e})") from None
+
     def state(self) -> dict:
         """``state.json``: the last stage reached."""
         return self.json("state")
