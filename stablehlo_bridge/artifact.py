@@ -160,20 +160,37 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     return out
 
 
-def checked_bytes(sidecar_path: str, sidecar: dict, kind: str) -> bytes:
-    """The bytes of file ``kind`` of the artefact ``sidecar_path`` belongs to (by its own
-    path, never a name the sidecar gives: a sidecar copied from another artefact must
-    not load that one), after checking their size and SHA-256 against the sidecar."""
+def artifact_paths(path: str | os.PathLike, sidecar: dict) -> dict[str, str]:
+    """The files of the artefact ``path`` (any one of them) belongs to, by that path
+    (``paths_for``), never by a name the sidecar gives (a sidecar copied from another
+    artefact must not load that one); the sidecar only tells whether the portable file
+    was written without a suffix (``export_artifacts(exp, "DIR/model")`` or
+    ``"DIR/m.bin"``): then it is the shared stem itself."""
+    p = os.fspath(path)
+    paths = paths_for(p)
+    stem, ext = os.path.splitext(p)
+    entry = (sidecar.get("files") or {}).get("stablehlo") if isinstance(
+        sidecar.get("files"), dict) else None
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if ext in SUFFIXES.values() and name == os.path.basename(stem):
+        paths["stablehlo"] = stem
+    return paths
+
+
+def checked_bytes(paths: dict[str, str], sidecar: dict, kind: str) -> bytes:
+    """The bytes of file ``kind`` of an artefact (``paths``: ``artifact_paths``), after
+    checking their size and SHA-256 against its sidecar."""
+    side = paths["sidecar"]
     files = sidecar.get("files")
     entry = files.get(kind) if isinstance(files, dict) else None
     if not isinstance(entry, dict) or not {"name", "bytes", "sha256"} <= set(entry):
-        raise ArtifactError(f"the sidecar {sidecar_path} lists no {kind!r} file (name, "
+        raise ArtifactError(f"the sidecar {side} lists no {kind!r} file (name, "
                             f"bytes, sha256)")
     for field, types in (("name", str), ("bytes", int), ("sha256", str)):
         if not isinstance(entry[field], types) or isinstance(entry[field], bool):
-            raise ArtifactError(f"the sidecar {sidecar_path}: files.{kind}.{field} must be "
+            raise ArtifactError(f"the sidecar {side}: files.{kind}.{field} must be "
                                 f"a {types.__name__}, got {entry[field]!r:.40}")
-    path = paths_for(sidecar_path)[kind]
+    path = paths[kind]
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -205,9 +222,10 @@ def load_module(path: str | os.PathLike, *, checksum: bool = True,
             raise ArtifactError(f"{p}: {e} (expected a portable artefact, "
                                 f"DIR/model.stablehlo)") from e
         return module
-    side = paths_for(p)["sidecar"]
     sidecar = read_sidecar(p)
-    module = mlir_io.from_portable(checked_bytes(side, sidecar, "stablehlo"), ctx)
+    paths = artifact_paths(p, sidecar)
+    side = paths["sidecar"]
+    module = mlir_io.from_portable(checked_bytes(paths, sidecar, "stablehlo"), ctx)
     want = (sidecar.get("tags") or {}) if sidecar.get("tags_in_module", True) else {}
     if not (isinstance(want, dict) and all(isinstance(v, dict) for v in want.values())):
         raise ArtifactError(f"the sidecar {side}: tags must map each site to its tags "
@@ -223,10 +241,11 @@ def load_exported(path: str | os.PathLike) -> jax_export.Exported:
     ``.stablehlo`` or ``.json``), checked against the sidecar before it is
     deserialised; ``ArtifactError`` naming the file otherwise."""
     p = os.fspath(path)
-    side = paths_for(p)["sidecar"]
-    data = checked_bytes(side, read_sidecar(p), "jax")
+    sidecar = read_sidecar(p)
+    paths = artifact_paths(p, sidecar)
+    data = checked_bytes(paths, sidecar, "jax")
     try:
         return jax_export.deserialize(bytearray(data))
     except Exception as e:
-        raise ArtifactError(f"jax.export could not deserialise {paths_for(p)['jax']} "
+        raise ArtifactError(f"jax.export could not deserialise {paths['jax']} "
                             f"(the artefact of {p}): {e}") from e

@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -525,6 +526,26 @@ def test_loading_a_file_that_is_no_artefact_names_it(toy, tmp_path):
         load_exported(tmp_path / "nothing.bin")
     with pytest.raises(ArtifactError, match=r"weights.json: .*expected a portable artefact"):
         load_module(binary, checksum=False)
+
+
+@pytest.mark.parametrize("name", ["model", "m.bin"])
+def test_an_artefact_written_without_a_suffix_loads_from_any_of_its_files(toy, tmp_path,
+                                                                         name):
+    # a probe: export_artifacts(exp, "dir/model") wrote model, model.jax, model.json and
+    # model.mlir, but loading then read dir/model.stablehlo
+    params, x, perms, want = toy
+    paths = export_artifacts(apply_permutation(export(mlp, params, x), perms),
+                             tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [name, f"{name}.jax", f"{name}.json", f"{name}.mlir"])
+    for any_file in paths.values():
+        assert rel_err(load_exported(any_file).call(x), want) <= TOL
+        assert tags.read(load_module(any_file)) == tags.read(mlir_io.load(load_exported(
+            paths["jax"])))
+    # the sidecar copied as another artefact's still loads only its own files
+    shutil.copy(paths["sidecar"], tmp_path / "other.json")
+    with pytest.raises(ArtifactError, match=r"cannot read .*other.stablehlo"):
+        load_module(tmp_path / "other.json")
 
 
 def test_bridge_artifact_errors_are_icd_artifact_errors(tmp_path):
