@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from icd_jax import checks
-from icd_jax.errors import ConfigError
+from icd_jax.errors import ConfigError, GraphError
 from icd_jax.permute import invert_order, validate_order
 
 
@@ -65,12 +65,18 @@ def phi(d, lam: float, tau: float):
 
 
 def check_graph(w) -> sp.spmatrix:
-    """``w`` as a sparse matrix if it is a square co-access graph ``[D, D]``, else
-    ``ConfigError`` naming its shape."""
+    """``w`` as a sparse matrix if it is a square co-access graph ``[D, D]`` of finite
+    weights, else ``ConfigError`` naming its shape or ``GraphError`` counting its NaN/inf
+    entries (they made C and Q NaN)."""
     shape = getattr(w, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
         raise ConfigError(f"W must be a square [D, D] co-access graph, got shape {shape}")
-    return w if sp.issparse(w) else sp.csr_matrix(np.asarray(w, np.float64))
+    w = w if sp.issparse(w) else sp.csr_matrix(np.asarray(w, np.float64))
+    bad = int(np.size(w.data) - np.isfinite(w.data).sum())
+    if bad:
+        raise GraphError(f"W has {bad} NaN/inf entries; a co-access graph's weights must be "
+                         "finite")
+    return w
 
 
 def _coo(w: sp.spmatrix):

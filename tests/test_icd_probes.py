@@ -213,3 +213,12 @@ def test_cost_api_names_a_bad_graph_or_block_count():
     for fn in (lambda g: cost.modularity(g, pi, 2), lambda g: cost.cache_cost(g, pi)):
         with pytest.raises(ConfigError, match=r"square \[D, D\] co-access graph, got shape"):
             fn(sp.random(6, 5, density=0.5, random_state=0))
+    from icd_jax.errors import GraphError
+
+    for bad in (np.nan, np.inf):  # objective returned Q = nan for a NaN edge
+        g = w.toarray()
+        g[0, 1] = g[1, 0] = bad
+        for fn in (lambda x: cost.objective(x, pi), lambda x: cost.cache_cost(x, pi),
+                   lambda x: cost.modularity(sp.csr_matrix(x), pi, 2)):
+            with pytest.raises(GraphError, match="W has 2 NaN/inf entries"):
+                fn(g)
