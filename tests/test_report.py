@@ -273,6 +273,21 @@ def test_missing_or_corrupt_metrics_raise_artifact_error(tmp_path):
     assert not os.path.exists(os.path.join(d, "report.html"))
 
 
+def test_orders_of_the_wrong_length_are_a_listed_problem(tmp_path):
+    # a probe: icd report exited 0 on a perm_active.json shorter than the run's axes
+    d = make_run_dir(tmp_path / "run")
+    path = os.path.join(d, "perm_active.json")
+    artifacts.save_perms(path, {"ffn_0": np.arange(32), "residual": np.arange(7)},
+                         {"arm": "after"})
+    out = report.build(d)
+    assert out["problems"] == [f"{path}: perms['ffn_0'] has 32 entries, but W.npz's graph "
+                               "'ffn_0' has 64 channels"]
+    assert "perm_active.meta" not in _parse(out["html"]).plain  # not shown as the run's
+    res = subprocess.run([sys.executable, "-m", "icd_jax.cli", "report", d],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "perm_active.json: perms['ffn_0']" in res.stderr
+
+
 def test_corrupt_optional_artefact_is_listed_not_fatal(tmp_path):
     d = make_run_dir(tmp_path / "run")
     with open(os.path.join(d, "W_after.npz"), "wb") as f:

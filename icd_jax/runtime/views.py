@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from icd_jax.runtime.gates import GATES
 from icd_jax.runtime.records import Metrics
-from icd_jax.runtime.rundir import STATS, RunDir
+from icd_jax.runtime.rundir import PERMS, STATS, RunDir
 
 #: Keys of a metrics section that are not arm names.
 NOT_ARMS = frozenset({"method", "degraded", "metric", "higher_is_better", "unit", "reason",
@@ -58,15 +58,33 @@ def open_run(rd: RunDir) -> RunView:
     def opt(key, read):
         return rd.optional(key, read, problems)
 
+    w = opt("w", lambda: rd.graphs("w"))
+    perms = {}
+    for key in PERMS:
+        perms[key] = opt(key, lambda k=key: rd.perms(k))
+        misfit = misfit_orders(perms[key], w, rd.path(key))
+        if misfit:
+            problems.append(misfit)
+            perms[key] = None
     return RunView(
         dir=rd.dir, metrics=metrics, m=metrics.dump(), lock=opt("lock", rd.lock),
         events=opt("events", rd.events) or [],
-        w=opt("w", lambda: rd.graphs("w")), w_after=opt("w_after", lambda: rd.graphs("w_after")),
-        perm_before=opt("perm_before", lambda: rd.perms("perm_before")),
-        perm_after=opt("perm_after", lambda: rd.perms("perm_after")),
-        perm_active=opt("perm_active", lambda: rd.perms("perm_active")),
+        w=w, w_after=opt("w_after", lambda: rd.graphs("w_after")),
+        perm_before=perms["perm_before"], perm_after=perms["perm_after"],
+        perm_active=perms["perm_active"],
         stats={stage: opt(key, lambda s=stage: rd.stats(s)) for stage, key in STATS.items()},
         problems=problems)
+
+
+def misfit_orders(perms: Perms | None, w: Mapping | None, path: str) -> str | None:
+    """Why the orders read from ``path`` do not fit the run's W (an axis whose order has
+    another length than its graph in ``W.npz``), or None (also without W)."""
+    for ax, order in (perms[0] if perms and w else {}).items():
+        g = w.get(ax)
+        if g is not None and len(order) != g.shape[0]:
+            return (f"{path}: perms[{ax!r}] has {len(order)} entries, but W.npz's graph "
+                    f"{ax!r} has {g.shape[0]} channels")
+    return None
 
 
 def heatmap_max(lock: Mapping | None, cap: int = HEATMAP_MAX) -> int:
