@@ -25,7 +25,8 @@
 // a fixed number of lanes.
 //
 // Threads: each item's output range is cut into pieces of similar work; pieces are
-// sorted by work (largest first) and pulled from an atomic counter by the caller and
+// sorted by work (largest first), grouped into shrinking chunks (guided
+// self-scheduling, chunk_bounds) and pulled from an atomic counter by the caller and
 // XLA's intra-op thread pool (ffi::ThreadPool). Small batches (few multiply-adds and
 // under 2 MiB of slack to zero) run on the caller only.
 // The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
@@ -60,7 +61,8 @@ constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product 
 constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs,
 constexpr double kSerialZeroBytes = 2 << 20;  // unless it has this much slack to zero
 constexpr double kMinPieceWork = 1 << 15;
-constexpr int64_t kChunksPerThread = 16;  // pieces are pulled in about this many chunks a thread
+constexpr int64_t kGuided = 4;             // a chunk: <= 1/(kGuided * threads) of what is left
+constexpr double kMinChunkCost = 1 << 15;  // ... or at least this cost (a few us of work)
 constexpr double kZeroCost = 8;  // a piece's cost of zeroing one output, in multiply-adds
 // From this many bytes on an output is taken to be freshly mapped for each call: glibc's
 // largest mmap threshold (see zero_output).
@@ -236,19 +238,25 @@ struct Job {
   }
 };
 
-// Groups pieces sorted by cost (largest first) into chunks that threads pull whole:
-// a piece of at least `target` is a chunk of its own, smaller ones are gathered until
-// their cost reaches it. Returns the chunk bounds (first piece of each, then the count).
-// One atomic pull per chunk instead of per piece: on 1,024 small items the counter's
-// cache line, bouncing between the cores, took ~14% of the call.
-inline std::vector<int64_t> chunk_bounds(const std::vector<Piece>& pieces, double target) {
+// Groups pieces sorted by cost (largest first) into chunks that threads pull whole,
+// guided self-scheduling: a chunk gathers pieces until it holds 1/(kGuided * threads)
+// of the cost still unassigned, or kMinChunkCost; a larger piece is a chunk of its own.
+// Chunks shrink toward the end, so the threads finish together, and a batch of 1,024
+// small items takes ~50 atomic pulls instead of 1,024 (the counter's cache line,
+// bouncing between the cores, took ~14% of such a call). Returns the chunk bounds (the
+// first piece of each chunk, then the piece count).
+inline std::vector<int64_t> chunk_bounds(const std::vector<Piece>& pieces, int64_t threads) {
+  double left = 0;
+  for (const Piece& p : pieces) left += p.cost;
   std::vector<int64_t> out{0};
-  double acc = 0;
   const int64_t n = static_cast<int64_t>(pieces.size());
+  double acc = 0, target = 0;
   for (int64_t u = 0; u < n; ++u) {
+    if (acc == 0) target = std::max(kMinChunkCost, left / static_cast<double>(kGuided * threads));
     acc += pieces[u].cost;
     if (acc >= target || u + 1 == n) {
       out.push_back(u + 1);
+      left -= acc;
       acc = 0;
     }
   }
@@ -282,10 +290,7 @@ void run_pieces(ffi::ThreadPool& pool, std::vector<Piece> pieces, int64_t thread
   job->pieces = std::move(pieces);
   std::stable_sort(job->pieces.begin(), job->pieces.end(),
                    [](const Piece& x, const Piece& y) { return x.cost > y.cost; });
-  double total = 0;
-  for (const Piece& p : job->pieces) total += p.cost;
-  job->chunks = chunk_bounds(job->pieces, total / static_cast<double>(kChunksPerThread *
-                                                                      (extra + 1)));
+  job->chunks = chunk_bounds(job->pieces, extra + 1);
   job->fn = std::forward<Fn>(fn);
   // Late-starting tasks find the counter exhausted and touch nothing but the job.
   for (int64_t w = 0; w < extra; ++w) pool.Schedule([job] { job->drain(); });
