@@ -83,6 +83,8 @@ def test_full_iterative_run_writes_every_artefact(full):
     lock = artifacts.read_json(full.path("lock"))
     assert lock["config"]["model"]["size"] == "tiny"
     assert len(lock["env_hash"]) == 64 and lock["env"]["jax"]
+    rollback = artifacts.read_json(full.path("metrics"))["rollback"]  # docs/pipeline.md
+    assert set(rollback) == {"happened", "reason", "from", "to"}, rollback
 
 
 def test_metrics_report_unmeasurable_as_null_with_reason(full):

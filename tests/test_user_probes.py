@@ -486,6 +486,8 @@ def test_bool_tensors_have_no_negation_or_difference():
     (lambda: vs.pad_batch([[1.0]], 2), VSLATypeError, "takes a VarTensor batch"),
     (lambda: vs.tensor([1.0, 2.0], rank=2), vs.ShapeError, "rank=2 needs items with at"),
     (lambda: vs.stack(5), VSLATypeError, "stack takes a sequence of items"),
+    (lambda: vs.tensor([1.0, 2.0]) * np.ones(2), vs.ShapeError,
+     "expected a scalar: the tensor is one item (to multiply by another ragged item, wrap"),
     (lambda: vs.bucketize([[1.0]], count_policy="x"), VSLATypeError,
      "bucketize count_policy: policy must be a vs.CapacityPolicy or None, got str"),
     (lambda: vs.LayoutBudget("3"), VSLATypeError, "max_layouts must be an integer"),

@@ -129,7 +129,10 @@ def _scale(x: VarTensor, s) -> VarTensor:
     s = jnp.asarray(s)
     if s.ndim:
         if s.shape != x.batch_shape:
-            raise ShapeError(f"scale: s has shape {s.shape}, expected () or {x.batch_shape}")
+            want = (f"a scalar or one factor per item, shape {x.batch_shape}" if x.batch_shape
+                    else "a scalar: the tensor is one item")
+            raise ShapeError(f"scale: s has shape {s.shape}, expected {want} (to multiply "
+                             "by another ragged item, wrap it with vs.tensor / vs.stack)")
         s = s.reshape(s.shape + (1,) * (x.data.ndim - s.ndim))
     return dataclasses.replace(x, data=x.data * s)
 

@@ -25,7 +25,7 @@ from icd_jax import graph as graph_lib
 from icd_jax import permute
 from icd_jax.adapters.meta import jsonable
 from icd_jax.errors import ConfigError, ICDError, RunLockedError, StageError, TraceError
-from icd_jax.runtime import artifacts, gates, targets
+from icd_jax.runtime import artifacts, gates, graph_sources, targets
 from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.arms import Arm
 from icd_jax.runtime.environment import environment
@@ -97,7 +97,7 @@ class Run:
         self.metrics: dict = {}
         self.warnings: list[str] = []
         self.failed: tuple[str, str] | None = None
-        self.rollback: dict = dict(happened=False, reason=None, to=None)
+        self.rollback: dict = dict(happened=False, reason=None, to=None, **{"from": None})
         self.model_id: dict = {}
 
     # -- plumbing ---------------------------------------------------------------------
@@ -173,29 +173,13 @@ class Run:
             if arm is not None:
                 raise ConfigError(config_lib.TRACE_ITERATIVE)
             try:
-                return self.trace_graphs()
+                return graph_sources.from_trace(g.trace_path, self.t.size, self.t.axes)
             except (TraceError, ICDError) as e:
                 if not g.fallback_mock:
                     raise
                 self.warnings.append(f"W_BUILT: trace unusable ({e}); fell back to mock")
                 self.say(f"trace unusable ({e}); graph.fallback_mock: using a planted mock W")
-        return self.mock_graphs()
-
-    def trace_graphs(self) -> dict[str, graph_lib.CoAccessGraph]:
-        """The trace's W, for every co-designed axis; ``TraceError`` if it is unusable."""
-        g = self.cfg.graph
-        if not g.trace_path:
-            raise TraceError("graph.source is 'trace' but graph.trace_path is not set")
-        w = graph_lib.build_w("trace", path=g.trace_path, D=self.t.size)
-        if w.csr.nnz == 0:
-            raise TraceError(f"trace {g.trace_path} holds no edges")
-        return {ax: w for ax in self.t.axes}
-
-    def mock_graphs(self) -> dict[str, graph_lib.CoAccessGraph]:
-        """A planted mock W per axis (``graph.source: mock``, or a trace's fallback)."""
-        seed = self.cfg.pipeline.seed
-        return {ax: graph_lib.build_w("mock", D=self.t.size, blocks=max(2, self.t.size // 64),
-                                      seed=seed + i) for i, ax in enumerate(self.t.axes)}
+        return graph_sources.planted(self.t.size, self.t.axes, self.cfg.pipeline.seed)
 
     def fit_all(self, graphs: dict, stage: str, extra_key: dict) -> tuple[dict, dict]:
         perms, stats, hits = {}, {}, 0
