@@ -84,7 +84,8 @@ def main(argv):
             from icd_jax.runtime import report
             target = args[1] if len(args) > 1 else FLAGS.run or FLAGS.out
             res = report.build(target)
-            print(f"report: {res['html']} ({res['elapsed_s']:.1f} s)")
+            written = ", ".join(p for p in (res["html"], res["csv"]) if p)
+            print(f"report: {written} ({res['elapsed_s']:.1f} s)")
             for problem in res["problems"]:  # written anyway, the problems listed in it
                 print(f"icd report: unreadable artefact, shown as not measured: {problem}",
                       file=sys.stderr)

@@ -70,6 +70,7 @@ def test_cli_report_and_export_rebuild_from_artefacts(cli_run):
     os.unlink(out / "report.html")
     res = icd("report", str(out))
     assert res.returncode == 0 and os.path.getsize(out / "report.html") > 0
+    assert f"report: {out / 'report.html'}, {out / 'report.csv'} (" in res.stdout  # both
     res = icd("export", "--run", str(out), "--to", str(d / "again.stablehlo"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.getsize(d / "again.stablehlo") > 0
