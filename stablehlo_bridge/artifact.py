@@ -169,8 +169,8 @@ def artifact_paths(path: str | os.PathLike, sidecar: dict) -> dict[str, str]:
     p = os.fspath(path)
     paths = paths_for(p)
     stem, ext = os.path.splitext(p)
-    entry = (sidecar.get("files") or {}).get("stablehlo") if isinstance(
-        sidecar.get("files"), dict) else None
+    files = sidecar.get("files")
+    entry = files.get("stablehlo") if isinstance(files, dict) else None
     name = entry.get("name") if isinstance(entry, dict) else None
     if ext in SUFFIXES.values() and name == os.path.basename(stem):
         paths["stablehlo"] = stem
