@@ -67,6 +67,7 @@ constexpr double kZeroCost = 8;  // a piece's cost of zeroing one output, in mul
 // From this many bytes on an output is taken to be freshly mapped for each call: glibc's
 // largest mmap threshold (see zero_output).
 constexpr size_t kMinFresh = size_t{32} << 20;
+constexpr double kHugeShare = 8;  // see zero_output
 
 // ------------------------------------------------------------------ inner loops -------
 // out[n] += sum_{k<K} w[j0 + k] * x[n - j0 - k] for n in [lo, hi); every x index valid.
@@ -376,9 +377,13 @@ template <class T, class Touched>
 inline bool zero_output(T* o, int64_t rows, int64_t cap, Touched&& touched) {
   const size_t bytes = static_cast<size_t>(rows * cap) * sizeof(T);
   if (bytes < kMinDontNeed) return false;
-  const bool populate =
-      bytes < kMinFresh || 2 * touched() * page_size() > static_cast<double>(bytes);
-  return zero_if_absent(o, bytes, populate);
+  if (bytes < kMinFresh) return zero_if_absent(o, bytes, true);
+  const double written = touched() * page_size();
+  if (!zero_if_absent(o, bytes, 2 * written > static_cast<double>(bytes))) return false;
+  // A huge page's fault zeroes 2 MiB (~0.15 ms), the cost of ~80 faults of 4 KiB pages:
+  // where the valid outputs touch more than 1/kHugeShare of the pages, ask for them.
+  if (kHugeShare * written > static_cast<double>(bytes)) advise_huge(o, bytes);
+  return true;
 }
 
 // The output length of an item: na + nb - 1, or 0 when either operand is empty.

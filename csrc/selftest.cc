@@ -33,3 +33,13 @@ extern "C" VSLA_EXPORT void vsla_selftest_zero_stream(void* p, size_t n) {
 extern "C" VSLA_EXPORT int vsla_selftest_zero_if_absent(void* p, size_t n, int populate) {
   return vsla::zero_if_absent(p, n, populate != 0) ? 1 : 0;
 }
+
+// vsla::advise_huge (csrc/common.h) on caller memory, for its tests.
+extern "C" VSLA_EXPORT void vsla_selftest_advise_huge(void* p, size_t n) {
+  vsla::advise_huge(p, n);
+}
+
+// vsla::huge_page_size (csrc/common.h), for its tests.
+extern "C" VSLA_EXPORT size_t vsla_selftest_huge_page_size() {
+  return vsla::huge_page_size();
+}

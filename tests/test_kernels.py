@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 import threading
 
@@ -69,6 +70,18 @@ def test_a_missing_build_falls_back_with_one_warning(monkeypatch):
 def test_an_unknown_symbol_is_a_fallback_not_a_crash():
     with pytest.warns(KernelFallbackWarning, match="lack vsla_no_such_kernel"):
         assert kernels.target("vsla_no_such_kernel") is None
+
+
+def test_required_names_the_caller_and_its_fallback_or_returns_the_symbol():
+    """kernels.required, the one check of the primitives of conv and attention."""
+    assert kernels.required("vsla_selftest_twice", "me", "do X") == "vsla_selftest_twice"
+    assert kernels.required("vsla_selftest_twice", "me", "do X",
+                            jax.numpy.zeros(2)) == "vsla_selftest_twice"
+    with pytest.warns(KernelFallbackWarning):
+        with pytest.raises(vsla_jax.errors.VSLAError,
+                           match=r"^cpu thing: the C\+\+ kernel vsla_no_kernel_here cannot "
+                                 r"run here \(no build of vsla_jax.cpu_kernels\); do X$"):
+            kernels.required("vsla_no_kernel_here", "cpu thing", "do X")
 
 
 @pytest.mark.parametrize("offset, size", [(0, 1 << 20), (52, (1 << 20) + 4100), (4096, 300),
@@ -138,6 +151,46 @@ def test_zero_if_absent_refuses_shared_memory_which_dontneed_does_not_zero():
     assert lib.vsla_selftest_zero_if_absent(ctypes.c_void_p(addr), ctypes.c_size_t(1 << 21),
                                             0) == 0
     assert (buf[:4096] == 0x11).all() and not buf[4096:].any()
+    del buf
+
+
+def vm_flags(addr: int) -> set[str]:
+    """The VmFlags of the mapping holding ``addr`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not (os.path.exists("/proc/self/smaps")
+                         and os.path.isdir("/sys/kernel/mm/transparent_hugepage")),
+                    reason="needs Linux smaps and a kernel with transparent huge pages")
+@pytest.mark.parametrize("offset", [0, 100, 4096 + 8])
+def test_advise_huge_marks_only_the_whole_huge_pages_and_keeps_the_bytes(offset):
+    """csrc/common.h's advise_huge (madvise MADV_HUGEPAGE; the conv kernels call it on
+    large fresh outputs): the whole huge pages inside the range get the ``hg`` flag, the
+    partial ones at either end do not, and no byte changes, written or not."""
+    lib = kernels.library()
+    huge = lib.vsla_selftest_huge_page_size()
+    assert huge >= 4096 and huge & (huge - 1) == 0
+    m, addr = anonymous(6 * huge)
+    buf = np.frombuffer(m, np.uint8)
+    buf[::4096] = 0x3C  # every page dirty
+    first = (addr + huge - 1) // huge * huge + huge  # second whole huge page of the mapping
+    lo = first - huge // 2 + offset                  # starts inside the one before it
+    lib.vsla_selftest_advise_huge(ctypes.c_void_p(lo), ctypes.c_size_t(3 * huge))
+    assert (buf[::4096] == 0x3C).all() and buf.sum() == 0x3C * (6 * huge // 4096)
+    start = (lo + huge - 1) // huge * huge
+    end = (lo + 3 * huge) // huge * huge
+    assert end - start >= huge
+    assert "hg" in vm_flags(start) and "hg" in vm_flags(end - 1)
+    assert "hg" not in vm_flags(start - 1) and "hg" not in vm_flags(end)
     del buf
 
 

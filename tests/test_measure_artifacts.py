@@ -198,6 +198,20 @@ def test_corrupt_artefacts_raise_naming_the_file(tmp_path):
 
 
 
+@pytest.mark.parametrize("order, needle", [
+    ([0, 0, 1], r"is not a permutation of range\(3\): \[0\] repeated"),
+    ([-1, 0, 1], r"has entries outside \[0, 3\)"),
+    ([0, 1, 3], r"has entries outside \[0, 3\)"),
+])
+def test_perms_that_are_no_permutation_say_why_naming_file_and_axis(tmp_path, order,
+                                                                    needle):
+    """load_perms checks through permute.validate_order, the one validator."""
+    path = tmp_path / "perm_best.json"
+    path.write_text(json.dumps({"perms": {"ffn": order}}))
+    with pytest.raises(ArtifactError, match=rf"perm_best.json: perms\['ffn'\] {needle}"):
+        artifacts.load_perms(path)
+
+
 @pytest.mark.parametrize("cut", [0.1, 0.5, 0.9])
 def test_truncated_or_bit_flipped_graphs_raise_naming_the_file(tmp_path, cut):
     path = tmp_path / "W.npz"

@@ -16,7 +16,7 @@ import warnings
 
 import jax
 
-from vsla_jax.errors import KernelFallbackWarning
+from vsla_jax.errors import KernelFallbackWarning, VSLAError
 
 #: The ABI version ``csrc/module.cc`` reports; a stale build is not used.
 ABI_VERSION = 3
@@ -83,3 +83,18 @@ def target(symbol: str, *arrays) -> str | None:
     if not on_cpu(*arrays):
         return None
     return symbol if registered(symbol) else None
+
+
+def required(symbol: str, who: str, fallback: str, *arrays) -> str:
+    """``symbol``, registered as an FFI target, for a caller that must run it: a
+    ``VSLAError`` naming ``who`` and its ``fallback`` where it cannot (no build of the
+    extension or of ``symbol``; with ``arrays``, also when they are not on CPU, as
+    ``target`` decides). The public entry points check ``target`` first and take their
+    XLA path; this is the check of the primitives they bind."""
+    ok = target(symbol, *arrays) is not None if arrays else registered(symbol)
+    if not ok:
+        where = "no build of vsla_jax.cpu_kernels" + (", or not on CPU" if arrays else "")
+        raise VSLAError(f"{who}: the C++ kernel {symbol} cannot run here ({where}); "
+                        f"{fallback}")
+    return symbol
+

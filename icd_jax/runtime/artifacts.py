@@ -20,7 +20,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from icd_jax.adapters.meta import jsonable
-from icd_jax.errors import ArtifactError, ConfigError
+from icd_jax.errors import ArtifactError, ConfigError, PermutationError
+from icd_jax.permute import validate_order
 from icd_jax.runtime.runfiles import FILES, RUN_OUTPUTS, file_path
 from vsla_jax.util import atomic_write_bytes
 
@@ -220,8 +221,8 @@ def not_integers(v) -> str | None:
 
 def load_perms(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """``(perms, meta)`` from ``save_perms``' file; each order is checked to be a list of
-    integers (``not_integers``) that is a permutation; ``ArtifactError`` naming the file
-    and axis otherwise."""
+    integers (``not_integers``: a bool or float entry is not one) that is a permutation
+    (``permute.validate_order``); ``ArtifactError`` naming the file and axis otherwise."""
     blob = read_json(path)
     perms = blob.get("perms")
     if not isinstance(perms, dict):
@@ -232,9 +233,10 @@ def load_perms(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
         if bad:
             raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a list of "
                                 f"integers ({bad})")
-        a = np.asarray(v, np.int64)
-        if not np.array_equal(np.sort(a), np.arange(a.size)):
-            raise ArtifactError(f"{os.fspath(path)}: perms[{k!r}] is not a permutation")
+        try:
+            a = validate_order(np.asarray(v, np.int64), what=f"perms[{k!r}]")
+        except PermutationError as e:
+            raise ArtifactError(f"{os.fspath(path)}: {e}") from None
         out[k] = a.astype(np.int32)
     return out, blob.get("meta", {})
 

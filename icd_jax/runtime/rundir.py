@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from icd_jax.errors import ArtifactError
+from icd_jax.errors import ArtifactError, ConfigError
 from icd_jax.runtime import artifacts
+from icd_jax.runtime import config as config_lib
 from icd_jax.runtime.artifacts import foreign_files, prepare_run_dir, run_dir_state
 from icd_jax.runtime.records import Metrics
 from icd_jax.runtime.runfiles import FILES, GRAPHS, PERMS, STATS, file_key, file_path
@@ -72,9 +73,6 @@ class RunDir:
         """The ``config.Config`` the run ran with, from ``config.lock.json``;
         ``ArtifactError`` naming the file when it holds no ``config`` object or one that
         does not validate (never the default config in its place)."""
-        from icd_jax.errors import ConfigError
-        from icd_jax.runtime import config as config_lib
-
         data = self.lock().get("config")
         if not isinstance(data, dict):
             raise ArtifactError(f"{self.path('lock')}: no 'config' object (the run's "

@@ -25,7 +25,7 @@ from jax.interpreters import ad
 from vsla_jax import kernels
 from vsla_jax.attention import derivatives
 from vsla_jax.attention.bucketed import BucketedBackend
-from vsla_jax.errors import VSLAError, VSLATypeError
+from vsla_jax.errors import VSLATypeError
 from vsla_jax.primitive import is_zero, kernel_primitive, zero_like
 from vsla_jax.tensor import VarTensor
 
@@ -40,12 +40,8 @@ def _kernel_dtype(dtype) -> jnp.dtype:
 
 def _target(symbol: str, *arrays) -> str:
     """The registered FFI target ``symbol``; VSLAError where the kernels cannot run."""
-    name = kernels.target(symbol, *arrays)
-    if name is None:
-        raise VSLAError(f"cpu attention: the C++ kernel {symbol} cannot run here (no build "
-                        "of vsla_jax.cpu_kernels, or not on CPU); use CPUBackend, which "
-                        "falls back to the XLA path")
-    return name
+    return kernels.required(symbol, "cpu attention", "use CPUBackend, which falls back "
+                            "to the XLA path", *arrays)
 
 
 def _merged(shape: tuple) -> tuple:

@@ -31,7 +31,7 @@ from jax.interpreters import ad
 
 from vsla_jax import kernels
 from vsla_jax.conv.kernels import direct_conv_masked
-from vsla_jax.errors import LengthError, VSLAError
+from vsla_jax.errors import LengthError
 from vsla_jax.primitive import bilinear_jvp, is_zero, kernel_primitive
 from vsla_jax.tensor import VarTensor, check_pair, extent_mask
 
@@ -41,10 +41,10 @@ FWD, CORR = "vsla_conv_fwd", "vsla_conv_corr"
 def _registered(symbol: str) -> str:
     """``symbol``, registered as an FFI target (once); VSLAError where the extension
     lacks it (the callers of the primitives check ``kernels.target`` first)."""
-    if not kernels.registered(symbol):
-        raise VSLAError(f"cpu conv: the C++ kernel {symbol} cannot run here (no build of "
-                        "vsla_jax.cpu_kernels); vs.conv falls back to the XLA engine")
-    return symbol
+    return kernels.required(symbol, "cpu conv",
+                            "vs.conv falls back to the XLA engine")
+
+
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
