@@ -98,12 +98,14 @@ VSLA_CONV_INLINE void conv_edge(const T* x, int64_t nx, const T* w, int64_t j0, 
   }
 }
 
-// Accumulates outputs [n0, n1) of x * w (nx >= nw >= 1, n1 <= nx + nw - 1) into out.
+// Writes outputs [n0, n1) of x * w (nx >= nw >= 1, n1 <= nx + nw - 1) to out, whatever
+// it held: each tile is zeroed (in L1, just before its sums) and then accumulated into.
 template <class T>
 VSLA_CONV_INLINE void conv_range(const T* x, int64_t nx, const T* w, int64_t nw, int64_t n0,
                                  int64_t n1, T* out) {
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t t1 = std::min(n1, t0 + kTile);
+    std::fill(out + t0, out + t1, T(0));
     const int64_t jlo = std::max<int64_t>(0, t0 - nx + 1);  // taps touching this tile
     const int64_t jhi = std::min(nw, t1);
     for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps) {
@@ -159,6 +161,7 @@ VSLA_CONV_INLINE void corr_range(const T* g, const T* w, int64_t nw, int64_t p0,
   }
   for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
     const int64_t t1 = std::min(p1, t0 + kTile);
+    std::fill(out + t0, out + t1, T(0));  // zeroed in L1, just before its sums
     int64_t j0 = 0;
     for (; j0 + kTaps <= nw; j0 += kTaps) corr_fused<T, kTaps>(g, w, j0, t0, t1, out);
     const int64_t rest = nw - j0;  // fewer than kTaps: sub-blocks of 4, 2 and 1 taps
@@ -332,17 +335,17 @@ inline double piece_work_for(double total, int64_t threads) {
   return std::max(kMinPieceWork, total / static_cast<double>(4 * threads));
 }
 
-// Zeroes outputs [lo, hi) of a row whose first `valid` outputs the piece then sums into.
-// Those are written even when the whole output is zero already (`zeroed`: zero_if_absent
-// handed its pages back): the sums read before they write, and a read first would map
-// the shared zero page and then take a second, copy-on-write fault. The slack past them
-// is left alone then; otherwise it is memset, or written with non-temporal stores where
-// `stream` (an output larger than a core's L2: its slack would only evict the caches).
+// Zeroes the slack among outputs [lo, hi) of a row whose first `valid` outputs the piece
+// then writes (conv_range and corr_range zero each tile in L1 before its sums, so those
+// are written first even when the whole output is zero already: a read first would map
+// the shared zero page and then take a second, copy-on-write fault). The slack is left
+// alone when `zeroed` (zero_if_absent handed its pages back); otherwise it is memset, or
+// written with non-temporal stores where `stream` (an output larger than a core's L2:
+// its slack would only evict the caches).
 template <class T>
 inline void clear_piece(T* o, int64_t lo, int64_t hi, int64_t valid, bool zeroed,
                         bool stream) {
   const int64_t mid = std::clamp(valid, lo, hi);
-  std::fill(o + lo, o + mid, T(0));
   if (zeroed) return;
   if (stream) {
     zero_stream(o + mid, static_cast<size_t>(hi - mid) * sizeof(T));
