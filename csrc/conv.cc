@@ -382,10 +382,11 @@ inline bool zero_output(T* o, int64_t rows, int64_t cap, Touched&& touched) {
   if (bytes < kMinDontNeed) return false;
   if (bytes < kMinFresh) return zero_if_absent(o, bytes, true);
   const double written = touched() * page_size();
-  if (!zero_if_absent(o, bytes, 2 * written > static_cast<double>(bytes))) return false;
+  const bool populate = 2 * written > static_cast<double>(bytes);  // asks for huge pages
+  if (!zero_if_absent(o, bytes, populate)) return false;
   // A huge page's fault zeroes 2 MiB (~0.15 ms), the cost of ~80 faults of 4 KiB pages:
   // where the valid outputs touch more than 1/kHugeShare of the pages, ask for them.
-  if (kHugeShare * written > static_cast<double>(bytes)) advise_huge(o, bytes);
+  if (!populate && kHugeShare * written > static_cast<double>(bytes)) advise_huge(o, bytes);
   return true;
 }
 
