@@ -95,9 +95,9 @@ inline uintptr_t huge_page_size() {
 // Asks the OS to back the whole huge pages inside bytes [p, p + n) with transparent huge
 // pages when they are next faulted in (madvise MADV_HUGEPAGE; it never changes what the
 // memory holds, and pages already mapped in stay as they are). One fault then maps 2 MiB,
-// where a buffer XLA has just mmapped otherwise takes a fault per 4 KiB page (~2 us
-// each on a VM). A hint only: nothing happens where the kernel lacks it, or where THP is
-// off ("never").
+// where a buffer XLA has just mmapped otherwise takes a fault per 4 KiB page
+// (experiments/time_page_faults.py). A hint only: nothing happens where the kernel lacks
+// it, or where THP is off ("never").
 inline void advise_huge(void* p, size_t n) {
 #ifdef MADV_HUGEPAGE
   const uintptr_t huge = huge_page_size(), a = reinterpret_cast<uintptr_t>(p);

@@ -384,8 +384,9 @@ inline bool zero_output(T* o, int64_t rows, int64_t cap, Touched&& touched) {
   const double written = touched() * page_size();
   const bool populate = 2 * written > static_cast<double>(bytes);  // asks for huge pages
   if (!zero_if_absent(o, bytes, populate)) return false;
-  // A huge page's fault zeroes 2 MiB (~0.15 ms), the cost of ~80 faults of 4 KiB pages:
-  // where the valid outputs touch more than 1/kHugeShare of the pages, ask for them.
+  // A huge page's fault zeroes 2 MiB, which costs about as much as faulting in 1/8 of
+  // its 4 KiB pages one by one (experiments/time_page_faults.py): where the valid
+  // outputs touch more than 1/kHugeShare of the pages, ask for huge ones.
   if (!populate && kHugeShare * written > static_cast<double>(bytes)) advise_huge(o, bytes);
   return true;
 }

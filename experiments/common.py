@@ -144,6 +144,17 @@ def cpu_flags(names: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "avx_v
     return read_flags(names)
 
 
+def thp_mode() -> str:
+    """The bracketed mode of /sys/kernel/mm/transparent_hugepage/enabled, or 'absent'
+    (the kernels' huge-page hints take effect under 'madvise' and 'always')."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
 def unseen_sentences(n: int = 0, calibration: int = 128) -> list[str]:
     """Distinct corpus sentences outside the labelled quality set and the first
     ``calibration`` corpus sentences (``minilm.quantized``'s default calibration set),

@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from common import cpu_flags
+from common import cpu_flags, thp_mode
 
 import vsla_jax as vs
 
@@ -89,7 +89,8 @@ def main(argv):
     del argv
     rng = np.random.default_rng(FLAGS.seed)
     print(f"time_conv_threads: {jax.default_backend()}, {os.cpu_count()} cores, CPU flags "
-          f"{cpu_flags()}, vsla_jax from {os.path.dirname(vs.__file__)}")
+          f"{cpu_flags()}, transparent huge pages '{thp_mode()}', vsla_jax from "
+          f"{os.path.dirname(vs.__file__)}")
     print("| batch | ours ms (best round median) | CPU ms per call | page faults per call "
           "| NumPy loop ms | NumPy / ours |")
     print("|---|---|---|---|---|---|")

@@ -97,4 +97,3 @@ def required(symbol: str, who: str, fallback: str, *arrays) -> str:
         raise VSLAError(f"{who}: the C++ kernel {symbol} cannot run here ({where}); "
                         f"{fallback}")
     return symbol
-
