@@ -305,6 +305,7 @@ def test_correlation_kernel_rejects_bad_shapes_and_lengths(g_cap, w_cap, lo, lw,
     g, w = jnp.ones((2, g_cap), jnp.float32), jnp.ones((2, w_cap), jnp.float32)
     lo, lw = jnp.asarray(lo, jnp.int32), jnp.asarray(lw, jnp.int32)
     y = jax.ShapeDtypeStruct((2, 8), jnp.float32)
+    assert kernels.registered(cpu.CORR)  # whichever test runs first in this worker
     with pytest.raises(Exception, match=match):
         jax.block_until_ready(jax.ffi.ffi_call(cpu.CORR, y)(g, w, lo, lw,
                                                              max_threads=np.int64(0)))
@@ -494,3 +495,68 @@ def test_jax_export_with_a_symbolic_batch():
         got = exported.call(a.data[:m], a.lengths[:m], b.data[:m], b.lengths[:m])
         np.testing.assert_allclose(np.asarray(got), np.asarray(vs.conv(a, b).data[:m]),
                                    rtol=1e-6, atol=1e-6)
+
+
+OPERAND_KINDS = ("f32", "f64", "bf16", "int32", "complex64", "model B", "rank 2",
+                 "features", "trusted", "two items")
+
+
+def operand(kind: str, seed: int) -> vs.VarTensor:
+    """A small batch of 3 rank-1 items, or one variant the common-call path must decline."""
+    x = batch([3, 0, 7], 8, seed=seed)
+    if kind in ("f64", "bf16", "int32", "complex64"):
+        dtype = {"f64": jnp.float64, "bf16": jnp.bfloat16, "int32": jnp.int32,
+                 "complex64": jnp.complex64}[kind]
+        return vs.VarTensor(x.data.astype(dtype), x.lengths)
+    if kind == "model B":
+        return vs.VarTensor(x.data, x.lengths, "B")
+    if kind == "rank 2":
+        return vs.stack([np.ones((2, 3), np.float32), np.ones((1, 4), np.float32)])
+    if kind == "features":
+        return vs.VarTensor(jnp.ones((3, 8, 2)), x.lengths)
+    if kind == "trusted":  # lengths never checked: the full path checks them
+        return vs.VarTensor.trusted(x.data, x.lengths)
+    if kind == "two items":  # does not broadcast against 3 items
+        return batch([1, 2], 8, seed=seed)
+    return x
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(OPERAND_KINDS), st.sampled_from(OPERAND_KINDS))
+def test_the_common_call_path_agrees_with_the_full_path(kind_a, kind_b):
+    """``cpu.concrete_conv`` (what ``vs.conv(a, b)`` tries first) either declines (None)
+    or returns exactly what the full path returns (``policy`` given: the full path
+    runs); where the full path raises, it declines and ``vs.conv`` raises the same."""
+    with jax.enable_x64(True):
+        a, b = operand(kind_a, 40), operand(kind_b, 41)
+        try:
+            full = vs.conv(a, b, policy=vs.ConvPolicy())
+        except vs.VSLAError as e:
+            assert cpu.concrete_conv(a, b) is None
+            with pytest.raises(type(e)):
+                vs.conv(a, b)
+            return
+        fast = cpu.concrete_conv(a, b)
+        common = {"f32", "f64", "model B", "two items"}  # float rank 1, checked lengths
+        assert (fast is not None) == ({kind_a, kind_b} <= common), (kind_a, kind_b)
+        for out in ([fast] if fast is not None else []) + [vs.conv(a, b)]:
+            assert out.dtype == full.dtype and out.model == full.model
+            assert out.data.shape == full.data.shape
+            np.testing.assert_array_equal(np.asarray(out.data), np.asarray(full.data))
+            np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(full.lengths))
+
+
+def test_the_common_call_path_declines_traced_operands():
+    """Under ``jit`` the operands are tracers: the full path runs (and still binds the
+    kernel), and the result equals the eager one."""
+    a, b = batch([3, 0, 7], 8, seed=42), batch([2, 5, 1], 8, seed=43)
+    seen = []
+
+    def f(da, db):
+        x, y = vs.VarTensor(da, a.lengths), vs.VarTensor(db, b.lengths)
+        seen.append(cpu.concrete_conv(x, y))
+        return vs.conv(x, y).data
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(a.data, b.data)),
+                                  np.asarray(vs.conv(a, b).data))
+    assert seen == [None]

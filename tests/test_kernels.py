@@ -229,3 +229,13 @@ def test_on_cpu_reads_the_first_concrete_array_or_the_default_backend():
     assert seen == [jax.default_backend() == "cpu"]
     # the cached answer is per sharding: a CPU sharding says CPU every time
     assert kernels.sharding_on_cpu(x.sharding) and kernels.sharding_on_cpu(x.sharding)
+
+
+def test_cpu_only_matches_the_devices_of_every_backend():
+    """``cpu_only`` lets the conv's common call skip its per-array device check: it must
+    be False as soon as any backend has a device that is not a CPU."""
+    import jax.extend
+
+    platforms = {d.platform for name in jax.extend.backend.backends()
+                 for d in jax.devices(name)}
+    assert kernels.cpu_only() == (platforms == {"cpu"})

@@ -15,6 +15,7 @@ import functools
 import warnings
 
 import jax
+import jax.extend
 
 from vsla_jax.errors import KernelFallbackWarning, VSLAError
 
@@ -58,6 +59,12 @@ def registered(symbol: str) -> bool:
         return False
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(fn), platform="cpu")
     return True
+
+
+@functools.cache
+def cpu_only() -> bool:
+    """Whether every backend of this process is a CPU, so that every array is on one."""
+    return all(name == "cpu" for name in jax.extend.backend.backends())
 
 
 def on_cpu(*arrays) -> bool:

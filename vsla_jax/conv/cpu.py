@@ -31,9 +31,9 @@ from jax.interpreters import ad
 
 from vsla_jax import kernels
 from vsla_jax.conv.kernels import direct_conv_masked
-from vsla_jax.errors import LengthError
+from vsla_jax.errors import LengthError, ShapeError
 from vsla_jax.primitive import bilinear_jvp, is_zero, kernel_primitive
-from vsla_jax.tensor import VarTensor, check_pair, extent_mask
+from vsla_jax.tensor import VarTensor, check_pair, check_pair_shapes, extent_mask
 
 FWD, CORR = "vsla_conv_fwd", "vsla_conv_corr"
 
@@ -208,6 +208,47 @@ def _cpu_arrays(da, la, db, lb, max_threads: int = 0):
 def _cpu_call(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor:
     out, lengths = _cpu_arrays(a.data, a.lengths, b.data, b.lengths, max_threads=max_threads)
     return VarTensor.trusted(out, lengths, a.model)
+
+
+def concrete_conv(a, b) -> VarTensor | None:
+    """``vs.conv(a, b)`` with the default method and policy, on the kernels, for the
+    common call: two concrete float32/float64 rank-1 batches on CPU whose lengths were
+    checked when they were built (``lengths_checked``). None for anything else, and the
+    caller takes the full path, which raises the errors this one never does.
+
+    On a batch of small items the full path's checks (each cached, but many) cost about
+    as much as the jitted kernel call itself; this one reads each operand's shapes and
+    dtypes once and asks one cached question of them (experiments/bench_front_door.py).
+    """
+    if type(a) is not VarTensor or type(b) is not VarTensor or a.model != b.model:
+        return None
+    da, la, db, lb = a.data, a.lengths, b.data, b.lengths
+    tracer = jax.core.Tracer  # util.is_traced, inlined (a hot path)
+    if (isinstance(da, tracer) or isinstance(db, tracer) or isinstance(la, tracer)
+            or isinstance(lb, tracer)):
+        return None
+    if not takes_signature(la.shape, da.shape, da.dtype, lb.shape, db.shape, db.dtype):
+        return None
+    if not (a.lengths_checked and b.lengths_checked and kernels.registered(FWD)
+            and kernels.registered(CORR)):
+        return None
+    if not (kernels.cpu_only() or kernels.on_cpu(da, db)):
+        return None
+    out, lengths = _cpu_arrays(da, la, db, lb)
+    return VarTensor.trusted(out, lengths, a.model)
+
+
+@functools.lru_cache(maxsize=1024)
+def takes_signature(lengths_a: tuple, data_a: tuple, dtype_a, lengths_b: tuple,
+                    data_b: tuple, dtype_b) -> bool:
+    """Whether ``concrete_conv`` takes operands of these shapes and dtypes: a valid pair
+    (``check_pair``'s shape rules) of float32/float64 data the kernels support."""
+    try:
+        check_pair_shapes(lengths_a, data_a, lengths_b, data_b, "conv")
+    except ShapeError:
+        return False
+    return (dtype_a in DTYPES and dtype_b in DTYPES
+            and supported_signature(lengths_a, data_a, dtype_a, lengths_b, data_b, dtype_b))
 
 
 def ragged_conv(a: VarTensor, b: VarTensor, max_threads: int = 0) -> VarTensor | None:
