@@ -28,9 +28,16 @@ class SelfTimed:
         return self.fn()
 
 
-def measure(fn: Callable[[], object]) -> float:
-    """Seconds of one call: ``once(fn)``, or what a ``SelfTimed`` reports."""
-    return fn() if isinstance(fn, SelfTimed) else once(fn)
+def measure(fn: Callable[[], object], min_seconds: float = 0.0) -> float:
+    """Seconds of one call: ``once(fn)``, or what a ``SelfTimed`` reports. With
+    ``min_seconds``, the mean over back-to-back calls (each blocked on) until their
+    seconds add up to at least ``min_seconds``: for calls of microseconds, where one
+    timed call measures the caches and branch predictors that the previous row left."""
+    one = (lambda: fn()) if isinstance(fn, SelfTimed) else (lambda: once(fn))
+    total, calls = one(), 1
+    while total < min_seconds:
+        total, calls = total + one(), calls + 1
+    return total / calls
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -46,23 +53,24 @@ def write_json_atomic(path: str, payload: dict) -> None:
                                         default=float).encode())
 
 
-def timed_interleaved(fns: dict[str, Callable[[], object]],
-                      repeats: int) -> dict[str, tuple[float, float]]:
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                      min_sample_seconds: float = 0.0) -> dict[str, tuple[float, float]]:
     """``timed`` for several functions, measured in interleaved rounds.
 
     Every function is called once (first call, compile included), then ``repeats``
     rounds each call every function twice and time the second call, so slow drifts of
     a shared machine hit all of them alike while each timed call still finds its own
     library warm (thread pools awake, caches filled: switching between PyTorch and XLA
-    costs the first call after a switch several times its steady time). Returns
-    ``{label: (first-call seconds, median seconds)}``.
+    costs the first call after a switch several times its steady time). With
+    ``min_sample_seconds`` each sample is the mean of back-to-back calls lasting that
+    long (``measure``). Returns ``{label: (first-call seconds, median seconds)}``.
     """
     first = {label: measure(fn) for label, fn in fns.items()}
     samples = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
             measure(fn)  # warm: this library's threads and caches, after the previous row
-            samples[label].append(measure(fn))
+            samples[label].append(measure(fn, min_sample_seconds))
     return {label: (first[label], float(np.median(samples[label]))) for label in fns}
 
 

@@ -24,7 +24,12 @@ for attention H, D and ``causal``, are drawn too. Every line prints the draw, th
 and the ratios; the summary gives the worst and median ratio and how many draws met
 each target.
 
+Each timed sample is one call by default. ``--min_sample_ms 2`` makes it the mean of
+back-to-back calls lasting at least 2 ms, for both sides alike: one call of a few
+microseconds also times the caches and the allocator state that the previous row left.
+
 Usage: python experiments/sweep_kernels.py [--kinds conv,attention] [--draws 16]
+       [--seed N] [--min_sample_ms 2] [--retain_host_memory]
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ flags.DEFINE_integer("draws", 16, "Random distributions per kind.")
 flags.DEFINE_integer("repeats", 5, "Timed interleaved rounds (median).")
 flags.DEFINE_integer("seed", 2026, "Seed of the draws (a new seed: unseen distributions).")
 flags.DEFINE_bool("backward", True, "Also time the backward.")
+flags.DEFINE_float("min_sample_ms", 0.0, "Each timed sample is the mean of back-to-back "
+                   "calls lasting at least this long (0: one call, as in every sweep "
+                   "before 2026-12-07's eighth session). One call of a few microseconds "
+                   "also times the caches that the previous row left.")
 flags.DEFINE_string("json_out", None, "Optional JSON results path (written atomically).")
 flags.DEFINE_bool("retain_host_memory", False, "Call vs.retain_host_memory() first "
                   "(process-wide: glibc keeps large freed buffers; every library's rows).")
@@ -109,6 +118,12 @@ def clipped(family, n, lo, hi, rng):
     return np.clip(lens, max(lo, 1), hi), desc
 
 
+def medians(fns: dict) -> dict[str, float]:
+    """Median seconds of each function over interleaved rounds (``timed_interleaved``)."""
+    return {lab: s for lab, (_, s) in timed_interleaved(
+        fns, FLAGS.repeats, FLAGS.min_sample_ms / 1e3).items()}
+
+
 def summarise(lens: np.ndarray) -> str:
     return f"{lens.min()}/{int(np.median(lens))}/{lens.max()}"
 
@@ -148,9 +163,9 @@ def conv_draw(rng: np.random.Generator) -> dict:
     err = max(float(np.abs(np.asarray(o)[: len(x) + len(y) - 1] - np.convolve(
         x.astype(np.float64), y.astype(np.float64))).max()) / (1 + np.abs(x).sum())
         for o, x, y in zip(vs.conv(a, k).to_list(), xs, ks))
-    t = {lab: s for lab, (_, s) in timed_interleaved(fns, FLAGS.repeats).items()}
+    t = medians(fns)
     if late:
-        t |= {lab: s for lab, (_, s) in timed_interleaved(late, FLAGS.repeats).items()}
+        t |= medians(late)
     peer = min(t["numpy loop"], t["pad-to-max FFT"])
     row = dict(family=f"{desc} x {kdesc}", items=n, signals=summarise(la),
                kernels=summarise(lb), ms={lab: s * 1e3 for lab, s in t.items()},
@@ -194,8 +209,8 @@ def attention_draw(rng: np.random.Generator) -> dict:
         ref = [np.asarray(o.transpose(0, 1)) for o in tf()]
     except ImportError:
         ref = None
-    t = {lab: s for lab, (_, s) in timed_interleaved(fns, FLAGS.repeats).items()}
-    t |= {lab: s for lab, (_, s) in timed_interleaved(late, FLAGS.repeats).items()}
+    t = medians(fns)
+    t |= medians(late)
     row = dict(family=desc, items=n, heads=heads, dim=dim, causal=causal,
                lengths=summarise(lens), useful_gflop=4.0 * heads * dim * float(
                    (lens.astype(np.float64) ** 2).sum()) / (2e9 if causal else 1e9),

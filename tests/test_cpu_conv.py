@@ -498,7 +498,7 @@ def test_jax_export_with_a_symbolic_batch():
 
 
 OPERAND_KINDS = ("f32", "f64", "bf16", "int32", "complex64", "model B", "rank 2",
-                 "features", "trusted", "two items")
+                 "features", "trusted", "two items", "one item")
 
 
 def operand(kind: str, seed: int) -> vs.VarTensor:
@@ -516,6 +516,8 @@ def operand(kind: str, seed: int) -> vs.VarTensor:
         return vs.VarTensor(jnp.ones((3, 8, 2)), x.lengths)
     if kind == "trusted":  # lengths never checked: the full path checks them
         return vs.VarTensor.trusted(x.data, x.lengths)
+    if kind == "one item":  # unbatched: broadcasts against any batch
+        return vs.tensor(np.arange(1.0, 5.0, dtype=np.float32))
     if kind == "two items":  # does not broadcast against 3 items
         return batch([1, 2], 8, seed=seed)
     return x
@@ -537,7 +539,7 @@ def test_the_common_call_path_agrees_with_the_full_path(kind_a, kind_b):
                 vs.conv(a, b)
             return
         fast = cpu.concrete_conv(a, b)
-        common = {"f32", "f64", "model B", "two items"}  # float rank 1, checked lengths
+        common = {"f32", "f64", "model B", "two items", "one item"}  # float, rank 1
         assert (fast is not None) == ({kind_a, kind_b} <= common), (kind_a, kind_b)
         for out in ([fast] if fast is not None else []) + [vs.conv(a, b)]:
             assert out.dtype == full.dtype and out.model == full.model
