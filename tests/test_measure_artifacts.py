@@ -23,10 +23,21 @@ def test_summarize_matches_numpy(samples):
     ms = np.asarray(samples) * 1e3
     assert np.isclose(s["mean_ms"], ms.mean()) and np.isclose(s["p50_ms"], np.median(ms))
     assert np.isclose(s["p95_ms"], np.percentile(ms, 95))
-    half = 0.5 * (s["ci95_ms"][1] - s["ci95_ms"][0])
     from scipy.stats import t
-    assert np.isclose(half, t.ppf(0.975, len(ms) - 1) * ms.std(ddof=1) / np.sqrt(len(ms)))
+    half = t.ppf(0.975, len(ms) - 1) * ms.std(ddof=1) / np.sqrt(len(ms))
+    assert np.isclose(s["ci95_ms"][1], ms.mean() + half)
+    # the lower end is the t bound, clamped at 0 (a mean time cannot be negative)
+    assert np.isclose(s["ci95_ms"][0], max(ms.mean() - half, 0.0))
+    assert s["ci95_ms"][0] >= 0
     assert np.isclose(s["tokens_per_s"], 100 / (ms.mean() / 1e3))
+
+
+def test_summarize_keeps_a_heavy_tailed_interval_non_negative():
+    """Two fast calls and one slow one: the t interval's lower end falls below zero."""
+    s = measure.summarize([0.001, 0.001, 0.030], tokens=1)
+    assert s["ci95_ms"][0] == 0.0 and s["ci95_ms"][1] > s["mean_ms"]
+    one = measure.summarize([0.002], tokens=1)
+    assert np.isnan(one["ci95_ms"][0]) and np.isnan(one["ci95_ms"][1])
 
 
 def test_paired_detects_a_shift_and_not_noise():
