@@ -15,12 +15,17 @@ caller's (``jax.interpreters.ad``).
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxlib.mlir import ir
 
 
 def kernel_primitive(name: str, impl: Callable[..., Sequence[jax.Array]],
@@ -50,13 +55,92 @@ def kernel_primitive(name: str, impl: Callable[..., Sequence[jax.Array]],
 
     def lower(ctx, *args, **params):
         export = portable is not None and ctx.module_context.lowering_parameters.for_export
-        fn = portable if export else impl
-        return mlir.lower_fun(lambda *a: tuple(fn(*a, **params)),
-                              multiple_results=True)(ctx, *args)
+        fn = functools.partial(portable if export else impl, **params)
+        if not export and several_devices(ctx.module_context.axis_context):
+            fn = batch_partitioned(fn)
+        return mlir.lower_fun(lambda *a: tuple(fn(*a)), multiple_results=True)(ctx, *args)
 
     mlir.register_lowering(prim, lower)
+    require_devices(prim)
     batching.primitive_batchers[prim] = functools.partial(_batch, prim, merge_batch)
     return prim
+
+
+def require_devices(prim: Primitive) -> bool:
+    """Ask JAX to lower programs holding ``prim`` with their devices known, which the
+    partitioning rule of ``batch_partitioned`` needs (JAX lowers device-agnostically
+    otherwise, and only knows of ``custom_partitioning`` calls in the traced program, not
+    of one bound while lowering a primitive). This is JAX's own registry for such
+    primitives, which is private: where it is missing, nothing is registered (False)
+    and the kernels run unpartitioned, as before."""
+    try:
+        from jax._src import dispatch
+        dispatch.prim_requires_devices_during_lowering.add(prim)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def several_devices(axis_context) -> bool:
+    """Whether a lowering's axis context is a sharded program over known devices, more
+    than one (then a kernel call gets ``batch_partitioned``'s rule)."""
+    devices = getattr(axis_context, "device_assignment", None)
+    return devices is not None and len(devices) > 1
+
+
+def batch_partitioned(fn: Callable[..., Sequence[jax.Array]]) -> Callable:
+    """``fn`` (arrays that all lead with one batch axis -> a tuple of such arrays, each
+    item on its own: a kernel call) with a rule for XLA's SPMD partitioner: the batch
+    axis may be split, every other axis is replicated, and each device runs ``fn`` on
+    its shard. Without it a custom call over a batch sharded across devices was
+    all-gathered and ran whole, on every device, into a replicated result. A batch that
+    does not split evenly over its devices runs replicated. ``kernel_primitive`` uses it
+    only for programs over several devices (``several_devices``).
+    """
+    call = custom_partitioning(lambda *arrays: tuple(fn(*arrays)))
+
+    def shardings(mesh, arg_shapes, result_shapes):
+        batch = _batch_spec(mesh, arg_shapes)
+        split = lambda x: NamedSharding(mesh, PartitionSpec(
+            *((batch,) + (None,) * (x.ndim - 1) if x.ndim else ())))
+        return (tuple(split(x) for x in arg_shapes),
+                tuple(split(x) for x in result_shapes))
+
+    def partition(mesh, arg_shapes, result_shapes):
+        args, results = shardings(mesh, arg_shapes, result_shapes)
+        return mesh, lambda *arrays: tuple(fn(*arrays)), results, args
+
+    def infer(mesh, arg_shapes, result_shapes):
+        return shardings(mesh, arg_shapes, result_shapes)[1]
+
+    def rule(mesh, operand_types, result_types):
+        del mesh
+        names = (f"f{i}" for i in itertools.count())  # one factor per other axis
+        ranks = [ir.RankedTensorType(t).rank for t in (*operand_types, *result_types)]
+        dims = [(["b"] if r else []) + [next(names) for _ in range(r - 1)] for r in ranks]
+        n = len(operand_types)
+        text = (", ".join(" ".join(d) for d in dims[:n]) + " -> "
+                + ", ".join(" ".join(d) for d in dims[n:]))
+        others = tuple(f for d in dims for f in d[1:])
+        return text, dict(need_replication_factors=others)
+
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
+    return call
+
+
+def _batch_spec(mesh, arg_shapes):
+    """The mesh axes that split the first operand's batch axis, or None (replicated)
+    where it is not split, not split evenly, or its sharding is not a NamedSharding."""
+    first = arg_shapes[0]
+    sharding = first.sharding
+    if not isinstance(sharding, NamedSharding) or not sharding.spec:
+        return None
+    axes = sharding.spec[0]
+    if axes is None:
+        return None
+    names = axes if isinstance(axes, tuple) else (axes,)
+    parts = math.prod(mesh.shape[a] for a in names)
+    return axes if parts > 1 and first.shape[0] % parts == 0 else None
 
 
 def _batch(prim: Primitive, merge: bool, args, dims, **params):
