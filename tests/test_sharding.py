@@ -104,6 +104,11 @@ KERNELS_SCRIPT = textwrap.dedent(
     sargs = (*(t.data for t in sq), sq[0].lengths)
     assert not collectives(lambda *t: vs.attention(*t).data, *sq)
     assert not collectives(ga, *sargs), collectives(ga, *sargs)
+    hlo = ga.lower(*sargs).compile().as_text()
+    assert "vsla_attention_fwd" in hlo and "vsla_attention_bwd" in hlo  # the kernels ran
+    # their outputs o: the 8 sequences split over 8 devices, one per call
+    fwd_calls = r"\\(f32\\[(\\d+),[^\\n]*custom_call_target=\\"vsla_attention_fwd"
+    assert re.findall(fwd_calls, hlo) == ["1"], re.findall(fwd_calls, hlo)
     np.testing.assert_allclose(np.asarray(vs.attention(*sq).data),
                                np.asarray(vs.attention(*qkv).data), rtol=1e-6, atol=1e-6)
     for got, want in zip(ga(*sargs), ga(*(t.data for t in qkv), qkv[0].lengths)):
