@@ -232,7 +232,7 @@ def test_on_cpu_reads_the_first_concrete_array_or_the_default_backend():
 
 
 def test_cpu_only_matches_the_devices_of_every_backend():
-    """``cpu_only`` lets the conv's common call skip its per-array device check: it must
+    """``cpu_only`` lets ``on_cpu`` skip its per-array device check: it must
     be False as soon as any backend has a device that is not a CPU."""
     import jax.extend
 

@@ -69,7 +69,9 @@ def cpu_only() -> bool:
 
 def on_cpu(*arrays) -> bool:
     """Whether ``arrays`` (or, for tracers and none, the default backend) live on CPU
-    (the first concrete array decides)."""
+    (the first concrete array decides; in a process with only CPU backends, always)."""
+    if cpu_only():
+        return True
     for a in arrays:
         if not isinstance(a, jax.core.Tracer):
             sharding = getattr(a, "sharding", None)

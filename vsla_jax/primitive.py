@@ -97,7 +97,8 @@ def batch_partitioned(fn: Callable[..., Sequence[jax.Array]]) -> Callable:
     does not split evenly over its devices runs replicated. ``kernel_primitive`` uses it
     only for programs over several devices (``several_devices``).
     """
-    call = custom_partitioning(lambda *arrays: tuple(fn(*arrays)))
+    run = lambda *arrays: tuple(fn(*arrays))  # traced once, and per device when split
+    call = custom_partitioning(run)
 
     def shardings(mesh, arg_shapes, result_shapes):
         batch = _batch_spec(mesh, arg_shapes)
@@ -108,7 +109,7 @@ def batch_partitioned(fn: Callable[..., Sequence[jax.Array]]) -> Callable:
 
     def partition(mesh, arg_shapes, result_shapes):
         args, results = shardings(mesh, arg_shapes, result_shapes)
-        return mesh, lambda *arrays: tuple(fn(*arrays)), results, args
+        return mesh, run, results, args
 
     def infer(mesh, arg_shapes, result_shapes):
         return shardings(mesh, arg_shapes, result_shapes)[1]

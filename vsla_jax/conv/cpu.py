@@ -232,7 +232,7 @@ def concrete_conv(a, b) -> VarTensor | None:
     if not (a.lengths_checked and b.lengths_checked and kernels.registered(FWD)
             and kernels.registered(CORR)):
         return None
-    if not (kernels.cpu_only() or kernels.on_cpu(da, db)):
+    if not kernels.on_cpu(da, db):
         return None
     out, lengths = _cpu_arrays(da, la, db, lb)
     return VarTensor.trusted(out, lengths, a.model)
