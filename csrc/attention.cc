@@ -692,16 +692,40 @@ void fwd_unit(const FwdArgs<T>& a, const Dims& s, int64_t b, int64_t h, int64_t 
   store_rows(acc, s.Dv, n, s.Dv, sum, T(1), out, ldo);
 }
 
+// An output of `B` items of `per_item` elements, of which the units write the first
+// `written_rows[b]` rows of `row` elements of item b: true when the whole buffer is zero
+// now. That is the case for a buffer XLA has just mmapped (malloc does so for every
+// buffer of 32 MiB or more): zero_if_absent hands its pages back, and the per-item
+// populate (prefault) maps them in as zero pages. Where the written rows cover more
+// than 1/8 of the buffer, huge pages are asked for over all of it: the per-item ranges
+// are usually below 2 MiB, so the populate alone never gets any, and a fault per 4 KiB
+// page dominated the backward of padded rank-3 batches (BENCHMARKS.md,
+// experiments/time_stack_rank_backward.py). False for reused (resident) memory: the
+// per-item clearing then writes the zeros.
+template <class T>
+bool fresh_output(T* g, int64_t B, int64_t per_item, const int32_t* written_rows,
+                  int64_t row) {
+  const size_t bytes = static_cast<size_t>(B * per_item) * sizeof(T);
+  if (!zero_if_absent(g, bytes, false)) return false;
+  double written = 0;
+  for (int64_t b = 0; b < B; ++b) written += static_cast<double>(written_rows[b] * row);
+  if (8 * written * sizeof(T) > static_cast<double>(bytes)) advise_huge(g, bytes);
+  return true;
+}
+
 template <class T>
 void forward(const FwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  // Per item, on every worker: zeros and lse = -inf for the padding and items without
-  // keys; the rows the units will write mapped in ahead.
+  // Per item, on every worker: zeros (unless the whole output is zero already:
+  // fresh_output) and lse = -inf for the padding and items without keys; the rows the
+  // units will write mapped in ahead.
   const int64_t workers = worker_count(pool);
   const std::vector<double> rows(s.B, static_cast<double>(s.Cq * s.H * s.Dv * sizeof(T)));
-  parallel_units(pool, rows, workers, [&a, &s, ninf](int64_t b) {
+  const bool zeroed = fresh_output(a.o, s.B, s.Cq * s.H * s.Dv, a.lq, s.H * s.Dv);
+  parallel_units(pool, rows, workers, [&a, &s, ninf, zeroed](int64_t b) {
     const int64_t from = a.lk[b] > 0 ? a.lq[b] : 0;
-    zero_fill(a.o + (b * s.Cq + from) * s.H * s.Dv, a.o + (b + 1) * s.Cq * s.H * s.Dv);
+    if (!zeroed)
+      zero_fill(a.o + (b * s.Cq + from) * s.H * s.Dv, a.o + (b + 1) * s.Cq * s.H * s.Dv);
     prefault(a.o + b * s.Cq * s.H * s.Dv, a.o + (b * s.Cq + from) * s.H * s.Dv);
     for (int64_t h = 0; h < s.H; ++h)
       std::fill(a.lse + (b * s.H + h) * s.Cq + from, a.lse + (b * s.H + h + 1) * s.Cq, ninf);
@@ -818,16 +842,18 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
 
 // One item of a gradient output, [cap, ld] with `heads` heads of `width` values at
 // stride `hstride` in each row, before the units write rows [0, rows) of those heads:
-// rows past `rows` are zeroed, the rows the units write are mapped in, and where the
-// head axes are padded (strided rank-3 buffers: hstride > width or heads * hstride <
-// ld), the gaps between the heads of those rows are zeroed. (Zeroing the whole item
-// there instead handed every page of a resident buffer back, and the units' writes then
-// faulted each one in again.)
+// the rows the units write are mapped in and, unless the whole buffer is known to be
+// zero (`zeroed`: fresh_output), rows past `rows` are zeroed and, where the head axes
+// are padded (strided rank-3 buffers: hstride > width or heads * hstride < ld), so are
+// the gaps between the heads of those rows. (Zeroing the whole item there instead
+// handed every page of a resident buffer back, and the units' writes then faulted each
+// one in again.)
 template <class T>
 void clear_gradient_item(T* item, int64_t rows, int64_t ld, int64_t cap, int64_t heads,
-                         int64_t hstride, int64_t width) {
-  zero_fill(item + rows * ld, item + cap * ld);
+                         int64_t hstride, int64_t width, bool zeroed) {
   prefault(item, item + rows * ld);
+  if (zeroed) return;
+  zero_fill(item + rows * ld, item + cap * ld);
   if (heads * hstride == ld && hstride == width) return;
   for (int64_t r = 0; r < rows; ++r) {
     T* row = item + r * ld;
@@ -843,14 +869,17 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   // Per item, on every worker: zero what the units do not write (rows past the lengths,
   // items without keys) and map in the rows they will.
   const int64_t workers = worker_count(pool);
+  const bool zq = fresh_output(a.dq, s.B, s.Cq * s.qr, a.lq, s.qr);
+  const bool zk = fresh_output(a.dk, s.B, s.Ck * s.kr, a.lk, s.kr);
+  const bool zv = fresh_output(a.dv, s.B, s.Ck * s.vr, a.lk, s.vr);
   const std::vector<double> rows(
       s.B, static_cast<double>((s.Cq * s.qr + s.Ck * (s.kr + s.vr)) * sizeof(T)));
-  parallel_units(pool, rows, workers, [&a, &s](int64_t b) {
+  parallel_units(pool, rows, workers, [&a, &s, zq, zk, zv](int64_t b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
-    clear_gradient_item(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.H, s.qh, s.D);
-    clear_gradient_item(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.Hkv, s.kh, s.D);
-    clear_gradient_item(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.Hkv, s.vh, s.Dv);
+    clear_gradient_item(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.H, s.qh, s.D, zq);
+    clear_gradient_item(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.Hkv, s.kh, s.D, zk);
+    clear_gradient_item(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.Hkv, s.vh, s.Dv, zv);
     const int64_t lo = a.lk[b] > 0 ? a.lq[b] : 0;  // o is zero from row lo on
     release_zero_pages(a.o + (b * s.Cq + lo) * s.H * s.Dv,
                        (s.Cq - lo) * s.H * s.Dv * sizeof(T));
@@ -1101,5 +1130,5 @@ extern "C" VSLA_EXPORT void vsla_selftest_clear_gradient_item(float* item, int64
                                                               int64_t ld, int64_t cap,
                                                               int64_t heads, int64_t hstride,
                                                               int64_t width) {
-  vsla::attn::clear_gradient_item(item, rows, ld, cap, heads, hstride, width);
+  vsla::attn::clear_gradient_item(item, rows, ld, cap, heads, hstride, width, false);
 }

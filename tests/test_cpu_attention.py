@@ -432,6 +432,47 @@ def test_rank3_stacked_batches_read_through_strides_match_numpy(dtype, causal):
             assert not any(f.any() for f in feats), "gradient must be zero in head padding"
 
 
+def test_outputs_of_32_mib_and_more_are_zero_wherever_the_units_do_not_write():
+    """Outputs of 32 MiB or more, which malloc maps fresh on every call, are zeroed whole
+    by handing their pages back (``fresh_output``) instead of item by item. Here the
+    rank-3 gradients (4 -> 8 heads, 80 -> 112 dims: 96 MiB each) and the output (35 MiB)
+    take that road on two calls: values equal those of the same items stacked at rank 1
+    (smaller buffers, cleared item by item), and every entry outside the items' rows and
+    heads is exactly zero."""
+    rng = np.random.default_rng(23)
+    lens = rng.integers(1, 845, 32)
+    lens[[0, 5, 9]] = (844, 0, 1)
+    items = [[rng.standard_normal((int(n), 4, 80)).astype(np.float32) for n in lens]
+             for _ in range(3)]
+
+    def step(rank):
+        q, k, v = (vs.stack(x, rank=rank) for x in items)
+
+        def loss(qd, kd, vd):
+            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                             vs.VarTensor(vd, v.lengths), backend=CPUBackend())
+            return jnp.sum(o.data * o.data), o.data
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        return lambda: fn(q.data, k.data, v.data)
+
+    big, small = step(3), step(1)
+    for _ in range(2):
+        (_, want_o), want_g = small()
+        for g in want_g:  # reused heap memory: cleared item by item
+            rows = np.arange(g.shape[1])[None, :] < lens[:, None]
+            assert not np.asarray(g)[~rows].any()
+        (_, o), grads = big()
+        assert o.nbytes >= 32 << 20 and all(g.nbytes >= 32 << 20 for g in grads)
+        np.testing.assert_allclose(np.asarray(o).reshape(want_o.shape), want_o, rtol=1e-5,
+                                   atol=1e-6)
+        for g, w in zip(grads, want_g):
+            g = np.asarray(g)
+            assert g.shape[2:] == (8, 112)
+            np.testing.assert_allclose(g[:, :, :4, :80], w, rtol=1e-5, atol=1e-6)
+            rows = np.arange(g.shape[1])[None, :] < lens[:, None]
+            assert not g[~rows].any() and not g[:, :, 4:].any() and not g[..., 80:].any()
+
+
 @pytest.mark.parametrize("rows,cap,heads,hcap,width,dcap", [
     (5, 9, 3, 8, 13, 16),   # both head axes padded (rank-3 batch)
     (0, 4, 3, 8, 13, 16),   # an item without rows: all of it zero
