@@ -313,10 +313,11 @@ VSLA_CLONES void ds_rows(T* dp, const T* p, int64_t rows, int64_t ld, const T* d
   }
 }
 
-// y[r, :m] = x[r, :m] * f[r] for r < n (f == nullptr: by c). In place when y == x.
+// y[r, :m] = x[r, :m] * f[r] for r < n (f == nullptr: by c), and y[r, m:m + pad] = 0.
+// In place when y == x.
 template <class T>
 VSLA_CLONES void scale_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const T* f, T c,
-                            T* y, int64_t ldy) {
+                            T* y, int64_t ldy, int64_t pad = 0) {
   constexpr int W = Vec<T>::kLanes;
   const int64_t full = m / W * W;
   for (int64_t r = 0; r < n; ++r) {
@@ -324,6 +325,7 @@ VSLA_CLONES void scale_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const
     for (int64_t d = 0; d < full; d += W)
       store_vec(y + r * ldy + d, load_vec(x + r * ldx + d, W) * fr, W);
     for (int64_t d = full; d < m; ++d) y[r * ldy + d] = x[r * ldx + d] * fr;
+    std::fill(y + r * ldy + m, y + r * ldy + m + pad, T(0));
   }
 }
 
@@ -331,18 +333,20 @@ VSLA_CLONES void scale_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const
 // streaming (non-temporal) stores where y, ldy and m allow whole aligned vectors: the
 // rows go to memory without first reading each destination line in (a read for
 // ownership per line of a freshly mapped page made these stores the hot spot of writing
-// o, dq, dk and dv). An sfence orders them before the unit reports done.
+// o, dq, dk and dv). `pad` zeros follow the m values of each row (the head gaps of a
+// strided gradient, written beside the values so that each line is written once). An
+// sfence orders the stores before the unit reports done.
 #if defined(__x86_64__)
 template <class T>
 __attribute__((target("avx512f"))) void stream_rows_avx512(const T* x, int64_t ldx,
                                                             int64_t n, int64_t m,
                                                             const T* f, T c, T* y,
-                                                            int64_t ldy) {
+                                                            int64_t ldy, int64_t pad) {
   constexpr int W = Vec<T>::kLanes;
   for (int64_t r = 0; r < n; ++r) {
     const T fr = f ? f[r] : c;
-    for (int64_t d = 0; d < m; d += W) {
-      const VecT<T> v = load_vec(x + r * ldx + d, W) * fr;
+    for (int64_t d = 0; d < m + pad; d += W) {
+      const VecT<T> v = d < m ? load_vec(x + r * ldx + d, W) * fr : VecT<T>{};
       if constexpr (sizeof(T) == 4)
         _mm512_stream_ps(reinterpret_cast<float*>(y + r * ldy + d), (__m512)v);
       else
@@ -355,7 +359,7 @@ __attribute__((target("avx512f"))) void stream_rows_avx512(const T* x, int64_t l
 template <class T>
 __attribute__((target("avx2"))) void stream_rows_avx2(const T* x, int64_t ldx, int64_t n,
                                                        int64_t m, const T* f, T c, T* y,
-                                                       int64_t ldy) {
+                                                       int64_t ldy, int64_t pad) {
   constexpr int W = 32 / sizeof(T);
   for (int64_t r = 0; r < n; ++r) {
     const T fr = f ? f[r] : c;
@@ -371,6 +375,12 @@ __attribute__((target("avx2"))) void stream_rows_avx2(const T* x, int64_t ldx, i
                                            x + r * ldx + d)),
                                        _mm256_set1_pd(static_cast<double>(fr))));
     }
+    for (int64_t d = m; d < m + pad; d += W) {
+      if constexpr (sizeof(T) == 4)
+        _mm256_stream_ps(reinterpret_cast<float*>(y + r * ldy + d), _mm256_setzero_ps());
+      else
+        _mm256_stream_pd(reinterpret_cast<double*>(y + r * ldy + d), _mm256_setzero_pd());
+    }
   }
   _mm_sfence();
 }
@@ -378,15 +388,16 @@ __attribute__((target("avx2"))) void stream_rows_avx2(const T* x, int64_t ldx, i
 
 template <class T>
 void store_rows(const T* x, int64_t ldx, int64_t n, int64_t m, const T* f, T c, T* y,
-                int64_t ldy) {
+                int64_t ldy, int64_t pad = 0) {
 #if defined(__x86_64__)
   const Isa isa = host_isa();
   const int64_t bytes = isa == Isa::kAvx512 ? 64 : 32, w = bytes / sizeof(T);
-  const bool whole = reinterpret_cast<uintptr_t>(y) % bytes == 0 && ldy % w == 0 && m % w == 0;
-  if (whole && isa == Isa::kAvx512) return stream_rows_avx512(x, ldx, n, m, f, c, y, ldy);
-  if (whole && isa == Isa::kAvx2) return stream_rows_avx2(x, ldx, n, m, f, c, y, ldy);
+  const bool whole = reinterpret_cast<uintptr_t>(y) % bytes == 0 && ldy % w == 0 &&
+                     m % w == 0 && pad % w == 0;
+  if (whole && isa == Isa::kAvx512) return stream_rows_avx512(x, ldx, n, m, f, c, y, ldy, pad);
+  if (whole && isa == Isa::kAvx2) return stream_rows_avx2(x, ldx, n, m, f, c, y, ldy, pad);
 #endif
-  scale_rows(x, ldx, n, m, f, c, y, ldy);
+  scale_rows(x, ldx, n, m, f, c, y, ldy, pad);
 }
 
 // out[r] = sum_d x[r, d] * y[r, d] over d < m, for r < n.
@@ -765,8 +776,24 @@ struct BwdArgs {
 // tile and query tile (FlashAttention-2, transposed like the forward): P^T = exp(K Q^T -
 // lse), dS^T = P^T (V dO^T - rowsum(dO O)), then dV += P^T dO, dK += dS^T Q and
 // dQ += dS K, with K, V, Q and dO rows read in place.
+// Which gradients' head gaps the units write beside their values (store_rows' pad),
+// rather than the per-item clearing: a strided gradient that is not zero already.
+struct Gaps {
+  bool q, k, v;
+};
+
+// The zeros after head h's `width` values in each row of a gradient whose rows hold
+// `heads` heads at stride `hstride` in `ld` elements: up to the next head, and for the
+// last head to the end of the row (the capacity's padded heads). 0 unless `own`.
+inline int64_t gap_after(bool own, int64_t h, int64_t heads, int64_t hstride, int64_t width,
+                         int64_t ld) {
+  if (!own) return 0;
+  return h + 1 == heads ? ld - h * hstride - width : hstride - width;
+}
+
 template <class T>
-void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch<T>& w) {
+void bwd_unit(const BwdArgs<T>& a, const Dims& s, const Gaps& gaps, int64_t b, int64_t hk,
+              Scratch<T>& w) {
   constexpr int W = Vec<T>::kLanes;
   const int64_t lq = a.lq[b], lk = a.lk[b], G = s.G;
   const int64_t Mq = round_up(lq, kTQ);
@@ -831,30 +858,33 @@ void bwd_unit(const BwdArgs<T>& a, const Dims& s, int64_t b, int64_t hk, Scratch
       }
     }
     store_rows(dka, s.D, nk, s.D, static_cast<const T*>(nullptr), a.scale,
-               a.dk + (b * s.Ck + j0) * ldk + hk * s.kh, ldk);
+               a.dk + (b * s.Ck + j0) * ldk + hk * s.kh, ldk,
+               gap_after(gaps.k, hk, s.Hkv, s.kh, s.D, ldk));
     store_rows(dva, s.Dv, nk, s.Dv, static_cast<const T*>(nullptr), T(1),
-               a.dv + (b * s.Ck + j0) * ldv + hk * s.vh, ldv);
+               a.dv + (b * s.Ck + j0) * ldv + hk * s.vh, ldv,
+               gap_after(gaps.v, hk, s.Hkv, s.vh, s.Dv, ldv));
   }
   for (int64_t g = 0; g < G; ++g)
     store_rows(dqa + g * Mq * s.D, s.D, lq, s.D, static_cast<const T*>(nullptr), a.scale,
-               a.dq + b * s.Cq * ldq + (hk * G + g) * s.qh, ldq);
+               a.dq + b * s.Cq * ldq + (hk * G + g) * s.qh, ldq,
+               gap_after(gaps.q, hk * G + g, s.H, s.qh, s.D, ldq));
 }
 
 // One item of a gradient output, [cap, ld] with `heads` heads of `width` values at
 // stride `hstride` in each row, before the units write rows [0, rows) of those heads:
 // the rows the units write are mapped in and, unless the whole buffer is known to be
 // zero (`zeroed`: fresh_output), rows past `rows` are zeroed and, where the head axes
-// are padded (strided rank-3 buffers: hstride > width or heads * hstride < ld), so are
-// the gaps between the heads of those rows. (Zeroing the whole item there instead
-// handed every page of a resident buffer back, and the units' writes then faulted each
-// one in again.)
+// are padded (strided rank-3 buffers: hstride > width or heads * hstride < ld) and the
+// units do not write them (`units_pad`: Gaps), so are the gaps between the heads of
+// those rows. (Zeroing the whole item there instead handed every page of a resident
+// buffer back, and the units' writes then faulted each one in again.)
 template <class T>
 void clear_gradient_item(T* item, int64_t rows, int64_t ld, int64_t cap, int64_t heads,
-                         int64_t hstride, int64_t width, bool zeroed) {
+                         int64_t hstride, int64_t width, bool zeroed, bool units_pad) {
   prefault(item, item + rows * ld);
   if (zeroed) return;
   zero_fill(item + rows * ld, item + cap * ld);
-  if (heads * hstride == ld && hstride == width) return;
+  if (units_pad || (heads * hstride == ld && hstride == width)) return;
   for (int64_t r = 0; r < rows; ++r) {
     T* row = item + r * ld;
     if (hstride != width)
@@ -872,14 +902,19 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
   const bool zq = fresh_output(a.dq, s.B, s.Cq * s.qr, a.lq, s.qr);
   const bool zk = fresh_output(a.dk, s.B, s.Ck * s.kr, a.lk, s.kr);
   const bool zv = fresh_output(a.dv, s.B, s.Ck * s.vr, a.lk, s.vr);
+  // Every head of a live item has a unit (H = G * Hkv), which writes all its rows: the
+  // gaps of a gradient that is not zero already are written beside the values.
+  const bool any_units = s.H > 0 && s.Hkv > 0;
+  const Gaps gaps{any_units && !zq, any_units && !zk, any_units && !zv};
   const std::vector<double> rows(
       s.B, static_cast<double>((s.Cq * s.qr + s.Ck * (s.kr + s.vr)) * sizeof(T)));
-  parallel_units(pool, rows, workers, [&a, &s, zq, zk, zv](int64_t b) {
+  parallel_units(pool, rows, workers, [&a, &s, zq, zk, zv, &gaps](int64_t b) {
     const bool live = a.lq[b] > 0 && a.lk[b] > 0;
     const int64_t fq = live ? a.lq[b] : 0, fk = live ? a.lk[b] : 0;
-    clear_gradient_item(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.H, s.qh, s.D, zq);
-    clear_gradient_item(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.Hkv, s.kh, s.D, zk);
-    clear_gradient_item(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.Hkv, s.vh, s.Dv, zv);
+    clear_gradient_item(a.dq + b * s.Cq * s.qr, fq, s.qr, s.Cq, s.H, s.qh, s.D, zq, gaps.q);
+    clear_gradient_item(a.dk + b * s.Ck * s.kr, fk, s.kr, s.Ck, s.Hkv, s.kh, s.D, zk, gaps.k);
+    clear_gradient_item(a.dv + b * s.Ck * s.vr, fk, s.vr, s.Ck, s.Hkv, s.vh, s.Dv, zv,
+                        gaps.v);
     const int64_t lo = a.lk[b] > 0 ? a.lq[b] : 0;  // o is zero from row lo on
     release_zero_pages(a.o + (b * s.Cq + lo) * s.H * s.Dv,
                        (s.Cq - lo) * s.H * s.Dv * sizeof(T));
@@ -895,8 +930,8 @@ void backward(const BwdArgs<T>& a, const Dims& s, ffi::ThreadPool& pool) {
       cost.push_back(a.causal ? work / 2 : work);
     }
   }
-  parallel_units(pool, cost, workers, [&a, &s, &units](int64_t u) {
-    bwd_unit(a, s, units[u].first, units[u].second, thread_scratch<T>());
+  parallel_units(pool, cost, workers, [&a, &s, &gaps, &units](int64_t u) {
+    bwd_unit(a, s, gaps, units[u].first, units[u].second, thread_scratch<T>());
   }, kSerialPairs * 64.0 / static_cast<double>(s.D + s.Dv));
 }
 
@@ -1130,5 +1165,5 @@ extern "C" VSLA_EXPORT void vsla_selftest_clear_gradient_item(float* item, int64
                                                               int64_t ld, int64_t cap,
                                                               int64_t heads, int64_t hstride,
                                                               int64_t width) {
-  vsla::attn::clear_gradient_item(item, rows, ld, cap, heads, hstride, width, false);
+  vsla::attn::clear_gradient_item(item, rows, ld, cap, heads, hstride, width, false, false);
 }

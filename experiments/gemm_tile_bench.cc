@@ -138,6 +138,10 @@ int main(int argc, char** argv) {
       {"O+=P.V", 30, 32, 64, 1, 64, 512, 32, true},
       {"S=K.Q^T", 30, 64, 30, 512, 1, 64, 64, false},
       {"O+=P.V", 30, 64, 30, 1, 64, 512, 64, true},
+      // The backward's products at D = Dv = 80 (rows of H * D = 320 in place):
+      {"S^T=K.Q^T D80", 64, 64, 80, 320, 1, 64, 64, false},
+      {"dV+=P^T.dO D80", 64, 80, 64, 64, 1, 320, 80, true},
+      {"dQ+=dS.K D80", 64, 80, 64, 1, 64, 320, 80, true},
   };
   std::printf(
       "case,m,n,k,rsa,csa,ldb,ldc,acc,ours_best_ns,ours_med_ns,blas_best_ns,blas_med_ns,"

@@ -114,6 +114,25 @@ for dt in (np.float32, np.float64):
             rel = [np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max()
                    for a, b in zip(g_cpu, g_xla)]
             errs[key] = [float(np.abs(np.asarray(out.data) - ref).max())] + [float(e) for e in rel]
+    # rank 3 (vs.stack of [n, 4, 16] items: heads padded to 8): strided gradients whose
+    # gaps the units write, in memory last holding NaN; against the rank-1 stacking
+    items = [[np.random.default_rng(i).standard_normal((n, 4, 16)).astype(dt)
+              for n in (37, 0, 70, 1)] for i in range(3)]
+    def rank_grads(rank):
+        q, k, v = (vs.stack(x, rank=rank) for x in items)
+        def loss(qd, kd, vd):
+            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                             vs.VarTensor(vd, v.lengths), backend=CPUBackend())
+            return jnp.sum(jnp.sin(o.data))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q.data, k.data, v.data)
+    want = rank_grads(1)
+    poison = jax.block_until_ready([jnp.full((4, 76, 8, 16), jnp.nan, dt) for _ in range(3)])
+    del poison
+    got = [np.asarray(g) for g in rank_grads(3)]
+    inside = [float(np.abs(g[:, :, :4] - np.asarray(w)).max() / np.abs(w).max())
+              for g, w in zip(got, want)]
+    outside = [float(np.abs(g[:, :, 4:]).max()) for g in got]
+    errs[f"{np.dtype(dt).name} rank3"] = [max(outside)] + inside
 print(json.dumps(errs))
 """
 
@@ -123,7 +142,8 @@ def test_every_instruction_set_path_matches_numpy_and_xla(isa):
     """The GEMM, transposes and output stores have AVX-512, AVX2 and baseline builds,
     picked at run time; capped with VSLA_CPU_ISA (read once, so in a fresh process),
     each must give the same forward and gradients, float32 and float64, whole-vector
-    (D=64) and ragged (D=5, Dv=17) heads, causal or not."""
+    (D=64) and ragged (D=5, Dv=17) heads, causal or not; and rank-3 gradients whose head
+    gaps the units write (exactly zero there, in memory that held NaN)."""
     import json
     import os
     import subprocess
@@ -136,7 +156,7 @@ def test_every_instruction_set_path_matches_numpy_and_xla(isa):
     assert run.returncode == 0, run.stderr[-3000:]
     errs = json.loads(run.stdout.strip().splitlines()[-1])
     assert errs.pop("isa") == {"avx2": 1, "base": 0}[isa]
-    assert len(errs) == 8
+    assert len(errs) == 10
     for key, (fwd, *grads) in errs.items():
         tol = 3e-5 if key.startswith("float32") else 1e-11
         assert fwd < tol, (key, fwd)
@@ -432,6 +452,47 @@ def test_rank3_stacked_batches_read_through_strides_match_numpy(dtype, causal):
             assert not any(f.any() for f in feats), "gradient must be zero in head padding"
 
 
+def stacked_step(items: list, rank: int):
+    """``jit(value_and_grad)`` of ``sum(sin(o))`` for attention on ``vs.stack(x, rank=rank)``
+    of three item lists: a callable returning ``((loss, o data), (dq, dk, dv))``, and the
+    stacked data's shape."""
+    q, k, v = (vs.stack(x, rank=rank) for x in items)
+
+    def loss(qd, kd, vd):
+        o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
+                         vs.VarTensor(vd, v.lengths), backend=CPUBackend())
+        return jnp.sum(jnp.sin(o.data)), o.data
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    return (lambda: fn(q.data, k.data, v.data)), q.data.shape
+
+
+@pytest.mark.parametrize("heads,dim", [(4, 16), (4, 80), (3, 13)])
+def test_rank3_gradients_in_reused_memory_are_zero_in_the_head_gaps(heads, dim):
+    """In a gradient buffer that malloc hands out again (here after a NaN-filled buffer of
+    its size was freed), the backward units write the gaps between the heads beside their
+    values (aligned rows with streaming stores: D 16 and 80; unaligned ones: D 13), and
+    the per-item pass zeroes the rows past the lengths. Values equal the same items
+    stacked at rank 1; every other entry is exactly zero, on every call."""
+    rng = np.random.default_rng(heads * dim)
+    lens = np.array([37, 0, 64, 1, 70])
+    items = [[rng.standard_normal((int(n), heads, dim)).astype(np.float32) for n in lens]
+             for _ in range(3)]
+
+    (strided, shape), (dense, _) = stacked_step(items, 3), stacked_step(items, 1)
+    assert shape[2:] != (heads, dim)  # the ladder padded the head axes
+    want = [np.asarray(w) for w in dense()[1]]
+    rows = np.arange(shape[1])[None, :] < lens[:, None]
+    for _ in range(3):
+        poison = [jnp.full(shape, jnp.nan, jnp.float32) for _ in range(3)]
+        jax.block_until_ready(poison)
+        del poison
+        for g, w in zip(strided()[1], want):
+            g = np.asarray(g)
+            np.testing.assert_allclose(g[:, :, :heads, :dim], w, rtol=1e-5, atol=1e-6)
+            assert not g[~rows].any()
+            assert not g[:, :, heads:].any() and not g[..., dim:].any()
+
+
 def test_outputs_of_32_mib_and_more_are_zero_wherever_the_units_do_not_write():
     """Outputs of 32 MiB or more, which malloc maps fresh on every call, are zeroed whole
     by handing their pages back (``fresh_output``) instead of item by item. Here the
@@ -445,17 +506,7 @@ def test_outputs_of_32_mib_and_more_are_zero_wherever_the_units_do_not_write():
     items = [[rng.standard_normal((int(n), 4, 80)).astype(np.float32) for n in lens]
              for _ in range(3)]
 
-    def step(rank):
-        q, k, v = (vs.stack(x, rank=rank) for x in items)
-
-        def loss(qd, kd, vd):
-            o = vs.attention(vs.VarTensor(qd, q.lengths), vs.VarTensor(kd, k.lengths),
-                             vs.VarTensor(vd, v.lengths), backend=CPUBackend())
-            return jnp.sum(o.data * o.data), o.data
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-        return lambda: fn(q.data, k.data, v.data)
-
-    big, small = step(3), step(1)
+    (big, _), (small, _) = stacked_step(items, 3), stacked_step(items, 1)
     for _ in range(2):
         (_, want_o), want_g = small()
         for g in want_g:  # reused heap memory: cleared item by item
