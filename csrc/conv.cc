@@ -56,6 +56,8 @@ namespace rconv {
 constexpr int64_t kTaps = 8;            // taps fused into one pass over the outputs
 static_assert(kTaps == 8, "partial blocks are split into 4 + 2 + 1 taps");
 constexpr int64_t kTile = 512;          // outputs per tile (stays in L1)
+constexpr int64_t kPadTaps = 8;         // from this many taps (and at most kPadLength
+constexpr int64_t kPadLength = 2048;    // samples in the longer input): conv_range_padded
 constexpr int64_t kLanes = 16;          // partial sums of the dot-product form
 constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product form
 constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs,
@@ -127,6 +129,53 @@ VSLA_CONV_INLINE void conv_range(const T* x, int64_t nx, const T* w, int64_t nw,
   }
 }
 
+// out[n] += sum_{k<K} w[j0 + k] * xq[n - k] for n in [0, count): xq[-K + 1] onward valid
+// (a zero-padded copy of x, so no index needs a check).
+template <class T, int K>
+VSLA_CONV_INLINE void conv_padded_taps(const T* __restrict xq, const T* __restrict w,
+                                       int64_t j0, int64_t count, T* __restrict out) {
+  T wk[K];
+  for (int k = 0; k < K; ++k) wk[k] = w[j0 + k];
+  for (int64_t n = 0; n < count; ++n) {
+    T s = out[n];
+    for (int k = 0; k < K; ++k) s += wk[k] * xq[n - k];
+    out[n] = s;
+  }
+}
+
+// conv_range through a zero-padded copy of the inputs that outputs [n0, n1) read: xp[i -
+// base] = x[i] for i in [base, n1), base = n0 - nw + 1, 0 outside [0, nx). Every tap block
+// then runs whole vectors over the tile, where conv_range runs conv_edge's checked scalar
+// loop on the kTaps - 1 outputs at either end of each block, a large share of the time
+// on short items (BENCHMARKS.md, ninth session). `xp` holds n1 - base values.
+template <class T>
+VSLA_CONV_INLINE void conv_range_padded(const T* x, int64_t nx, const T* w, int64_t nw,
+                                        int64_t n0, int64_t n1, T* out, T* xp) {
+  const int64_t base = n0 - nw + 1;
+  const int64_t from = std::max<int64_t>(base, 0), to = std::min(n1, nx);
+  std::fill(xp, xp + (from - base), T(0));
+  std::copy(x + from, x + to, xp + (from - base));
+  std::fill(xp + (to - base), xp + (n1 - base), T(0));
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t t1 = std::min(n1, t0 + kTile);
+    std::fill(out + t0, out + t1, T(0));
+    const int64_t jlo = std::max<int64_t>(0, t0 - nx + 1);  // taps touching this tile
+    const int64_t jhi = std::min(nw, t1);
+    for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps) {
+      const int64_t kk = std::min(kTaps, nw - j0);
+      const T* xq = xp + (t0 - j0 - base);  // xq[n - k] = x[t0 + n - j0 - k]
+      if (kk == kTaps) {
+        conv_padded_taps<T, kTaps>(xq, w, j0, t1 - t0, out + t0);
+      } else {  // the last, partial block: sub-blocks of 4, 2 and 1 taps
+        int64_t j = j0;
+        if (kk & 4) conv_padded_taps<T, 4>(xq, w, j, t1 - t0, out + t0), xq -= 4, j += 4;
+        if (kk & 2) conv_padded_taps<T, 2>(xq, w, j, t1 - t0, out + t0), xq -= 2, j += 2;
+        if (kk & 1) conv_padded_taps<T, 1>(xq, w, j, t1 - t0, out + t0);
+      }
+    }
+  }
+}
+
 // out[p] += sum_{k<K} w[j0 + k] * g[p + j0 + k] for p in [lo, hi).
 template <class T, int K>
 VSLA_CONV_INLINE void corr_fused(const T* __restrict g, const T* __restrict w, int64_t j0,
@@ -179,6 +228,16 @@ VSLA_CONV_CLONES void conv_range_f64(const double* x, int64_t nx, const double* 
                                      int64_t n0, int64_t n1, double* out) {
   conv_range(x, nx, w, nw, n0, n1, out);
 }
+VSLA_CONV_CLONES void conv_range_padded_f32(const float* x, int64_t nx, const float* w,
+                                            int64_t nw, int64_t n0, int64_t n1, float* out,
+                                            float* xp) {
+  conv_range_padded(x, nx, w, nw, n0, n1, out, xp);
+}
+VSLA_CONV_CLONES void conv_range_padded_f64(const double* x, int64_t nx, const double* w,
+                                            int64_t nw, int64_t n0, int64_t n1, double* out,
+                                            double* xp) {
+  conv_range_padded(x, nx, w, nw, n0, n1, out, xp);
+}
 VSLA_CONV_CLONES void corr_range_f32(const float* g, const float* w, int64_t nw, int64_t p0,
                                      int64_t p1, float* out) {
   corr_range(g, w, nw, p0, p1, out);
@@ -188,13 +247,29 @@ VSLA_CONV_CLONES void corr_range_f64(const double* g, const double* w, int64_t n
   corr_range(g, w, nw, p0, p1, out);
 }
 
+// The zero-padded inputs of conv_range_padded, per thread: grows to the largest piece
+// the thread ran and is reused (a thread runs one piece at a time).
+template <class T>
+T* padded_scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// Outputs [n0, n1) of x * w (nx >= nw): through a zero-padded copy of x (conv_range_padded)
+// from kPadTaps taps on and up to kPadLength samples, where conv_range's checked edges
+// cost more than the copy. Measured single-threaded (BENCHMARKS.md, ninth session):
+// faster on short and medium items, level on long ones, slower on long inputs with few
+// taps (the copy is another pass over a long input).
 inline void conv_kernel(const float* x, int64_t nx, const float* w, int64_t nw, int64_t n0,
                         int64_t n1, float* out) {
-  conv_range_f32(x, nx, w, nw, n0, n1, out);
+  if (nw < kPadTaps || nx > kPadLength) return conv_range_f32(x, nx, w, nw, n0, n1, out);
+  conv_range_padded_f32(x, nx, w, nw, n0, n1, out, padded_scratch<float>(n1 - n0 + nw - 1));
 }
 inline void conv_kernel(const double* x, int64_t nx, const double* w, int64_t nw, int64_t n0,
                         int64_t n1, double* out) {
-  conv_range_f64(x, nx, w, nw, n0, n1, out);
+  if (nw < kPadTaps || nx > kPadLength) return conv_range_f64(x, nx, w, nw, n0, n1, out);
+  conv_range_padded_f64(x, nx, w, nw, n0, n1, out, padded_scratch<double>(n1 - n0 + nw - 1));
 }
 inline void corr_kernel(const float* g, const float* w, int64_t nw, int64_t p0, int64_t p1,
                         float* out) {

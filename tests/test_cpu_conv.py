@@ -88,6 +88,18 @@ def test_matches_numpy_f64_long_pairs():
         check_against_numpy(out, a, b, 1e-12)
 
 
+def test_both_inner_loops_at_their_boundaries_match_numpy():
+    """Pairs on either side of the switch between the checked edges and the zero-padded
+    copy (8 taps, 2,048 samples in the longer input), longer inputs than kernels and the
+    reverse, split across threads and not: float64 against NumPy."""
+    with jax.enable_x64(True):
+        la = [2047, 2048, 2049, 2048, 7, 8, 9, 2049, 100, 2048]
+        lb = [8, 8, 8, 7, 2048, 2047, 2049, 9, 63, 2048]
+        a, b = batch(la, 2049, np.float64, seed=26), batch(lb, 2049, np.float64, seed=27)
+        for threads in (1, 0):
+            check_against_numpy(cpu._cpu_call(a, b, max_threads=threads), a, b, 1e-10)
+
+
 def test_shapes_and_engine_on_natural_call(rng):
     xs = [rng.standard_normal(n).astype(np.float32) for n in (3, 100, 1, 57)]
     ks = [rng.standard_normal(n).astype(np.float32) for n in (5, 2, 9, 1)]
