@@ -57,7 +57,7 @@ constexpr int64_t kTaps = 8;            // taps fused into one pass over the out
 static_assert(kTaps == 8, "partial blocks are split into 4 + 2 + 1 taps");
 constexpr int64_t kTile = 512;          // outputs per tile (stays in L1)
 constexpr int64_t kPadTaps = 8;         // from this many taps (and at most kPadLength
-constexpr int64_t kPadLength = 2048;    // samples in the longer input): conv_range_padded
+constexpr int64_t kPadLength = 256;     // samples in the longer input): conv_range_padded
 constexpr int64_t kLanes = 16;          // partial sums of the dot-product form
 constexpr int64_t kDotOutputs = 32;     // fewer outputs than this: dot-product form
 constexpr double kSerialWork = 1 << 20; // multiply-adds below which one thread runs,
@@ -72,18 +72,29 @@ constexpr size_t kMinFresh = size_t{32} << 20;
 constexpr double kHugeShare = 8;  // see zero_output
 
 // ------------------------------------------------------------------ inner loops -------
-// out[n] += sum_{k<K} w[j0 + k] * x[n - j0 - k] for n in [lo, hi); every x index valid.
+// out[n] += sum_{k<K} w[j0 + k] * xs[n - k] for n in [0, count); xs[-K + 1] onward
+// valid. Outputs [lo, hi) of x * w for taps j0.. are xs = x + lo - j0, out + lo.
 template <class T, int K>
-VSLA_CONV_INLINE void conv_fused(const T* __restrict x, const T* __restrict w, int64_t j0,
-                                 int64_t lo, int64_t hi, T* __restrict out) {
+VSLA_CONV_INLINE void conv_fused(const T* __restrict xs, const T* __restrict w, int64_t j0,
+                                 int64_t count, T* __restrict out) {
   T wk[K];
   for (int k = 0; k < K; ++k) wk[k] = w[j0 + k];
-  const T* xs = x - j0;
-  for (int64_t n = lo; n < hi; ++n) {
+  for (int64_t n = 0; n < count; ++n) {
     T s = out[n];
     for (int k = 0; k < K; ++k) s += wk[k] * xs[n - k];
     out[n] = s;
   }
+}
+
+// Taps [j0, j0 + kk) (kk <= kTaps) of conv_fused: one pass of kTaps, or sub-blocks of
+// 4, 2 and 1 taps for the last, partial block.
+template <class T>
+VSLA_CONV_INLINE void conv_taps(const T* xs, const T* w, int64_t j0, int64_t kk,
+                                int64_t count, T* out) {
+  if (kk == kTaps) return conv_fused<T, kTaps>(xs, w, j0, count, out);
+  if (kk & 4) conv_fused<T, 4>(xs, w, j0, count, out), xs -= 4, j0 += 4;
+  if (kk & 2) conv_fused<T, 2>(xs, w, j0, count, out), xs -= 2, j0 += 2;
+  if (kk & 1) conv_fused<T, 1>(xs, w, j0, count, out);
 }
 
 // The same sum for n in [lo, hi) with every x index checked against [0, nx).
@@ -116,30 +127,9 @@ VSLA_CONV_INLINE void conv_range(const T* x, int64_t nx, const T* w, int64_t nw,
       const int64_t lo = std::clamp(j0 + kk - 1, t0, t1);
       const int64_t hi = std::clamp(j0 + nx, lo, t1);
       conv_edge(x, nx, w, j0, kk, std::max(t0, j0), lo, out);
-      if (kk == kTaps) {
-        conv_fused<T, kTaps>(x, w, j0, lo, hi, out);
-      } else {  // the last, partial block: sub-blocks of 4, 2 and 1 taps
-        int64_t j = j0;
-        if (kk & 4) conv_fused<T, 4>(x, w, j, lo, hi, out), j += 4;
-        if (kk & 2) conv_fused<T, 2>(x, w, j, lo, hi, out), j += 2;
-        if (kk & 1) conv_fused<T, 1>(x, w, j, lo, hi, out);
-      }
+      if (hi > lo) conv_taps(x + lo - j0, w, j0, kk, hi - lo, out + lo);
       conv_edge(x, nx, w, j0, kk, hi, std::min(t1, j0 + kk - 1 + nx), out);
     }
-  }
-}
-
-// out[n] += sum_{k<K} w[j0 + k] * xq[n - k] for n in [0, count): xq[-K + 1] onward valid
-// (a zero-padded copy of x, so no index needs a check).
-template <class T, int K>
-VSLA_CONV_INLINE void conv_padded_taps(const T* __restrict xq, const T* __restrict w,
-                                       int64_t j0, int64_t count, T* __restrict out) {
-  T wk[K];
-  for (int k = 0; k < K; ++k) wk[k] = w[j0 + k];
-  for (int64_t n = 0; n < count; ++n) {
-    T s = out[n];
-    for (int k = 0; k < K; ++k) s += wk[k] * xq[n - k];
-    out[n] = s;
   }
 }
 
@@ -163,15 +153,8 @@ VSLA_CONV_INLINE void conv_range_padded(const T* x, int64_t nx, const T* w, int6
     const int64_t jhi = std::min(nw, t1);
     for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps) {
       const int64_t kk = std::min(kTaps, nw - j0);
-      const T* xq = xp + (t0 - j0 - base);  // xq[n - k] = x[t0 + n - j0 - k]
-      if (kk == kTaps) {
-        conv_padded_taps<T, kTaps>(xq, w, j0, t1 - t0, out + t0);
-      } else {  // the last, partial block: sub-blocks of 4, 2 and 1 taps
-        int64_t j = j0;
-        if (kk & 4) conv_padded_taps<T, 4>(xq, w, j, t1 - t0, out + t0), xq -= 4, j += 4;
-        if (kk & 2) conv_padded_taps<T, 2>(xq, w, j, t1 - t0, out + t0), xq -= 2, j += 2;
-        if (kk & 1) conv_padded_taps<T, 1>(xq, w, j, t1 - t0, out + t0);
-      }
+      // conv_taps reads xs[n - k] = x[t0 + n - j0 - k]
+      conv_taps(xp + (t0 - j0 - base), w, j0, kk, t1 - t0, out + t0);
     }
   }
 }
@@ -256,19 +239,34 @@ T* padded_scratch(int64_t n) {
   return buf.data();
 }
 
-// Outputs [n0, n1) of x * w (nx >= nw): through a zero-padded copy of x (conv_range_padded)
-// from kPadTaps taps on and up to kPadLength samples, where conv_range's checked edges
-// cost more than the copy. Measured single-threaded (BENCHMARKS.md, ninth session):
-// faster on short and medium items, level on long ones, slower on long inputs with few
-// taps (the copy is another pass over a long input).
+// Whether w[0, n) are all finite (w * 0 is 0 for each).
+template <class T>
+bool all_finite(const T* w, int64_t n) {
+  T acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += w[i] * T(0);
+  return acc == T(0);
+}
+
+// Whether outputs of x * w (nx >= nw) go through a zero-padded copy of x
+// (conv_range_padded): from kPadTaps taps on and up to kPadLength samples, where
+// conv_range's checked edges cost more than the copy (measured single-threaded,
+// BENCHMARKS.md, ninth session: faster on short items, level or slower from ~1,000
+// samples, where the edges' share is small and the copy is one more pass over the
+// input); and only for finite taps, since a padded zero times inf is nan where
+// numpy.convolve forms no product at all.
+template <class T>
+bool use_padded(int64_t nx, const T* w, int64_t nw) {
+  return nw >= kPadTaps && nx <= kPadLength && all_finite(w, nw);
+}
+
 inline void conv_kernel(const float* x, int64_t nx, const float* w, int64_t nw, int64_t n0,
                         int64_t n1, float* out) {
-  if (nw < kPadTaps || nx > kPadLength) return conv_range_f32(x, nx, w, nw, n0, n1, out);
+  if (!use_padded(nx, w, nw)) return conv_range_f32(x, nx, w, nw, n0, n1, out);
   conv_range_padded_f32(x, nx, w, nw, n0, n1, out, padded_scratch<float>(n1 - n0 + nw - 1));
 }
 inline void conv_kernel(const double* x, int64_t nx, const double* w, int64_t nw, int64_t n0,
                         int64_t n1, double* out) {
-  if (nw < kPadTaps || nx > kPadLength) return conv_range_f64(x, nx, w, nw, n0, n1, out);
+  if (!use_padded(nx, w, nw)) return conv_range_f64(x, nx, w, nw, n0, n1, out);
   conv_range_padded_f64(x, nx, w, nw, n0, n1, out, padded_scratch<double>(n1 - n0 + nw - 1));
 }
 inline void corr_kernel(const float* g, const float* w, int64_t nw, int64_t p0, int64_t p1,

@@ -90,12 +90,12 @@ def test_matches_numpy_f64_long_pairs():
 
 def test_both_inner_loops_at_their_boundaries_match_numpy():
     """Pairs on either side of the switch between the checked edges and the zero-padded
-    copy (8 taps, 2,048 samples in the longer input), longer inputs than kernels and the
-    reverse, split across threads and not: float64 against NumPy."""
+    copy (8 taps, 256 samples in the longer input), longer inputs than kernels and the
+    reverse, long pairs split across threads, and not: float64 against NumPy."""
     with jax.enable_x64(True):
-        la = [2047, 2048, 2049, 2048, 7, 8, 9, 2049, 100, 2048]
-        lb = [8, 8, 8, 7, 2048, 2047, 2049, 9, 63, 2048]
-        a, b = batch(la, 2049, np.float64, seed=26), batch(lb, 2049, np.float64, seed=27)
+        la = [255, 256, 257, 256, 7, 8, 9, 257, 100, 256, 3000, 40]
+        lb = [8, 8, 8, 7, 256, 255, 257, 9, 63, 256, 64, 3000]
+        a, b = batch(la, 3000, np.float64, seed=26), batch(lb, 3000, np.float64, seed=27)
         for threads in (1, 0):
             check_against_numpy(cpu._cpu_call(a, b, max_threads=threads), a, b, 1e-10)
 
@@ -129,12 +129,17 @@ def test_one_kernel_broadcast_over_batch(rng):
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
 
 
+@pytest.mark.parametrize("sizes", [([6, 4, 1], 16, [3, 5, 2], 5),
+                                   ([300, 20, 9], 300, [20, 64, 9], 64)])
 @pytest.mark.parametrize("where", ["a", "b"])
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
-def test_non_finite_like_numpy(where, value):
+def test_non_finite_like_numpy(where, value, sizes):
     """Only products of two logical values are formed: inf reaches exactly the outputs
-    numpy.convolve gives it and never turns other entries into nan (conv_engine.md)."""
-    a, b = batch([6, 4, 1], 16, seed=6), batch([3, 5, 2], 5, seed=7)
+    numpy.convolve gives it and never turns other entries into nan (conv_engine.md), on
+    short pairs (checked edges) and on pairs of 8+ taps, whose zero-padded copy of the
+    longer input is used only when the taps are finite (inf * 0 would be nan)."""
+    la, ca, lb, cb = sizes
+    a, b = batch(la, ca, seed=6), batch(lb, cb, seed=7)
     x = a if where == "a" else b
     data = np.asarray(x.data).copy()
     data[0, 1] = value
