@@ -772,10 +772,6 @@ struct BwdArgs {
   T scale;
 };
 
-// Item b, K/V head hk: dq of its G query heads, dk and dv of hk; lq, lk > 0. Per key
-// tile and query tile (FlashAttention-2, transposed like the forward): P^T = exp(K Q^T -
-// lse), dS^T = P^T (V dO^T - rowsum(dO O)), then dV += P^T dO, dK += dS^T Q and
-// dQ += dS K, with K, V, Q and dO rows read in place.
 // Which gradients' head gaps the units write beside their values (store_rows' pad),
 // rather than the per-item clearing: a strided gradient that is not zero already.
 struct Gaps {
@@ -791,6 +787,10 @@ inline int64_t gap_after(bool own, int64_t h, int64_t heads, int64_t hstride, in
   return h + 1 == heads ? ld - h * hstride - width : hstride - width;
 }
 
+// Item b, K/V head hk: dq of its G query heads, dk and dv of hk; lq, lk > 0. Per key
+// tile and query tile (FlashAttention-2, transposed like the forward): P^T = exp(K Q^T -
+// lse), dS^T = P^T (V dO^T - rowsum(dO O)), then dV += P^T dO, dK += dS^T Q and
+// dQ += dS K, with K, V, Q and dO rows read in place.
 template <class T>
 void bwd_unit(const BwdArgs<T>& a, const Dims& s, const Gaps& gaps, int64_t b, int64_t hk,
               Scratch<T>& w) {

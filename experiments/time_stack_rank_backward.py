@@ -7,7 +7,7 @@ cotangent of ``sum(o ** 2)``), PyTorch's is ``common.torch_sdpa_backward``; medi
 interleaved rounds, PyTorch's in rounds of its own after ours.
 
 Usage: cd experiments && python time_stack_rank_backward.py [--items 64 --lo 163 --hi 190
---heads 4 --dim 80]
+--heads 4 --dim 80] [--min_sample_ms 100]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ flags.DEFINE_integer("heads", 4, "H.")
 flags.DEFINE_integer("dim", 80, "D.")
 flags.DEFINE_integer("repeats", 7, "Timed interleaved rounds (median).")
 flags.DEFINE_integer("seed", 0, "Seed of the lengths and data.")
+flags.DEFINE_float("min_sample_ms", 0.0, "Each timed sample is the mean of back-to-back "
+                   "calls lasting at least this long (0: one call), for every row alike.")
 
 
 def main(argv):
@@ -52,11 +54,12 @@ def main(argv):
                                                  v.data)
     padded = [np.stack([np.pad(x, ((0, int(lens.max()) - len(x)), (0, 0), (0, 0)))
                         for x in xs]) for xs in items]
-    t = {lab: s for lab, (_, s) in timed_interleaved(fns, FLAGS.repeats).items()}
+    span = FLAGS.min_sample_ms / 1e3
+    t = {lab: s for lab, (_, s) in timed_interleaved(fns, FLAGS.repeats, span).items()}
     try:
         peer = torch_sdpa_backward(*padded, lens)
-        t |= {lab: s for lab, (_, s) in timed_interleaved({"torch": peer},
-                                                            FLAGS.repeats).items()}
+        t |= {lab: s for lab, (_, s) in timed_interleaved({"torch": peer}, FLAGS.repeats,
+                                                            span).items()}
     except ImportError:
         print("torch not installed: no peer row")
     print("| stacking | data shape | backward ms | torch / ours |")
