@@ -41,6 +41,34 @@ def sample_seconds(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def time_shape(shape: str) -> str:
+    """The table row of one ``BxNxK`` shape."""
+    b, n, k = (int(v) for v in shape.split("x"))
+    rng = np.random.default_rng(FLAGS.seed)
+    xs = [rng.standard_normal(int(m)).astype(np.float32)
+          for m in rng.integers(max(n // 2, 1), n + 1, b)]
+    ks = [rng.standard_normal(int(m)).astype(np.float32)
+          for m in rng.integers(max(k // 2, 1), k + 1, b)]
+    a, w = vs.stack(xs), vs.stack(ks)
+
+    def ours():
+        return jax.block_until_ready(ragged_conv(a, w, FLAGS.threads).data)
+
+    def peer():
+        return [np.convolve(x, y) for x, y in zip(xs, ks)]
+
+    for _ in range(3):
+        ours()
+        peer()
+    t_ours, t_peer = [], []
+    for _ in range(FLAGS.rounds):
+        t_ours.append(sample_seconds(ours, FLAGS.calls))
+        t_peer.append(sample_seconds(peer, max(1, FLAGS.calls // 10)))
+    mo, mp = float(np.median(t_ours)), float(np.median(t_peer))
+    return (f"| {shape} | {min(t_ours) * 1e3:.3f} | {mo * 1e3:.3f} | {mp * 1e3:.3f} | "
+            f"{mp / mo:.2f}x |")
+
+
 def main(argv):
     del argv
     print(f"time_conv_pairs: {jax.default_backend()}, CPU flags {cpu_flags()}, "
@@ -49,25 +77,7 @@ def main(argv):
           "numpy / ours |")
     print("|---|---|---|---|---|")
     for shape in FLAGS.shapes:
-        b, n, k = (int(v) for v in shape.split("x"))
-        rng = np.random.default_rng(FLAGS.seed)
-        xs = [rng.standard_normal(int(m)).astype(np.float32)
-              for m in rng.integers(max(n // 2, 1), n + 1, b)]
-        ks = [rng.standard_normal(int(m)).astype(np.float32)
-              for m in rng.integers(max(k // 2, 1), k + 1, b)]
-        a, w = vs.stack(xs), vs.stack(ks)
-        ours = lambda: jax.block_until_ready(ragged_conv(a, w, FLAGS.threads).data)
-        peer = lambda: [np.convolve(x, y) for x, y in zip(xs, ks)]
-        for _ in range(3):
-            ours()
-            peer()
-        t_ours, t_peer = [], []
-        for _ in range(FLAGS.rounds):
-            t_ours.append(sample_seconds(ours, FLAGS.calls))
-            t_peer.append(sample_seconds(peer, max(1, FLAGS.calls // 10)))
-        mo, mp = float(np.median(t_ours)), float(np.median(t_peer))
-        print(f"| {shape} | {min(t_ours) * 1e3:.3f} | {mo * 1e3:.3f} | {mp * 1e3:.3f} | "
-              f"{mp / mo:.2f}x |", flush=True)
+        print(time_shape(shape), flush=True)
 
 
 if __name__ == "__main__":
