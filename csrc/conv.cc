@@ -111,26 +111,35 @@ VSLA_CONV_INLINE void conv_edge(const T* x, int64_t nx, const T* w, int64_t j0, 
   }
 }
 
-// Writes outputs [n0, n1) of x * w (nx >= nw >= 1, n1 <= nx + nw - 1) to out, whatever
-// it held: each tile is zeroed (in L1, just before its sums) and then accumulated into.
-template <class T>
-VSLA_CONV_INLINE void conv_range(const T* x, int64_t nx, const T* w, int64_t nw, int64_t n0,
-                                 int64_t n1, T* out) {
+// The walk both conv_range forms share: outputs [n0, n1) of x * w (nx >= nw >= 1,
+// n1 <= nx + nw - 1) in tiles of kTile, each zeroed (in L1, just before its sums), then
+// block(t0, t1, j0, kk) for every block of kk <= kTaps taps from j0 that touches the tile.
+template <class T, class Block>
+VSLA_CONV_INLINE void tap_blocks(int64_t nx, int64_t nw, int64_t n0, int64_t n1, T* out,
+                                 Block&& block) {
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t t1 = std::min(n1, t0 + kTile);
     std::fill(out + t0, out + t1, T(0));
     const int64_t jlo = std::max<int64_t>(0, t0 - nx + 1);  // taps touching this tile
     const int64_t jhi = std::min(nw, t1);
-    for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps) {
-      const int64_t kk = std::min(kTaps, nw - j0);
-      // every tap of the block is valid for n in [j0 + kk - 1, j0 + nx)
-      const int64_t lo = std::clamp(j0 + kk - 1, t0, t1);
-      const int64_t hi = std::clamp(j0 + nx, lo, t1);
-      conv_edge(x, nx, w, j0, kk, std::max(t0, j0), lo, out);
-      if (hi > lo) conv_taps(x + lo - j0, w, j0, kk, hi - lo, out + lo);
-      conv_edge(x, nx, w, j0, kk, hi, std::min(t1, j0 + kk - 1 + nx), out);
-    }
+    for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps)
+      block(t0, t1, j0, std::min(kTaps, nw - j0));
   }
+}
+
+// Writes outputs [n0, n1) of x * w (nx >= nw >= 1, n1 <= nx + nw - 1) to out, whatever
+// it held, accumulating each tile's tap blocks (tap_blocks).
+template <class T>
+VSLA_CONV_INLINE void conv_range(const T* x, int64_t nx, const T* w, int64_t nw, int64_t n0,
+                                 int64_t n1, T* out) {
+  tap_blocks(nx, nw, n0, n1, out, [&](int64_t t0, int64_t t1, int64_t j0, int64_t kk) {
+    // every tap of the block is valid for n in [j0 + kk - 1, j0 + nx)
+    const int64_t lo = std::clamp(j0 + kk - 1, t0, t1);
+    const int64_t hi = std::clamp(j0 + nx, lo, t1);
+    conv_edge(x, nx, w, j0, kk, std::max(t0, j0), lo, out);
+    if (hi > lo) conv_taps(x + lo - j0, w, j0, kk, hi - lo, out + lo);
+    conv_edge(x, nx, w, j0, kk, hi, std::min(t1, j0 + kk - 1 + nx), out);
+  });
 }
 
 // conv_range through a zero-padded copy of the inputs that outputs [n0, n1) read: xp[i -
@@ -146,17 +155,10 @@ VSLA_CONV_INLINE void conv_range_padded(const T* x, int64_t nx, const T* w, int6
   std::fill(xp, xp + (from - base), T(0));
   std::copy(x + from, x + to, xp + (from - base));
   std::fill(xp + (to - base), xp + (n1 - base), T(0));
-  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
-    const int64_t t1 = std::min(n1, t0 + kTile);
-    std::fill(out + t0, out + t1, T(0));
-    const int64_t jlo = std::max<int64_t>(0, t0 - nx + 1);  // taps touching this tile
-    const int64_t jhi = std::min(nw, t1);
-    for (int64_t j0 = jlo - jlo % kTaps; j0 < jhi; j0 += kTaps) {
-      const int64_t kk = std::min(kTaps, nw - j0);
-      // conv_taps reads xs[n - k] = x[t0 + n - j0 - k]
-      conv_taps(xp + (t0 - j0 - base), w, j0, kk, t1 - t0, out + t0);
-    }
-  }
+  tap_blocks(nx, nw, n0, n1, out, [&](int64_t t0, int64_t t1, int64_t j0, int64_t kk) {
+    // conv_taps reads xs[n - k] = x[t0 + n - j0 - k]
+    conv_taps(xp + (t0 - j0 - base), w, j0, kk, t1 - t0, out + t0);
+  });
 }
 
 // out[p] += sum_{k<K} w[j0 + k] * g[p + j0 + k] for p in [lo, hi).
